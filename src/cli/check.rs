@@ -1,0 +1,54 @@
+//! `kiln check`: validate a cluster file and print the resolved plan of every node.
+
+use std::path::Path;
+
+use anyhow::Result;
+
+use kiln::spec::node::{Interface, SwarmRole};
+
+pub fn run(cluster_path: &Path, json: bool) -> Result<()> {
+    let cluster = kiln::spec::load(cluster_path)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&cluster.nodes)?);
+        return Ok(());
+    }
+    println!(
+        "{}: cluster {} (seed {:?}), {} node{} — valid",
+        cluster_path.display(),
+        cluster.name,
+        cluster.seed,
+        cluster.nodes.len(),
+        if cluster.nodes.len() == 1 { "" } else { "s" }
+    );
+    for n in &cluster.nodes {
+        let net: Vec<String> = n
+            .network
+            .iter()
+            .map(|(name, i)| match i {
+                Interface::Dhcp => format!("{name} dhcp"),
+                Interface::Static { address, gateway, .. } => match gateway {
+                    Some(g) => format!("{name} {address} via {g}"),
+                    None => format!("{name} {address}"),
+                },
+            })
+            .collect();
+        let swarm = match &n.swarm {
+            Some(SwarmRole::Init { .. }) => "swarm init".to_string(),
+            Some(SwarmRole::Join { as_manager: true, .. }) => "swarm manager".to_string(),
+            Some(SwarmRole::Join { .. }) => "swarm worker".to_string(),
+            None => "no swarm".to_string(),
+        };
+        println!("  {:<14} {:<12} {}", n.name, n.image, net.join(", "));
+        let users: Vec<&str> = n.users.iter().map(|u| u.name.as_str()).collect();
+        println!(
+            "  {:<14} users {}; docker {}; {}{}{}",
+            "",
+            users.join(","),
+            if n.docker { "on" } else { "off" },
+            swarm,
+            n.wifi.as_ref().map(|w| format!("; wifi {:?} ({})", w.ssid, w.country)).unwrap_or_default(),
+            if n.overlays.is_empty() { String::new() } else { format!("; overlays {}", n.overlays.join(",")) },
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,12 @@
+//! `kiln sample`: write the built-in sample base image for a profile.
+
+use std::path::Path;
+
+use anyhow::Result;
+
+pub fn run(profile: &str, output: &Path) -> Result<()> {
+    let (p, _) = kiln::spec::profile::load(profile, &kiln::spec::resolve::search_dirs(Path::new("."), "images"))?;
+    kiln::source::sample::make(&p, output)?;
+    println!("{}: sample base with the {} layout", output.display(), p.name);
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! Partition tables and partition slices over any `Read + Write + Seek`.
+//!
+//! `read_layout` turns an MBR into plain data (`DiskLayout`); `PartitionSlice` lets filesystem code
+//! treat one partition of an image file as a whole device. Nothing here writes a table back: the
+//! only table edit kiln makes, the MBR disk signature, is four bytes written by `set_disk_signature`.
+
+pub mod slice;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+pub use slice::PartitionSlice;
+
+/// Byte offset of the 32-bit disk signature in an MBR.
+const DISK_SIGNATURE_OFFSET: u64 = 440;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Partition {
+    /// 1-based, as the kernel numbers it.
+    pub index: usize,
+    /// Byte offset of the first sector.
+    pub start: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// MBR type byte (`0x0c`).
+    pub type_code: String,
+}
+
+impl Partition {
+    pub fn end(&self) -> u64 {
+        self.start + self.size
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DiskLayout {
+    pub table: &'static str,
+    pub sector_size: u64,
+    /// The MBR disk signature as 8 hex digits (what `sfdisk --json` shows as `id`).
+    pub disk_id: String,
+    pub partitions: Vec<Partition>,
+    /// Size of the image in bytes.
+    pub size: u64,
+}
+
+impl DiskLayout {
+    pub fn partition(&self, index: usize) -> Option<&Partition> {
+        self.partitions.iter().find(|p| p.index == index)
+    }
+
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = self
+            .partitions
+            .iter()
+            .map(|p| format!("#{} at {} ({} MiB, type {})", p.index, p.start, p.size >> 20, p.type_code))
+            .collect();
+        format!("{} table with {}", self.table, if parts.is_empty() { "no partitions".into() } else { parts.join(", ") })
+    }
+}
+
+/// Reads the partition table of an image.
+pub fn read_layout<D: Read + Seek>(disk: &mut D, sector_size: u64) -> Result<DiskLayout> {
+    let size = disk.seek(SeekFrom::End(0))?;
+    if size < 512 {
+        bail!("the image is {size} bytes, too small to hold a partition table");
+    }
+    let mut sector = [0u8; 512];
+    disk.seek(SeekFrom::Start(0))?;
+    disk.read_exact(&mut sector)?;
+    if sector[510..512] != [0x55, 0xaa] {
+        bail!("no partition table: the first sector lacks the 0x55AA boot signature");
+    }
+    disk.seek(SeekFrom::Start(0))?;
+    let mbr = mbrman::MBR::read_from(disk, sector_size as u32).context("reading the MBR")?;
+    let mut partitions = Vec::new();
+    for (index, p) in mbr.iter() {
+        if !p.is_used() {
+            continue;
+        }
+        if p.sys == 0xee {
+            bail!("the image has a GPT (protective MBR found); this profile expects an MBR");
+        }
+        partitions.push(Partition {
+            index,
+            start: u64::from(p.starting_lba) * sector_size,
+            size: u64::from(p.sectors) * sector_size,
+            type_code: format!("0x{:02x}", p.sys),
+        });
+    }
+    for p in &partitions {
+        if p.end() > size {
+            bail!(
+                "partition {} ends at byte {} but the image is only {size} bytes (truncated download?)",
+                p.index,
+                p.end()
+            );
+        }
+    }
+    let sig = u32::from_le_bytes(mbr.header.disk_signature);
+    Ok(DiskLayout {
+        table: "mbr",
+        sector_size,
+        disk_id: format!("{sig:08x}"),
+        partitions,
+        size,
+    })
+}
+
+/// Overwrites the MBR disk signature (and nothing else of the table).
+pub fn set_disk_signature<D: Write + Seek>(disk: &mut D, signature: u32) -> Result<()> {
+    disk.seek(SeekFrom::Start(DISK_SIGNATURE_OFFSET))?;
+    disk.write_all(&signature.to_le_bytes())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    /// An in-memory MBR disk with one partition entry.
+    fn disk_with(start: u32, sectors: u32, sys: u8, len: usize) -> Cursor<Vec<u8>> {
+        let mut d = vec![0u8; len];
+        d[440..444].copy_from_slice(&0x1234_5678u32.to_le_bytes());
+        let e = 446;
+        d[e + 4] = sys;
+        d[e + 8..e + 12].copy_from_slice(&start.to_le_bytes());
+        d[e + 12..e + 16].copy_from_slice(&sectors.to_le_bytes());
+        d[510] = 0x55;
+        d[511] = 0xaa;
+        Cursor::new(d)
+    }
+
+    #[test]
+    fn reads_a_partition_and_the_signature() {
+        let mut d = disk_with(8, 16, 0x0c, 32 * 512);
+        let l = read_layout(&mut d, 512).unwrap();
+        assert_eq!(l.disk_id, "12345678");
+        assert_eq!(l.partitions, vec![Partition { index: 1, start: 4096, size: 8192, type_code: "0x0c".into() }]);
+    }
+
+    #[test]
+    fn truncated_image_is_refused() {
+        let mut d = disk_with(8, 64, 0x83, 32 * 512);
+        let e = read_layout(&mut d, 512).unwrap_err().to_string();
+        assert!(e.contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn no_signature_no_table() {
+        let mut d = Cursor::new(vec![0u8; 4096]);
+        assert!(read_layout(&mut d, 512).is_err());
+    }
+
+    #[test]
+    fn signature_write_touches_four_bytes() {
+        let mut d = disk_with(8, 16, 0x0c, 32 * 512);
+        let before = d.get_ref().clone();
+        set_disk_signature(&mut d, 0xdead_beef).unwrap();
+        let after = d.get_ref();
+        let changed: Vec<usize> = (0..before.len()).filter(|&i| before[i] != after[i]).collect();
+        assert_eq!(changed, vec![440, 441, 442, 443]);
+        assert_eq!(read_layout(&mut d, 512).unwrap().disk_id, "deadbeef");
+    }
+}

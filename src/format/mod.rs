@@ -1,0 +1,5 @@
+//! Artifact formats: sparse raw files, block maps, checksums and the build manifest.
+
+pub mod bmap;
+pub mod manifest;
+pub mod sparse;

@@ -1,0 +1,4 @@
+//! Stream adaptors: decompression chosen by magic bytes, hashing while reading, progress.
+
+pub mod decompress;
+pub mod progress;

@@ -1,0 +1,7 @@
+//! Per-platform stamping: what a node's image must contain (`plan`) and writing it (`stamp`).
+
+pub mod cloud_init;
+pub mod password;
+pub mod plan;
+pub mod stamp;
+pub mod wifi;

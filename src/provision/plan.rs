@@ -1,0 +1,285 @@
+//! The stamp plan: everything a node's image gets, computed as plain data before anything is
+//! written. `kiln plan` prints it; `stamp` applies it. For the cloud-init NoCloud method that is
+//! the seed files on the boot partition and, inside user-data, the files and commands cloud-init
+//! applies on first boot.
+
+use std::fmt::Write as _;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use super::cloud_init::{self, CloudConfig, CloudUser, MetaData, NetworkConfigV1, WriteFile};
+use super::wifi;
+use crate::spec::node::{InputFile, NodeConfig, SwarmRole};
+use crate::spec::overlay::{self, Overlay};
+use crate::spec::profile::{DiskIdentity, PartitionRole, Profile};
+use crate::spec::{Cluster, ids};
+
+/// The swarm helper and its unit, shipped in `scripts/`.
+pub const SWARM_SCRIPT: &str = include_str!("../../scripts/kiln-swarm.sh");
+pub const SWARM_UNIT: &str = include_str!("../../scripts/kiln-swarm.service");
+
+/// A file written onto a partition of the image.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionFile {
+    pub partition: PartitionRole,
+    pub path: String,
+    #[serde(skip)]
+    pub bytes: Vec<u8>,
+    pub size: usize,
+    pub sha256: String,
+    /// What produced it (`cloud-init`, `cluster file`, …).
+    pub why: String,
+}
+
+/// A file cloud-init writes on the node's first boot.
+#[derive(Debug, Clone, Serialize)]
+pub struct FirstBootFile {
+    pub path: String,
+    pub mode: String,
+    pub owner: String,
+    pub size: usize,
+    pub why: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StampPlan {
+    pub node: String,
+    pub profile: String,
+    /// The MBR disk signature the image gets, when the profile derives one per node.
+    pub disk_signature: Option<String>,
+    pub instance_id: String,
+    pub partition_files: Vec<PartitionFile>,
+    pub first_boot_files: Vec<FirstBootFile>,
+    pub first_boot_commands: Vec<Vec<String>>,
+    /// Files read to make the plan (overlays, fragments, boot files), for the build manifest.
+    pub inputs: Vec<InputFile>,
+}
+
+impl StampPlan {
+    pub fn file(&self, path: &str) -> Option<&PartitionFile> {
+        self.partition_files.iter().find(|f| f.path == path)
+    }
+}
+
+fn partition_file(partition: PartitionRole, path: &str, bytes: Vec<u8>, why: &str) -> PartitionFile {
+    let f = InputFile::new(path.into(), bytes);
+    PartitionFile {
+        partition,
+        path: path.into(),
+        size: f.bytes.len(),
+        sha256: f.sha256,
+        bytes: f.bytes,
+        why: why.into(),
+    }
+}
+
+fn argv(parts: &[&str]) -> Vec<String> {
+    parts.iter().map(|s| s.to_string()).collect()
+}
+
+/// Computes the plan for `node`.
+pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
+    let (profile, _) = cluster.profile_of(node);
+    let overlays: Vec<Overlay> = node
+        .overlays
+        .iter()
+        .map(|o| overlay::load(o, &cluster.overlay_dirs()))
+        .collect::<Result<_>>()?;
+    let mut inputs = Vec::new();
+    let mut write_files: Vec<(WriteFile, String)> = Vec::new();
+    let mut runcmd: Vec<Vec<String>> = Vec::new();
+    let mut units_written = false;
+
+    if let Some(w) = &node.wifi {
+        write_files.push((
+            WriteFile::new(
+                "/etc/wpa_supplicant/wpa_supplicant-wlan0.conf",
+                wifi::wpa_supplicant_conf(&node.name, w).as_bytes(),
+                0o600,
+                "root",
+                "root",
+            ),
+            "wifi".into(),
+        ));
+    }
+
+    for o in &overlays {
+        inputs.push(o.manifest_file.clone());
+        for f in &o.files {
+            inputs.push(f.content.clone());
+            write_files.push((
+                WriteFile::new(&f.target, &f.content.bytes, f.mode, &f.owner, &f.group),
+                format!("overlay {}", o.name),
+            ));
+            units_written |= f.target.starts_with("/etc/systemd/") || f.target.starts_with("/lib/systemd/");
+        }
+    }
+
+    if let Some(role) = &node.swarm {
+        let mut env = String::from("# Written by kiln: how this node joins its Docker swarm.\n");
+        match role {
+            SwarmRole::Init { advertise_addr } => {
+                writeln!(env, "ROLE=init\nADVERTISE_ADDR={advertise_addr}")?;
+            }
+            SwarmRole::Join { manager_addr, advertise_addr, token, .. } => {
+                writeln!(
+                    env,
+                    "ROLE=join\nADVERTISE_ADDR={advertise_addr}\nMANAGER_ADDR={manager_addr}\nTOKEN_FILE=/etc/kiln/swarm.token"
+                )?;
+                write_files.push((
+                    WriteFile::new("/etc/kiln/swarm.token", format!("{}\n", token.expose()).as_bytes(), 0o600, "root", "root"),
+                    "swarm join token".into(),
+                ));
+            }
+        }
+        write_files.push((WriteFile::new("/etc/kiln/swarm.env", env.as_bytes(), 0o600, "root", "root"), "swarm".into()));
+        write_files.push((
+            WriteFile::new("/usr/local/sbin/kiln-swarm", SWARM_SCRIPT.as_bytes(), 0o755, "root", "root"),
+            "swarm".into(),
+        ));
+        write_files.push((
+            WriteFile::new("/etc/systemd/system/kiln-swarm.service", SWARM_UNIT.as_bytes(), 0o644, "root", "root"),
+            "swarm".into(),
+        ));
+        units_written = true;
+    }
+
+    if units_written {
+        runcmd.push(argv(&["systemctl", "daemon-reload"]));
+    }
+    if node.docker {
+        runcmd.push(argv(&["systemctl", "enable", "--now", "docker.service"]));
+    } else if profile.provision.docker_preinstalled {
+        runcmd.push(argv(&["systemctl", "disable", "--now", "docker.service", "docker.socket"]));
+    }
+    if node.wifi.is_some() {
+        // wpa_supplicant@wlan0 associates; ifup then gets the address network-config asked for.
+        runcmd.push(argv(&["systemctl", "enable", "--now", "wpa_supplicant@wlan0.service"]));
+        runcmd.push(argv(&["ifup", "wlan0"]));
+    }
+    for o in &overlays {
+        for svc in &o.manifest.services {
+            runcmd.push(argv(&["systemctl", "enable", svc]));
+            runcmd.push(argv(&["systemctl", "restart", svc]));
+        }
+    }
+    if node.swarm.is_some() {
+        // --no-block: the join waits for the manager, which must not hold up cloud-init.
+        runcmd.push(argv(&["systemctl", "enable", "--now", "--no-block", "kiln-swarm.service"]));
+    }
+
+    let users: Vec<CloudUser> = node
+        .users
+        .iter()
+        .map(|u| CloudUser {
+            name: u.name.clone(),
+            groups: (!u.groups.is_empty()).then(|| u.groups.join(",")),
+            sudo: u.sudo.then(|| "ALL=(ALL) NOPASSWD:ALL".to_string()),
+            shell: u.shell.clone(),
+            lock_passwd: u.password_hash.is_none(),
+            passwd: u.password_hash.clone(),
+            ssh_authorized_keys: u.ssh_authorized_keys.clone(),
+        })
+        .collect();
+    let config = CloudConfig {
+        hostname: node.hostname.clone(),
+        manage_etc_hosts: true,
+        preserve_hostname: false,
+        timezone: node.timezone.clone(),
+        ssh_pwauth: node.users.iter().any(|u| u.password_hash.is_some()),
+        users,
+        write_files: write_files.iter().map(|(w, _)| w.clone()).collect(),
+        runcmd: runcmd.clone(),
+    };
+    let fragment = match &node.user_data {
+        Some(f) => {
+            inputs.push(f.clone());
+            Some(cloud_init::parse_fragment(&f.bytes).with_context(|| format!("user-data fragment {}", f.path))?)
+        }
+        None => None,
+    };
+    let user_data = cloud_init::render_user_data(&config, fragment)?;
+    let network_config = cloud_init::render_yaml(&NetworkConfigV1::for_node(node))?;
+
+    let mut digest_input = node.digest().to_vec();
+    digest_input.extend_from_slice(user_data.as_bytes());
+    digest_input.extend_from_slice(network_config.as_bytes());
+    let instance_id = ids::instance_id(&cluster.seed, &node.name, &digest_input);
+    let meta_data = cloud_init::render_yaml(&MetaData {
+        instance_id: instance_id.clone(),
+        local_hostname: node.hostname.clone(),
+    })?;
+
+    let seed = profile.provision.seed_partition;
+    let mut partition_files = vec![
+        partition_file(seed, "user-data", user_data.into_bytes(), "cloud-init user-data"),
+        partition_file(seed, "meta-data", meta_data.into_bytes(), "cloud-init meta-data"),
+        partition_file(seed, "network-config", network_config.into_bytes(), "cloud-init network-config v1"),
+    ];
+    for (name, f) in &node.boot_files {
+        inputs.push(f.clone());
+        partition_files.push(partition_file(PartitionRole::Boot, name, f.bytes.clone(), "cluster file"));
+    }
+
+    let first_boot_files = write_files
+        .iter()
+        .map(|(w, why)| FirstBootFile {
+            path: w.path.clone(),
+            mode: w.permissions.clone(),
+            owner: w.owner.clone(),
+            size: if w.encoding.is_some() { w.content.len() * 3 / 4 } else { w.content.len() },
+            why: why.clone(),
+        })
+        .collect();
+
+    Ok(StampPlan {
+        node: node.name.clone(),
+        profile: profile.name.clone(),
+        disk_signature: disk_signature(profile, &cluster.seed, &node.name),
+        instance_id,
+        partition_files,
+        first_boot_files,
+        first_boot_commands: runcmd,
+        inputs,
+    })
+}
+
+fn disk_signature(profile: &Profile, seed: &str, node: &str) -> Option<String> {
+    (profile.disk.disk_identity == DiskIdentity::Derive).then(|| format!("{:08x}", ids::disk_signature(seed, node)))
+}
+
+/// The plan as the human-readable listing `kiln plan` prints.
+pub fn describe(plan: &StampPlan) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "node {} (profile {})", plan.node, plan.profile);
+    if let Some(sig) = &plan.disk_signature {
+        let _ = writeln!(s, "  disk signature      {sig} (derived from the seed and node name)");
+    }
+    let _ = writeln!(s, "  cloud-init instance {}", plan.instance_id);
+    let _ = writeln!(s, "\n  written to the image now:");
+    for f in &plan.partition_files {
+        let _ = writeln!(
+            s,
+            "    {:<5} {:<16} {:>7} bytes  sha256:{}  ({})",
+            format!("{:?}", f.partition).to_lowercase(),
+            f.path,
+            f.size,
+            &f.sha256[..12],
+            f.why
+        );
+    }
+    if !plan.first_boot_files.is_empty() {
+        let _ = writeln!(s, "\n  written by cloud-init on first boot:");
+        for f in &plan.first_boot_files {
+            let _ = writeln!(s, "    {} {:<10} {:<48} {:>6} bytes  ({})", f.mode, f.owner, f.path, f.size, f.why);
+        }
+    }
+    if !plan.first_boot_commands.is_empty() {
+        let _ = writeln!(s, "\n  run by cloud-init on first boot:");
+        for c in &plan.first_boot_commands {
+            let _ = writeln!(s, "    {}", c.join(" "));
+        }
+    }
+    s
+}

@@ -1,0 +1,128 @@
+//! The cluster file as written by its author: serde structures that mirror the TOML one to one.
+//!
+//! Every table rejects unknown keys, so a typo (`adress`) is an error with a line number instead of
+//! a setting that silently does nothing. Nothing here is validated beyond its TOML type; `resolve`
+//! turns these structures into one explicit configuration per node.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// The whole file: `[cluster]`, `[defaults]`, `[swarm]`, `[[users]]` and `[[node]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    pub cluster: ClusterSection,
+    #[serde(default)]
+    pub defaults: NodeSettings,
+    pub swarm: Option<SwarmSection>,
+    #[serde(default)]
+    pub users: Vec<UserSpec>,
+    #[serde(default, rename = "node")]
+    pub nodes: Vec<NodeSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    pub name: String,
+    /// Stable identifiers derive from this and the node name; defaults to the cluster name.
+    pub seed: Option<String>,
+    /// Keys given to every user (and to the profile's default user when no users are listed).
+    #[serde(default)]
+    pub ssh_authorized_keys: Vec<String>,
+}
+
+/// A secret is read from a file (relative to the cluster file) or an environment variable; it is
+/// never written inline, so cluster files can be committed.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SecretRef {
+    pub file: Option<String>,
+    pub env: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserSpec {
+    pub name: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Passwordless sudo; on by default because these are admin users of headless machines.
+    pub sudo: Option<bool>,
+    pub shell: Option<String>,
+    #[serde(default)]
+    pub ssh_authorized_keys: Vec<String>,
+    /// A crypt(3) hash (`$6$…`, `$5$…`, `$y$…`).
+    pub password_hash: Option<String>,
+    /// A file (or variable) holding the plain password, which kiln hashes with SHA-512 crypt.
+    pub password: Option<SecretRef>,
+}
+
+/// Settings that `[defaults]` gives every node and a `[[node]]` may override.
+///
+/// `name` and `hostname` only make sense on a node; `resolve` rejects them in `[defaults]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSettings {
+    pub name: Option<String>,
+    pub hostname: Option<String>,
+    /// The image profile (a file in `images/`).
+    pub image: Option<String>,
+    pub timezone: Option<String>,
+    pub docker: Option<bool>,
+    /// Whether this node takes part in the swarm described by `[swarm]` (default: yes).
+    pub swarm: Option<bool>,
+    pub overlays: Option<Vec<String>>,
+    pub network: Option<BTreeMap<String, InterfaceSpec>>,
+    pub wifi: Option<WifiSpec>,
+    /// A `#cloud-config` fragment merged into the generated user-data.
+    pub user_data: Option<String>,
+    pub boot: Option<BootFilesSpec>,
+    /// The serial number of the card or disk this node is flashed to.
+    pub serial: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct InterfaceSpec {
+    pub dhcp: Option<bool>,
+    /// Static address with prefix, `11.0.0.101/25`.
+    pub address: Option<String>,
+    pub gateway: Option<String>,
+    #[serde(default)]
+    pub dns: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WifiSpec {
+    pub ssid: String,
+    pub psk: SecretRef,
+    /// ISO 3166 country code; without it Raspberry Pi firmware keeps the radio blocked.
+    pub country: Option<String>,
+    #[serde(default)]
+    pub hidden: bool,
+}
+
+/// Boot-partition files the cluster file replaces (paths relative to the cluster file).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BootFilesSpec {
+    pub config_txt: Option<String>,
+    pub cmdline_txt: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwarmSection {
+    /// Manager node names; the first one runs `docker swarm init`.
+    #[serde(default)]
+    pub managers: Vec<String>,
+    /// The address the managers are reached at (defaults to the first manager's static address).
+    pub advertise_addr: Option<String>,
+    /// The worker join token.
+    pub token: Option<SecretRef>,
+    /// The manager join token, needed only when there is more than one manager.
+    pub manager_token: Option<SecretRef>,
+}

@@ -1,0 +1,149 @@
+//! The resolved, fully explicit configuration of one node: what `kiln check` prints and what every
+//! later stage reads. No defaults are left to apply and no file is left to read.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Serialize, Serializer};
+use sha2::{Digest, Sha256};
+
+/// A secret value. It prints as `<secret sha256:…>` and serialises as its digest, so `kiln check`
+/// output and build manifests never contain it, yet a changed secret still changes the digest of
+/// the node's configuration (and with it the cloud-init instance-id).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Secret(value)
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    fn digest(&self) -> String {
+        format!("sha256:{}", &hex::encode(Sha256::digest(self.0.as_bytes()))[..16])
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<secret {}>", self.digest())
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("<secret {}>", self.digest()))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct NodeConfig {
+    pub name: String,
+    pub hostname: String,
+    pub image: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    pub docker: bool,
+    pub users: Vec<User>,
+    pub network: BTreeMap<String, Interface>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wifi: Option<Wifi>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swarm: Option<SwarmRole>,
+    pub overlays: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<InputFile>,
+    /// Files on the boot partition the cluster file replaces, by their name there.
+    pub boot_files: BTreeMap<String, InputFile>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct User {
+    pub name: String,
+    pub groups: Vec<String>,
+    pub sudo: bool,
+    pub shell: String,
+    pub ssh_authorized_keys: Vec<String>,
+    /// A crypt(3) hash; `None` locks the password (ssh keys only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_hash: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(tag = "mode", rename_all = "lowercase")]
+pub enum Interface {
+    Dhcp,
+    Static {
+        #[serde(serialize_with = "display")]
+        address: IpNet,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        gateway: Option<IpAddr>,
+        dns: Vec<IpAddr>,
+    },
+}
+
+fn display<T: fmt::Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+impl Interface {
+    pub fn static_ip(&self) -> Option<IpAddr> {
+        match self {
+            Interface::Static { address, .. } => Some(address.addr()),
+            Interface::Dhcp => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Wifi {
+    pub ssid: String,
+    pub psk: Secret,
+    pub country: String,
+    pub hidden: bool,
+}
+
+/// What a node does in the Docker swarm.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "role", rename_all = "lowercase")]
+pub enum SwarmRole {
+    /// The first manager: `docker swarm init --advertise-addr <advertise_addr>`.
+    Init { advertise_addr: String },
+    /// Any other node: join `manager_addr:2377` with the token.
+    Join {
+        manager_addr: String,
+        advertise_addr: String,
+        as_manager: bool,
+        token: Secret,
+    },
+}
+
+/// A file the configuration refers to, read once during resolution.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct InputFile {
+    pub path: String,
+    #[serde(skip)]
+    pub bytes: Vec<u8>,
+    pub sha256: String,
+}
+
+impl InputFile {
+    pub fn new(path: String, bytes: Vec<u8>) -> Self {
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        InputFile { path, bytes, sha256 }
+    }
+}
+
+impl NodeConfig {
+    /// A digest of everything that configures the node (secrets included, through their digests).
+    pub fn digest(&self) -> [u8; 32] {
+        // serde_json of a struct is deterministic: fields in declaration order, maps sorted.
+        let json = serde_json::to_vec(self).expect("NodeConfig serialises");
+        Sha256::digest(&json).into()
+    }
+}

@@ -1,0 +1,287 @@
+//! Image profiles (`images/*.toml`): the facts of one base image, so nobody has to read three wikis.
+//!
+//! A profile says where the image comes from, what its partition table looks like, which partition
+//! holds what, how a node is configured on first boot and how the image is delivered. Profiles are
+//! looked up in `images/` beside the cluster file, then in `./images`, then among the ones built
+//! into kiln, so a user can add or override one without rebuilding kiln.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use super::diag::SourceText;
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub name: String,
+    pub description: String,
+    /// Longer notes for the user (one-time bootloader steps, how to obtain the image).
+    #[serde(default)]
+    pub notes: Option<String>,
+    pub source: SourceSpec,
+    pub disk: DiskSpec,
+    #[serde(rename = "partition")]
+    pub partitions: Vec<PartitionSpec>,
+    pub provision: ProvisionSpec,
+    #[serde(default)]
+    pub deliver: DeliverSpec,
+}
+
+/// Where the base image's bytes come from.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    /// A download URL (the archive as published: `.img`, `.zip`, `.xz`, `.gz`, `.zst`).
+    pub url: Option<String>,
+    /// sha256 of the file at `url`, exactly as downloaded.
+    pub sha256: Option<String>,
+    /// An OCI reference in skopeo's transport syntax, for images built from containers.
+    pub oci: Option<String>,
+    /// How to obtain the image when kiln cannot download it (e.g. `pmbootstrap export`).
+    pub obtain: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TableKind {
+    Mbr,
+    Gpt,
+}
+
+/// What happens to the MBR disk signature (and GPT disk GUID) of each node's image.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskIdentity {
+    /// Keep the base image's identifier.
+    #[default]
+    Keep,
+    /// Give every node its own identifier, derived from the seed and the node name.
+    Derive,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    pub table: TableKind,
+    #[serde(default = "default_sector_size")]
+    pub sector_size: u64,
+    #[serde(default)]
+    pub disk_identity: DiskIdentity,
+}
+
+fn default_sector_size() -> u64 {
+    512
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PartitionRole {
+    Boot,
+    Root,
+    Other,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FsKind {
+    Vfat,
+    Ext4,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionSpec {
+    /// 1-based partition number, as the kernel names it (`mmcblk0p1`).
+    pub index: usize,
+    pub role: PartitionRole,
+    pub fs: FsKind,
+    /// The filesystem label the image is expected to carry (checked before stamping).
+    pub label: Option<String>,
+    /// GPT partition name, where the table is GPT.
+    pub name: Option<String>,
+}
+
+/// How a node is configured on its first boot.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProvisionMethod {
+    /// cloud-init NoCloud seed files on a FAT partition (HypriotOS).
+    CloudInitNocloud,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProvisionSpec {
+    pub method: ProvisionMethod,
+    /// The partition role that carries the seed (for NoCloud).
+    pub seed_partition: PartitionRole,
+    /// network-config version written to the seed.
+    #[serde(default = "default_network_config")]
+    pub network_config: u8,
+    /// The image's own user, given the cluster's keys when the cluster lists no users.
+    pub default_user: String,
+    /// Whether docker is installed in the image (so `docker = false` disables it).
+    #[serde(default)]
+    pub docker_preinstalled: bool,
+    /// Passwords the image ships with that a build must not leave in place.
+    #[serde(default)]
+    pub known_default_passwords: Vec<String>,
+}
+
+fn default_network_config() -> u8 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeliverMethod {
+    #[default]
+    BlockDevice,
+    Fastboot,
+    Http,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DeliverSpec {
+    #[serde(default)]
+    pub method: DeliverMethod,
+}
+
+impl Profile {
+    pub fn partition(&self, role: PartitionRole) -> Option<&PartitionSpec> {
+        self.partitions.iter().find(|p| p.role == role)
+    }
+
+    /// Parses a profile, with errors in file:line form.
+    pub fn parse(path: &Path, text: &str) -> Result<Profile> {
+        let source = SourceText::new(path, text.to_string());
+        let profile: Profile = toml::from_str(text).map_err(|e| source.from_toml(&e))?;
+        profile.validate(&source)?;
+        Ok(profile)
+    }
+
+    fn validate(&self, source: &SourceText) -> Result<()> {
+        if let Some(sha) = &self.source.sha256
+            && (sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(source
+                .error_at(&crate::keypath!["source", "sha256"], "sha256 must be 64 hex digits", None)
+                .into());
+        }
+        if !matches!(self.disk.sector_size, 512 | 4096) {
+            return Err(source
+                .error_at(
+                    &crate::keypath!["disk", "sector_size"],
+                    format!("sector size {} is not 512 or 4096", self.disk.sector_size),
+                    None,
+                )
+                .into());
+        }
+        if self.partition(self.provision.seed_partition).is_none() {
+            return Err(source
+                .error_at(
+                    &crate::keypath!["provision", "seed_partition"],
+                    "no partition has the seed partition's role",
+                    None,
+                )
+                .into());
+        }
+        Ok(())
+    }
+}
+
+/// The profiles compiled into kiln, so an installed binary works without the source tree.
+const BUILTIN: &[(&str, &str)] = &[(
+    "hypriot-rpi",
+    include_str!("../../images/hypriot-rpi.toml"),
+)];
+
+/// Finds and parses the profile `name`: first `images/<name>.toml` in each search directory, then
+/// the built-in copy.
+pub fn load(name: &str, search_dirs: &[PathBuf]) -> Result<(Profile, ProfileOrigin)> {
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        bail!("image profile name {name:?} may only contain letters, digits, '-' and '_'");
+    }
+    for dir in search_dirs {
+        let path = dir.join(format!("{name}.toml"));
+        if path.is_file() {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading image profile {}", path.display()))?;
+            let profile = Profile::parse(&path, &text)?;
+            return Ok((profile, ProfileOrigin::File(path, text)));
+        }
+    }
+    if let Some((_, text)) = BUILTIN.iter().find(|(n, _)| *n == name) {
+        let path = PathBuf::from(format!("<built-in>/images/{name}.toml"));
+        let profile = Profile::parse(&path, text)?;
+        return Ok((profile, ProfileOrigin::BuiltIn(text.to_string())));
+    }
+    let known: Vec<&str> = BUILTIN.iter().map(|(n, _)| *n).collect();
+    bail!(
+        "no image profile named {name:?} (looked in {} and the built-in profiles: {})",
+        search_dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        known.join(", ")
+    )
+}
+
+/// Where a profile was found; its text goes into the build manifest.
+#[derive(Debug, Clone)]
+pub enum ProfileOrigin {
+    File(PathBuf, String),
+    BuiltIn(String),
+}
+
+impl ProfileOrigin {
+    pub fn text(&self) -> &str {
+        match self {
+            ProfileOrigin::File(_, t) | ProfileOrigin::BuiltIn(t) => t,
+        }
+    }
+    pub fn describe(&self) -> String {
+        match self {
+            ProfileOrigin::File(p, _) => p.display().to_string(),
+            ProfileOrigin::BuiltIn(_) => "built-in".to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_profiles_parse() {
+        for (name, _) in BUILTIN {
+            let (p, _) = load(name, &[]).unwrap();
+            assert_eq!(&p.name, name);
+        }
+    }
+
+    #[test]
+    fn hypriot_profile_has_the_published_facts() {
+        let (p, _) = load("hypriot-rpi", &[]).unwrap();
+        assert_eq!(
+            p.source.sha256.as_deref(),
+            Some("9015ee2d8834254d561694a93d45c21b2d345cabfa6f1d44152b0d247eee9f7e")
+        );
+        assert_eq!(p.disk.table, TableKind::Mbr);
+        let boot = p.partition(PartitionRole::Boot).unwrap();
+        assert_eq!((boot.index, boot.fs, boot.label.as_deref()), (1, FsKind::Vfat, Some("HypriotOS")));
+        assert_eq!(p.partition(PartitionRole::Root).unwrap().index, 2);
+    }
+
+    #[test]
+    fn unknown_profile_key_names_the_line() {
+        let text = "name = \"x\"\ndescription = \"d\"\nbogus = 1\n";
+        let err = Profile::parse(Path::new("images/x.toml"), text).unwrap_err().to_string();
+        assert!(err.starts_with("images/x.toml:3:1:"), "{err}");
+        assert!(err.contains("bogus"), "{err}");
+    }
+}

@@ -1,0 +1,4 @@
+//! Small helpers shared by every stage.
+
+pub mod cmd;
+pub mod fsutil;
