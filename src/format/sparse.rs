@@ -10,12 +10,13 @@ use anyhow::{Context, Result};
 /// The granularity of hole detection: one filesystem block.
 pub const BLOCK: usize = 4096;
 
-/// Copies `src` to `dst` preserving holes: a reflink where the filesystem can share extents,
-/// otherwise `copy_file_range` over the data extents that SEEK_DATA/SEEK_HOLE report.
+/// Copies `src` to `dst` as a sparse file: a reflink where the filesystem can share extents;
+/// otherwise the data extents that SEEK_DATA/SEEK_HOLE report are read and their non-zero blocks
+/// written, so both the source's holes and its zero-filled blocks end up as holes.
 pub fn copy(src: &Path, dst: &Path) -> Result<()> {
-    let input = File::open(src).with_context(|| format!("opening {}", src.display()))?;
+    let mut input = File::open(src).with_context(|| format!("opening {}", src.display()))?;
     let len = input.metadata()?.len();
-    let output = File::create(dst).with_context(|| format!("creating {}", dst.display()))?;
+    let mut output = File::create(dst).with_context(|| format!("creating {}", dst.display()))?;
     // FICLONE: _IOW(0x94, 9, int). Shares extents on btrfs/xfs; fails harmlessly elsewhere.
     const FICLONE: u64 = 0x4004_9409;
     // SAFETY: both descriptors are open for the duration of the call; FICLONE reads only the int.
@@ -29,31 +30,17 @@ pub fn copy(src: &Path, dst: &Path) -> Result<()> {
         let data = match nix::unistd::lseek(&input, pos as i64, nix::unistd::Whence::SeekData) {
             Ok(d) => d as u64,
             Err(nix::errno::Errno::ENXIO) => break, // only a hole remains
-            Err(_) => return copy_by_reading(&input, &output, len),
+            Err(_) => pos,                         // no SEEK_DATA: treat the rest as data
         };
         let hole = nix::unistd::lseek(&input, data as i64, nix::unistd::Whence::SeekHole)
             .map(|h| h as u64)
             .unwrap_or(len);
-        let mut off_in = data as i64;
-        let mut off_out = data as i64;
-        let mut left = (hole - data) as usize;
-        while left > 0 {
-            match nix::fcntl::copy_file_range(&input, Some(&mut off_in), &output, Some(&mut off_out), left) {
-                Ok(0) => break,
-                Ok(n) => left -= n,
-                Err(_) => return copy_by_reading(&input, &output, len),
-            }
-        }
+        input.seek(SeekFrom::Start(data))?;
+        output.seek(SeekFrom::Start(data))?;
+        write_sparse(&mut (&mut input).take(hole - data), &mut output)
+            .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
         pos = hole;
     }
-    Ok(())
-}
-
-fn copy_by_reading(mut input: &File, mut output: &File, len: u64) -> Result<()> {
-    input.seek(SeekFrom::Start(0))?;
-    output.seek(SeekFrom::Start(0))?;
-    let written = write_sparse(&mut input, &mut output)?;
-    output.set_len(len.max(written))?;
     Ok(())
 }
 
@@ -104,6 +91,20 @@ pub fn write_sparse<R: Read + ?Sized, W: Write + Seek>(reader: &mut R, out: &mut
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_turns_zero_blocks_into_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        let mut data = vec![0u8; 4 << 20];
+        data[1 << 20] = 9;
+        std::fs::write(&src, &data).unwrap();
+        let dst = dir.path().join("dst");
+        copy(&src, &dst).unwrap();
+        assert_eq!(std::fs::read(&dst).unwrap(), data);
+        use std::os::unix::fs::MetadataExt;
+        assert!(std::fs::metadata(&dst).unwrap().blocks() * 512 < 1 << 20, "zero blocks were written");
+    }
 
     #[test]
     fn copy_keeps_bytes_and_holes() {

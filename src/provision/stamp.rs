@@ -19,27 +19,33 @@ pub fn check_layout(path: &Path, profile: &Profile) -> Result<DiskLayout> {
     let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let layout = disk::read_layout(&mut f, profile.disk.sector_size)
         .with_context(|| format!("reading the partition table of {}", path.display()))?;
+    // Existence first, so the error lists every partition the image lacks at once.
+    let missing: Vec<String> = profile
+        .partitions
+        .iter()
+        .filter(|spec| layout.partition(spec.index).is_none())
+        .map(|spec| format!("partition {} ({} {})", spec.index, spec.fs, spec.role))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "{} does not look like a {} image: the profile expects {} but found {}",
+            path.display(),
+            profile.name,
+            missing.join(" and "),
+            layout.describe()
+        );
+    }
     for spec in &profile.partitions {
-        let Some(part) = layout.partition(spec.index) else {
-            bail!(
-                "{} does not look like a {} image: the profile expects partition {} ({:?} {:?}) but found {}",
-                path.display(),
-                profile.name,
-                spec.index,
-                spec.role,
-                spec.fs,
-                layout.describe()
-            );
-        };
+        let part = layout.partition(spec.index).expect("checked above");
         let found = fs::detect(&mut f, part)?;
         if found != Some(spec.fs) {
             bail!(
-                "{} does not look like a {} image: partition {} should hold {:?} but holds {}",
+                "{} does not look like a {} image: partition {} should hold {} but holds {}",
                 path.display(),
                 profile.name,
                 spec.index,
                 spec.fs,
-                found.map_or("no filesystem kiln recognises".to_string(), |k| format!("{k:?}"))
+                found.map_or("no filesystem kiln recognises".to_string(), |k| k.to_string())
             );
         }
     }

@@ -31,25 +31,22 @@ fn ssid_value(ssid: &str) -> String {
 
 /// The contents of `/etc/wpa_supplicant/wpa_supplicant-wlan0.conf`.
 pub fn wpa_supplicant_conf(node: &str, wifi: &Wifi) -> String {
-    let mut s = format!(
-        "# Written by kiln for node {node}.\n\
-         country={country}\n\
-         ctrl_interface=DIR=/var/run/wpa_supplicant GROUP=netdev\n\
-         update_config=1\n\
-         \n\
-         network={{\n\
-             ssid={ssid}\n\
-             psk={psk}\n\
-             key_mgmt=WPA-PSK\n",
-        country = wifi.country,
-        ssid = ssid_value(&wifi.ssid),
-        psk = psk_hex(&wifi.ssid, wifi.psk.expose()),
-    );
+    let mut lines = vec![
+        format!("# Written by kiln for node {node}."),
+        format!("country={}", wifi.country),
+        "ctrl_interface=DIR=/var/run/wpa_supplicant GROUP=netdev".to_string(),
+        "update_config=1".to_string(),
+        String::new(),
+        "network={".to_string(),
+        format!("    ssid={}", ssid_value(&wifi.ssid)),
+        format!("    psk={}", psk_hex(&wifi.ssid, wifi.psk.expose())),
+        "    key_mgmt=WPA-PSK".to_string(),
+    ];
     if wifi.hidden {
-        s.push_str("    scan_ssid=1\n");
+        lines.push("    scan_ssid=1".to_string());
     }
-    s.push_str("}\n");
-    s
+    lines.push("}".to_string());
+    lines.join("\n") + "\n"
 }
 
 #[cfg(test)]

@@ -130,6 +130,25 @@ pub struct ProvisionSpec {
     pub known_default_passwords: Vec<String>,
 }
 
+impl std::fmt::Display for FsKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FsKind::Vfat => "vfat",
+            FsKind::Ext4 => "ext4",
+        })
+    }
+}
+
+impl std::fmt::Display for PartitionRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PartitionRole::Boot => "boot",
+            PartitionRole::Root => "root",
+            PartitionRole::Other => "other",
+        })
+    }
+}
+
 fn default_network_config() -> u8 {
     1
 }

@@ -92,6 +92,9 @@ pub fn load(path: &Path) -> Result<Cluster> {
     };
     let nodes = r.resolve(&parsed);
     if !r.errors.is_empty() {
+        // A problem in [defaults] shows up once per node; report it once.
+        let mut seen = BTreeSet::new();
+        r.errors.retain(|e| seen.insert((e.line, e.column, e.message.clone())));
         return Err(SpecErrors(r.errors).into());
     }
     let profiles = r.profiles;
@@ -365,7 +368,7 @@ impl Resolver<'_> {
         };
 
         let hostname = n.hostname.clone().unwrap_or_else(|| name.to_string());
-        if !valid_hostname(&hostname) {
+        if n.hostname.is_some() && !valid_hostname(&hostname) {
             self.err(
                 keypath!["node", i, "hostname"],
                 format!("hostname {hostname:?} is not a valid host name"),

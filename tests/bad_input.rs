@@ -1,0 +1,203 @@
+//! Bad input gets a clear error naming the file, line and fix, a non-zero exit, and nothing is
+//! left in the output directory.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+const GOOD: &str = r#"[cluster]
+name = "t"
+ssh_authorized_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKilnTestKeyTestKeyTestKey test"]
+
+[defaults]
+image = "hypriot-rpi"
+
+[[node]]
+name = "one"
+network.eth0 = { address = "10.9.0.11/24", gateway = "10.9.0.1" }
+"#;
+
+/// Runs `kiln check` on `text` and returns (success, stderr).
+fn check(text: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cluster.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = kiln(&dir.path().join("cache")).arg("check").arg("--cluster").arg(&path).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn refused(text: &str, expect: &[&str]) {
+    let (ok, err) = check(text);
+    assert!(!ok, "kiln accepted:\n{text}");
+    for e in expect {
+        assert!(err.contains(e), "error does not mention {e:?}:\n{err}");
+    }
+}
+
+#[test]
+fn the_good_file_passes() {
+    let (ok, err) = check(GOOD);
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn unknown_key_names_file_and_line() {
+    refused(&GOOD.replace("gateway = ", "gatway = "), &["cluster.toml:10:", "unknown field `gatway`"]);
+    refused(&format!("{GOOD}\n[extra]\nx = 1\n"), &["cluster.toml:12:", "unknown field `extra`"]);
+}
+
+#[test]
+fn invalid_hostname_address_and_prefix() {
+    refused(&GOOD.replace("name = \"one\"", "name = \"one_1\""), &["cluster.toml:9:", "not a valid host name"]);
+    refused(&GOOD.replace("10.9.0.11/24", "10.9.0.11"), &["cluster.toml:10:", "add the prefix length"]);
+    refused(&GOOD.replace("10.9.0.11/24", "10.9.0.311/24"), &["cluster.toml:10:", "not an address with a prefix"]);
+    refused(&GOOD.replace("10.9.0.11/24", "10.9.0.11/33"), &["not an address with a prefix"]);
+    refused(&GOOD.replace("10.9.0.11/24", "10.9.0.0/24"), &["network or broadcast address"]);
+    refused(&GOOD.replace("gateway = \"10.9.0.1\"", "gateway = \"10.8.0.1\""), &["cluster.toml:10:", "outside 10.9.0.0/24"]);
+}
+
+#[test]
+fn duplicate_names_and_addresses() {
+    let dup_name = format!("{GOOD}\n[[node]]\nname = \"one\"\n");
+    refused(&dup_name, &["cluster.toml:13:", "defined twice"]);
+    let dup_addr = format!("{GOOD}\n[[node]]\nname = \"two\"\nnetwork.eth0 = {{ address = \"10.9.0.11/24\" }}\n");
+    refused(&dup_addr, &["cluster.toml:14:", "already used by node one"]);
+}
+
+#[test]
+fn secrets_and_wifi() {
+    let wifi = format!("{GOOD}\n[defaults.wifi]\nssid = \"ceil\"\npsk = {{ file = \"nope.psk\" }}\ncountry = \"DE\"\n");
+    // [defaults.wifi] is appended after the nodes; TOML still reads it as part of [defaults].
+    refused(&wifi, &["cluster.toml:14:", "cannot read wifi psk", "nope.psk"]);
+    let no_country = format!("{GOOD}\n[defaults.wifi]\nssid = \"ceil\"\npsk = {{ env = \"KILN_TEST_PSK_UNSET\" }}\n");
+    refused(&no_country, &["wifi needs a country code", "KILN_TEST_PSK_UNSET is not set"]);
+    let inline = format!("{GOOD}\n[defaults.wifi]\nssid = \"ceil\"\npsk = \"plain\"\ncountry = \"DE\"\n");
+    refused(&inline, &["cluster.toml:14:"]);
+}
+
+#[test]
+fn swarm_without_manager_or_token() {
+    refused(&format!("{GOOD}\n[swarm]\nmanagers = []\n"), &["cluster.toml:13:", "no manager to join"]);
+    let with_worker = format!(
+        "{GOOD}\n[[node]]\nname = \"two\"\n\n[swarm]\nmanagers = [\"one\"]\n"
+    );
+    refused(&with_worker, &["worker join token"]);
+    refused(&format!("{GOOD}\n[swarm]\nmanagers = [\"zzz\"]\n"), &["manager \"zzz\" is not a node"]);
+}
+
+#[test]
+fn passwords_are_hashes_or_files() {
+    let plain = format!("{GOOD}\n[[users]]\nname = \"admin\"\npassword_hash = \"hunter2\"\n");
+    refused(&plain, &["cluster.toml:14:", "not a crypt(3) hash"]);
+    let bad_key = GOOD.replace("ssh-ed25519 AAAA", "ssh-ed25519\nAAAA");
+    assert!(!check(&bad_key).0);
+}
+
+fn only_fixture_files_left(out: &Path) {
+    let names: Vec<String> = std::fs::read_dir(out)
+        .map(|rd| rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(names.is_empty(), "out/ holds {names:?} after a failed build");
+}
+
+#[test]
+fn wrong_base_checksum_is_refused_and_out_stays_empty() {
+    if !have_tools(&["sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = hypriot_fixture(dir.path());
+    let cluster = example_cluster("ceil", dir.path());
+    let out = dir.path().join("out");
+    let o = kiln(&dir.path().join("cache"))
+        .args(["build", "--node", "ceil-one", "--cluster"])
+        .arg(&cluster)
+        .arg("--base")
+        .arg(&base)
+        .args(["--base-sha256", &"0".repeat(64), "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("checksum mismatch"), "{err}");
+    only_fixture_files_left(&out);
+}
+
+#[test]
+fn base_without_the_promised_partitions_is_refused() {
+    if !have_tools(&["sfdisk", "mkfs.vfat"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = example_cluster("ceil", dir.path());
+    let out = dir.path().join("out");
+    // One FAT partition only: no root partition 2.
+    let img = dir.path().join("one-part.img");
+    std::fs::File::create(&img).unwrap().set_len(80 << 20).unwrap();
+    let mut sf = Command::new("sfdisk");
+    sf.arg("--quiet").arg(&img).stdin(std::process::Stdio::piped());
+    let mut child = sf.spawn().unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"label: dos\nstart=2048, size=131072, type=c\n").unwrap();
+    assert!(child.wait().unwrap().success());
+    let build = |img: &Path| {
+        kiln(&dir.path().join("cache"))
+            .args(["build", "--node", "ceil-one", "--cluster"])
+            .arg(&cluster)
+            .arg("--base")
+            .arg(img)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let o = build(&img);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("expects partition 2") && err.contains("found mbr table with #1"), "{err}");
+    only_fixture_files_left(&out);
+
+    // A base that is no disk image at all.
+    let junk = dir.path().join("junk.img");
+    std::fs::write(&junk, vec![0x42u8; 1 << 20]).unwrap();
+    let o = build(&junk);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no partition table"));
+    only_fixture_files_left(&out);
+}
+
+#[test]
+fn truncated_archive_is_refused() {
+    if !have_tools(&["sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy", "xz"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = hypriot_fixture(dir.path());
+    run(Command::new("xz").args(["-T0", "-1", "-k"]).arg(&base));
+    let xz = dir.path().join("hypriot-layout.img.xz");
+    let bytes = std::fs::read(&xz).unwrap();
+    std::fs::write(&xz, &bytes[..bytes.len() / 2]).unwrap();
+    let cluster = example_cluster("ceil", dir.path());
+    let out = dir.path().join("out");
+    let cache = dir.path().join("cache");
+    let o = kiln(&cache)
+        .args(["build", "--node", "ceil-one", "--cluster"])
+        .arg(&cluster)
+        .arg("--base")
+        .arg(&xz)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("truncated or corrupt"), "{err}");
+    only_fixture_files_left(&out);
+    // Nothing half-decompressed stays in the cache either.
+    let images: Vec<_> = std::fs::read_dir(cache.join("images")).unwrap().collect();
+    assert!(images.is_empty(), "{images:?}");
+}

@@ -1,0 +1,114 @@
+//! Helpers shared by the integration tests: run the built kiln, run independent tools, skip (or,
+//! with KILN_REQUIRE_TOOLS=1 as in CI, fail) when a tool is missing.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn kiln_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_kiln"))
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A kiln command with its own cache directory.
+pub fn kiln(cache: &Path) -> Command {
+    let mut c = Command::new(kiln_bin());
+    c.env("KILN_CACHE_DIR", cache).env_remove("SOURCE_DATE_EPOCH");
+    c
+}
+
+/// True when every tool is on PATH. Otherwise the test is skipped with a message — unless
+/// KILN_REQUIRE_TOOLS=1 (CI), where a missing tool is a failure, so CI cannot pass by skipping.
+pub fn have_tools(tools: &[&str]) -> bool {
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| which(t).is_none()).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var("KILN_REQUIRE_TOOLS").as_deref() == Ok("1") {
+        panic!("required tools missing: {}", missing.join(", "));
+    }
+    eprintln!("SKIPPED: missing tools {}", missing.join(", "));
+    false
+}
+
+pub fn which(tool: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(tool)).find(|p| p.is_file())
+}
+
+/// Runs a command, panicking with its output when it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+pub fn stdout(cmd: &mut Command) -> String {
+    String::from_utf8(run(cmd).stdout).expect("utf-8 output")
+}
+
+/// Makes the sfdisk + mkfs.vfat + mkfs.ext4 HypriotOS-layout fixture.
+pub fn hypriot_fixture(dir: &Path) -> PathBuf {
+    let img = dir.join("hypriot-layout.img");
+    run(Command::new("bash").arg(repo().join("tests/fixtures/make-hypriot-layout.sh")).arg(&img));
+    img
+}
+
+/// Copies an example cluster (with its secrets) into `dir` and returns the cluster file path.
+pub fn example_cluster(name: &str, dir: &Path) -> PathBuf {
+    let src = repo().join("examples").join(name);
+    copy_tree(&src, &dir.join(name));
+    dir.join(name).join("cluster.toml")
+}
+
+fn copy_tree(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), &to).unwrap();
+        }
+    }
+}
+
+/// `sfdisk --json` of an image, parsed.
+pub fn sfdisk_json(img: &Path) -> serde_json::Value {
+    serde_json::from_str(&stdout(Command::new("sfdisk").arg("--json").arg(img))).unwrap()
+}
+
+/// Reads one file from a FAT partition at `offset` with mtools.
+pub fn mtype(img: &Path, offset: u64, name: &str) -> Vec<u8> {
+    run(Command::new("mtype")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(format!("{}@@{offset}", img.display()))
+        .arg(format!("::{name}")))
+    .stdout
+}
+
+/// Extracts `len` bytes at `offset` into a file (for fsck tools that want a whole device).
+pub fn extract(img: &Path, offset: u64, len: u64, to: &Path) {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(img).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    let mut buf = vec![0u8; len as usize];
+    f.read_exact(&mut buf).unwrap();
+    std::fs::write(to, buf).unwrap();
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
