@@ -5,15 +5,12 @@
 //! then renamed into place with its bmap, checksum and manifest. A failure at any step removes the
 //! temporaries: `out/` never holds half an image.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::disk;
-use crate::format::bmap::Bmap;
 use crate::format::manifest::{Entry, Manifest, sha256sum_line};
-use crate::format::sparse;
+use crate::format::writer;
 use crate::provision::{plan, stamp};
 use crate::source::{self, BaseRef};
 use crate::spec::Cluster;
@@ -47,40 +44,62 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
     // Refuse a base that is not what the profile promises before copying anything.
     stamp::check_layout(&base.raw, profile)?;
 
-    std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
+    std::fs::create_dir_all(&opts.out_dir)
+        .with_context(|| format!("creating {}", opts.out_dir.display()))?;
     let image = opts.out_dir.join(format!("{}.img", node.name));
     let bmap_path = opts.out_dir.join(format!("{}.img.bmap", node.name));
     let sum_path = opts.out_dir.join(format!("{}.img.sha256sum", node.name));
     let manifest_path = opts.out_dir.join(format!("{}.manifest.json", node.name));
 
-    let mut guard = TempGuard::default();
-    let tmp_image = guard.track(temp_beside(&image));
-    sparse::copy(&base.raw, &tmp_image).with_context(|| format!("copying the base to {}", tmp_image.display()))?;
-    let report = stamp::apply(&tmp_image, profile, &plan).with_context(|| format!("stamping node {}", node.name))?;
+    let stamped = stamp::stamp(&base.raw, profile, &plan)
+        .with_context(|| format!("stamping node {}", node.name))?;
+    let report = &stamped.report;
     if let Some(why) = &report.kept_signature_because {
         eprintln!("note: {}: {why}", node.name);
     }
-
-    let (mut bmap, sha256) = map_and_hash(&tmp_image)?;
+    let mut guard = TempGuard::default();
+    let tmp_image = guard.track(temp_beside(&image));
+    let (bmap, sha256) =
+        writer::write_image(&base.raw, &stamped.patches, &tmp_image, &stamped.used)
+            .with_context(|| format!("writing {}", tmp_image.display()))?;
     let bmap_xml = bmap.to_xml();
     let image_name = file_name(&image);
     let sum_line = sha256sum_line(&sha256, &image_name);
-    bmap.ranges.shrink_to_fit();
 
     let mut inputs = vec![
-        Entry { role: "base-image".into(), path: base.description.clone(), sha256: base.source_sha256.clone(), size: None },
-        Entry { role: "cluster-file".into(), path: cluster.file.path.clone(), sha256: cluster.file.sha256.clone(), size: None },
+        Entry {
+            role: "base-image".into(),
+            path: base.description.clone(),
+            sha256: base.source_sha256.clone(),
+            size: None,
+        },
+        Entry {
+            role: "cluster-file".into(),
+            path: cluster.file.path.clone(),
+            sha256: cluster.file.sha256.clone(),
+            size: None,
+        },
         Entry {
             role: "profile".into(),
             path: origin.describe(),
-            sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(origin.text().as_bytes())),
+            sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+                origin.text().as_bytes(),
+            )),
             size: None,
         },
     ];
     for f in &plan.inputs {
-        inputs.push(Entry { role: "file".into(), path: f.path.clone(), sha256: f.sha256.clone(), size: Some(f.bytes.len() as u64) });
+        inputs.push(Entry {
+            role: "file".into(),
+            path: f.path.clone(),
+            sha256: f.sha256.clone(),
+            size: Some(f.bytes.len() as u64),
+        });
     }
-    for (name, text) in [("scripts/kiln-swarm.sh", plan::SWARM_SCRIPT), ("scripts/kiln-swarm.service", plan::SWARM_UNIT)] {
+    for (name, text) in [
+        ("scripts/kiln-swarm.sh", plan::SWARM_SCRIPT),
+        ("scripts/kiln-swarm.service", plan::SWARM_UNIT),
+    ] {
         if node.swarm.is_some() {
             inputs.push(Entry {
                 role: "script".into(),
@@ -102,14 +121,30 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
         instance_id: plan.instance_id.clone(),
         inputs,
         outputs: vec![
-            Entry { role: "image".into(), path: image_name.clone(), sha256: sha256.clone(), size: Some(image_size) },
-            Entry { role: "bmap".into(), path: file_name(&bmap_path), sha256: digest(&bmap_xml), size: Some(bmap_xml.len() as u64) },
-            Entry { role: "sha256sum".into(), path: file_name(&sum_path), sha256: digest(&sum_line), size: Some(sum_line.len() as u64) },
+            Entry {
+                role: "image".into(),
+                path: image_name.clone(),
+                sha256: sha256.clone(),
+                size: Some(image_size),
+            },
+            Entry {
+                role: "bmap".into(),
+                path: file_name(&bmap_path),
+                sha256: digest(&bmap_xml),
+                size: Some(bmap_xml.len() as u64),
+            },
+            Entry {
+                role: "sha256sum".into(),
+                path: file_name(&sum_path),
+                sha256: digest(&sum_line),
+                size: Some(sum_line.len() as u64),
+            },
         ],
     };
 
     // Publish: the image first, its manifest last, each by an atomic rename.
-    std::fs::rename(&tmp_image, &image).with_context(|| format!("renaming into {}", image.display()))?;
+    std::fs::rename(&tmp_image, &image)
+        .with_context(|| format!("renaming into {}", image.display()))?;
     guard.disarm();
     write_atomic(&bmap_path, bmap_xml.as_bytes())?;
     write_atomic(&sum_path, sum_line.as_bytes())?;
@@ -127,25 +162,7 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
 }
 
 fn file_name(p: &Path) -> String {
-    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-}
-
-/// The bmap of an image (partition table area, filesystem metadata and data of every partition,
-/// whole partitions whose filesystem kiln cannot read) and the image's sha256.
-pub fn map_and_hash(image_path: &Path) -> Result<(Bmap, String)> {
-    let mut f = File::open(image_path).with_context(|| format!("opening {}", image_path.display()))?;
-    let size = f.metadata()?.len();
-    let layout = disk::read_layout(&mut f, 512)?;
-    let first = layout.partitions.iter().map(|p| p.start).min().unwrap_or(size);
-    let mut ranges = vec![(0, first.max(512))];
-    for p in &layout.partitions {
-        for (s, l) in crate::fs::used_ranges(image_path, &mut f, p)? {
-            ranges.push((p.start + s, l));
-        }
-    }
-    let mut bmap = Bmap::from_byte_ranges(size, &ranges);
-    use std::io::Seek;
-    f.seek(std::io::SeekFrom::Start(0))?;
-    let sha = bmap.fill_checksums(&mut f)?;
-    Ok((bmap, sha))
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }

@@ -25,8 +25,16 @@ fn check(text: &str) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cluster.toml");
     std::fs::write(&path, text).unwrap();
-    let out = kiln(&dir.path().join("cache")).arg("check").arg("--cluster").arg(&path).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = kiln(&dir.path().join("cache"))
+        .arg("check")
+        .arg("--cluster")
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn refused(text: &str, expect: &[&str]) {
@@ -45,47 +53,92 @@ fn the_good_file_passes() {
 
 #[test]
 fn unknown_key_names_file_and_line() {
-    refused(&GOOD.replace("gateway = ", "gatway = "), &["cluster.toml:10:", "unknown field `gatway`"]);
-    refused(&format!("{GOOD}\n[extra]\nx = 1\n"), &["cluster.toml:12:", "unknown field `extra`"]);
+    refused(
+        &GOOD.replace("gateway = ", "gatway = "),
+        &["cluster.toml:10:", "unknown field `gatway`"],
+    );
+    refused(
+        &format!("{GOOD}\n[extra]\nx = 1\n"),
+        &["cluster.toml:12:", "unknown field `extra`"],
+    );
 }
 
 #[test]
 fn invalid_hostname_address_and_prefix() {
-    refused(&GOOD.replace("name = \"one\"", "name = \"one_1\""), &["cluster.toml:9:", "not a valid host name"]);
-    refused(&GOOD.replace("10.9.0.11/24", "10.9.0.11"), &["cluster.toml:10:", "add the prefix length"]);
-    refused(&GOOD.replace("10.9.0.11/24", "10.9.0.311/24"), &["cluster.toml:10:", "not an address with a prefix"]);
-    refused(&GOOD.replace("10.9.0.11/24", "10.9.0.11/33"), &["not an address with a prefix"]);
-    refused(&GOOD.replace("10.9.0.11/24", "10.9.0.0/24"), &["network or broadcast address"]);
-    refused(&GOOD.replace("gateway = \"10.9.0.1\"", "gateway = \"10.8.0.1\""), &["cluster.toml:10:", "outside 10.9.0.0/24"]);
+    refused(
+        &GOOD.replace("name = \"one\"", "name = \"one_1\""),
+        &["cluster.toml:9:", "not a valid host name"],
+    );
+    refused(
+        &GOOD.replace("10.9.0.11/24", "10.9.0.11"),
+        &["cluster.toml:10:", "add the prefix length"],
+    );
+    refused(
+        &GOOD.replace("10.9.0.11/24", "10.9.0.311/24"),
+        &["cluster.toml:10:", "not an address with a prefix"],
+    );
+    refused(
+        &GOOD.replace("10.9.0.11/24", "10.9.0.11/33"),
+        &["not an address with a prefix"],
+    );
+    refused(
+        &GOOD.replace("10.9.0.11/24", "10.9.0.0/24"),
+        &["network or broadcast address"],
+    );
+    refused(
+        &GOOD.replace("gateway = \"10.9.0.1\"", "gateway = \"10.8.0.1\""),
+        &["cluster.toml:10:", "outside 10.9.0.0/24"],
+    );
 }
 
 #[test]
 fn duplicate_names_and_addresses() {
     let dup_name = format!("{GOOD}\n[[node]]\nname = \"one\"\n");
     refused(&dup_name, &["cluster.toml:13:", "defined twice"]);
-    let dup_addr = format!("{GOOD}\n[[node]]\nname = \"two\"\nnetwork.eth0 = {{ address = \"10.9.0.11/24\" }}\n");
+    let dup_addr = format!(
+        "{GOOD}\n[[node]]\nname = \"two\"\nnetwork.eth0 = {{ address = \"10.9.0.11/24\" }}\n"
+    );
     refused(&dup_addr, &["cluster.toml:14:", "already used by node one"]);
 }
 
 #[test]
 fn secrets_and_wifi() {
-    let wifi = format!("{GOOD}\n[defaults.wifi]\nssid = \"ceil\"\npsk = {{ file = \"nope.psk\" }}\ncountry = \"DE\"\n");
+    let wifi = format!(
+        "{GOOD}\n[defaults.wifi]\nssid = \"ceil\"\npsk = {{ file = \"nope.psk\" }}\ncountry = \"DE\"\n"
+    );
     // [defaults.wifi] is appended after the nodes; TOML still reads it as part of [defaults].
-    refused(&wifi, &["cluster.toml:14:", "cannot read wifi psk", "nope.psk"]);
-    let no_country = format!("{GOOD}\n[defaults.wifi]\nssid = \"ceil\"\npsk = {{ env = \"KILN_TEST_PSK_UNSET\" }}\n");
-    refused(&no_country, &["wifi needs a country code", "KILN_TEST_PSK_UNSET is not set"]);
-    let inline = format!("{GOOD}\n[defaults.wifi]\nssid = \"ceil\"\npsk = \"plain\"\ncountry = \"DE\"\n");
+    refused(
+        &wifi,
+        &["cluster.toml:14:", "cannot read wifi psk", "nope.psk"],
+    );
+    let no_country = format!(
+        "{GOOD}\n[defaults.wifi]\nssid = \"ceil\"\npsk = {{ env = \"KILN_TEST_PSK_UNSET\" }}\n"
+    );
+    refused(
+        &no_country,
+        &[
+            "wifi needs a country code",
+            "KILN_TEST_PSK_UNSET is not set",
+        ],
+    );
+    let inline =
+        format!("{GOOD}\n[defaults.wifi]\nssid = \"ceil\"\npsk = \"plain\"\ncountry = \"DE\"\n");
     refused(&inline, &["cluster.toml:14:"]);
 }
 
 #[test]
 fn swarm_without_manager_or_token() {
-    refused(&format!("{GOOD}\n[swarm]\nmanagers = []\n"), &["cluster.toml:13:", "no manager to join"]);
-    let with_worker = format!(
-        "{GOOD}\n[[node]]\nname = \"two\"\n\n[swarm]\nmanagers = [\"one\"]\n"
+    refused(
+        &format!("{GOOD}\n[swarm]\nmanagers = []\n"),
+        &["cluster.toml:13:", "no manager to join"],
     );
+    let with_worker =
+        format!("{GOOD}\n[[node]]\nname = \"two\"\n\n[swarm]\nmanagers = [\"one\"]\n");
     refused(&with_worker, &["worker join token"]);
-    refused(&format!("{GOOD}\n[swarm]\nmanagers = [\"zzz\"]\n"), &["manager \"zzz\" is not a node"]);
+    refused(
+        &format!("{GOOD}\n[swarm]\nmanagers = [\"zzz\"]\n"),
+        &["manager \"zzz\" is not a node"],
+    );
 }
 
 #[test]
@@ -98,9 +151,15 @@ fn passwords_are_hashes_or_files() {
 
 fn only_fixture_files_left(out: &Path) {
     let names: Vec<String> = std::fs::read_dir(out)
-        .map(|rd| rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
-    assert!(names.is_empty(), "out/ holds {names:?} after a failed build");
+    assert!(
+        names.is_empty(),
+        "out/ holds {names:?} after a failed build"
+    );
 }
 
 #[test]
@@ -137,12 +196,22 @@ fn base_without_the_promised_partitions_is_refused() {
     let out = dir.path().join("out");
     // One FAT partition only: no root partition 2.
     let img = dir.path().join("one-part.img");
-    std::fs::File::create(&img).unwrap().set_len(80 << 20).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(80 << 20)
+        .unwrap();
     let mut sf = Command::new("sfdisk");
-    sf.arg("--quiet").arg(&img).stdin(std::process::Stdio::piped());
+    sf.arg("--quiet")
+        .arg(&img)
+        .stdin(std::process::Stdio::piped());
     let mut child = sf.spawn().unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"label: dos\nstart=2048, size=131072, type=c\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: dos\nstart=2048, size=131072, type=c\n")
+        .unwrap();
     assert!(child.wait().unwrap().success());
     let build = |img: &Path| {
         kiln(&dir.path().join("cache"))
@@ -158,7 +227,10 @@ fn base_without_the_promised_partitions_is_refused() {
     let o = build(&img);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("expects partition 2") && err.contains("found mbr table with #1"), "{err}");
+    assert!(
+        err.contains("expects partition 2") && err.contains("found mbr table with #1"),
+        "{err}"
+    );
     only_fixture_files_left(&out);
 
     // A base that is no disk image at all.

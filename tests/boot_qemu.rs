@@ -14,13 +14,24 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const TOOLS: &[&str] = &["debootstrap", "qemu-system-x86_64", "sfdisk", "mkfs.vfat", "mcopy", "mkfs.ext4", "dumpe2fs", "debugfs"];
+const TOOLS: &[&str] = &[
+    "debootstrap",
+    "qemu-system-x86_64",
+    "sfdisk",
+    "mkfs.vfat",
+    "mcopy",
+    "mkfs.ext4",
+    "dumpe2fs",
+    "debugfs",
+];
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 const SYSTEMD_BOOT: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
 
 fn prerequisites() -> bool {
-    let files_ok = [OVMF_CODE, OVMF_VARS, SYSTEMD_BOOT].iter().all(|f| Path::new(f).exists());
+    let files_ok = [OVMF_CODE, OVMF_VARS, SYSTEMD_BOOT]
+        .iter()
+        .all(|f| Path::new(f).exists());
     let root = nix_is_root();
     if have_tools(TOOLS) && files_ok && root {
         return true;
@@ -34,7 +45,11 @@ fn prerequisites() -> bool {
 }
 
 fn nix_is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false)
 }
 
 /// The Debian HypriotOS-layout image, built once per target directory.
@@ -69,7 +84,8 @@ fn stamped_hypriot_layout_boots_with_cloud_init() {
         .arg("--out")
         .arg(&out));
     let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("pirate-probe.manifest.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(out.join("pirate-probe.manifest.json")).unwrap())
+            .unwrap();
     let instance_id = manifest["instance_id"].as_str().unwrap().to_string();
 
     let vars = dir.path().join("vars.fd");
@@ -77,7 +93,17 @@ fn stamped_hypriot_layout_boots_with_cloud_init() {
     let serial = dir.path().join("serial.log");
     // A NIC on an empty hub: the guest has an eth0 to configure, and no way off this machine.
     let mut qemu = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-m", "1536", "-smp", "2", "-nodefaults", "-display", "none"])
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "1536",
+            "-smp",
+            "2",
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
         .arg("-drive")
@@ -85,8 +111,16 @@ fn stamped_hypriot_layout_boots_with_cloud_init() {
         .arg("-drive")
         .arg(format!("if=pflash,format=raw,file={}", vars.display()))
         .arg("-drive")
-        .arg(format!("file={},format=raw,if=virtio,snapshot=on", out.join("pirate-probe.img").display()))
-        .args(["-netdev", "hubport,id=n0,hubid=0", "-device", "virtio-net-pci,netdev=n0"])
+        .arg(format!(
+            "file={},format=raw,if=virtio,snapshot=on",
+            out.join("pirate-probe.img").display()
+        ))
+        .args([
+            "-netdev",
+            "hubport,id=n0,hubid=0",
+            "-device",
+            "virtio-net-pci,netdev=n0",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -105,17 +139,38 @@ fn stamped_hypriot_layout_boots_with_cloud_init() {
     }
     let _ = qemu.kill();
     let _ = qemu.wait();
-    let tail: String = log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-    assert!(log.contains("KILN-BOOT-MARKER-DONE"), "no runcmd marker on the serial console; last lines:\n{tail}");
+    let tail: String = log
+        .lines()
+        .rev()
+        .take(40)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        log.contains("KILN-BOOT-MARKER-DONE"),
+        "no runcmd marker on the serial console; last lines:\n{tail}"
+    );
     let line = |key: &str| -> String {
         log.lines()
-            .find_map(|l| l.trim_end_matches('\r').strip_prefix(&format!("KILN-BOOT {key}=")).map(str::to_string))
+            .find_map(|l| {
+                l.trim_end_matches('\r')
+                    .strip_prefix(&format!("KILN-BOOT {key}="))
+                    .map(str::to_string)
+            })
             .unwrap_or_else(|| panic!("no KILN-BOOT {key}= line; last lines:\n{tail}"))
     };
     assert_eq!(line("hostname"), "pirate-probe");
     assert!(line("user").starts_with("ops:x:"), "{}", line("user"));
-    assert_eq!(line("key"), "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKilnBootTestKeyBootTestKeyBootTest0 kiln-boot-test");
+    assert_eq!(
+        line("key"),
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKilnBootTestKeyBootTestKeyBootTest0 kiln-boot-test"
+    );
     assert_eq!(line("addr"), "10.77.0.21/24");
     assert_eq!(line("instance"), instance_id);
-    assert!(log.contains("DataSourceNoCloud"), "cloud-init did not use the NoCloud seed:\n{tail}");
+    assert!(
+        log.contains("DataSourceNoCloud"),
+        "cloud-init did not use the NoCloud seed:\n{tail}"
+    );
 }

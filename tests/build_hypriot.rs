@@ -8,7 +8,17 @@ use std::process::Command;
 
 use common::*;
 
-const TOOLS: &[&str] = &["sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy", "mtype", "fsck.vfat", "e2fsck", "dumpe2fs", "debugfs"];
+const TOOLS: &[&str] = &[
+    "sfdisk",
+    "mkfs.vfat",
+    "mkfs.ext4",
+    "mcopy",
+    "mtype",
+    "fsck.vfat",
+    "e2fsck",
+    "dumpe2fs",
+    "debugfs",
+];
 
 struct Built {
     _dir: tempfile::TempDir,
@@ -31,11 +41,18 @@ fn build_ceil_one() -> Built {
         .arg(&base)
         .arg("--out")
         .arg(&out));
-    Built { _dir: dir, cluster, base, out, cache }
+    Built {
+        _dir: dir,
+        cluster,
+        base,
+        out,
+        cache,
+    }
 }
 
 fn manifest(out: &Path, node: &str) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(out.join(format!("{node}.manifest.json"))).unwrap()).unwrap()
+    serde_json::from_slice(&std::fs::read(out.join(format!("{node}.manifest.json"))).unwrap())
+        .unwrap()
 }
 
 #[test]
@@ -49,30 +66,54 @@ fn stamped_image_passes_independent_checks() {
     // The partition table: same partitions; the disk id is the node's own, as the manifest says.
     let before = sfdisk_json(&b.base);
     let after = sfdisk_json(&img);
-    assert_eq!(before["partitiontable"]["partitions"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        before["partitiontable"]["partitions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
     for (p, q) in before["partitiontable"]["partitions"]
         .as_array()
         .unwrap()
         .iter()
         .zip(after["partitiontable"]["partitions"].as_array().unwrap())
     {
-        assert_eq!((&p["start"], &p["size"], &p["type"]), (&q["start"], &q["size"], &q["type"]));
+        assert_eq!(
+            (&p["start"], &p["size"], &p["type"]),
+            (&q["start"], &q["size"], &q["type"])
+        );
     }
     let m = manifest(&b.out, "ceil-one");
     let sig = m["disk_signature"].as_str().unwrap();
     assert_eq!(before["partitiontable"]["id"], "0x5452574f");
-    assert_eq!(after["partitiontable"]["id"].as_str().unwrap(), format!("0x{sig}"));
+    assert_eq!(
+        after["partitiontable"]["id"].as_str().unwrap(),
+        format!("0x{sig}")
+    );
 
     // The boot FAT is clean by dosfstools' own checker, and the root ext4 by e2fsck.
     let boot = b.out.join("boot.fat");
     extract(&img, 1 << 20, 64 << 20, &boot);
-    let fsck = Command::new("fsck.vfat").arg("-n").arg(&boot).output().unwrap();
-    assert!(fsck.status.success(), "fsck.vfat: {}", String::from_utf8_lossy(&fsck.stdout));
-    run(Command::new("e2fsck").arg("-fn").arg(format!("{}?offset={}", img.display(), 65u64 << 20)));
+    let fsck = Command::new("fsck.vfat")
+        .arg("-n")
+        .arg(&boot)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "fsck.vfat: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    run(Command::new("e2fsck")
+        .arg("-fn")
+        .arg(format!("{}?offset={}", img.display(), 65u64 << 20)));
 
     // The seed files read back with mtools are exactly what `kiln plan` said.
     let plan: serde_json::Value = serde_json::from_str(&stdout(
-        kiln(&b.cache).args(["plan", "--json", "--node", "ceil-one", "--cluster"]).arg(&b.cluster),
+        kiln(&b.cache)
+            .args(["plan", "--json", "--node", "ceil-one", "--cluster"])
+            .arg(&b.cluster),
     ))
     .unwrap();
     let files = plan["partition_files"].as_array().unwrap();
@@ -80,40 +121,71 @@ fn stamped_image_passes_independent_checks() {
     for f in files {
         let name = f["path"].as_str().unwrap();
         let got = mtype(&img, 1 << 20, name);
-        assert_eq!(sha256_hex(&got), f["sha256"].as_str().unwrap(), "{name} differs from the plan");
+        assert_eq!(
+            sha256_hex(&got),
+            f["sha256"].as_str().unwrap(),
+            "{name} differs from the plan"
+        );
     }
     let user_data = String::from_utf8(mtype(&img, 1 << 20, "user-data")).unwrap();
     assert!(user_data.starts_with("#cloud-config\n"));
     assert!(user_data.contains("hostname: ceil-one"));
     let meta = String::from_utf8(mtype(&img, 1 << 20, "meta-data")).unwrap();
-    assert!(meta.contains(&format!("instance-id: {}", m["instance_id"].as_str().unwrap())), "{meta}");
+    assert!(
+        meta.contains(&format!(
+            "instance-id: {}",
+            m["instance_id"].as_str().unwrap()
+        )),
+        "{meta}"
+    );
     // config.txt is untouched; cmdline.txt's PARTUUID follows the new disk signature.
-    assert_eq!(mtype(&img, 1 << 20, "config.txt"), mtype(&b.base, 1 << 20, "config.txt"));
+    assert_eq!(
+        mtype(&img, 1 << 20, "config.txt"),
+        mtype(&b.base, 1 << 20, "config.txt")
+    );
     let cmdline = String::from_utf8(mtype(&img, 1 << 20, "cmdline.txt")).unwrap();
-    assert!(cmdline.contains(&format!("root=PARTUUID={sig}-02")), "{cmdline}");
+    assert!(
+        cmdline.contains(&format!("root=PARTUUID={sig}-02")),
+        "{cmdline}"
+    );
 
     // Everything outside the boot partition is byte-for-byte the base, except the 4-byte signature.
     let a = std::fs::read(&b.base).unwrap();
     let z = std::fs::read(&img).unwrap();
     assert_eq!(a.len(), z.len());
     let boot_range = (1usize << 20)..(65usize << 20);
-    let differing: Vec<usize> =
-        (0..a.len()).filter(|&i| !boot_range.contains(&i) && a[i] != z[i]).take(10).collect();
+    let differing: Vec<usize> = (0..a.len())
+        .filter(|&i| !boot_range.contains(&i) && a[i] != z[i])
+        .take(10)
+        .collect();
     assert_eq!(differing, vec![440, 441, 442, 443]);
 
     // The checksum file agrees with coreutils' sha256sum.
     let sum = std::fs::read_to_string(b.out.join("ceil-one.img.sha256sum")).unwrap();
-    let check = Command::new("sha256sum").arg("-c").arg("ceil-one.img.sha256sum").current_dir(&b.out).output().unwrap();
+    let check = Command::new("sha256sum")
+        .arg("-c")
+        .arg("ceil-one.img.sha256sum")
+        .current_dir(&b.out)
+        .output()
+        .unwrap();
     assert!(check.status.success(), "sha256sum -c: {sum}");
     assert!(sum.ends_with("  ceil-one.img\n"));
 
     // The manifest names the inputs and outputs with their digests.
-    let roles: Vec<&str> = m["inputs"].as_array().unwrap().iter().map(|e| e["role"].as_str().unwrap()).collect();
+    let roles: Vec<&str> = m["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["role"].as_str().unwrap())
+        .collect();
     for r in ["base-image", "cluster-file", "profile", "file"] {
         assert!(roles.contains(&r), "manifest inputs lack {r}: {roles:?}");
     }
     assert_eq!(m["inputs"][0]["sha256"].as_str().unwrap(), sha256_hex(&a));
-    assert_eq!(m["outputs"][0]["sha256"].as_str().unwrap(), sum.split_whitespace().next().unwrap());
+    assert_eq!(
+        m["outputs"][0]["sha256"].as_str().unwrap(),
+        sum.split_whitespace().next().unwrap()
+    );
 }
 
 #[test]
@@ -125,15 +197,26 @@ fn output_image_is_sparse_and_bmap_covers_the_filesystems() {
     let img = b.out.join("ceil-one.img");
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(&img).unwrap();
-    assert!(meta.blocks() * 512 < meta.len() / 2, "the image is not sparse");
+    assert!(
+        meta.blocks() * 512 < meta.len() / 2,
+        "the image is not sparse"
+    );
     let bmap = std::fs::read_to_string(b.out.join("ceil-one.img.bmap")).unwrap();
     assert!(bmap.contains("<bmap version=\"2.0\">"));
     // Every block e2fsprogs calls used lies in a mapped range.
-    let used = stdout(Command::new("dumpe2fs").arg(format!("{}?offset={}", img.display(), 65u64 << 20)));
+    let used =
+        stdout(Command::new("dumpe2fs").arg(format!("{}?offset={}", img.display(), 65u64 << 20)));
     assert!(used.contains("Free blocks:"));
     let ranges: Vec<(u64, u64)> = bmap
         .lines()
-        .filter_map(|l| l.split('>').nth(1)?.split('<').next().map(str::trim).map(str::to_string))
+        .filter_map(|l| {
+            l.split('>')
+                .nth(1)?
+                .split('<')
+                .next()
+                .map(str::trim)
+                .map(str::to_string)
+        })
         .filter(|s| s.chars().next().is_some_and(|c| c.is_ascii_digit()) && !s.contains(' '))
         .filter_map(|s| {
             let (a, b) = s.split_once('-').unwrap_or((&s, &s));
@@ -141,7 +224,10 @@ fn output_image_is_sparse_and_bmap_covers_the_filesystems() {
         })
         .collect();
     // The first MiB (MBR) and the FAT metadata (at 1 MiB) are mapped.
-    assert!(ranges.iter().any(|&(a, b)| a == 0 && b >= 256), "{ranges:?}");
+    assert!(
+        ranges.iter().any(|&(a, b)| a == 0 && b >= 256),
+        "{ranges:?}"
+    );
 }
 
 #[test]
@@ -155,32 +241,69 @@ fn builds_are_reproducible_and_nodes_differ() {
     let cache = dir.path().join("cache");
     let build = |out: &str, epoch: Option<&str>| {
         let mut c = kiln(&cache);
-        c.args(["build", "--all", "--cluster"]).arg(&cluster).arg("--base").arg(&base).arg("--out").arg(dir.path().join(out));
+        c.args(["build", "--all", "--cluster"])
+            .arg(&cluster)
+            .arg("--base")
+            .arg(&base)
+            .arg("--out")
+            .arg(dir.path().join(out));
         if let Some(e) = epoch {
             c.env("SOURCE_DATE_EPOCH", e);
         }
         run(&mut c);
     };
     let sums = |out: &str| -> Vec<String> {
-        ["ceil-router", "ceil-one", "ceil-two", "ceil-three", "ceil-four"]
-            .iter()
-            .map(|n| std::fs::read_to_string(dir.path().join(out).join(format!("{n}.img.sha256sum"))).unwrap())
-            .collect()
+        [
+            "ceil-router",
+            "ceil-one",
+            "ceil-two",
+            "ceil-three",
+            "ceil-four",
+        ]
+        .iter()
+        .map(|n| {
+            std::fs::read_to_string(dir.path().join(out).join(format!("{n}.img.sha256sum")))
+                .unwrap()
+        })
+        .collect()
     };
     build("a", None);
     std::thread::sleep(std::time::Duration::from_millis(1100));
     build("b", None);
-    assert_eq!(sums("a"), sums("b"), "two builds without SOURCE_DATE_EPOCH differ");
+    assert_eq!(
+        sums("a"),
+        sums("b"),
+        "two builds without SOURCE_DATE_EPOCH differ"
+    );
     build("c", Some("1700000000"));
     std::thread::sleep(std::time::Duration::from_millis(1100));
     build("d", Some("1700000000"));
-    assert_eq!(sums("c"), sums("d"), "two builds with SOURCE_DATE_EPOCH differ");
-    assert_ne!(sums("a"), sums("c"), "SOURCE_DATE_EPOCH had no effect on FAT timestamps");
+    assert_eq!(
+        sums("c"),
+        sums("d"),
+        "two builds with SOURCE_DATE_EPOCH differ"
+    );
+    assert_ne!(
+        sums("a"),
+        sums("c"),
+        "SOURCE_DATE_EPOCH had no effect on FAT timestamps"
+    );
     // Every node is its own instance.
-    let ids: std::collections::BTreeSet<String> = ["ceil-router", "ceil-one", "ceil-two", "ceil-three", "ceil-four"]
-        .iter()
-        .map(|n| manifest(&dir.path().join("a"), n)["instance_id"].as_str().unwrap().to_string())
-        .collect();
+    let ids: std::collections::BTreeSet<String> = [
+        "ceil-router",
+        "ceil-one",
+        "ceil-two",
+        "ceil-three",
+        "ceil-four",
+    ]
+    .iter()
+    .map(|n| {
+        manifest(&dir.path().join("a"), n)["instance_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    })
+    .collect();
     assert_eq!(ids.len(), 5);
 }
 
@@ -194,16 +317,28 @@ fn changed_configuration_changes_the_instance_id() {
     let cache = dir.path().join("cache");
     let id = |c: &Path| -> String {
         let plan: serde_json::Value = serde_json::from_str(&stdout(
-            kiln(&cache).args(["plan", "--json", "--node", "ceil-two", "--cluster"]).arg(c),
+            kiln(&cache)
+                .args(["plan", "--json", "--node", "ceil-two", "--cluster"])
+                .arg(c),
         ))
         .unwrap();
         plan["instance_id"].as_str().unwrap().to_string()
     };
     let first = id(&cluster);
-    assert_eq!(first, id(&cluster), "an unchanged configuration must keep its instance-id");
-    let text = std::fs::read_to_string(&cluster).unwrap().replace("Europe/Berlin", "UTC");
+    assert_eq!(
+        first,
+        id(&cluster),
+        "an unchanged configuration must keep its instance-id"
+    );
+    let text = std::fs::read_to_string(&cluster)
+        .unwrap()
+        .replace("Europe/Berlin", "UTC");
     std::fs::write(&cluster, text).unwrap();
-    assert_ne!(first, id(&cluster), "a changed configuration must get a new instance-id");
+    assert_ne!(
+        first,
+        id(&cluster),
+        "a changed configuration must get a new instance-id"
+    );
 }
 
 #[test]
@@ -215,22 +350,44 @@ fn cloud_init_accepts_the_seed() {
     let img = b.out.join("ceil-one.img");
     let ud = b.out.join("user-data");
     std::fs::write(&ud, mtype(&img, 1 << 20, "user-data")).unwrap();
-    let schema = stdout(Command::new("cloud-init").args(["schema", "--config-file"]).arg(&ud));
+    let schema = stdout(
+        Command::new("cloud-init")
+            .args(["schema", "--config-file"])
+            .arg(&ud),
+    );
     assert!(schema.contains("Valid cloud-config"), "{schema}");
     // The same validator rejects a broken document, so the check above can fail.
     let bad = b.out.join("bad-user-data");
     std::fs::write(&bad, "#cloud-config\nusers: 5\nwrite_files: [{path: 1}]\n").unwrap();
-    assert!(!Command::new("cloud-init").args(["schema", "--config-file"]).arg(&bad).status().unwrap().success());
+    assert!(
+        !Command::new("cloud-init")
+            .args(["schema", "--config-file"])
+            .arg(&bad)
+            .status()
+            .unwrap()
+            .success()
+    );
 
     let nc = b.out.join("network-config");
     std::fs::write(&nc, mtype(&img, 1 << 20, "network-config")).unwrap();
     let eni = b.out.join("eni");
     run(Command::new("cloud-init")
-        .args(["devel", "net-convert", "--kind", "yaml", "--output-kind", "eni", "--distro", "debian", "--network-data"])
+        .args([
+            "devel",
+            "net-convert",
+            "--kind",
+            "yaml",
+            "--output-kind",
+            "eni",
+            "--distro",
+            "debian",
+            "--network-data",
+        ])
         .arg(&nc)
         .arg("--directory")
         .arg(&eni));
-    let rendered = std::fs::read_to_string(eni.join("etc/network/interfaces.d/50-cloud-init")).unwrap();
+    let rendered =
+        std::fs::read_to_string(eni.join("etc/network/interfaces.d/50-cloud-init")).unwrap();
     assert!(rendered.contains("iface eth0 inet static"), "{rendered}");
     assert!(rendered.contains("address 11.0.0.101/25"), "{rendered}");
     assert!(rendered.contains("gateway 11.0.0.1"), "{rendered}");
@@ -246,17 +403,40 @@ fn quick_start_sample_builds_offline() {
     let cluster = example_cluster("ceil", dir.path());
     let cache = dir.path().join("cache");
     let out = dir.path().join("out");
-    run(kiln(&cache).args(["build", "--node", "ceil-one", "--base", "sample", "--cluster"]).arg(&cluster).arg("--out").arg(&out));
+    run(kiln(&cache)
+        .args([
+            "build",
+            "--node",
+            "ceil-one",
+            "--base",
+            "sample",
+            "--cluster",
+        ])
+        .arg(&cluster)
+        .arg("--out")
+        .arg(&out));
     let img = out.join("ceil-one.img");
     let boot = dir.path().join("boot.fat");
     extract(&img, 1 << 20, 64 << 20, &boot);
-    assert!(Command::new("fsck.vfat").arg("-n").arg(&boot).status().unwrap().success());
-    run(Command::new("e2fsck").arg("-fn").arg(format!("{}?offset={}", img.display(), 65u64 << 20)));
+    assert!(
+        Command::new("fsck.vfat")
+            .arg("-n")
+            .arg(&boot)
+            .status()
+            .unwrap()
+            .success()
+    );
+    run(Command::new("e2fsck")
+        .arg("-fn")
+        .arg(format!("{}?offset={}", img.display(), 65u64 << 20)));
     // The sample itself is reproducible: a second cache makes the same bytes.
     let s1 = dir.path().join("s1.img");
     let s2 = dir.path().join("s2.img");
     run(kiln(&cache).arg("sample").arg(&s1));
     std::thread::sleep(std::time::Duration::from_millis(1100));
     run(kiln(&cache).arg("sample").arg(&s2));
-    assert_eq!(sha256_hex(&std::fs::read(&s1).unwrap()), sha256_hex(&std::fs::read(&s2).unwrap()));
+    assert_eq!(
+        sha256_hex(&std::fs::read(&s1).unwrap()),
+        sha256_hex(&std::fs::read(&s2).unwrap())
+    );
 }

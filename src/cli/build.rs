@@ -8,14 +8,28 @@ use anyhow::{Result, bail};
 use kiln::build::{BuildOptions, build_node};
 use kiln::source::BaseRef;
 
-pub fn run(cluster_path: &Path, nodes: &[String], all: bool, out: PathBuf, base: Option<&str>, base_sha256: Option<String>) -> Result<()> {
+pub fn run(
+    cluster_path: &Path,
+    nodes: &[String],
+    all: bool,
+    out: PathBuf,
+    base: Option<&str>,
+    base_sha256: Option<String>,
+) -> Result<()> {
     let cluster = kiln::spec::load(cluster_path)?;
     let selected: Vec<_> = if all {
         cluster.nodes.iter().collect()
     } else {
-        nodes.iter().map(|n| cluster.node(n)).collect::<Result<_>>()?
+        nodes
+            .iter()
+            .map(|n| cluster.node(n))
+            .collect::<Result<_>>()?
     };
-    let opts = BuildOptions { out_dir: out, base: BaseRef::parse(base), base_sha256 };
+    let opts = BuildOptions {
+        out_dir: out,
+        base: BaseRef::parse(base),
+        base_sha256,
+    };
     let mut failed = Vec::new();
     for node in selected {
         let started = Instant::now();

@@ -26,7 +26,9 @@ pub fn run(cluster_path: &Path, json: bool) -> Result<()> {
             .iter()
             .map(|(name, i)| match i {
                 Interface::Dhcp => format!("{name} dhcp"),
-                Interface::Static { address, gateway, .. } => match gateway {
+                Interface::Static {
+                    address, gateway, ..
+                } => match gateway {
                     Some(g) => format!("{name} {address} via {g}"),
                     None => format!("{name} {address}"),
                 },
@@ -34,7 +36,9 @@ pub fn run(cluster_path: &Path, json: bool) -> Result<()> {
             .collect();
         let swarm = match &n.swarm {
             Some(SwarmRole::Init { .. }) => "swarm init".to_string(),
-            Some(SwarmRole::Join { as_manager: true, .. }) => "swarm manager".to_string(),
+            Some(SwarmRole::Join {
+                as_manager: true, ..
+            }) => "swarm manager".to_string(),
             Some(SwarmRole::Join { .. }) => "swarm worker".to_string(),
             None => "no swarm".to_string(),
         };
@@ -46,8 +50,15 @@ pub fn run(cluster_path: &Path, json: bool) -> Result<()> {
             users.join(","),
             if n.docker { "on" } else { "off" },
             swarm,
-            n.wifi.as_ref().map(|w| format!("; wifi {:?} ({})", w.ssid, w.country)).unwrap_or_default(),
-            if n.overlays.is_empty() { String::new() } else { format!("; overlays {}", n.overlays.join(",")) },
+            n.wifi
+                .as_ref()
+                .map(|w| format!("; wifi {:?} ({})", w.ssid, w.country))
+                .unwrap_or_default(),
+            if n.overlays.is_empty() {
+                String::new()
+            } else {
+                format!("; overlays {}", n.overlays.join(","))
+            },
         );
     }
     Ok(())

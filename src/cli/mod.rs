@@ -12,7 +12,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "kiln", version, about = "Build, customise, flash and serve the OS images of small clusters")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Build, customise, flash and serve the OS images of small clusters"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -22,7 +26,12 @@ pub struct Cli {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClusterArg {
     /// The cluster file.
-    #[arg(long, short = 'c', default_value = "cluster.toml", env = "KILN_CLUSTER")]
+    #[arg(
+        long,
+        short = 'c',
+        default_value = "cluster.toml",
+        env = "KILN_CLUSTER"
+    )]
     pub cluster: PathBuf,
 }
 
@@ -77,9 +86,7 @@ pub enum Command {
         output: PathBuf,
     },
     /// Print shell completions.
-    Completions {
-        shell: clap_complete::Shell,
-    },
+    Completions { shell: clap_complete::Shell },
     /// Print the man page (roff).
     Manpage,
 }
@@ -87,10 +94,26 @@ pub enum Command {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Check { cluster, json } => check::run(&cluster.cluster, json),
-        Command::Plan { cluster, node, json } => plan::run(&cluster.cluster, &node, json),
-        Command::Build { cluster, node, all, out, base, base_sha256 } => {
-            build::run(&cluster.cluster, &node, all, out, base.as_deref(), base_sha256)
-        }
+        Command::Plan {
+            cluster,
+            node,
+            json,
+        } => plan::run(&cluster.cluster, &node, json),
+        Command::Build {
+            cluster,
+            node,
+            all,
+            out,
+            base,
+            base_sha256,
+        } => build::run(
+            &cluster.cluster,
+            &node,
+            all,
+            out,
+            base.as_deref(),
+            base_sha256,
+        ),
         Command::Sample { profile, output } => sample::run(&profile, &output),
         Command::Completions { shell } => docs::completions(shell),
         Command::Manpage => docs::manpage(),

@@ -5,8 +5,15 @@ use std::path::Path;
 use anyhow::Result;
 
 pub fn run(profile: &str, output: &Path) -> Result<()> {
-    let (p, _) = kiln::spec::profile::load(profile, &kiln::spec::resolve::search_dirs(Path::new("."), "images"))?;
+    let (p, _) = kiln::spec::profile::load(
+        profile,
+        &kiln::spec::resolve::search_dirs(Path::new("."), "images"),
+    )?;
     kiln::source::sample::make(&p, output)?;
-    println!("{}: sample base with the {} layout", output.display(), p.name);
+    println!(
+        "{}: sample base with the {} layout",
+        output.display(),
+        p.name
+    );
     Ok(())
 }

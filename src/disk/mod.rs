@@ -54,9 +54,25 @@ impl DiskLayout {
         let parts: Vec<String> = self
             .partitions
             .iter()
-            .map(|p| format!("#{} at {} ({} MiB, type {})", p.index, p.start, p.size >> 20, p.type_code))
+            .map(|p| {
+                format!(
+                    "#{} at {} ({} MiB, type {})",
+                    p.index,
+                    p.start,
+                    p.size >> 20,
+                    p.type_code
+                )
+            })
             .collect();
-        format!("{} table with {}", self.table, if parts.is_empty() { "no partitions".into() } else { parts.join(", ") })
+        format!(
+            "{} table with {}",
+            self.table,
+            if parts.is_empty() {
+                "no partitions".into()
+            } else {
+                parts.join(", ")
+            }
+        )
     }
 }
 
@@ -138,7 +154,15 @@ mod tests {
         let mut d = disk_with(8, 16, 0x0c, 32 * 512);
         let l = read_layout(&mut d, 512).unwrap();
         assert_eq!(l.disk_id, "12345678");
-        assert_eq!(l.partitions, vec![Partition { index: 1, start: 4096, size: 8192, type_code: "0x0c".into() }]);
+        assert_eq!(
+            l.partitions,
+            vec![Partition {
+                index: 1,
+                start: 4096,
+                size: 8192,
+                type_code: "0x0c".into()
+            }]
+        );
     }
 
     #[test]
@@ -160,7 +184,9 @@ mod tests {
         let before = d.get_ref().clone();
         set_disk_signature(&mut d, 0xdead_beef).unwrap();
         let after = d.get_ref();
-        let changed: Vec<usize> = (0..before.len()).filter(|&i| before[i] != after[i]).collect();
+        let changed: Vec<usize> = (0..before.len())
+            .filter(|&i| before[i] != after[i])
+            .collect();
         assert_eq!(changed, vec![440, 441, 442, 443]);
         assert_eq!(read_layout(&mut d, 512).unwrap().disk_id, "deadbeef");
     }

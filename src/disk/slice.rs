@@ -13,7 +13,12 @@ pub struct PartitionSlice<T> {
 
 impl<T: Seek> PartitionSlice<T> {
     pub fn new(inner: T, start: u64, len: u64) -> Self {
-        PartitionSlice { inner, start, len, pos: 0 }
+        PartitionSlice {
+            inner,
+            start,
+            len,
+            pos: 0,
+        }
     }
 
     pub fn into_inner(self) -> T {
@@ -45,7 +50,10 @@ impl<T: Write + Seek> Write for PartitionSlice<T> {
         }
         let n = buf.len().min(self.remaining() as usize);
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "write past the end of the partition"));
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "write past the end of the partition",
+            ));
         }
         self.inner.seek(SeekFrom::Start(self.start + self.pos))?;
         let put = self.inner.write(&buf[..n])?;
@@ -70,7 +78,10 @@ impl<T: Seek> Seek for PartitionSlice<T> {
                 self.pos = p;
                 Ok(p)
             }
-            None => Err(io::Error::new(io::ErrorKind::InvalidInput, "seek before the start of the partition")),
+            None => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek before the start of the partition",
+            )),
         }
     }
 }

@@ -7,7 +7,6 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::sync::mpsc::sync_channel;
 
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
@@ -58,10 +57,18 @@ impl Bmap {
         for (a, b) in spans {
             match ranges.last_mut() {
                 Some(r) if a <= r.last + 1 => r.last = r.last.max(b - 1),
-                _ => ranges.push(BmapRange { first: a, last: b - 1, sha256: None }),
+                _ => ranges.push(BmapRange {
+                    first: a,
+                    last: b - 1,
+                    sha256: None,
+                }),
             }
         }
-        Bmap { image_size, block_size: bs, ranges }
+        Bmap {
+            image_size,
+            block_size: bs,
+            ranges,
+        }
     }
 
     pub fn blocks_count(&self) -> u64 {
@@ -73,59 +80,23 @@ impl Bmap {
     }
 
     /// Reads the image once, filling every range's sha256; returns the sha256 of the whole image.
-    /// The whole-image digest is computed on a second thread, so both hashes cost one pass.
     pub fn fill_checksums(&mut self, image: &mut File) -> Result<String> {
         let size = self.image_size;
-        let bs = self.block_size;
-        let (tx, rx) = sync_channel::<Vec<u8>>(4);
-        let (ret_tx, ret_rx) = sync_channel::<Vec<u8>>(6);
-        for _ in 0..6 {
-            ret_tx.send(vec![0u8; 4 << 20]).expect("buffer pool");
+        let mut ranges = RangeHasher::new(self);
+        let mut whole = Sha256::new();
+        let mut buf = vec![0u8; 4 << 20];
+        let mut pos = 0u64;
+        while pos < size {
+            let n = (buf.len() as u64).min(size - pos) as usize;
+            image
+                .read_exact(&mut buf[..n])
+                .with_context(|| format!("reading the image at byte {pos}"))?;
+            ranges.feed(pos, &buf[..n]);
+            whole.update(&buf[..n]);
+            pos += n as u64;
         }
-        std::thread::scope(|scope| -> Result<String> {
-            let whole = scope.spawn(move || {
-                let mut h = Sha256::new();
-                for buf in rx {
-                    h.update(&buf);
-                    let _ = ret_tx.send(buf);
-                }
-                hex::encode(h.finalize())
-            });
-            let mut pos = 0u64;
-            let mut idx = 0usize;
-            let mut hasher: Option<Sha256> = None;
-            while pos < size {
-                let mut buf = ret_rx.recv().context("hash thread stopped")?;
-                let want = (buf.capacity() as u64).min(size - pos) as usize;
-                buf.resize(want, 0);
-                image.read_exact(&mut buf).with_context(|| format!("reading the image at byte {pos}"))?;
-                let (chunk_start, chunk_end) = (pos, pos + want as u64);
-                while idx < self.ranges.len() {
-                    let (rs, re) = self.ranges[idx].byte_span(bs, size);
-                    if rs >= chunk_end {
-                        break;
-                    }
-                    let a = rs.max(chunk_start);
-                    let b = re.min(chunk_end);
-                    if b > a {
-                        hasher
-                            .get_or_insert_with(Sha256::new)
-                            .update(&buf[(a - chunk_start) as usize..(b - chunk_start) as usize]);
-                    }
-                    if re <= chunk_end {
-                        let h = hasher.take().unwrap_or_default();
-                        self.ranges[idx].sha256 = Some(hex::encode(h.finalize()));
-                        idx += 1;
-                    } else {
-                        break;
-                    }
-                }
-                tx.send(buf).context("hash thread stopped")?;
-                pos = chunk_end;
-            }
-            drop(tx);
-            Ok(whole.join().expect("hash thread panicked"))
-        })
+        ranges.finish(self);
+        Ok(hex::encode(whole.finalize()))
     }
 
     /// The bmap file, with its own checksum filled in as bmaptool computes it (over the file
@@ -134,20 +105,44 @@ impl Bmap {
         let render = |file_checksum: &str| {
             let mut s = String::new();
             s.push_str("<?xml version=\"1.0\" ?>\n");
-            s.push_str("<!-- Block map written by kiln: the blocks that hold the partition table,\n");
-            s.push_str("     filesystem metadata and data. Only these need to reach the target. -->\n");
+            s.push_str(
+                "<!-- Block map written by kiln: the blocks that hold the partition table,\n",
+            );
+            s.push_str(
+                "     filesystem metadata and data. Only these need to reach the target. -->\n",
+            );
             s.push_str("<bmap version=\"2.0\">\n");
-            s.push_str(&format!("    <ImageSize> {} </ImageSize>\n", self.image_size));
-            s.push_str(&format!("    <BlockSize> {} </BlockSize>\n", self.block_size));
-            s.push_str(&format!("    <BlocksCount> {} </BlocksCount>\n", self.blocks_count()));
-            s.push_str(&format!("    <MappedBlocksCount> {} </MappedBlocksCount>\n", self.mapped_blocks()));
+            s.push_str(&format!(
+                "    <ImageSize> {} </ImageSize>\n",
+                self.image_size
+            ));
+            s.push_str(&format!(
+                "    <BlockSize> {} </BlockSize>\n",
+                self.block_size
+            ));
+            s.push_str(&format!(
+                "    <BlocksCount> {} </BlocksCount>\n",
+                self.blocks_count()
+            ));
+            s.push_str(&format!(
+                "    <MappedBlocksCount> {} </MappedBlocksCount>\n",
+                self.mapped_blocks()
+            ));
             s.push_str("    <ChecksumType> sha256 </ChecksumType>\n");
-            s.push_str(&format!("    <BmapFileChecksum> {file_checksum} </BmapFileChecksum>\n"));
+            s.push_str(&format!(
+                "    <BmapFileChecksum> {file_checksum} </BmapFileChecksum>\n"
+            ));
             s.push_str("    <BlockMap>\n");
             for r in &self.ranges {
-                let span = if r.first == r.last { r.first.to_string() } else { format!("{}-{}", r.first, r.last) };
+                let span = if r.first == r.last {
+                    r.first.to_string()
+                } else {
+                    format!("{}-{}", r.first, r.last)
+                };
                 match &r.sha256 {
-                    Some(c) => s.push_str(&format!("        <Range chksum=\"{c}\"> {span} </Range>\n")),
+                    Some(c) => {
+                        s.push_str(&format!("        <Range chksum=\"{c}\"> {span} </Range>\n"))
+                    }
                     None => s.push_str(&format!("        <Range> {span} </Range>\n")),
                 }
             }
@@ -165,8 +160,14 @@ impl Bmap {
         let tag = |name: &str| -> Result<String> {
             let open = format!("<{name}>");
             let close = format!("</{name}>");
-            let a = xml.find(&open).with_context(|| format!("bmap has no <{name}>"))? + open.len();
-            let b = xml[a..].find(&close).with_context(|| format!("bmap <{name}> is not closed"))? + a;
+            let a = xml
+                .find(&open)
+                .with_context(|| format!("bmap has no <{name}>"))?
+                + open.len();
+            let b = xml[a..]
+                .find(&close)
+                .with_context(|| format!("bmap <{name}> is not closed"))?
+                + a;
             Ok(xml[a..b].trim().to_string())
         };
         let version = xml
@@ -184,7 +185,11 @@ impl Bmap {
         let mut ranges = Vec::new();
         for part in map.split("<Range").skip(1) {
             let (attrs, rest) = part.split_once('>').context("malformed <Range>")?;
-            let body = rest.split("</Range>").next().context("unclosed <Range>")?.trim();
+            let body = rest
+                .split("</Range>")
+                .next()
+                .context("unclosed <Range>")?
+                .trim();
             let chksum = attrs
                 .split("chksum=\"")
                 .nth(1)
@@ -198,12 +203,77 @@ impl Bmap {
                     (v, v)
                 }
             };
-            if last < first || (last + 1) * block_size > image_size.div_ceil(block_size) * block_size {
+            if last < first
+                || (last + 1) * block_size > image_size.div_ceil(block_size) * block_size
+            {
                 bail!("bmap range {body} lies outside the {image_size}-byte image");
             }
-            ranges.push(BmapRange { first, last, sha256: chksum });
+            ranges.push(BmapRange {
+                first,
+                last,
+                sha256: chksum,
+            });
         }
-        Ok(Bmap { image_size, block_size, ranges })
+        Ok(Bmap {
+            image_size,
+            block_size,
+            ranges,
+        })
+    }
+}
+
+/// Computes the sha256 of every range of a bmap from the image's bytes, fed in order in chunks of
+/// any size.
+pub struct RangeHasher {
+    spans: Vec<(u64, u64)>,
+    sums: Vec<Option<String>>,
+    idx: usize,
+    current: Option<Sha256>,
+}
+
+impl RangeHasher {
+    pub fn new(bmap: &Bmap) -> Self {
+        let spans: Vec<(u64, u64)> = bmap
+            .ranges
+            .iter()
+            .map(|r| r.byte_span(bmap.block_size, bmap.image_size))
+            .collect();
+        RangeHasher {
+            sums: vec![None; spans.len()],
+            spans,
+            idx: 0,
+            current: None,
+        }
+    }
+
+    /// Feeds `chunk`, which starts at byte `start` of the image.
+    pub fn feed(&mut self, start: u64, chunk: &[u8]) {
+        let end = start + chunk.len() as u64;
+        while self.idx < self.spans.len() {
+            let (rs, re) = self.spans[self.idx];
+            if rs >= end {
+                break;
+            }
+            let (a, b) = (rs.max(start), re.min(end));
+            if b > a {
+                self.current
+                    .get_or_insert_with(Sha256::new)
+                    .update(&chunk[(a - start) as usize..(b - start) as usize]);
+            }
+            if re > end {
+                break;
+            }
+            let h = self.current.take().unwrap_or_default();
+            self.sums[self.idx] = Some(hex::encode(h.finalize()));
+            self.idx += 1;
+        }
+    }
+
+    /// Stores the sums in `bmap`'s ranges.
+    pub fn finish(self, bmap: &mut Bmap) {
+        for (r, s) in bmap.ranges.iter_mut().zip(self.sums) {
+            r.sha256 = s;
+        }
     }
 }
 
@@ -213,7 +283,10 @@ mod tests {
 
     #[test]
     fn byte_ranges_round_out_and_merge() {
-        let b = Bmap::from_byte_ranges(10 * 4096, &[(100, 10), (4096, 4096), (3 * 4096 + 1, 1), (9 * 4096, 9999)]);
+        let b = Bmap::from_byte_ranges(
+            10 * 4096,
+            &[(100, 10), (4096, 4096), (3 * 4096 + 1, 1), (9 * 4096, 9999)],
+        );
         let spans: Vec<_> = b.ranges.iter().map(|r| (r.first, r.last)).collect();
         assert_eq!(spans, vec![(0, 1), (3, 3), (9, 9)]);
         assert_eq!(b.mapped_blocks(), 4);
@@ -228,7 +301,13 @@ mod tests {
         let back = Bmap::parse(&xml).unwrap();
         assert_eq!(back, b);
         // Recompute as bmaptool does: zero the stored checksum, hash the whole file.
-        let stored = xml.split("<BmapFileChecksum> ").nth(1).unwrap().split(' ').next().unwrap();
+        let stored = xml
+            .split("<BmapFileChecksum> ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap();
         let zeroed = xml.replacen(stored, &"0".repeat(64), 1);
         assert_eq!(stored, hex::encode(Sha256::digest(zeroed.as_bytes())));
     }
@@ -243,6 +322,9 @@ mod tests {
         let mut b = Bmap::from_byte_ranges(data.len() as u64, &[(4096 * 2, 10)]);
         let whole = b.fill_checksums(&mut File::open(&p).unwrap()).unwrap();
         assert_eq!(whole, hex::encode(Sha256::digest(&data)));
-        assert_eq!(b.ranges[0].sha256.as_deref().unwrap(), hex::encode(Sha256::digest(&data[8192..])));
+        assert_eq!(
+            b.ranges[0].sha256.as_deref().unwrap(),
+            hex::encode(Sha256::digest(&data[8192..]))
+        );
     }
 }

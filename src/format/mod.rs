@@ -3,3 +3,4 @@
 pub mod bmap;
 pub mod manifest;
 pub mod sparse;
+pub mod writer;

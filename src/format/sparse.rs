@@ -20,7 +20,8 @@ pub fn copy(src: &Path, dst: &Path) -> Result<()> {
     // FICLONE: _IOW(0x94, 9, int). Shares extents on btrfs/xfs; fails harmlessly elsewhere.
     const FICLONE: u64 = 0x4004_9409;
     // SAFETY: both descriptors are open for the duration of the call; FICLONE reads only the int.
-    let cloned = unsafe { nix::libc::ioctl(output.as_raw_fd(), FICLONE as _, input.as_raw_fd()) } == 0;
+    let cloned =
+        unsafe { nix::libc::ioctl(output.as_raw_fd(), FICLONE as _, input.as_raw_fd()) } == 0;
     if cloned {
         return Ok(());
     }
@@ -30,7 +31,7 @@ pub fn copy(src: &Path, dst: &Path) -> Result<()> {
         let data = match nix::unistd::lseek(&input, pos as i64, nix::unistd::Whence::SeekData) {
             Ok(d) => d as u64,
             Err(nix::errno::Errno::ENXIO) => break, // only a hole remains
-            Err(_) => pos,                         // no SEEK_DATA: treat the rest as data
+            Err(_) => pos,                          // no SEEK_DATA: treat the rest as data
         };
         let hole = nix::unistd::lseek(&input, data as i64, nix::unistd::Whence::SeekHole)
             .map(|h| h as u64)
@@ -103,7 +104,10 @@ mod tests {
         copy(&src, &dst).unwrap();
         assert_eq!(std::fs::read(&dst).unwrap(), data);
         use std::os::unix::fs::MetadataExt;
-        assert!(std::fs::metadata(&dst).unwrap().blocks() * 512 < 1 << 20, "zero blocks were written");
+        assert!(
+            std::fs::metadata(&dst).unwrap().blocks() * 512 < 1 << 20,
+            "zero blocks were written"
+        );
     }
 
     #[test]
@@ -119,7 +123,10 @@ mod tests {
         copy(&src, &dst).unwrap();
         assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
         use std::os::unix::fs::MetadataExt;
-        assert!(std::fs::metadata(&dst).unwrap().blocks() * 512 < 1 << 20, "copy is not sparse");
+        assert!(
+            std::fs::metadata(&dst).unwrap().blocks() * 512 < 1 << 20,
+            "copy is not sparse"
+        );
     }
 
     #[test]

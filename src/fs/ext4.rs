@@ -71,25 +71,19 @@ fn parse_used(text: &str, part_size: u64) -> Result<Vec<(u64, u64)>> {
     Ok(used)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn free_lists_become_used_ranges() {
-        let text = "Block count:              100\nBlock size:               1024\nFree blocks:              80\n\
-                    Group 0: (Blocks 1-50)\n  Free blocks: 10-49\nGroup 1: (Blocks 51-99)\n  Free blocks: 51, 60-99\n";
-        let used = parse_used(text, 100 * 1024).unwrap();
-        assert_eq!(used, vec![(0, 10 * 1024), (50 * 1024, 1024), (52 * 1024, 8 * 1024)]);
-    }
-}
-
 /// Reads one file from the ext4 filesystem in `part` with `debugfs -R cat`; `None` when absent.
 pub fn read_file(image: &Path, part: &Partition, path: &str) -> Result<Option<Vec<u8>>> {
     if path.contains(['"', '\n']) {
         bail!("{path:?} cannot be passed to debugfs");
     }
-    let out = cmd::run("debugfs", ["-R".to_string(), format!("cat \"{path}\""), device_spec(image, part.start)])?;
+    let out = cmd::run(
+        "debugfs",
+        [
+            "-R".to_string(),
+            format!("cat \"{path}\""),
+            device_spec(image, part.start),
+        ],
+    )?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     if out.stdout.is_empty() && stderr.contains("not found") {
         return Ok(None);
@@ -100,12 +94,22 @@ pub fn read_file(image: &Path, part: &Partition, path: &str) -> Result<Option<Ve
 /// Makes an ext4 filesystem of `size` bytes at `offset` in `image` from the directory `tree`,
 /// reproducibly: a fixed UUID and hash seed, every timestamp `epoch` (mke2fs copies ctimes from the
 /// host, so they are reset with debugfs afterwards), root-owned files.
-pub fn mkfs_from_tree(image: &Path, offset: u64, size: u64, tree: &Path, label: &str, uuid: &str, epoch: i64) -> Result<()> {
+pub fn mkfs_from_tree(
+    image: &Path,
+    offset: u64,
+    size: u64,
+    tree: &Path,
+    label: &str,
+    uuid: &str,
+    epoch: i64,
+) -> Result<()> {
     let blocks = size / 4096;
     let mut mke2fs = std::process::Command::new("mke2fs");
     mke2fs
         .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
-        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-L", label, "-U", uuid, "-E"])
+        .args([
+            "-q", "-F", "-t", "ext4", "-b", "4096", "-L", label, "-U", uuid, "-E",
+        ])
         .arg(format!("offset={offset},hash_seed={uuid},root_owner=0:0"))
         .arg("-d")
         .arg(tree)
@@ -139,10 +143,29 @@ fn collect_paths(base: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         let p = e.path();
-        out.push(format!("/{}", p.strip_prefix(base).expect("under base").display()));
+        out.push(format!(
+            "/{}",
+            p.strip_prefix(base).expect("under base").display()
+        ));
         if e.file_type()?.is_dir() {
             collect_paths(base, &p, out)?;
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_lists_become_used_ranges() {
+        let text = "Block count:              100\nBlock size:               1024\nFree blocks:              80\n\
+                    Group 0: (Blocks 1-50)\n  Free blocks: 10-49\nGroup 1: (Blocks 51-99)\n  Free blocks: 51, 60-99\n";
+        let used = parse_used(text, 100 * 1024).unwrap();
+        assert_eq!(
+            used,
+            vec![(0, 10 * 1024), (50 * 1024, 1024), (52 * 1024, 8 * 1024)]
+        );
+    }
 }

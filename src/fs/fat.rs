@@ -30,15 +30,30 @@ pub enum FatBits {
 impl Bpb {
     pub fn parse(sector: &[u8]) -> Result<Bpb> {
         let u16_at = |o: usize| u64::from(u16::from_le_bytes([sector[o], sector[o + 1]]));
-        let u32_at = |o: usize| u64::from(u32::from_le_bytes([sector[o], sector[o + 1], sector[o + 2], sector[o + 3]]));
+        let u32_at = |o: usize| {
+            u64::from(u32::from_le_bytes([
+                sector[o],
+                sector[o + 1],
+                sector[o + 2],
+                sector[o + 3],
+            ]))
+        };
         let b = Bpb {
             bytes_per_sector: u16_at(11),
             sectors_per_cluster: u64::from(sector[13]),
             reserved_sectors: u16_at(14),
             fats: u64::from(sector[16]),
             root_entries: u16_at(17),
-            total_sectors: if u16_at(19) != 0 { u16_at(19) } else { u32_at(32) },
-            fat_sectors: if u16_at(22) != 0 { u16_at(22) } else { u32_at(36) },
+            total_sectors: if u16_at(19) != 0 {
+                u16_at(19)
+            } else {
+                u32_at(32)
+            },
+            fat_sectors: if u16_at(22) != 0 {
+                u16_at(22)
+            } else {
+                u32_at(36)
+            },
         };
         if !matches!(b.bytes_per_sector, 512 | 1024 | 2048 | 4096)
             || !b.sectors_per_cluster.is_power_of_two()
@@ -75,7 +90,7 @@ impl Bpb {
 
 /// Metadata (boot sector, reserved sectors, every FAT, the root directory) plus every allocated
 /// cluster, as byte ranges relative to the partition start, merged and sorted.
-pub fn used_ranges(image: &mut File, part: &Partition) -> Result<Vec<(u64, u64)>> {
+pub fn used_ranges<D: Read + Seek>(image: &mut D, part: &Partition) -> Result<Vec<(u64, u64)>> {
     let mut sector = [0u8; 512];
     image.seek(SeekFrom::Start(part.start))?;
     image.read_exact(&mut sector)?;
@@ -83,7 +98,9 @@ pub fn used_ranges(image: &mut File, part: &Partition) -> Result<Vec<(u64, u64)>
     let bps = bpb.bytes_per_sector;
     let mut fat = vec![0u8; (bpb.fat_sectors * bps) as usize];
     image.seek(SeekFrom::Start(part.start + bpb.reserved_sectors * bps))?;
-    image.read_exact(&mut fat).context("reading the first FAT")?;
+    image
+        .read_exact(&mut fat)
+        .context("reading the first FAT")?;
 
     let mut ranges = vec![(0, bpb.first_data_sector() * bps)];
     let cluster_bytes = bpb.sectors_per_cluster * bps;
@@ -158,7 +175,11 @@ pub fn fat_datetime(epoch: i64) -> fatfs::DateTime {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     fatfs::DateTime {
-        date: fatfs::Date { year: year as u16, month: month as u16, day: day as u16 },
+        date: fatfs::Date {
+            year: year as u16,
+            month: month as u16,
+            day: day as u16,
+        },
         time: fatfs::Time {
             hour: (secs / 3600) as u16,
             min: (secs % 3600 / 60) as u16,
@@ -168,18 +189,28 @@ pub fn fat_datetime(epoch: i64) -> fatfs::DateTime {
     }
 }
 
-/// An open FAT volume inside an image file.
-pub struct FatVolume {
-    fs: fatfs::FileSystem<PartitionSlice<File>>,
+/// An open FAT volume: on a partition of an image file, or on a partition's bytes in memory.
+pub struct FatVolume<T: fatfs::ReadWriteSeek> {
+    fs: fatfs::FileSystem<T>,
 }
 
-impl FatVolume {
-    /// Opens the FAT in `part`; new and changed entries get the timestamp `when`.
-    pub fn open(image: File, part: &Partition, when: fatfs::DateTime) -> Result<FatVolume> {
+impl FatVolume<PartitionSlice<File>> {
+    /// Opens the FAT in `part` of an image file; new and changed entries get the time `when`.
+    pub fn open(image: File, part: &Partition, when: fatfs::DateTime) -> Result<Self> {
+        Self::on(PartitionSlice::new(image, part.start, part.size), when)
+            .with_context(|| format!("opening the FAT filesystem in partition {}", part.index))
+    }
+}
+
+impl<T: fatfs::ReadWriteSeek> FatVolume<T> {
+    /// Opens the FAT filesystem that fills `device`.
+    pub fn on(mut device: T, when: fatfs::DateTime) -> Result<Self> {
+        // fatfs expects the device positioned at its start.
+        device.seek(SeekFrom::Start(0))?;
+        // fatfs wants a &'static clock; one small leak per opened volume.
         let clock: &'static FixedClock = Box::leak(Box::new(FixedClock(when)));
-        let slice = PartitionSlice::new(image, part.start, part.size);
-        let fs = fatfs::FileSystem::new(slice, fatfs::FsOptions::new().time_provider(clock))
-            .with_context(|| format!("opening the FAT filesystem in partition {}", part.index))?;
+        let fs = fatfs::FileSystem::new(device, fatfs::FsOptions::new().time_provider(clock))
+            .context("opening the FAT filesystem")?;
         Ok(FatVolume { fs })
     }
 
@@ -201,7 +232,16 @@ impl FatVolume {
             .filter_map(|e| e.ok())
             .filter(|e| e.is_file() || e.is_dir())
             .map(|e| e.modified())
-            .max_by_key(|d| (d.date.year, d.date.month, d.date.day, d.time.hour, d.time.min, d.time.sec))
+            .max_by_key(|d| {
+                (
+                    d.date.year,
+                    d.date.month,
+                    d.date.day,
+                    d.time.hour,
+                    d.time.min,
+                    d.time.sec,
+                )
+            })
     }
 
     pub fn read_file(&self, path: &str) -> Result<Option<Vec<u8>>> {
@@ -209,7 +249,8 @@ impl FatVolume {
         match root.open_file(path.trim_start_matches('/')) {
             Ok(mut f) => {
                 let mut v = Vec::new();
-                f.read_to_end(&mut v).with_context(|| format!("reading {path} from the FAT"))?;
+                f.read_to_end(&mut v)
+                    .with_context(|| format!("reading {path} from the FAT"))?;
                 Ok(Some(v))
             }
             Err(_) => Ok(None),
@@ -223,13 +264,16 @@ impl FatVolume {
         let mut parts: Vec<&str> = path.split('/').collect();
         let name = parts.pop().context("empty path")?;
         for p in parts {
-            dir = dir.create_dir(p).with_context(|| format!("creating directory {p} on the FAT"))?;
+            dir = dir
+                .create_dir(p)
+                .with_context(|| format!("creating directory {p} on the FAT"))?;
         }
-        let mut f = dir.create_file(name).with_context(|| format!("creating {path} on the FAT"))?;
+        let mut f = dir
+            .create_file(name)
+            .with_context(|| format!("creating {path} on the FAT"))?;
         f.truncate().with_context(|| format!("truncating {path}"))?;
-        f.write_all(bytes).with_context(|| {
-            format!("writing {path} to the FAT (is the boot partition full?)")
-        })?;
+        f.write_all(bytes)
+            .with_context(|| format!("writing {path} to the FAT (is the boot partition full?)"))?;
         f.flush()?;
         Ok(())
     }

@@ -34,7 +34,11 @@ pub fn detect(image: &mut File, part: &Partition) -> Result<Option<FsKind>> {
 
 /// Byte ranges (relative to the partition start) that the filesystem in `part` uses; the whole
 /// partition when the filesystem is unknown or cannot be read.
-pub fn used_ranges(image_path: &Path, image: &mut File, part: &Partition) -> Result<Vec<(u64, u64)>> {
+pub fn used_ranges(
+    image_path: &Path,
+    image: &mut File,
+    part: &Partition,
+) -> Result<Vec<(u64, u64)>> {
     let whole = vec![(0, part.size)];
     Ok(match detect(image, part)? {
         Some(FsKind::Vfat) => fat::used_ranges(image, part)?,

@@ -3,7 +3,7 @@
 //! several blocks), gzip and zstd.
 
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::{BufReader, Read};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
@@ -37,13 +37,24 @@ impl Compression {
 }
 
 /// Calls `sink` with a reader of the decompressed image in `path`.
-pub fn with_decompressed<T>(path: &Path, sink: impl FnOnce(&mut dyn Read) -> Result<T>) -> Result<T> {
+pub fn with_decompressed<T>(
+    path: &Path,
+    sink: impl FnOnce(&mut dyn Read) -> Result<T>,
+) -> Result<T> {
     let kind = Compression::of_file(path)?;
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let what = || format!("decompressing {} ({kind:?}); the file may be truncated or corrupt", path.display());
+    let what = || {
+        format!(
+            "decompressing {} ({kind:?}); the file may be truncated or corrupt",
+            path.display()
+        )
+    };
     match kind {
         Compression::None => sink(&mut BufReader::with_capacity(1 << 20, file)),
-        Compression::Gzip => sink(&mut flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 20, file))).with_context(what),
+        Compression::Gzip => sink(&mut flate2::read::MultiGzDecoder::new(
+            BufReader::with_capacity(1 << 20, file),
+        ))
+        .with_context(what),
         Compression::Zstd => {
             let mut d = zstd::stream::read::Decoder::new(file).with_context(what)?;
             sink(&mut d).with_context(what)
@@ -55,7 +66,10 @@ pub fn with_decompressed<T>(path: &Path, sink: impl FnOnce(&mut dyn Read) -> Res
                 .memlimit_stop(u64::MAX)
                 .decoder()
                 .with_context(what)?;
-            let mut d = liblzma::read::XzDecoder::new_stream(BufReader::with_capacity(1 << 20, file), stream);
+            let mut d = liblzma::read::XzDecoder::new_stream(
+                BufReader::with_capacity(1 << 20, file),
+                stream,
+            );
             sink(&mut d).with_context(what)
         }
         Compression::Zip => {
@@ -66,7 +80,10 @@ pub fn with_decompressed<T>(path: &Path, sink: impl FnOnce(&mut dyn Read) -> Res
                 if !entry.is_file() {
                     continue;
                 }
-                let is_img = entry.name().map(|n| n.to_ascii_lowercase().ends_with(".img")).unwrap_or(false);
+                let is_img = entry
+                    .name()
+                    .map(|n| n.to_ascii_lowercase().ends_with(".img"))
+                    .unwrap_or(false);
                 let key = (i, is_img, entry.size());
                 best = match best {
                     Some(b) if (b.1, b.2) >= (key.1, key.2) => Some(b),
@@ -88,7 +105,9 @@ pub fn decompressed_size_hint(path: &Path) -> Option<u64> {
         Compression::None => std::fs::metadata(path).ok().map(|m| m.len()),
         Compression::Zip => {
             let mut a = zip::ZipArchive::new(File::open(path).ok()?).ok()?;
-            (0..a.len()).filter_map(|i| a.by_index(i).ok().map(|e| e.size())).max()
+            (0..a.len())
+                .filter_map(|i| a.by_index(i).ok().map(|e| e.size()))
+                .max()
         }
         _ => None,
     }
@@ -98,12 +117,6 @@ pub fn decompressed_size_hint(path: &Path) -> Option<u64> {
 /// end is reached, so callers that stop early call this to surface the error.
 pub fn drain(r: &mut dyn Read) -> Result<()> {
     std::io::copy(r, &mut std::io::sink())?;
-    Ok(())
-}
-
-#[allow(dead_code)]
-fn rewind(f: &mut File) -> Result<()> {
-    f.seek(SeekFrom::Start(0))?;
     Ok(())
 }
 
@@ -129,9 +142,11 @@ mod tests {
             }
             Compression::Zip => {
                 let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-                w.start_file("readme.txt", zip::write::SimpleFileOptions::default()).unwrap();
+                w.start_file("readme.txt", zip::write::SimpleFileOptions::default())
+                    .unwrap();
                 w.write_all(b"x").unwrap();
-                w.start_file("disk.img", zip::write::SimpleFileOptions::default()).unwrap();
+                w.start_file("disk.img", zip::write::SimpleFileOptions::default())
+                    .unwrap();
                 w.write_all(data).unwrap();
                 w.finish().unwrap().into_inner()
             }
@@ -150,7 +165,13 @@ mod tests {
     #[test]
     fn every_format_decompresses() {
         let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-        for kind in [Compression::None, Compression::Gzip, Compression::Zstd, Compression::Xz, Compression::Zip] {
+        for kind in [
+            Compression::None,
+            Compression::Gzip,
+            Compression::Zstd,
+            Compression::Xz,
+            Compression::Zip,
+        ] {
             assert_eq!(roundtrip(kind, &data), data, "{kind:?}");
         }
     }

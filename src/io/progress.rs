@@ -27,7 +27,11 @@ impl Progress {
             } else {
                 "{msg:>12} {spinner} {bytes} {bytes_per_sec}"
             };
-            b.set_style(ProgressStyle::with_template(style).expect("valid template").progress_chars("=> "));
+            b.set_style(
+                ProgressStyle::with_template(style)
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
             b.set_message(label.to_string());
             b
         });
@@ -48,7 +52,13 @@ impl Progress {
         } else if self.last_line.elapsed() > Duration::from_secs(5) {
             self.last_line = Instant::now();
             match self.total {
-                Some(t) if t > 0 => eprintln!("{}: {} of {} MiB ({}%)", self.label, self.done >> 20, t >> 20, self.done * 100 / t),
+                Some(t) if t > 0 => eprintln!(
+                    "{}: {} of {} MiB ({}%)",
+                    self.label,
+                    self.done >> 20,
+                    t >> 20,
+                    self.done * 100 / t
+                ),
                 _ => eprintln!("{}: {} MiB", self.label, self.done >> 20),
             }
         }

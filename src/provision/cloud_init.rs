@@ -59,7 +59,8 @@ impl WriteFile {
     pub fn new(path: &str, bytes: &[u8], mode: u32, owner: &str, group: &str) -> Self {
         use base64_engine::encode;
         let text = std::str::from_utf8(bytes).ok().filter(|t| {
-            !t.chars().any(|c| (c.is_control() && c != '\n' && c != '\t') || c == '\u{feff}')
+            !t.chars()
+                .any(|c| (c.is_control() && c != '\n' && c != '\t') || c == '\u{feff}')
         });
         let (content, encoding) = match text {
             Some(t) => (t.to_string(), None),
@@ -82,7 +83,11 @@ mod base64_engine {
     pub fn encode(bytes: &[u8]) -> String {
         let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
         for chunk in bytes.chunks(3) {
-            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
             let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
             for i in 0..4 {
                 if i <= chunk.len() {
@@ -146,7 +151,11 @@ impl NetworkConfigV1 {
                         gateway: None,
                         dns_nameservers: vec![],
                     },
-                    Interface::Static { address, gateway, dns } => Subnet {
+                    Interface::Static {
+                        address,
+                        gateway,
+                        dns,
+                    } => Subnet {
                         // v1 accepts address/prefix in `address`.
                         kind: "static".into(),
                         address: Some(address.to_string()),
@@ -191,7 +200,10 @@ pub fn render_user_data(config: &CloudConfig, fragment: Option<Mapping>) -> Resu
     if let (Value::Mapping(m), Some(f)) = (&mut value, fragment) {
         merge(m, f);
     }
-    Ok(format!("#cloud-config\n{}", serde_yaml_ng::to_string(&value)?))
+    Ok(format!(
+        "#cloud-config\n{}",
+        serde_yaml_ng::to_string(&value)?
+    ))
 }
 
 pub fn render_yaml<T: Serialize>(v: &T) -> Result<String> {
@@ -225,7 +237,8 @@ mod tests {
 
     #[test]
     fn fragments_append_lists_and_merge_maps() {
-        let frag = parse_fragment(b"runcmd:\n  - [touch, /x]\npackages: [htop]\nhostname: other\n").unwrap();
+        let frag = parse_fragment(b"runcmd:\n  - [touch, /x]\npackages: [htop]\nhostname: other\n")
+            .unwrap();
         let text = render_user_data(&config(), Some(frag)).unwrap();
         let back: Value = serde_yaml_ng::from_str(&text).unwrap();
         assert_eq!(back["runcmd"].as_sequence().unwrap().len(), 2);

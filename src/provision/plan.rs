@@ -62,7 +62,12 @@ impl StampPlan {
     }
 }
 
-fn partition_file(partition: PartitionRole, path: &str, bytes: Vec<u8>, why: &str) -> PartitionFile {
+fn partition_file(
+    partition: PartitionRole,
+    path: &str,
+    bytes: Vec<u8>,
+    why: &str,
+) -> PartitionFile {
     let f = InputFile::new(path.into(), bytes);
     PartitionFile {
         partition,
@@ -112,7 +117,8 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
                 WriteFile::new(&f.target, &f.content.bytes, f.mode, &f.owner, &f.group),
                 format!("overlay {}", o.name),
             ));
-            units_written |= f.target.starts_with("/etc/systemd/") || f.target.starts_with("/lib/systemd/");
+            units_written |=
+                f.target.starts_with("/etc/systemd/") || f.target.starts_with("/lib/systemd/");
         }
     }
 
@@ -122,24 +128,50 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
             SwarmRole::Init { advertise_addr } => {
                 writeln!(env, "ROLE=init\nADVERTISE_ADDR={advertise_addr}")?;
             }
-            SwarmRole::Join { manager_addr, advertise_addr, token, .. } => {
+            SwarmRole::Join {
+                manager_addr,
+                advertise_addr,
+                token,
+                ..
+            } => {
                 writeln!(
                     env,
                     "ROLE=join\nADVERTISE_ADDR={advertise_addr}\nMANAGER_ADDR={manager_addr}\nTOKEN_FILE=/etc/kiln/swarm.token"
                 )?;
                 write_files.push((
-                    WriteFile::new("/etc/kiln/swarm.token", format!("{}\n", token.expose()).as_bytes(), 0o600, "root", "root"),
+                    WriteFile::new(
+                        "/etc/kiln/swarm.token",
+                        format!("{}\n", token.expose()).as_bytes(),
+                        0o600,
+                        "root",
+                        "root",
+                    ),
                     "swarm join token".into(),
                 ));
             }
         }
-        write_files.push((WriteFile::new("/etc/kiln/swarm.env", env.as_bytes(), 0o600, "root", "root"), "swarm".into()));
         write_files.push((
-            WriteFile::new("/usr/local/sbin/kiln-swarm", SWARM_SCRIPT.as_bytes(), 0o755, "root", "root"),
+            WriteFile::new("/etc/kiln/swarm.env", env.as_bytes(), 0o600, "root", "root"),
             "swarm".into(),
         ));
         write_files.push((
-            WriteFile::new("/etc/systemd/system/kiln-swarm.service", SWARM_UNIT.as_bytes(), 0o644, "root", "root"),
+            WriteFile::new(
+                "/usr/local/sbin/kiln-swarm",
+                SWARM_SCRIPT.as_bytes(),
+                0o755,
+                "root",
+                "root",
+            ),
+            "swarm".into(),
+        ));
+        write_files.push((
+            WriteFile::new(
+                "/etc/systemd/system/kiln-swarm.service",
+                SWARM_UNIT.as_bytes(),
+                0o644,
+                "root",
+                "root",
+            ),
             "swarm".into(),
         ));
         units_written = true;
@@ -151,11 +183,22 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
     if node.docker {
         runcmd.push(argv(&["systemctl", "enable", "--now", "docker.service"]));
     } else if profile.provision.docker_preinstalled {
-        runcmd.push(argv(&["systemctl", "disable", "--now", "docker.service", "docker.socket"]));
+        runcmd.push(argv(&[
+            "systemctl",
+            "disable",
+            "--now",
+            "docker.service",
+            "docker.socket",
+        ]));
     }
     if node.wifi.is_some() {
         // wpa_supplicant@wlan0 associates; ifup then gets the address network-config asked for.
-        runcmd.push(argv(&["systemctl", "enable", "--now", "wpa_supplicant@wlan0.service"]));
+        runcmd.push(argv(&[
+            "systemctl",
+            "enable",
+            "--now",
+            "wpa_supplicant@wlan0.service",
+        ]));
         runcmd.push(argv(&["ifup", "wlan0"]));
     }
     for o in &overlays {
@@ -166,7 +209,13 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
     }
     if node.swarm.is_some() {
         // --no-block: the join waits for the manager, which must not hold up cloud-init.
-        runcmd.push(argv(&["systemctl", "enable", "--now", "--no-block", "kiln-swarm.service"]));
+        runcmd.push(argv(&[
+            "systemctl",
+            "enable",
+            "--now",
+            "--no-block",
+            "kiln-swarm.service",
+        ]));
     }
 
     let users: Vec<CloudUser> = node
@@ -195,7 +244,10 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
     let fragment = match &node.user_data {
         Some(f) => {
             inputs.push(f.clone());
-            Some(cloud_init::parse_fragment(&f.bytes).with_context(|| format!("user-data fragment {}", f.path))?)
+            Some(
+                cloud_init::parse_fragment(&f.bytes)
+                    .with_context(|| format!("user-data fragment {}", f.path))?,
+            )
         }
         None => None,
     };
@@ -213,13 +265,33 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
 
     let seed = profile.provision.seed_partition;
     let mut partition_files = vec![
-        partition_file(seed, "user-data", user_data.into_bytes(), "cloud-init user-data"),
-        partition_file(seed, "meta-data", meta_data.into_bytes(), "cloud-init meta-data"),
-        partition_file(seed, "network-config", network_config.into_bytes(), "cloud-init network-config v1"),
+        partition_file(
+            seed,
+            "user-data",
+            user_data.into_bytes(),
+            "cloud-init user-data",
+        ),
+        partition_file(
+            seed,
+            "meta-data",
+            meta_data.into_bytes(),
+            "cloud-init meta-data",
+        ),
+        partition_file(
+            seed,
+            "network-config",
+            network_config.into_bytes(),
+            "cloud-init network-config v1",
+        ),
     ];
     for (name, f) in &node.boot_files {
         inputs.push(f.clone());
-        partition_files.push(partition_file(PartitionRole::Boot, name, f.bytes.clone(), "cluster file"));
+        partition_files.push(partition_file(
+            PartitionRole::Boot,
+            name,
+            f.bytes.clone(),
+            "cluster file",
+        ));
     }
 
     let first_boot_files = write_files
@@ -228,7 +300,11 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
             path: w.path.clone(),
             mode: w.permissions.clone(),
             owner: w.owner.clone(),
-            size: if w.encoding.is_some() { w.content.len() * 3 / 4 } else { w.content.len() },
+            size: if w.encoding.is_some() {
+                w.content.len() * 3 / 4
+            } else {
+                w.content.len()
+            },
             why: why.clone(),
         })
         .collect();
@@ -246,7 +322,8 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
 }
 
 fn disk_signature(profile: &Profile, seed: &str, node: &str) -> Option<String> {
-    (profile.disk.disk_identity == DiskIdentity::Derive).then(|| format!("{:08x}", ids::disk_signature(seed, node)))
+    (profile.disk.disk_identity == DiskIdentity::Derive)
+        .then(|| format!("{:08x}", ids::disk_signature(seed, node)))
 }
 
 /// The plan as the human-readable listing `kiln plan` prints.
@@ -254,7 +331,10 @@ pub fn describe(plan: &StampPlan) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "node {} (profile {})", plan.node, plan.profile);
     if let Some(sig) = &plan.disk_signature {
-        let _ = writeln!(s, "  disk signature      {sig} (derived from the seed and node name)");
+        let _ = writeln!(
+            s,
+            "  disk signature      {sig} (derived from the seed and node name)"
+        );
     }
     let _ = writeln!(s, "  cloud-init instance {}", plan.instance_id);
     let _ = writeln!(s, "\n  written to the image now:");
@@ -272,7 +352,11 @@ pub fn describe(plan: &StampPlan) -> String {
     if !plan.first_boot_files.is_empty() {
         let _ = writeln!(s, "\n  written by cloud-init on first boot:");
         for f in &plan.first_boot_files {
-            let _ = writeln!(s, "    {} {:<10} {:<48} {:>6} bytes  ({})", f.mode, f.owner, f.path, f.size, f.why);
+            let _ = writeln!(
+                s,
+                "    {} {:<10} {:<48} {:>6} bytes  ({})",
+                f.mode, f.owner, f.path, f.size, f.why
+            );
         }
     }
     if !plan.first_boot_commands.is_empty() {

@@ -1,16 +1,20 @@
 //! Applies a stamp plan to an image file, without mounting anything.
 //!
 //! First the image is checked against its profile (the partitions it promises, their
-//! filesystems, the boot label); then the seed files are written into the boot FAT in-process; last
-//! the MBR disk signature is replaced, with `PARTUUID=` references in `cmdline.txt` following it.
+//! filesystems, the boot label); then the boot partition is read into memory and the seed files
+//! are written into its FAT in-process; the MBR disk signature is replaced, with `PARTUUID=`
+//! references in `cmdline.txt` following it. The result is a set of patches over the base, which
+//! `format::writer` applies while it copies the base once.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
+use std::io::{Cursor, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
 use super::plan::StampPlan;
 use crate::disk::{self, DiskLayout};
+use crate::format::writer::Patch;
 use crate::fs::{self, ext4, fat};
 use crate::spec::profile::{PartitionRole, Profile};
 
@@ -45,7 +49,8 @@ pub fn check_layout(path: &Path, profile: &Profile) -> Result<DiskLayout> {
                 profile.name,
                 spec.index,
                 spec.fs,
-                found.map_or("no filesystem kiln recognises".to_string(), |k| k.to_string())
+                found.map_or("no filesystem kiln recognises".to_string(), |k| k
+                    .to_string())
             );
         }
     }
@@ -74,93 +79,158 @@ pub struct StampReport {
     pub fat_timestamp: String,
 }
 
-pub fn apply(image_path: &Path, profile: &Profile, plan: &StampPlan) -> Result<StampReport> {
-    let layout = check_layout(image_path, profile)?;
+/// A stamped node, still in memory: the byte regions that differ from the base, and the byte
+/// ranges of the image that hold data (for the bmap).
+pub struct Stamped {
+    pub patches: Vec<Patch>,
+    pub used: Vec<(u64, u64)>,
+    pub report: StampReport,
+}
+
+/// Stamps the plan onto the base's boot partition in memory; the base file is only read.
+pub fn stamp(base: &Path, profile: &Profile, plan: &StampPlan) -> Result<Stamped> {
+    let layout = check_layout(base, profile)?;
     let seed_spec = profile
         .partition(profile.provision.seed_partition)
         .context("the profile names no seed partition")?;
-    let seed_part = layout.partition(seed_spec.index).context("seed partition vanished")?.clone();
+    let seed_part = layout
+        .partition(seed_spec.index)
+        .context("seed partition vanished")?
+        .clone();
 
-    let when = match source_date_epoch()? {
-        Some(epoch) => Some(fat::fat_datetime(epoch)),
-        None => None,
-    };
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(image_path)
-        .with_context(|| format!("opening {} for writing", image_path.display()))?;
+    let mut file = File::open(base).with_context(|| format!("opening {}", base.display()))?;
+    let mut boot = vec![0u8; seed_part.size as usize];
+    file.seek(SeekFrom::Start(seed_part.start))?;
+    file.read_exact(&mut boot)
+        .context("reading the boot partition")?;
+    let mut boot = Cursor::new(boot);
 
-    // Open once read-only in effect to learn the base's own newest timestamp when no
-    // SOURCE_DATE_EPOCH is given: builds on any day then carry the base image's date.
-    let when = match when {
+    // Timestamps: SOURCE_DATE_EPOCH, else the base's own newest root-directory entry, so builds on
+    // any day carry the base image's date.
+    let when = match source_date_epoch()?.map(fat::fat_datetime) {
         Some(w) => w,
         None => {
-            let probe = fat::FatVolume::open(file.try_clone()?, &seed_part, fat::fat_datetime(0))?;
-            let t = probe.newest_root_timestamp().unwrap_or_else(|| fat::fat_datetime(0));
-            drop(probe);
-            t
+            let probe = fat::FatVolume::on(&mut boot, fat::fat_datetime(0))?;
+            probe
+                .newest_root_timestamp()
+                .unwrap_or_else(|| fat::fat_datetime(0))
         }
     };
-    let vol = fat::FatVolume::open(file.try_clone()?, &seed_part, when)?;
-    if let Some(label) = &seed_spec.label {
-        let found = vol.label();
-        if !found.eq_ignore_ascii_case(label) {
-            bail!(
-                "{} does not look like a {} image: partition {} is labelled {found:?}, expected {label:?}",
-                image_path.display(),
-                profile.name,
-                seed_part.index
-            );
-        }
-    }
 
     let (signature, kept_because) = match &plan.disk_signature {
-        Some(sig) => match partuuid_in_fstab(image_path, profile, &layout)? {
+        Some(sig) => match partuuid_in_fstab(base, profile, &layout)? {
             Some(line) => (
                 None,
-                Some(format!("the root filesystem's /etc/fstab mounts by PARTUUID ({line}); keeping the base's disk signature")),
+                Some(format!(
+                    "the root filesystem's /etc/fstab mounts by PARTUUID ({line}); keeping the base's disk signature"
+                )),
             ),
             None => (Some(sig.clone()), None),
         },
         None => (None, None),
     };
 
-    for f in plan.partition_files.iter().filter(|f| f.partition == profile.provision.seed_partition || f.partition == PartitionRole::Boot) {
-        vol.write_file(&f.path, &f.bytes)?;
-    }
-    if let Some(new) = &signature {
-        // A cmdline.txt that names the root by PARTUUID must follow the new signature.
-        if let Some(cmdline) = vol.read_file("cmdline.txt")? {
-            let text = String::from_utf8_lossy(&cmdline);
-            let old = format!("PARTUUID={}-", layout.disk_id);
-            if text.contains(&old) {
-                let updated = text.replace(&old, &format!("PARTUUID={new}-"));
-                vol.write_file("cmdline.txt", updated.as_bytes())?;
+    {
+        let vol = fat::FatVolume::on(&mut boot, when).with_context(|| {
+            format!(
+                "opening the FAT filesystem in partition {}",
+                seed_part.index
+            )
+        })?;
+        if let Some(label) = &seed_spec.label {
+            let found = vol.label();
+            if !found.eq_ignore_ascii_case(label) {
+                bail!(
+                    "{} does not look like a {} image: partition {} is labelled {found:?}, expected {label:?}",
+                    base.display(),
+                    profile.name,
+                    seed_part.index
+                );
             }
         }
+        for f in &plan.partition_files {
+            vol.write_file(&f.path, &f.bytes)?;
+        }
+        if let Some(new) = &signature {
+            // A cmdline.txt that names the root by PARTUUID must follow the new signature.
+            if let Some(cmdline) = vol.read_file("cmdline.txt")? {
+                let text = String::from_utf8_lossy(&cmdline);
+                let old = format!("PARTUUID={}-", layout.disk_id);
+                if text.contains(&old) {
+                    vol.write_file(
+                        "cmdline.txt",
+                        text.replace(&old, &format!("PARTUUID={new}-")).as_bytes(),
+                    )?;
+                }
+            }
+        }
+        vol.close()?;
     }
-    vol.close()?;
-    drop(file);
 
+    let mut patches = Vec::new();
     if let Some(sig) = &signature {
-        let value = u32::from_str_radix(sig, 16).context("derived signature is hex")?;
-        let mut f = OpenOptions::new().write(true).open(image_path)?;
-        disk::set_disk_signature(&mut f, value)?;
-        f.sync_all()?;
+        let mut mbr = Cursor::new(vec![0u8; 512]);
+        file.seek(SeekFrom::Start(0))?;
+        file.read_exact(mbr.get_mut())?;
+        disk::set_disk_signature(
+            &mut mbr,
+            u32::from_str_radix(sig, 16).context("signature is hex")?,
+        )?;
+        patches.push(Patch {
+            offset: 0,
+            bytes: mbr.into_inner(),
+        });
     }
+
+    // Used ranges: the table area, the stamped boot FAT, and the untouched partitions as they are
+    // in the base.
+    let first = layout
+        .partitions
+        .iter()
+        .map(|p| p.start)
+        .min()
+        .unwrap_or(layout.size);
+    let mut used = vec![(0, first.max(512))];
+    for p in &layout.partitions {
+        let ranges = if p.index == seed_part.index {
+            let whole = disk::Partition {
+                start: 0,
+                ..p.clone()
+            };
+            fat::used_ranges(&mut boot, &whole)?
+        } else {
+            fs::used_ranges(base, &mut file, p)?
+        };
+        used.extend(ranges.into_iter().map(|(s, l)| (p.start + s, l)));
+    }
+    patches.push(Patch {
+        offset: seed_part.start,
+        bytes: boot.into_inner(),
+    });
+
     let d = when.date;
     let t = when.time;
-    Ok(StampReport {
-        layout_before: layout,
-        disk_signature: signature,
-        kept_signature_because: kept_because,
-        fat_timestamp: format!("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}", d.year, d.month, d.day, t.hour, t.min, t.sec),
+    Ok(Stamped {
+        patches,
+        used,
+        report: StampReport {
+            layout_before: layout,
+            disk_signature: signature,
+            kept_signature_because: kept_because,
+            fat_timestamp: format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+                d.year, d.month, d.day, t.hour, t.min, t.sec
+            ),
+        },
     })
 }
 
 /// The /etc/fstab line on the root partition that mounts by this disk's PARTUUID, if any.
-fn partuuid_in_fstab(image: &Path, profile: &Profile, layout: &DiskLayout) -> Result<Option<String>> {
+fn partuuid_in_fstab(
+    image: &Path,
+    profile: &Profile,
+    layout: &DiskLayout,
+) -> Result<Option<String>> {
     let Some(root) = profile.partition(PartitionRole::Root) else {
         return Ok(None);
     };
@@ -174,6 +244,10 @@ fn partuuid_in_fstab(image: &Path, profile: &Profile, layout: &DiskLayout) -> Re
     let needle = format!("PARTUUID={}", layout.disk_id);
     Ok(String::from_utf8_lossy(&fstab)
         .lines()
-        .find(|l| !l.trim_start().starts_with('#') && l.to_ascii_lowercase().contains(&needle.to_ascii_lowercase()))
+        .find(|l| {
+            !l.trim_start().starts_with('#')
+                && l.to_ascii_lowercase()
+                    .contains(&needle.to_ascii_lowercase())
+        })
         .map(|l| l.trim().to_string()))
 }

@@ -22,7 +22,10 @@ pub fn psk_hex(ssid: &str, passphrase: &str) -> String {
 /// An SSID as wpa_supplicant reads it: quoted when plain printable ASCII, hex otherwise, so
 /// quotes, backslashes and non-ASCII names need no escaping rules.
 fn ssid_value(ssid: &str) -> String {
-    if ssid.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\') {
+    if ssid
+        .bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
         format!("\"{ssid}\"")
     } else {
         hex::encode(ssid.as_bytes())

@@ -19,10 +19,13 @@ impl Cache {
     pub fn open() -> Result<Cache> {
         let root = match std::env::var_os("KILN_CACHE_DIR") {
             Some(d) => PathBuf::from(d),
-            None => dirs::cache_dir().context("no cache directory; set KILN_CACHE_DIR")?.join("kiln"),
+            None => dirs::cache_dir()
+                .context("no cache directory; set KILN_CACHE_DIR")?
+                .join("kiln"),
         };
         for sub in ["downloads", "partial", "images"] {
-            std::fs::create_dir_all(root.join(sub)).with_context(|| format!("creating {}", root.join(sub).display()))?;
+            std::fs::create_dir_all(root.join(sub))
+                .with_context(|| format!("creating {}", root.join(sub).display()))?;
         }
         Ok(Cache { root })
     }
@@ -32,7 +35,10 @@ impl Cache {
     }
 
     pub fn partial(&self, url: &str) -> PathBuf {
-        self.root.join("partial").join(format!("{}.part", &hex::encode(Sha256::digest(url.as_bytes()))[..32]))
+        self.root.join("partial").join(format!(
+            "{}.part",
+            &hex::encode(Sha256::digest(url.as_bytes()))[..32]
+        ))
     }
 
     /// The decompressed raw image made from the source whose sha256 is `sha256`.
@@ -43,8 +49,16 @@ impl Cache {
     /// sha256 of a local file, remembered by device, inode, size and mtime so a 1.3 GB base is
     /// hashed once, not on every build.
     pub fn file_digest(&self, path: &Path) -> Result<String> {
-        let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
-        let key = format!("{}:{}:{}:{}.{}", meta.dev(), meta.ino(), meta.size(), meta.mtime(), meta.mtime_nsec());
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        let key = format!(
+            "{}:{}:{}:{}.{}",
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            meta.mtime(),
+            meta.mtime_nsec()
+        );
         let memo_path = self.root.join("digests.json");
         let mut memo: BTreeMap<String, String> = std::fs::read(&memo_path)
             .ok()
@@ -66,7 +80,8 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 4 << 20];
     loop {
-        let n = std::io::Read::read(&mut f, &mut buf).with_context(|| format!("reading {}", path.display()))?;
+        let n = std::io::Read::read(&mut f, &mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }

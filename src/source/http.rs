@@ -45,7 +45,10 @@ pub fn download(cache: &Cache, url: &str, expected: Option<&str>) -> Result<(Pat
             }
             Err(e) => {
                 if attempt < ATTEMPTS && is_retryable(&e) {
-                    eprintln!("download of {url} interrupted ({e:#}); resuming in {:.1} s", delay.as_secs_f64());
+                    eprintln!(
+                        "download of {url} interrupted ({e:#}); resuming in {:.1} s",
+                        delay.as_secs_f64()
+                    );
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_secs(30));
                 }
@@ -74,7 +77,8 @@ pub fn download(cache: &Cache, url: &str, expected: Option<&str>) -> Result<(Pat
         );
     }
     let dest = cache.download(&got);
-    std::fs::rename(&partial, &dest).with_context(|| format!("moving the download into {}", dest.display()))?;
+    std::fs::rename(&partial, &dest)
+        .with_context(|| format!("moving the download into {}", dest.display()))?;
     Ok((dest, got))
 }
 
@@ -89,7 +93,9 @@ fn fetch_once(agent: &ureq::Agent, url: &str, partial: &PathBuf) -> Result<()> {
     if have > 0 {
         req = req.header("Range", format!("bytes={have}-"));
     }
-    let resp = req.call().map_err(|e| anyhow::anyhow!("connecting to {url}: {e}"))?;
+    let resp = req
+        .call()
+        .map_err(|e| anyhow::anyhow!("connecting to {url}: {e}"))?;
     let status = resp.status().as_u16();
     let append = match status {
         206 => true,
@@ -117,11 +123,14 @@ fn fetch_once(agent: &ureq::Agent, url: &str, partial: &PathBuf) -> Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     let mut received = 0u64;
     loop {
-        let n = reader.read(&mut buf).with_context(|| format!("receiving {url} after {} bytes", start + received))?;
+        let n = reader
+            .read(&mut buf)
+            .with_context(|| format!("receiving {url} after {} bytes", start + received))?;
         if n == 0 {
             break;
         }
-        file.write_all(&buf[..n]).with_context(|| format!("writing {}", partial.display()))?;
+        file.write_all(&buf[..n])
+            .with_context(|| format!("writing {}", partial.display()))?;
         received += n as u64;
         progress.inc(n as u64);
     }

@@ -33,7 +33,9 @@ impl BaseRef {
         match s {
             None => BaseRef::Profile,
             Some("sample") => BaseRef::Sample,
-            Some(u) if u.starts_with("http://") || u.starts_with("https://") => BaseRef::Url(u.to_string()),
+            Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
+                BaseRef::Url(u.to_string())
+            }
             Some(p) => BaseRef::Path(PathBuf::from(p)),
         }
     }
@@ -49,11 +51,19 @@ pub struct BaseImage {
 }
 
 /// Resolves `base` for `profile` to a raw image file, downloading and decompressing as needed.
-pub fn prepare(base: &BaseRef, profile: &Profile, expected_sha256: Option<&str>) -> Result<BaseImage> {
+pub fn prepare(
+    base: &BaseRef,
+    profile: &Profile,
+    expected_sha256: Option<&str>,
+) -> Result<BaseImage> {
     let cache = Cache::open()?;
     match base {
         BaseRef::Sample => {
-            let dest = cache.root.join("images").join(format!("sample-{}-v{}.img", profile.name, env!("CARGO_PKG_VERSION")));
+            let dest = cache.root.join("images").join(format!(
+                "sample-{}-v{}.img",
+                profile.name,
+                env!("CARGO_PKG_VERSION")
+            ));
             if !dest.is_file() {
                 let tmp = crate::util::fsutil::temp_beside(&dest);
                 let made = sample::make(profile, &tmp);
@@ -64,20 +74,37 @@ pub fn prepare(base: &BaseRef, profile: &Profile, expected_sha256: Option<&str>)
                 std::fs::rename(&tmp, &dest)?;
             }
             let sha = cache.file_digest(&dest)?;
-            Ok(BaseImage { raw: dest, source_sha256: sha, description: format!("kiln sample with the {} layout", profile.name) })
+            Ok(BaseImage {
+                raw: dest,
+                source_sha256: sha,
+                description: format!("kiln sample with the {} layout", profile.name),
+            })
         }
         BaseRef::Profile => {
             let Some(url) = &profile.source.url else {
                 bail!(
                     "profile {} has no download URL; give the base image with --base{}",
                     profile.name,
-                    profile.source.obtain.as_ref().map(|o| format!(" ({o})")).unwrap_or_default()
+                    profile
+                        .source
+                        .obtain
+                        .as_ref()
+                        .map(|o| format!(" ({o})"))
+                        .unwrap_or_default()
                 );
             };
-            from_url(&cache, url, profile.source.sha256.as_deref().or(expected_sha256))
+            from_url(
+                &cache,
+                url,
+                profile.source.sha256.as_deref().or(expected_sha256),
+            )
         }
         BaseRef::Url(url) => {
-            let expected = expected_sha256.or(if Some(url) == profile.source.url.as_ref() { profile.source.sha256.as_deref() } else { None });
+            let expected = expected_sha256.or(if Some(url) == profile.source.url.as_ref() {
+                profile.source.sha256.as_deref()
+            } else {
+                None
+            });
             if expected.is_none() {
                 eprintln!("warning: no sha256 for {url}; give --base-sha256 to verify it");
             }
@@ -90,24 +117,38 @@ pub fn prepare(base: &BaseRef, profile: &Profile, expected_sha256: Option<&str>)
 fn from_url(cache: &Cache, url: &str, expected: Option<&str>) -> Result<BaseImage> {
     let (archive, sha) = http::download(cache, url, expected)?;
     let raw = decompressed(cache, &archive, &sha)?;
-    Ok(BaseImage { raw, source_sha256: sha, description: url.to_string() })
+    Ok(BaseImage {
+        raw,
+        source_sha256: sha,
+        description: url.to_string(),
+    })
 }
 
 fn from_path(cache: &Cache, path: &Path, expected: Option<&str>) -> Result<BaseImage> {
     if !path.is_file() {
-        bail!("base image {} does not exist or is not a file", path.display());
+        bail!(
+            "base image {} does not exist or is not a file",
+            path.display()
+        );
     }
     let sha = cache.file_digest(path)?;
     if let Some(e) = expected
         && !e.eq_ignore_ascii_case(&sha)
     {
-        bail!("checksum mismatch for {}: expected sha256 {e}, got {sha}", path.display());
+        bail!(
+            "checksum mismatch for {}: expected sha256 {e}, got {sha}",
+            path.display()
+        );
     }
     let raw = match Compression::of_file(path)? {
         Compression::None => path.to_path_buf(),
         _ => decompressed(cache, path, &sha)?,
     };
-    Ok(BaseImage { raw, source_sha256: sha, description: path.display().to_string() })
+    Ok(BaseImage {
+        raw,
+        source_sha256: sha,
+        description: path.display().to_string(),
+    })
 }
 
 /// The raw image inside `archive`, decompressed once into the cache (sparse).
@@ -126,7 +167,10 @@ fn decompressed(cache: &Cache, archive: &Path, sha: &str) -> Result<PathBuf> {
         let mut out = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut progress = Progress::new("decompress", decompress::decompressed_size_hint(archive));
         let len = decompress::with_decompressed(archive, |r| {
-            let mut pr = ProgressReader { inner: r, progress: &mut progress };
+            let mut pr = ProgressReader {
+                inner: r,
+                progress: &mut progress,
+            };
             sparse::write_sparse(&mut pr, &mut out)
         })?;
         progress.finish();

@@ -31,7 +31,10 @@ const STOCK_META_DATA: &str = "instance-id: pirate001\n";
 /// Writes the sample base for `profile` to `dest`.
 pub fn make(profile: &Profile, dest: &Path) -> Result<()> {
     if profile.disk.table != TableKind::Mbr || profile.disk.sector_size != 512 {
-        bail!("kiln can make sample images for 512-byte-sector MBR profiles only; {} is not one", profile.name);
+        bail!(
+            "kiln can make sample images for 512-byte-sector MBR profiles only; {} is not one",
+            profile.name
+        );
     }
     let mut parts = profile.partitions.clone();
     parts.sort_by_key(|p| p.index);
@@ -97,7 +100,12 @@ fn make_boot(dest: &Path, start: u64, size: u64, label: &str) -> Result<()> {
         )
         .context("formatting the sample boot partition")?;
     }
-    let part = crate::disk::Partition { index: 1, start, size, type_code: "0x0c".into() };
+    let part = crate::disk::Partition {
+        index: 1,
+        start,
+        size,
+        type_code: "0x0c".into(),
+    };
     let vol = fat::FatVolume::open(f, &part, fat::fat_datetime(SAMPLE_EPOCH))?;
     vol.write_file("config.txt", CONFIG_TXT.as_bytes())?;
     vol.write_file("cmdline.txt", CMDLINE_TXT.as_bytes())?;
@@ -111,10 +119,22 @@ fn make_root(dest: &Path, start: u64, size: u64, label: &str) -> Result<()> {
     let t = tree.path();
     let files: &[(&str, &str)] = &[
         ("etc/hostname", "black-pearl\n"),
-        ("etc/hosts", "127.0.0.1\tlocalhost\n127.0.1.1\tblack-pearl\n"),
-        ("etc/os-release", "PRETTY_NAME=\"Raspbian GNU/Linux 10 (buster)\"\nNAME=\"Raspbian GNU/Linux\"\nVERSION_ID=\"10\"\nID=raspbian\nID_LIKE=debian\nHYPRIOT_OS=\"HypriotOS/armhf\"\nHYPRIOT_OS_VERSION=\"v1.12.3\"\n"),
-        ("etc/fstab", "proc /proc proc defaults 0 0\n/dev/mmcblk0p1 /boot vfat defaults 0 2\n/dev/mmcblk0p2 / ext4 defaults,noatime 0 1\n"),
-        ("etc/kiln-sample", "This root filesystem is a kiln sample, not a bootable HypriotOS.\n"),
+        (
+            "etc/hosts",
+            "127.0.0.1\tlocalhost\n127.0.1.1\tblack-pearl\n",
+        ),
+        (
+            "etc/os-release",
+            "PRETTY_NAME=\"Raspbian GNU/Linux 10 (buster)\"\nNAME=\"Raspbian GNU/Linux\"\nVERSION_ID=\"10\"\nID=raspbian\nID_LIKE=debian\nHYPRIOT_OS=\"HypriotOS/armhf\"\nHYPRIOT_OS_VERSION=\"v1.12.3\"\n",
+        ),
+        (
+            "etc/fstab",
+            "proc /proc proc defaults 0 0\n/dev/mmcblk0p1 /boot vfat defaults 0 2\n/dev/mmcblk0p2 / ext4 defaults,noatime 0 1\n",
+        ),
+        (
+            "etc/kiln-sample",
+            "This root filesystem is a kiln sample, not a bootable HypriotOS.\n",
+        ),
     ];
     for (path, content) in files {
         let p = t.join(path);
@@ -122,7 +142,15 @@ fn make_root(dest: &Path, start: u64, size: u64, label: &str) -> Result<()> {
         std::fs::write(&p, content)?;
     }
     set_times(t)?;
-    ext4::mkfs_from_tree(dest, start, size, t, label, "4b1d0c2e-5a6f-4e7d-8c9b-0a1b2c3d4e5f", SAMPLE_EPOCH)
+    ext4::mkfs_from_tree(
+        dest,
+        start,
+        size,
+        t,
+        label,
+        "4b1d0c2e-5a6f-4e7d-8c9b-0a1b2c3d4e5f",
+        SAMPLE_EPOCH,
+    )
 }
 
 fn set_times(dir: &Path) -> Result<()> {
@@ -132,8 +160,16 @@ fn set_times(dir: &Path) -> Result<()> {
         if e.file_type()?.is_dir() {
             set_times(&e.path())?;
         }
-        File::open(e.path())?.set_times(std::fs::FileTimes::new().set_accessed(when).set_modified(when))?;
+        File::open(e.path())?.set_times(
+            std::fs::FileTimes::new()
+                .set_accessed(when)
+                .set_modified(when),
+        )?;
     }
-    File::open(dir)?.set_times(std::fs::FileTimes::new().set_accessed(when).set_modified(when))?;
+    File::open(dir)?.set_times(
+        std::fs::FileTimes::new()
+            .set_accessed(when)
+            .set_modified(when),
+    )?;
     Ok(())
 }

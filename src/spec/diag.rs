@@ -159,7 +159,12 @@ impl SourceText {
     }
 
     /// An error at `path` (or at the top of the file when the path is not found).
-    pub fn error_at(&self, path: &[Seg], message: impl Into<String>, hint: Option<&str>) -> SpecError {
+    pub fn error_at(
+        &self,
+        path: &[Seg],
+        message: impl Into<String>,
+        hint: Option<&str>,
+    ) -> SpecError {
         let (line, column) = match self.span_of(path) {
             Some(span) => {
                 let (l, c) = self.line_col(span.start);

@@ -59,9 +59,18 @@ mod tests {
 
     #[test]
     fn derived_values_are_stable_and_distinct() {
-        assert_eq!(disk_signature("ceil", "ceil-one"), disk_signature("ceil", "ceil-one"));
-        assert_ne!(disk_signature("ceil", "ceil-one"), disk_signature("ceil", "ceil-two"));
-        assert_ne!(disk_signature("ceil", "ceil-one"), disk_signature("other", "ceil-one"));
+        assert_eq!(
+            disk_signature("ceil", "ceil-one"),
+            disk_signature("ceil", "ceil-one")
+        );
+        assert_ne!(
+            disk_signature("ceil", "ceil-one"),
+            disk_signature("ceil", "ceil-two")
+        );
+        assert_ne!(
+            disk_signature("ceil", "ceil-one"),
+            disk_signature("other", "ceil-one")
+        );
         assert_ne!(uuid("s", "n", "a"), uuid("s", "n", "b"));
         assert_eq!(uuid("s", "n", "a").get_version_num(), 5);
     }
@@ -76,7 +85,13 @@ mod tests {
 
     #[test]
     fn salts_differ_per_node_and_user() {
-        assert_ne!(crypt_salt("c", "n1", "admin"), crypt_salt("c", "n2", "admin"));
-        assert_ne!(crypt_salt("c", "n1", "admin"), crypt_salt("c", "n1", "root"));
+        assert_ne!(
+            crypt_salt("c", "n1", "admin"),
+            crypt_salt("c", "n2", "admin")
+        );
+        assert_ne!(
+            crypt_salt("c", "n1", "admin"),
+            crypt_salt("c", "n1", "root")
+        );
     }
 }

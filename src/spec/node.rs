@@ -23,7 +23,10 @@ impl Secret {
         &self.0
     }
     fn digest(&self) -> String {
-        format!("sha256:{}", &hex::encode(Sha256::digest(self.0.as_bytes()))[..16])
+        format!(
+            "sha256:{}",
+            &hex::encode(Sha256::digest(self.0.as_bytes()))[..16]
+        )
     }
 }
 
@@ -135,7 +138,11 @@ pub struct InputFile {
 impl InputFile {
     pub fn new(path: String, bytes: Vec<u8>) -> Self {
         let sha256 = hex::encode(Sha256::digest(&bytes));
-        InputFile { path, bytes, sha256 }
+        InputFile {
+            path,
+            bytes,
+            sha256,
+        }
     }
 }
 

@@ -123,7 +123,10 @@ pub fn list(search_dirs: &[PathBuf]) -> Vec<(String, String)> {
         if let Ok(entries) = std::fs::read_dir(dir) {
             for e in entries.flatten() {
                 if e.path().join("overlay.toml").is_file() {
-                    found.insert(e.file_name().to_string_lossy().into(), e.path().display().to_string());
+                    found.insert(
+                        e.file_name().to_string_lossy().into(),
+                        e.path().display().to_string(),
+                    );
                 }
             }
         }
@@ -131,7 +134,9 @@ pub fn list(search_dirs: &[PathBuf]) -> Vec<(String, String)> {
     for d in BUILTIN.dirs() {
         if d.get_file(d.path().join("overlay.toml")).is_some() {
             let name = d.path().display().to_string();
-            found.entry(name).or_insert_with(|| "<built-in>".to_string());
+            found
+                .entry(name)
+                .or_insert_with(|| "<built-in>".to_string());
         }
     }
     found.into_iter().collect()
@@ -178,10 +183,20 @@ fn load_from_disk(name: &str, dir: &Path) -> Result<Overlay> {
         walk_disk(&tree, &tree, &mut raw)?;
     }
     let manifest_file = InputFile::new(manifest_path.display().to_string(), text.into_bytes());
-    assemble(name, dir.display().to_string(), manifest, manifest_file, raw)
+    assemble(
+        name,
+        dir.display().to_string(),
+        manifest,
+        manifest_file,
+        raw,
+    )
 }
 
-fn walk_disk(base: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>, bool, String)>) -> Result<()> {
+fn walk_disk(
+    base: &Path,
+    dir: &Path,
+    out: &mut Vec<(String, Vec<u8>, bool, String)>,
+) -> Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .collect::<std::io::Result<_>>()?;
@@ -195,10 +210,19 @@ fn walk_disk(base: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>, bool, Stri
             use std::os::unix::fs::PermissionsExt;
             let exec = e.metadata()?.permissions().mode() & 0o111 != 0;
             let rel = path.strip_prefix(base).expect("under base");
-            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            out.push((format!("/{}", rel.display()), bytes, exec, path.display().to_string()));
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            out.push((
+                format!("/{}", rel.display()),
+                bytes,
+                exec,
+                path.display().to_string(),
+            ));
         } else {
-            bail!("{}: overlays hold regular files only (found a symlink or device)", path.display());
+            bail!(
+                "{}: overlays hold regular files only (found a symlink or device)",
+                path.display()
+            );
         }
     }
     Ok(())
@@ -304,8 +328,15 @@ mod tests {
         )
         .unwrap();
         let ov = load("demo", &[dir.path().to_path_buf()]).unwrap();
-        let modes: Vec<_> = ov.files.iter().map(|f| (f.target.as_str(), f.mode)).collect();
-        assert_eq!(modes, vec![("/etc/demo/a.conf", 0o644), ("/etc/demo/secret", 0o600)]);
+        let modes: Vec<_> = ov
+            .files
+            .iter()
+            .map(|f| (f.target.as_str(), f.mode))
+            .collect();
+        assert_eq!(
+            modes,
+            vec![("/etc/demo/a.conf", 0o644), ("/etc/demo/secret", 0o600)]
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use super::diag::SourceText;
+use super::diag::{Seg, SourceText};
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -187,13 +187,17 @@ impl Profile {
             && (sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()))
         {
             return Err(source
-                .error_at(&crate::keypath!["source", "sha256"], "sha256 must be 64 hex digits", None)
+                .error_at(
+                    &[Seg::Key("source".into()), Seg::Key("sha256".into())],
+                    "sha256 must be 64 hex digits",
+                    None,
+                )
                 .into());
         }
         if !matches!(self.disk.sector_size, 512 | 4096) {
             return Err(source
                 .error_at(
-                    &crate::keypath!["disk", "sector_size"],
+                    &[Seg::Key("disk".into()), Seg::Key("sector_size".into())],
                     format!("sector size {} is not 512 or 4096", self.disk.sector_size),
                     None,
                 )
@@ -202,7 +206,10 @@ impl Profile {
         if self.partition(self.provision.seed_partition).is_none() {
             return Err(source
                 .error_at(
-                    &crate::keypath!["provision", "seed_partition"],
+                    &[
+                        Seg::Key("provision".into()),
+                        Seg::Key("seed_partition".into()),
+                    ],
                     "no partition has the seed partition's role",
                     None,
                 )
@@ -213,15 +220,16 @@ impl Profile {
 }
 
 /// The profiles compiled into kiln, so an installed binary works without the source tree.
-const BUILTIN: &[(&str, &str)] = &[(
-    "hypriot-rpi",
-    include_str!("../../images/hypriot-rpi.toml"),
-)];
+const BUILTIN: &[(&str, &str)] = &[("hypriot-rpi", include_str!("../../images/hypriot-rpi.toml"))];
 
 /// Finds and parses the profile `name`: first `images/<name>.toml` in each search directory, then
 /// the built-in copy.
 pub fn load(name: &str, search_dirs: &[PathBuf]) -> Result<(Profile, ProfileOrigin)> {
-    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
         bail!("image profile name {name:?} may only contain letters, digits, '-' and '_'");
     }
     for dir in search_dirs {
@@ -292,14 +300,19 @@ mod tests {
         );
         assert_eq!(p.disk.table, TableKind::Mbr);
         let boot = p.partition(PartitionRole::Boot).unwrap();
-        assert_eq!((boot.index, boot.fs, boot.label.as_deref()), (1, FsKind::Vfat, Some("HypriotOS")));
+        assert_eq!(
+            (boot.index, boot.fs, boot.label.as_deref()),
+            (1, FsKind::Vfat, Some("HypriotOS"))
+        );
         assert_eq!(p.partition(PartitionRole::Root).unwrap().index, 2);
     }
 
     #[test]
     fn unknown_profile_key_names_the_line() {
         let text = "name = \"x\"\ndescription = \"d\"\nbogus = 1\n";
-        let err = Profile::parse(Path::new("images/x.toml"), text).unwrap_err().to_string();
+        let err = Profile::parse(Path::new("images/x.toml"), text)
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("images/x.toml:3:1:"), "{err}");
         assert!(err.contains("bogus"), "{err}");
     }

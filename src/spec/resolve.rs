@@ -36,7 +36,11 @@ impl Cluster {
             format!(
                 "no node named {name:?} in {} (nodes: {})",
                 self.file.path,
-                self.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ")
+                self.nodes
+                    .iter()
+                    .map(|n| n.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )
         })
     }
@@ -94,13 +98,18 @@ pub fn load(path: &Path) -> Result<Cluster> {
     if !r.errors.is_empty() {
         // A problem in [defaults] shows up once per node; report it once.
         let mut seen = BTreeSet::new();
-        r.errors.retain(|e| seen.insert((e.line, e.column, e.message.clone())));
+        r.errors
+            .retain(|e| seen.insert((e.line, e.column, e.message.clone())));
         return Err(SpecErrors(r.errors).into());
     }
     let profiles = r.profiles;
     Ok(Cluster {
         name: parsed.cluster.name.clone(),
-        seed: parsed.cluster.seed.clone().unwrap_or_else(|| parsed.cluster.name.clone()),
+        seed: parsed
+            .cluster
+            .seed
+            .clone()
+            .unwrap_or_else(|| parsed.cluster.name.clone()),
         file: InputFile::new(path.display().to_string(), text.into_bytes()),
         dir,
         nodes,
@@ -124,7 +133,9 @@ pub fn valid_hostname(s: &str) -> bool {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
 }
 
@@ -136,7 +147,9 @@ fn valid_username(s: &str) -> bool {
 }
 
 fn valid_crypt_hash(s: &str) -> bool {
-    ["$6$", "$5$", "$y$", "$2b$", "$2y$"].iter().any(|p| s.starts_with(p))
+    ["$6$", "$5$", "$y$", "$2b$", "$2y$"]
+        .iter()
+        .any(|p| s.starts_with(p))
         && s.len() > 20
         && !s.contains(char::is_whitespace)
         && !s.contains(':')
@@ -146,13 +159,15 @@ fn valid_timezone(s: &str) -> bool {
     !s.is_empty()
         && !s.starts_with('/')
         && !s.contains("..")
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/_+-".contains(&b))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/_+-".contains(&b))
 }
 
 fn valid_ifname(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 15
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
 }
 
 impl Resolver<'_> {
@@ -211,9 +226,17 @@ impl Resolver<'_> {
     }
 
     fn resolve(&mut self, f: &ClusterFile) -> Vec<NodeConfig> {
-        let seed = f.cluster.seed.clone().unwrap_or_else(|| f.cluster.name.clone());
+        let seed = f
+            .cluster
+            .seed
+            .clone()
+            .unwrap_or_else(|| f.cluster.name.clone());
         if f.cluster.name.trim().is_empty() {
-            self.err(keypath!["cluster", "name"], "the cluster name is empty", None);
+            self.err(
+                keypath!["cluster", "name"],
+                "the cluster name is empty",
+                None,
+            );
         }
         for key in ["name", "hostname", "serial"] {
             let set = match key {
@@ -230,9 +253,13 @@ impl Resolver<'_> {
             }
         }
         if f.nodes.is_empty() {
-            self.err(keypath!["cluster"], "the cluster has no [[node]] tables", None);
+            self.err(
+                keypath!["cluster"],
+                "the cluster has no [[node]] tables",
+                None,
+            );
         }
-        let users = self.users(f, &seed);
+        let users = self.users(f);
         let mut nodes = Vec::new();
         let mut names = BTreeSet::new();
         let mut addresses: BTreeMap<IpAddr, String> = BTreeMap::new();
@@ -249,18 +276,22 @@ impl Resolver<'_> {
                 );
             }
             if !names.insert(name.clone()) {
-                self.err(keypath!["node", i, "name"], format!("node {name:?} is defined twice"), None);
+                self.err(
+                    keypath!["node", i, "name"],
+                    format!("node {name:?} is defined twice"),
+                    None,
+                );
             }
             if let Some(node) = self.node(f, i, n, &name, &seed, &users) {
                 for (ifname, iface) in &node.network {
-                    if let Some(ip) = iface.static_ip() {
-                        if let Some(other) = addresses.insert(ip, name.clone()) {
-                            self.err(
-                                keypath!["node", i, "network", ifname, "address"],
-                                format!("address {ip} is already used by node {other}"),
-                                None,
-                            );
-                        }
+                    if let Some(ip) = iface.static_ip()
+                        && let Some(other) = addresses.insert(ip, name.clone())
+                    {
+                        self.err(
+                            keypath!["node", i, "network", ifname, "address"],
+                            format!("address {ip} is already used by node {other}"),
+                            None,
+                        );
                     }
                 }
                 nodes.push(node);
@@ -270,7 +301,7 @@ impl Resolver<'_> {
         nodes
     }
 
-    fn users(&mut self, f: &ClusterFile, seed: &str) -> Vec<(UserSpec, Option<Secret>)> {
+    fn users(&mut self, f: &ClusterFile) -> Vec<(UserSpec, Option<Secret>)> {
         let mut seen = BTreeSet::new();
         let mut out = Vec::new();
         for (i, u) in f.users.iter().enumerate() {
@@ -282,7 +313,11 @@ impl Resolver<'_> {
                 );
             }
             if !seen.insert(u.name.clone()) {
-                self.err(keypath!["users", i, "name"], format!("user {:?} is defined twice", u.name), None);
+                self.err(
+                    keypath!["users", i, "name"],
+                    format!("user {:?} is defined twice", u.name),
+                    None,
+                );
             }
             if let Some(h) = &u.password_hash
                 && !valid_crypt_hash(h)
@@ -307,12 +342,15 @@ impl Resolver<'_> {
             if let Some(p) = &plain
                 && p.expose().is_empty()
             {
-                self.err(keypath!["users", i, "password"], "the password file is empty", None);
+                self.err(
+                    keypath!["users", i, "password"],
+                    "the password file is empty",
+                    None,
+                );
             }
             for (k, key) in u.ssh_authorized_keys.iter().enumerate() {
                 self.check_ssh_key(keypath!["users", i, "ssh_authorized_keys", k], key);
             }
-            let _ = seed;
             out.push((u.clone(), plain));
         }
         for (k, key) in f.cluster.ssh_authorized_keys.iter().enumerate() {
@@ -325,7 +363,8 @@ impl Resolver<'_> {
         let mut parts = key.split_whitespace();
         let kind = parts.next().unwrap_or("");
         let body = parts.next().unwrap_or("");
-        let known = kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-");
+        let known =
+            kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-");
         if !known || body.len() < 16 || key.contains('\n') {
             self.err(
                 path,
@@ -345,7 +384,11 @@ impl Resolver<'_> {
                 true
             }
             Err(e) => {
-                self.err(path, format!("{e:#}"), Some("profiles live in images/<name>.toml"));
+                self.err(
+                    path,
+                    format!("{e:#}"),
+                    Some("profiles live in images/<name>.toml"),
+                );
                 false
             }
         }
@@ -364,7 +407,11 @@ impl Resolver<'_> {
         let before = self.errors.len();
         // Where a setting came from, for error locations: the node if it sets it, else defaults.
         let at = |key: &str, node_has: bool| -> KeyPath {
-            if node_has { keypath!["node", i, key] } else { keypath!["defaults", key] }
+            if node_has {
+                keypath!["node", i, key]
+            } else {
+                keypath!["defaults", key]
+            }
         };
 
         let hostname = n.hostname.clone().unwrap_or_else(|| name.to_string());
@@ -422,7 +469,11 @@ impl Resolver<'_> {
         let mut network = BTreeMap::new();
         for (ifname, (spec, base)) in &specs {
             if !valid_ifname(ifname) {
-                self.err(base.clone(), format!("{ifname:?} is not an interface name"), None);
+                self.err(
+                    base.clone(),
+                    format!("{ifname:?} is not an interface name"),
+                    None,
+                );
                 continue;
             }
             if let Some(iface) = self.interface(base, ifname, spec) {
@@ -434,7 +485,12 @@ impl Resolver<'_> {
         }
 
         let wifi_spec = n.wifi.clone().or_else(|| d.wifi.clone());
-        let wifi_path = |k: &str| at("wifi", n.wifi.is_some()).into_iter().chain(keypath![k]).collect::<KeyPath>();
+        let wifi_path = |k: &str| {
+            at("wifi", n.wifi.is_some())
+                .into_iter()
+                .chain(keypath![k])
+                .collect::<KeyPath>()
+        };
         let wifi = match wifi_spec {
             None => None,
             Some(w) => {
@@ -443,7 +499,11 @@ impl Resolver<'_> {
                         Some(c.to_ascii_uppercase())
                     }
                     Some(c) => {
-                        self.err(wifi_path("country"), format!("{c:?} is not a two-letter country code"), None);
+                        self.err(
+                            wifi_path("country"),
+                            format!("{c:?} is not a two-letter country code"),
+                            None,
+                        );
                         None
                     }
                     None => {
@@ -465,7 +525,10 @@ impl Resolver<'_> {
                     if !(hex64 || (8..=63).contains(&s.len())) {
                         self.err(
                             wifi_path("psk"),
-                            format!("a WPA passphrase is 8 to 63 characters (this one has {})", s.len()),
+                            format!(
+                                "a WPA passphrase is 8 to 63 characters (this one has {})",
+                                s.len()
+                            ),
                             None,
                         );
                     }
@@ -485,12 +548,19 @@ impl Resolver<'_> {
             }
         };
 
-        let overlays = n.overlays.clone().or_else(|| d.overlays.clone()).unwrap_or_default();
+        let overlays = n
+            .overlays
+            .clone()
+            .or_else(|| d.overlays.clone())
+            .unwrap_or_default();
         let overlay_dirs = search_dirs(self.dir, "overlays");
         for (k, o) in overlays.iter().enumerate() {
             if let Err(e) = overlay::load(o, &overlay_dirs) {
                 self.err(
-                    at("overlays", n.overlays.is_some()).into_iter().chain(keypath![k]).collect(),
+                    at("overlays", n.overlays.is_some())
+                        .into_iter()
+                        .chain(keypath![k])
+                        .collect(),
                     format!("{e:#}"),
                     None,
                 );
@@ -511,20 +581,30 @@ impl Resolver<'_> {
         });
 
         let mut boot_files = BTreeMap::new();
-        let boot = n.boot.clone().or_else(|| d.boot.clone()).unwrap_or_default();
+        let boot = n
+            .boot
+            .clone()
+            .or_else(|| d.boot.clone())
+            .unwrap_or_default();
         for (file_name, rel, key) in [
             ("config.txt", &boot.config_txt, "config_txt"),
             ("cmdline.txt", &boot.cmdline_txt, "cmdline_txt"),
         ] {
             if let Some(rel) = rel {
-                let path = at("boot", n.boot.is_some()).into_iter().chain(keypath![key]).collect();
+                let path = at("boot", n.boot.is_some())
+                    .into_iter()
+                    .chain(keypath![key])
+                    .collect();
                 if let Some(f) = self.read_file(path, rel, file_name) {
                     boot_files.insert(file_name.to_string(), f);
                 }
             }
         }
 
-        let docker = n.docker.or(d.docker).unwrap_or(profile.provision.docker_preinstalled);
+        let docker = n
+            .docker
+            .or(d.docker)
+            .unwrap_or(profile.provision.docker_preinstalled);
         let node_users = self.node_users(f, name, seed, users, &profile, docker);
 
         if self.errors.len() > before {
@@ -547,17 +627,30 @@ impl Resolver<'_> {
         })
     }
 
-    fn interface(&mut self, base: &KeyPath, ifname: &str, spec: &InterfaceSpec) -> Option<Interface> {
+    fn interface(
+        &mut self,
+        base: &KeyPath,
+        ifname: &str,
+        spec: &InterfaceSpec,
+    ) -> Option<Interface> {
         let key = |k: &str| base.iter().cloned().chain(keypath![k]).collect::<KeyPath>();
         match (spec.dhcp, &spec.address) {
             (Some(true), None) => {
                 if spec.gateway.is_some() {
-                    self.err(key("gateway"), format!("{ifname} uses DHCP; a gateway needs a static address"), None);
+                    self.err(
+                        key("gateway"),
+                        format!("{ifname} uses DHCP; a gateway needs a static address"),
+                        None,
+                    );
                 }
                 Some(Interface::Dhcp)
             }
             (Some(true), Some(_)) => {
-                self.err(key("address"), format!("{ifname}: choose dhcp = true or a static address, not both"), None);
+                self.err(
+                    key("address"),
+                    format!("{ifname}: choose dhcp = true or a static address, not both"),
+                    None,
+                );
                 None
             }
             (_, None) => {
@@ -577,7 +670,11 @@ impl Resolver<'_> {
                         } else {
                             "write the address with its prefix, for example 11.0.0.101/25"
                         };
-                        self.err(key("address"), format!("{addr:?} is not an address with a prefix"), Some(hint));
+                        self.err(
+                            key("address"),
+                            format!("{addr:?} is not an address with a prefix"),
+                            Some(hint),
+                        );
                         return None;
                     }
                 };
@@ -590,7 +687,9 @@ impl Resolver<'_> {
                 if !host_part_ok {
                     self.err(
                         key("address"),
-                        format!("{addr} is the network or broadcast address of its subnet, not a host"),
+                        format!(
+                            "{addr} is the network or broadcast address of its subnet, not a host"
+                        ),
                         None,
                     );
                 }
@@ -599,13 +698,20 @@ impl Resolver<'_> {
                     Some(g) => match g.parse::<IpAddr>() {
                         Ok(ip) if net.contains(&ip) && ip != net.addr() => Some(ip),
                         Ok(ip) if ip == net.addr() => {
-                            self.err(key("gateway"), format!("gateway {ip} is the node's own address"), None);
+                            self.err(
+                                key("gateway"),
+                                format!("gateway {ip} is the node's own address"),
+                                None,
+                            );
                             None
                         }
                         Ok(ip) => {
                             self.err(
                                 key("gateway"),
-                                format!("gateway {ip} is outside {} — the node could not reach it", net.trunc()),
+                                format!(
+                                    "gateway {ip} is outside {} — the node could not reach it",
+                                    net.trunc()
+                                ),
                                 None,
                             );
                             None
@@ -627,7 +733,11 @@ impl Resolver<'_> {
                         ),
                     }
                 }
-                Some(Interface::Static { address: net, gateway, dns })
+                Some(Interface::Static {
+                    address: net,
+                    gateway,
+                    dns,
+                })
             }
         }
     }
@@ -667,7 +777,10 @@ impl Resolver<'_> {
                 keys.dedup();
                 let password_hash = u.password_hash.clone().or_else(|| {
                     plain.as_ref().map(|p| {
-                        crate::provision::password::sha512_crypt(p.expose(), &ids::crypt_salt(seed, node, &u.name))
+                        crate::provision::password::sha512_crypt(
+                            p.expose(),
+                            &ids::crypt_salt(seed, node, &u.name),
+                        )
                     })
                 });
                 User {
@@ -691,20 +804,36 @@ impl Resolver<'_> {
             let n = f.nodes.iter().find(|n| n.name.as_deref() == Some(name));
             n.and_then(|n| n.swarm).or(f.defaults.swarm).unwrap_or(true)
         };
-        let members: Vec<String> = nodes.iter().filter(|n| member(f, &n.name)).map(|n| n.name.clone()).collect();
+        let members: Vec<String> = nodes
+            .iter()
+            .filter(|n| member(f, &n.name))
+            .map(|n| n.name.clone())
+            .collect();
         if s.managers.is_empty() {
             if !members.is_empty() {
                 self.err(
                     keypath!["swarm", "managers"],
-                    format!("swarm nodes ({}) have no manager to join", members.join(", ")),
+                    format!(
+                        "swarm nodes ({}) have no manager to join",
+                        members.join(", ")
+                    ),
                     Some("name at least one node in managers = [\"…\"]"),
                 );
             }
             return;
         }
         for (k, m) in s.managers.iter().enumerate() {
-            if !nodes.iter().any(|n| &n.name == m) && !f.nodes.iter().any(|n| n.name.as_deref() == Some(m.as_str())) {
-                self.err(keypath!["swarm", "managers", k], format!("manager {m:?} is not a node of this cluster"), None);
+            if !nodes.iter().any(|n| &n.name == m)
+                && !f
+                    .nodes
+                    .iter()
+                    .any(|n| n.name.as_deref() == Some(m.as_str()))
+            {
+                self.err(
+                    keypath!["swarm", "managers", k],
+                    format!("manager {m:?} is not a node of this cluster"),
+                    None,
+                );
                 return;
             }
         }
@@ -716,7 +845,11 @@ impl Resolver<'_> {
         let manager_addr = match (&s.advertise_addr, first_ip) {
             (Some(a), _) => {
                 if a.parse::<IpAddr>().is_err() && !valid_hostname(a) {
-                    self.err(keypath!["swarm", "advertise_addr"], format!("{a:?} is not an address or host name"), None);
+                    self.err(
+                        keypath!["swarm", "advertise_addr"],
+                        format!("{a:?} is not an address or host name"),
+                        None,
+                    );
                 }
                 a.clone()
             }
@@ -772,7 +905,11 @@ impl Resolver<'_> {
                 node.swarm = Some(SwarmRole::Init { advertise_addr });
             } else {
                 let as_manager = s.managers.contains(&node.name);
-                let t = if as_manager { manager_token.clone() } else { token.clone() };
+                let t = if as_manager {
+                    manager_token.clone()
+                } else {
+                    token.clone()
+                };
                 if let Some(token) = t {
                     node.swarm = Some(SwarmRole::Join {
                         manager_addr: manager_addr.clone(),

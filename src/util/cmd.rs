@@ -43,7 +43,9 @@ pub fn require(tool: &str) -> Result<()> {
         return Ok(());
     }
     match package_of(tool) {
-        Some(pkg) => bail!("{tool} is not installed; install the {pkg} package (apt-get install {pkg})"),
+        Some(pkg) => {
+            bail!("{tool} is not installed; install the {pkg} package (apt-get install {pkg})")
+        }
         None => bail!("{tool} is not installed"),
     }
 }
@@ -64,7 +66,10 @@ pub fn run_with(cmd: &mut Command, tool: &str) -> Result<Output> {
     let shown = format!(
         "{} {}",
         tool,
-        cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+        cmd.get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     let out = cmd
         .stdin(Stdio::null())
@@ -72,7 +77,14 @@ pub fn run_with(cmd: &mut Command, tool: &str) -> Result<Output> {
         .map_err(|e| anyhow::anyhow!("running {shown}: {e}"))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = stderr.lines().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect();
+        let tail: Vec<&str> = stderr
+            .lines()
+            .rev()
+            .take(12)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
         bail!("{shown} failed ({}):\n{}", out.status, tail.join("\n"));
     }
     Ok(out)

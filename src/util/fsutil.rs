@@ -8,7 +8,10 @@ use anyhow::{Context, Result};
 /// A temporary path beside `dest`, hidden and marked partial (`.<name>.tmp-<pid>`), on the same
 /// filesystem so the final rename is atomic.
 pub fn temp_beside(dest: &Path) -> PathBuf {
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     dest.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
@@ -16,9 +19,12 @@ pub fn temp_beside(dest: &Path) -> PathBuf {
 pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = temp_beside(dest);
     let result = (|| -> Result<()> {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
-        f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.sync_all()
+            .with_context(|| format!("syncing {}", tmp.display()))?;
         std::fs::rename(&tmp, dest).with_context(|| format!("renaming into {}", dest.display()))?;
         Ok(())
     })();

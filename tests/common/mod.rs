@@ -16,14 +16,19 @@ pub fn repo() -> PathBuf {
 /// A kiln command with its own cache directory.
 pub fn kiln(cache: &Path) -> Command {
     let mut c = Command::new(kiln_bin());
-    c.env("KILN_CACHE_DIR", cache).env_remove("SOURCE_DATE_EPOCH");
+    c.env("KILN_CACHE_DIR", cache)
+        .env_remove("SOURCE_DATE_EPOCH");
     c
 }
 
 /// True when every tool is on PATH. Otherwise the test is skipped with a message — unless
 /// KILN_REQUIRE_TOOLS=1 (CI), where a missing tool is a failure, so CI cannot pass by skipping.
 pub fn have_tools(tools: &[&str]) -> bool {
-    let missing: Vec<&str> = tools.iter().copied().filter(|t| which(t).is_none()).collect();
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| which(t).is_none())
+        .collect();
     if missing.is_empty() {
         return true;
     }
@@ -35,12 +40,16 @@ pub fn have_tools(tools: &[&str]) -> bool {
 }
 
 pub fn which(tool: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(tool)).find(|p| p.is_file())
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
 }
 
 /// Runs a command, panicking with its output when it fails.
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     if !out.status.success() {
         panic!(
             "{cmd:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
@@ -59,7 +68,9 @@ pub fn stdout(cmd: &mut Command) -> String {
 /// Makes the sfdisk + mkfs.vfat + mkfs.ext4 HypriotOS-layout fixture.
 pub fn hypriot_fixture(dir: &Path) -> PathBuf {
     let img = dir.join("hypriot-layout.img");
-    run(Command::new("bash").arg(repo().join("tests/fixtures/make-hypriot-layout.sh")).arg(&img));
+    run(Command::new("bash")
+        .arg(repo().join("tests/fixtures/make-hypriot-layout.sh"))
+        .arg(&img));
     img
 }
 

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs the external tools kiln and its tests use (Debian 12, as root). Safe to run again.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# Debian's qemu-system-x86 wants the qemu-utils of its own version; pin both to the candidate.
+qv=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+apt-get install -y -q --allow-downgrades --no-install-recommends \
+    "qemu-utils=$qv" "qemu-block-extra=$qv" qemu-system-x86 ovmf systemd-boot-efi \
+    e2fsprogs dosfstools mtools fdisk gdisk bmap-tools android-sdk-libsparse-utils \
+    debootstrap cloud-init xz-utils zstd unzip hyperfine >/dev/null
+echo "setup: tools installed"

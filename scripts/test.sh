@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test command: formatting, lints, then every test (unit, integration against independent
+# tools, the QEMU boot). CI runs this through .ci/run; run it yourself the same way.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo fmt --all -- --check
+cargo clippy --all-targets -- -D warnings
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --no-fail-fast
+else
+    cargo test --no-fail-fast
+fi
