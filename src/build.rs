@@ -5,6 +5,7 @@
 //! then renamed into place with its bmap, checksum and manifest. A failure at any step removes the
 //! temporaries: `out/` never holds half an image.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -12,6 +13,7 @@ use anyhow::{Context, Result};
 use crate::format::manifest::{Entry, Manifest, sha256sum_line};
 use crate::format::writer;
 use crate::provision::{plan, stamp};
+use crate::source::cache::Cache;
 use crate::source::{self, BaseRef};
 use crate::spec::Cluster;
 use crate::spec::node::NodeConfig;
@@ -59,9 +61,30 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
     }
     let mut guard = TempGuard::default();
     let tmp_image = guard.track(temp_beside(&image));
-    let (bmap, sha256) =
-        writer::write_image(&base.raw, &stamped.patches, &tmp_image, &stamped.used)
-            .with_context(|| format!("writing {}", tmp_image.display()))?;
+    // Range checksums of partitions this node leaves untouched are the same for every node built
+    // on this base; remember them so the next build hashes only what changed.
+    let sums_path = Cache::open()?
+        .root
+        .join("images")
+        .join(format!("{}.range-sums.json", base.source_sha256));
+    let known = load_sums(&sums_path);
+    let boundaries: Vec<u64> = stamped
+        .report
+        .layout_before
+        .partitions
+        .iter()
+        .flat_map(|p| [p.start, p.end()])
+        .collect();
+    let (bmap, sha256) = writer::write_image(
+        &base.raw,
+        &stamped.patches,
+        &tmp_image,
+        &stamped.used,
+        &boundaries,
+        &known,
+    )
+    .with_context(|| format!("writing {}", tmp_image.display()))?;
+    store_sums(&sums_path, &writer::reusable_sums(&bmap, &stamped.patches));
     let bmap_xml = bmap.to_xml();
     let image_name = file_name(&image);
     let sum_line = sha256sum_line(&sha256, &image_name);
@@ -159,6 +182,30 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
         mapped_bytes: bmap.mapped_blocks() * bmap.block_size,
         image_size,
     })
+}
+
+fn load_sums(path: &Path) -> BTreeMap<(u64, u64), String> {
+    let raw: BTreeMap<String, String> = std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    raw.into_iter()
+        .filter_map(|(k, v)| {
+            let (a, b) = k.split_once('-')?;
+            Some(((a.parse().ok()?, b.parse().ok()?), v))
+        })
+        .collect()
+}
+
+/// Best effort: a cache that cannot be written only costs the next build some hashing.
+fn store_sums(path: &Path, sums: &BTreeMap<(u64, u64), String>) {
+    let raw: BTreeMap<String, &String> = sums
+        .iter()
+        .map(|((a, b), v)| (format!("{a}-{b}"), v))
+        .collect();
+    if let Ok(json) = serde_json::to_vec(&raw) {
+        let _ = write_atomic(path, &json);
+    }
 }
 
 fn file_name(p: &Path) -> String {

@@ -5,6 +5,7 @@
 //! partition table area, filesystem metadata and allocated data — never a guess from blocks that
 //! merely read as zeros.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read;
 
@@ -44,6 +45,17 @@ impl Bmap {
     /// A map covering the given byte ranges (absolute offsets), rounded out to whole blocks,
     /// sorted and merged.
     pub fn from_byte_ranges(image_size: u64, byte_ranges: &[(u64, u64)]) -> Bmap {
+        Self::from_byte_ranges_split(image_size, byte_ranges, &[])
+    }
+
+    /// Like `from_byte_ranges`, but a range never spans one of the `boundaries` (byte offsets,
+    /// such as partition starts), so the ranges inside an unchanged partition stay the same from
+    /// build to build and their checksums can be reused.
+    pub fn from_byte_ranges_split(
+        image_size: u64,
+        byte_ranges: &[(u64, u64)],
+        boundaries: &[u64],
+    ) -> Bmap {
         let bs = BLOCK_SIZE;
         let blocks_count = image_size.div_ceil(bs);
         let mut spans: Vec<(u64, u64)> = byte_ranges
@@ -56,7 +68,14 @@ impl Bmap {
         let mut ranges: Vec<BmapRange> = Vec::new();
         for (a, b) in spans {
             match ranges.last_mut() {
-                Some(r) if a <= r.last + 1 => r.last = r.last.max(b - 1),
+                Some(r)
+                    if a <= r.last + 1
+                        && !boundaries
+                            .iter()
+                            .any(|&x| x % bs == 0 && r.first < x / bs && x / bs <= a) =>
+                {
+                    r.last = r.last.max(b - 1)
+                }
                 _ => ranges.push(BmapRange {
                     first: a,
                     last: b - 1,
@@ -82,7 +101,7 @@ impl Bmap {
     /// Reads the image once, filling every range's sha256; returns the sha256 of the whole image.
     pub fn fill_checksums(&mut self, image: &mut File) -> Result<String> {
         let size = self.image_size;
-        let mut ranges = RangeHasher::new(self);
+        let mut ranges = RangeHasher::new(self, &Default::default());
         let mut whole = Sha256::new();
         let mut buf = vec![0u8; 4 << 20];
         let mut pos = 0u64;
@@ -232,14 +251,21 @@ pub struct RangeHasher {
 }
 
 impl RangeHasher {
-    pub fn new(bmap: &Bmap) -> Self {
+    /// A hasher for `bmap`'s ranges; ranges found in `known` (by first and last block) take
+    /// that checksum and are not hashed again.
+    pub fn new(bmap: &Bmap, known: &BTreeMap<(u64, u64), String>) -> Self {
         let spans: Vec<(u64, u64)> = bmap
             .ranges
             .iter()
             .map(|r| r.byte_span(bmap.block_size, bmap.image_size))
             .collect();
+        let sums = bmap
+            .ranges
+            .iter()
+            .map(|r| known.get(&(r.first, r.last)).cloned())
+            .collect();
         RangeHasher {
-            sums: vec![None; spans.len()],
+            sums,
             spans,
             idx: 0,
             current: None,
@@ -255,7 +281,7 @@ impl RangeHasher {
                 break;
             }
             let (a, b) = (rs.max(start), re.min(end));
-            if b > a {
+            if b > a && self.sums[self.idx].is_none() {
                 self.current
                     .get_or_insert_with(Sha256::new)
                     .update(&chunk[(a - start) as usize..(b - start) as usize]);
@@ -263,8 +289,11 @@ impl RangeHasher {
             if re > end {
                 break;
             }
-            let h = self.current.take().unwrap_or_default();
-            self.sums[self.idx] = Some(hex::encode(h.finalize()));
+            if let Some(h) = self.current.take() {
+                self.sums[self.idx] = Some(hex::encode(h.finalize()));
+            } else if self.sums[self.idx].is_none() {
+                self.sums[self.idx] = Some(hex::encode(Sha256::new().finalize()));
+            }
             self.idx += 1;
         }
     }

@@ -5,6 +5,7 @@
 //! sparse; and the same buffers feed two hashing threads — the whole-image sha256 and the bmap's
 //! per-range sha256 — so a 1.3 GB node costs one read, one write and hashing spread over two cores.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
@@ -19,6 +20,8 @@ use super::bmap::{Bmap, RangeHasher};
 use super::sparse::BLOCK;
 
 const CHUNK: usize = 4 << 20;
+/// Buffers in flight between the reader and the two hashing threads.
+const POOL: usize = 4;
 
 /// Bytes that replace the base's at `offset`.
 #[derive(Debug, Clone)]
@@ -29,11 +32,15 @@ pub struct Patch {
 
 /// Writes `base` with `patches` applied to `out`, mapping `used` (absolute byte ranges) in the
 /// bmap; returns the bmap with checksums and the image's sha256.
+/// Partition starts and ends in `boundaries` keep bmap ranges from spanning partitions; `known`
+/// holds range checksums from earlier builds on the same base (see `reusable_sums`).
 pub fn write_image(
     base: &Path,
     patches: &[Patch],
     out: &Path,
     used: &[(u64, u64)],
+    boundaries: &[u64],
+    known: &BTreeMap<(u64, u64), String>,
 ) -> Result<(Bmap, String)> {
     let mut input = File::open(base).with_context(|| format!("opening {}", base.display()))?;
     let len = input.metadata()?.len();
@@ -41,29 +48,51 @@ pub fn write_image(
     output
         .set_len(len)
         .with_context(|| format!("sizing {} (is the disk full?)", out.display()))?;
-    let mut bmap = Bmap::from_byte_ranges(len, used);
-    let mut ranges = RangeHasher::new(&bmap);
+    let mut bmap = Bmap::from_byte_ranges_split(len, used, boundaries);
+    let known: BTreeMap<(u64, u64), String> = known
+        .iter()
+        .filter(|(r, _)| !touches_patch(&bmap, **r, patches))
+        .map(|(k, v)| (*k, v.clone()))
+        .collect();
+    let mut ranges = RangeHasher::new(&bmap, &known);
 
-    let (whole_tx, whole_rx) = sync_channel::<Arc<Vec<u8>>>(3);
-    let (range_tx, range_rx) = sync_channel::<(u64, Arc<Vec<u8>>)>(3);
+    let (whole_tx, whole_rx) = sync_channel::<Arc<Vec<u8>>>(POOL);
+    let (range_tx, range_rx) = sync_channel::<(u64, Arc<Vec<u8>>)>(POOL);
+    // Buffers come back from the hashing threads and are reused: fresh 4 MiB allocations would
+    // cost a page fault per 4 KiB on every chunk.
+    let (back_tx, back_rx) = sync_channel::<Arc<Vec<u8>>>(2 * POOL);
+    let back_range = back_tx.clone();
     let sha = std::thread::scope(|scope| -> Result<String> {
         let whole = scope.spawn(move || {
             let mut h = Sha256::new();
             for buf in whole_rx {
                 h.update(&buf[..]);
+                let _ = back_tx.send(buf);
             }
             hex::encode(h.finalize())
         });
         let ranges_done = scope.spawn(move || {
             for (start, buf) in range_rx {
                 ranges.feed(start, &buf);
+                let _ = back_range.send(buf);
             }
             ranges
         });
+        let mut free: Vec<Vec<u8>> = (0..POOL).map(|_| vec![0u8; CHUNK]).collect();
         let mut pos = 0u64;
         while pos < len {
+            let mut buf = loop {
+                if let Some(b) = free.pop() {
+                    break b;
+                }
+                // The second thread to hand a buffer back leaves it unshared.
+                let back = back_rx.recv().context("hash thread stopped")?;
+                if let Ok(b) = Arc::try_unwrap(back) {
+                    free.push(b);
+                }
+            };
             let n = (CHUNK as u64).min(len - pos) as usize;
-            let mut buf = vec![0u8; n];
+            buf.resize(n, 0);
             input.read_exact(&mut buf).with_context(|| {
                 format!("reading {} at byte {pos} (truncated?)", base.display())
             })?;
@@ -99,6 +128,23 @@ pub fn write_image(
         .sync_all()
         .with_context(|| format!("syncing {}", out.display()))?;
     Ok((bmap, sha))
+}
+
+fn touches_patch(bmap: &Bmap, (first, last): (u64, u64), patches: &[Patch]) -> bool {
+    let (a, b) = (first * bmap.block_size, (last + 1) * bmap.block_size);
+    patches
+        .iter()
+        .any(|p| p.offset < b && p.offset + p.bytes.len() as u64 > a)
+}
+
+/// The range checksums of `bmap` that do not depend on `patches`: valid for any later build on
+/// the same base, whatever its patches.
+pub fn reusable_sums(bmap: &Bmap, patches: &[Patch]) -> BTreeMap<(u64, u64), String> {
+    bmap.ranges
+        .iter()
+        .filter(|r| !touches_patch(bmap, (r.first, r.last), patches))
+        .filter_map(|r| Some(((r.first, r.last), r.sha256.clone()?)))
+        .collect()
 }
 
 /// Writes the non-zero blocks of `buf` (at image offset `pos`), coalescing runs into one write.
@@ -137,13 +183,10 @@ mod tests {
             bytes: vec![0xaa; 10],
         };
         let out = dir.path().join("out");
-        let (bmap, sha) = write_image(
-            &base,
-            std::slice::from_ref(&patch),
-            &out,
-            &[(0, 4096), (4 << 20, 8192)],
-        )
-        .unwrap();
+        let used = [(0, 4096), (4 << 20, 8192)];
+        let none = BTreeMap::new();
+        let (bmap, sha) =
+            write_image(&base, std::slice::from_ref(&patch), &out, &used, &[], &none).unwrap();
         data[(4 << 20) - 3..(4 << 20) + 7].fill(0xaa);
         let got = std::fs::read(&out).unwrap();
         assert_eq!(got, data);
@@ -153,5 +196,14 @@ mod tests {
             bmap.ranges[1].sha256.as_deref().unwrap(),
             hex::encode(Sha256::digest(&data[4 << 20..(4 << 20) + 8192]))
         );
+        // Range 0 is untouched by the patch: reusable, and reused (a planted value shows it).
+        let reusable = reusable_sums(&bmap, std::slice::from_ref(&patch));
+        assert_eq!(reusable.len(), 1);
+        let planted: BTreeMap<_, _> = reusable
+            .keys()
+            .map(|k| (*k, "planted".to_string()))
+            .collect();
+        let (again, _) = write_image(&base, &[patch], &out, &used, &[], &planted).unwrap();
+        assert_eq!(again.ranges[0].sha256.as_deref(), Some("planted"));
     }
 }
