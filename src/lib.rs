@@ -4,8 +4,10 @@
 //! (base images), `provision` (what a node gets), `disk` and `fs` (edits without mounting),
 //! `format` (artifacts) and `build` (the pipeline). The binary in `main.rs` is only the CLI.
 
+pub mod blockdev;
 pub mod build;
 pub mod disk;
+pub mod flash;
 pub mod format;
 pub mod fs;
 pub mod io;

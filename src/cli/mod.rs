@@ -2,7 +2,9 @@
 
 mod build;
 mod check;
+mod devices;
 mod docs;
+mod flash;
 mod plan;
 mod sample;
 
@@ -77,6 +79,51 @@ pub enum Command {
         #[arg(long)]
         base_sha256: Option<String>,
     },
+    /// List the disks kiln could write to (removable ones; --all for every disk).
+    Devices {
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write an image to disks: commit last, verified, skipping only what a bmap says is unused.
+    ///
+    /// kiln flash IMAGE DEVICE…          an image file (.img, .zip, .xz, .gz, .zst) to one or more disks
+    /// kiln flash --node NODE DEVICE     build the node's image, then write it (one DEVICE per --node)
+    Flash {
+        /// IMAGE then DEVICE…, or only DEVICE… with --node. Plain files are valid targets.
+        #[arg(required = true)]
+        args: Vec<PathBuf>,
+        /// Build and flash this node (repeatable; one device per node, in order).
+        #[arg(long)]
+        node: Vec<String>,
+        #[command(flatten)]
+        cluster: ClusterArg,
+        /// Where --node builds go.
+        #[arg(long, short = 'o', default_value = "out")]
+        out: PathBuf,
+        /// Base image for --node builds (path, URL or `sample`).
+        #[arg(long)]
+        base: Option<String>,
+        /// Do not ask for confirmation (mounted partitions of the targets are unmounted).
+        #[arg(long, short = 'y')]
+        yes: bool,
+        /// Read back and compare what was written (the default).
+        #[arg(long, overrides_with = "no_verify")]
+        verify: bool,
+        /// Skip the read-back.
+        #[arg(long)]
+        no_verify: bool,
+        /// Allow disks the kernel does not call removable (USB SSDs, NVMe, loop devices).
+        #[arg(long)]
+        allow_non_removable: bool,
+        /// How to show progress.
+        #[arg(long, value_enum, default_value = "auto")]
+        progress: kiln::flash::events::ProgressMode,
+        /// The image's block map (default: IMAGE.bmap beside the image, if present).
+        #[arg(long)]
+        bmap: Option<PathBuf>,
+    },
     /// Write kiln's sample base image for a profile (the layout of the real image, tiny contents).
     Sample {
         /// The image profile.
@@ -115,6 +162,31 @@ pub fn run(cli: Cli) -> Result<()> {
             base_sha256,
         ),
         Command::Sample { profile, output } => sample::run(&profile, &output),
+        Command::Devices { all, json } => devices::run(all, json),
+        Command::Flash {
+            args,
+            node,
+            cluster,
+            out,
+            base,
+            yes,
+            verify: _,
+            no_verify,
+            allow_non_removable,
+            progress,
+            bmap,
+        } => flash::run(flash::Args {
+            positional: args,
+            nodes: node,
+            cluster: cluster.cluster,
+            out,
+            base,
+            yes,
+            verify: !no_verify,
+            allow_non_removable,
+            progress,
+            bmap,
+        }),
         Command::Completions { shell } => docs::completions(shell),
         Command::Manpage => docs::manpage(),
     }

@@ -1,0 +1,514 @@
+//! The only code that touches kernel devices: discovery through sysfs, the safety checks that
+//! decide whether a disk may be overwritten, and the few ioctls a writer needs.
+//!
+//! Discovery is plain data (`BlockDevice`) read from `/sys/block`, `/proc/self/mountinfo`,
+//! `/proc/swaps` and udev's database, so the safety rules (`refusals`) are testable without
+//! hardware. macOS (`diskutil`) is not implemented yet; there kiln writes to plain files only.
+
+pub mod ioctl;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PartitionInfo {
+    pub name: String,
+    pub path: String,
+    pub mountpoints: Vec<String>,
+    pub swap: bool,
+    pub holders: Vec<String>,
+}
+
+/// A whole disk as the kernel sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockDevice {
+    pub name: String,
+    pub path: String,
+    /// `major:minor`.
+    pub devno: String,
+    pub size: u64,
+    pub logical_block_size: u64,
+    pub removable: bool,
+    pub read_only: bool,
+    pub bus: String,
+    pub model: String,
+    pub serial: Option<String>,
+    /// Mount points of the whole disk (a partitionless filesystem).
+    pub mountpoints: Vec<String>,
+    pub swap: bool,
+    pub holders: Vec<String>,
+    pub partitions: Vec<PartitionInfo>,
+    /// For loop devices, the file behind them.
+    pub backing_file: Option<String>,
+}
+
+impl BlockDevice {
+    pub fn all_mountpoints(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = self
+            .mountpoints
+            .iter()
+            .map(|m| (self.path.clone(), m.clone()))
+            .collect();
+        for p in &self.partitions {
+            v.extend(p.mountpoints.iter().map(|m| (p.path.clone(), m.clone())));
+        }
+        v
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "{} — {}, {}, {} bus{}",
+            self.path,
+            if self.model.is_empty() {
+                "unknown model"
+            } else {
+                &self.model
+            },
+            human_size(self.size),
+            self.bus,
+            self.serial
+                .as_ref()
+                .map(|s| format!(", serial {s}"))
+                .unwrap_or_default()
+        )
+    }
+}
+
+pub fn human_size(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < units.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+fn read_trim(p: &Path) -> Option<String> {
+    std::fs::read_to_string(p)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// Mount points by device number, from /proc/self/mountinfo (field 3 is `major:minor`, field 5
+/// the mount point, with octal escapes for spaces).
+fn mounts_by_devno() -> BTreeMap<String, Vec<String>> {
+    let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    if let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") {
+        for line in text.lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            if f.len() > 4 {
+                m.entry(f[2].to_string())
+                    .or_default()
+                    .push(f[4].replace("\\040", " "));
+            }
+        }
+    }
+    m
+}
+
+/// Device numbers of active swap areas.
+fn swap_devnos() -> Vec<String> {
+    let mut v = Vec::new();
+    if let Ok(text) = std::fs::read_to_string("/proc/swaps") {
+        for line in text.lines().skip(1) {
+            if let Some(path) = line.split_whitespace().next()
+                && let Ok(meta) = std::fs::metadata(path)
+                && meta.file_type().is_block_device()
+            {
+                let rdev = meta.rdev();
+                v.push(format!(
+                    "{}:{}",
+                    nix::sys::stat::major(rdev),
+                    nix::sys::stat::minor(rdev)
+                ));
+            }
+        }
+    }
+    v
+}
+
+fn list_dir(p: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(p)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The serial number: sysfs where the driver exposes it, else udev's ID_SERIAL_SHORT.
+fn serial_of(sys: &Path, devno: &str) -> Option<String> {
+    for attr in ["device/serial", "serial", "device/vpd_pg80"] {
+        if let Some(s) = read_trim(&sys.join(attr)) {
+            let s: String = s
+                .chars()
+                .filter(|c| !c.is_control())
+                .collect::<String>()
+                .trim()
+                .to_string();
+            if !s.is_empty() {
+                return Some(s);
+            }
+        }
+    }
+    let udev = std::fs::read_to_string(format!("/run/udev/data/b{devno}")).ok()?;
+    udev.lines()
+        .find_map(|l| l.strip_prefix("E:ID_SERIAL_SHORT="))
+        .or_else(|| udev.lines().find_map(|l| l.strip_prefix("E:ID_SERIAL=")))
+        .map(str::to_string)
+}
+
+fn bus_of(sys: &Path, name: &str) -> String {
+    let real = std::fs::canonicalize(sys)
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    if name.starts_with("loop") {
+        "loop".into()
+    } else if real.contains("/usb") {
+        "usb".into()
+    } else if name.starts_with("mmcblk") || real.contains("/mmc") {
+        "sd/mmc".into()
+    } else if name.starts_with("nvme") {
+        "nvme".into()
+    } else if real.contains("/virtio") {
+        "virtio".into()
+    } else if real.contains("/ata") {
+        "sata".into()
+    } else if real.contains("/virtual/") {
+        "virtual".into()
+    } else {
+        "other".into()
+    }
+}
+
+/// Reads one disk from sysfs.
+pub fn read_device(name: &str) -> Result<BlockDevice> {
+    let sys = PathBuf::from("/sys/block").join(name);
+    let devno = read_trim(&sys.join("dev"))
+        .with_context(|| format!("{name} is not a block device in /sys/block"))?;
+    let mounts = mounts_by_devno();
+    let swaps = swap_devnos();
+    let mut partitions = Vec::new();
+    for entry in list_dir(&sys) {
+        let p = sys.join(&entry);
+        if p.join("partition").exists() {
+            let pdev = read_trim(&p.join("dev")).unwrap_or_default();
+            partitions.push(PartitionInfo {
+                path: format!("/dev/{entry}"),
+                mountpoints: mounts.get(&pdev).cloned().unwrap_or_default(),
+                swap: swaps.contains(&pdev),
+                holders: list_dir(&p.join("holders")),
+                name: entry,
+            });
+        }
+    }
+    let model = [
+        read_trim(&sys.join("device/vendor")),
+        read_trim(&sys.join("device/model")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>()
+    .join(" ");
+    Ok(BlockDevice {
+        name: name.to_string(),
+        path: format!("/dev/{name}"),
+        size: read_trim(&sys.join("size"))
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 512,
+        logical_block_size: read_trim(&sys.join("queue/logical_block_size"))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(512),
+        removable: read_trim(&sys.join("removable")).as_deref() == Some("1"),
+        read_only: read_trim(&sys.join("ro")).as_deref() == Some("1"),
+        bus: bus_of(&sys, name),
+        model,
+        serial: serial_of(&sys, &devno),
+        mountpoints: mounts.get(&devno).cloned().unwrap_or_default(),
+        swap: swaps.contains(&devno),
+        holders: list_dir(&sys.join("holders")),
+        partitions,
+        backing_file: read_trim(&sys.join("loop/backing_file")),
+        devno,
+    })
+}
+
+/// Disks worth showing: real disks and attached loop devices (no RAM disks, zram, dm or md).
+pub fn list() -> Result<Vec<BlockDevice>> {
+    let mut v = Vec::new();
+    for name in list_dir(Path::new("/sys/block")) {
+        if ["ram", "zram", "dm-", "md", "sr", "fd"]
+            .iter()
+            .any(|p| name.starts_with(p))
+        {
+            continue;
+        }
+        let d = read_device(&name)?;
+        if d.size == 0 || (d.bus == "loop" && d.backing_file.is_none()) {
+            continue;
+        }
+        v.push(d);
+    }
+    Ok(v)
+}
+
+/// What a write goes to.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Device(Box<BlockDevice>),
+    /// A plain file (created if missing).
+    File(PathBuf),
+}
+
+impl Target {
+    pub fn path(&self) -> PathBuf {
+        match self {
+            Target::Device(d) => PathBuf::from(&d.path),
+            Target::File(p) => p.clone(),
+        }
+    }
+}
+
+/// Resolves a path given on the command line to a disk or a plain file. Partitions are refused:
+/// images go to whole disks.
+pub fn resolve(path: &Path) -> Result<Target> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !path.starts_with("/dev") => {
+            return Ok(Target::File(path.to_path_buf()));
+        }
+        Err(e) => return Err(e).with_context(|| format!("looking at {}", path.display())),
+    };
+    if meta.file_type().is_file() {
+        return Ok(Target::File(path.to_path_buf()));
+    }
+    if !meta.file_type().is_block_device() {
+        bail!(
+            "{} is neither a block device nor a regular file",
+            path.display()
+        );
+    }
+    let rdev = meta.rdev();
+    let devno = format!(
+        "{}:{}",
+        nix::sys::stat::major(rdev),
+        nix::sys::stat::minor(rdev)
+    );
+    let sys_dev = PathBuf::from(format!("/sys/dev/block/{devno}"));
+    let real = std::fs::canonicalize(&sys_dev)
+        .with_context(|| format!("finding {} in sysfs", path.display()))?;
+    if real.join("partition").exists() {
+        let disk = real
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        bail!(
+            "{} is a partition; give the whole disk (/dev/{disk})",
+            path.display()
+        );
+    }
+    let name = real
+        .file_name()
+        .context("sysfs path has a name")?
+        .to_string_lossy()
+        .into_owned();
+    Ok(Target::Device(Box::new(read_device(&name)?)))
+}
+
+/// Why a disk must not be written: each reason is final, whatever the user's answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    SystemDisk(String),
+    Swap(String),
+    Holders(Vec<String>),
+    NotRemovable,
+    TooSmall {
+        disk: u64,
+        image: u64,
+    },
+    ReadOnly,
+    SerialMismatch {
+        expected: String,
+        found: Option<String>,
+    },
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::SystemDisk(m) => {
+                write!(f, "it holds the running system ({m} is mounted from it)")
+            }
+            Refusal::Swap(p) => write!(f, "{p} is in use as swap (swapoff it first)"),
+            Refusal::Holders(h) => write!(
+                f,
+                "it is in use by {} (LVM, RAID or device-mapper); release it first",
+                h.join(", ")
+            ),
+            Refusal::NotRemovable => write!(
+                f,
+                "it is not a removable disk; pass --allow-non-removable if you really mean it"
+            ),
+            Refusal::TooSmall { disk, image } => {
+                write!(
+                    f,
+                    "it holds {} but the image needs {}",
+                    human_size(*disk),
+                    human_size(*image)
+                )
+            }
+            Refusal::ReadOnly => write!(f, "it is read-only (is the card's lock switch on?)"),
+            Refusal::SerialMismatch { expected, found } => write!(
+                f,
+                "the node is pinned to the card with serial {expected}, this disk's serial is {}",
+                found.as_deref().unwrap_or("unknown")
+            ),
+        }
+    }
+}
+
+/// Mount points that mean "this is the machine's own disk".
+const SYSTEM_MOUNTS: &[&str] = &["/", "/boot", "/boot/efi", "/usr", "/var", "/home", "/efi"];
+
+/// Every reason `dev` must not receive an image of `image_size` bytes.
+pub fn refusals(
+    dev: &BlockDevice,
+    image_size: Option<u64>,
+    allow_non_removable: bool,
+    pinned_serial: Option<&str>,
+) -> Vec<Refusal> {
+    let mut r = Vec::new();
+    for (_, m) in dev.all_mountpoints() {
+        if SYSTEM_MOUNTS.contains(&m.as_str()) {
+            r.push(Refusal::SystemDisk(m));
+        }
+    }
+    if dev.swap {
+        r.push(Refusal::Swap(dev.path.clone()));
+    }
+    for p in &dev.partitions {
+        if p.swap {
+            r.push(Refusal::Swap(p.path.clone()));
+        }
+    }
+    let mut holders = dev.holders.clone();
+    for p in &dev.partitions {
+        holders.extend(p.holders.iter().map(|h| format!("{h} (on {})", p.name)));
+    }
+    if !holders.is_empty() {
+        r.push(Refusal::Holders(holders));
+    }
+    if !dev.removable && !allow_non_removable {
+        r.push(Refusal::NotRemovable);
+    }
+    if dev.read_only {
+        r.push(Refusal::ReadOnly);
+    }
+    if let Some(size) = image_size
+        && size > dev.size
+    {
+        r.push(Refusal::TooSmall {
+            disk: dev.size,
+            image: size,
+        });
+    }
+    if let Some(expected) = pinned_serial
+        && dev.serial.as_deref() != Some(expected)
+    {
+        r.push(Refusal::SerialMismatch {
+            expected: expected.to_string(),
+            found: dev.serial.clone(),
+        });
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn card() -> BlockDevice {
+        BlockDevice {
+            name: "sdb".into(),
+            path: "/dev/sdb".into(),
+            devno: "8:16".into(),
+            size: 32 << 30,
+            logical_block_size: 512,
+            removable: true,
+            read_only: false,
+            bus: "usb".into(),
+            model: "SanDisk Ultra".into(),
+            serial: Some("4C530001".into()),
+            mountpoints: vec![],
+            swap: false,
+            holders: vec![],
+            partitions: vec![PartitionInfo {
+                name: "sdb1".into(),
+                path: "/dev/sdb1".into(),
+                mountpoints: vec![],
+                swap: false,
+                holders: vec![],
+            }],
+            backing_file: None,
+        }
+    }
+
+    #[test]
+    fn a_plain_card_is_fine() {
+        assert!(refusals(&card(), Some(2 << 30), false, Some("4C530001")).is_empty());
+    }
+
+    #[test]
+    fn system_disks_swap_and_holders_are_refused_even_when_allowed() {
+        let mut d = card();
+        d.partitions[0].mountpoints = vec!["/".into()];
+        d.partitions[0].holders = vec!["dm-0".into()];
+        d.swap = true;
+        let r = refusals(&d, None, true, None);
+        assert!(r.contains(&Refusal::SystemDisk("/".into())));
+        assert!(r.iter().any(|x| matches!(x, Refusal::Holders(_))));
+        assert!(r.contains(&Refusal::Swap("/dev/sdb".into())));
+    }
+
+    #[test]
+    fn non_removable_small_and_wrong_serial() {
+        let mut d = card();
+        d.removable = false;
+        let r = refusals(&d, Some(64 << 30), false, Some("OTHER"));
+        assert!(r.contains(&Refusal::NotRemovable));
+        assert!(r.iter().any(|x| matches!(x, Refusal::TooSmall { .. })));
+        assert!(
+            r.iter()
+                .any(|x| matches!(x, Refusal::SerialMismatch { .. }))
+        );
+        assert!(!refusals(&d, None, true, None).contains(&Refusal::NotRemovable));
+    }
+
+    #[test]
+    fn a_mounted_data_partition_is_not_a_refusal() {
+        // It is unmounted after confirmation instead.
+        let mut d = card();
+        d.partitions[0].mountpoints = vec!["/media/pi/boot".into()];
+        assert!(refusals(&d, None, false, None).is_empty());
+        assert_eq!(
+            d.all_mountpoints(),
+            vec![("/dev/sdb1".to_string(), "/media/pi/boot".to_string())]
+        );
+    }
+}

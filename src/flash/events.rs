@@ -1,0 +1,142 @@
+//! Progress of a flash: bars on a terminal, one JSON object per line with `--progress json`, or
+//! nothing. The pipeline emits events; this decides how they are drawn.
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Prepare,
+    Decode,
+    Write,
+    Verify,
+    Done,
+}
+
+impl Stage {
+    fn name(self) -> &'static str {
+        match self {
+            Stage::Prepare => "prepare",
+            Stage::Decode => "decode",
+            Stage::Write => "write",
+            Stage::Verify => "verify",
+            Stage::Done => "done",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgressMode {
+    /// Bars on a terminal, plain lines otherwise.
+    Auto,
+    /// One JSON object per line on stdout.
+    Json,
+    None,
+}
+
+pub struct Events {
+    mode: ProgressMode,
+    tty: bool,
+    multi: MultiProgress,
+    bars: Mutex<HashMap<(String, &'static str), ProgressBar>>,
+    last: Mutex<HashMap<(String, &'static str), Instant>>,
+    total: Option<u64>,
+}
+
+impl Events {
+    pub fn new(mode: ProgressMode, total: Option<u64>) -> Events {
+        Events {
+            mode,
+            tty: std::io::stderr().is_terminal(),
+            multi: MultiProgress::new(),
+            bars: Mutex::new(HashMap::new()),
+            last: Mutex::new(HashMap::new()),
+            total,
+        }
+    }
+
+    pub fn emit(&self, stage: Stage, target: &Path, bytes: u64, total: Option<u64>) {
+        let total = total.or(self.total);
+        let key = (target.display().to_string(), stage.name());
+        match self.mode {
+            ProgressMode::None => {}
+            ProgressMode::Json => {
+                // Rate-limit the chatty stages; always report stage boundaries.
+                if matches!(stage, Stage::Write | Stage::Verify | Stage::Decode)
+                    && !self.due(&key, 200)
+                {
+                    return;
+                }
+                let line = serde_json::json!({
+                    "event": "progress",
+                    "stage": stage.name(),
+                    "target": key.0,
+                    "bytes": bytes,
+                    "total": total,
+                });
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
+            }
+            ProgressMode::Auto if self.tty => {
+                if matches!(stage, Stage::Prepare | Stage::Decode) {
+                    return;
+                }
+                let mut bars = self.bars.lock().expect("bars lock");
+                let bar = bars.entry(key.clone()).or_insert_with(|| {
+                    let b = self.multi.add(ProgressBar::new(total.unwrap_or(0)));
+                    b.set_style(
+                        ProgressStyle::with_template(
+                            "{msg:>24} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                        )
+                        .expect("template")
+                        .progress_chars("=> "),
+                    );
+                    b.set_message(format!("{} {}", stage.name(), key.0));
+                    b
+                });
+                bar.set_position(bytes);
+                if stage == Stage::Done {
+                    for ((t, _), b) in bars.iter() {
+                        if *t == key.0 {
+                            b.finish();
+                        }
+                    }
+                }
+            }
+            ProgressMode::Auto => {
+                if matches!(stage, Stage::Done | Stage::Prepare) || self.due(&key, 5000) {
+                    eprintln!("{} {}: {} MiB", stage.name(), key.0, bytes >> 20);
+                }
+            }
+        }
+    }
+
+    pub fn note(&self, target: &Path, text: &str) {
+        if self.mode == ProgressMode::Json {
+            println!(
+                "{}",
+                serde_json::json!({"event": "note", "target": target.display().to_string(), "text": text})
+            );
+        } else if self.mode == ProgressMode::Auto {
+            eprintln!("{}: {text}", target.display());
+        }
+    }
+
+    fn due(&self, key: &(String, &'static str), ms: u64) -> bool {
+        let mut last = self.last.lock().expect("last lock");
+        let now = Instant::now();
+        match last.get(key) {
+            Some(t) if now.duration_since(*t) < Duration::from_millis(ms) => false,
+            _ => {
+                last.insert(key.clone(), now);
+                true
+            }
+        }
+    }
+}

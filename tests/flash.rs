@@ -1,0 +1,523 @@
+//! `kiln flash` onto real block devices (loop devices, 512- and 4096-byte sectors), judged by
+//! cmp, sfdisk, fsck.vfat and bmaptool; interruption, corruption and refusals.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::*;
+
+/// A loop device over a file, detached when dropped.
+struct Loop {
+    dev: PathBuf,
+    _file: PathBuf,
+}
+
+impl Loop {
+    fn new(dir: &Path, name: &str, size: u64, extra: &[&str]) -> Loop {
+        let file = dir.join(name);
+        let f = std::fs::File::create(&file).unwrap();
+        f.set_len(size).unwrap();
+        drop(f);
+        let out = stdout(
+            Command::new("losetup")
+                .args(["-f", "--show"])
+                .args(extra)
+                .arg(&file),
+        );
+        Loop {
+            dev: PathBuf::from(out.trim()),
+            _file: file,
+        }
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+fn can_loop() -> bool {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false);
+    if !root || !Path::new("/dev/loop-control").exists() {
+        if std::env::var("KILN_REQUIRE_TOOLS").as_deref() == Ok("1") {
+            panic!("flash tests need root and loop devices");
+        }
+        eprintln!("SKIPPED: flash tests need root and loop devices");
+        return false;
+    }
+    have_tools(&[
+        "losetup",
+        "sfdisk",
+        "mkfs.vfat",
+        "mkfs.ext4",
+        "mcopy",
+        "fsck.vfat",
+        "dumpe2fs",
+        "debugfs",
+    ])
+}
+
+/// A kiln-built image (with .bmap and .sha256sum) of the ceil-one node.
+fn built_image(dir: &Path) -> PathBuf {
+    let base = hypriot_fixture(dir);
+    let cluster = example_cluster("ceil", dir);
+    let out = dir.join("out");
+    run(kiln(&dir.join("cache"))
+        .args(["build", "--node", "ceil-one", "--cluster"])
+        .arg(&cluster)
+        .arg("--base")
+        .arg(&base)
+        .arg("--out")
+        .arg(&out));
+    out.join("ceil-one.img")
+}
+
+fn read_range(path: &Path, offset: u64, len: u64) -> Vec<u8> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    let mut v = vec![0u8; len as usize];
+    f.read_exact(&mut v).unwrap();
+    v
+}
+
+/// The mapped byte ranges of a bmap file.
+fn mapped(bmap: &Path) -> Vec<(u64, u64)> {
+    let text = std::fs::read_to_string(bmap).unwrap();
+    let size: u64 = text
+        .split("<ImageSize>")
+        .nth(1)
+        .unwrap()
+        .split('<')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    text.lines()
+        .filter(|l| l.trim_start().starts_with("<Range"))
+        .map(|l| {
+            let body = l
+                .split('>')
+                .nth(1)
+                .unwrap()
+                .split('<')
+                .next()
+                .unwrap()
+                .trim();
+            let (a, b) = body.split_once('-').unwrap_or((body, body));
+            let (a, b): (u64, u64) = (a.parse().unwrap(), b.parse().unwrap());
+            (a * 4096, ((b + 1) * 4096).min(size))
+        })
+        .collect()
+}
+
+fn assert_mapped_equal(img: &Path, bmap: &Path, dev: &Path) {
+    for (a, b) in mapped(bmap) {
+        assert!(
+            read_range(img, a, b - a) == read_range(dev, a, b - a),
+            "bytes {a}..{b} differ on {}",
+            dev.display()
+        );
+    }
+}
+
+fn flash(cache: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) -> std::process::Output {
+    let mut c = kiln(cache);
+    c.arg("flash");
+    for a in args {
+        c.arg(a);
+    }
+    c.stdin(Stdio::null()).output().unwrap()
+}
+
+#[test]
+fn flashes_a_loop_device_and_independent_tools_agree() {
+    if !can_loop() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = built_image(dir.path());
+    let bmap = img.with_extension("img.bmap");
+    let lo = Loop::new(dir.path(), "card.img", 256 << 20, &[]);
+    // Old contents everywhere, so skipped blocks and the tail are visible.
+    std::fs::write(&lo._file, vec![0x5au8; 256 << 20]).unwrap();
+    let o = flash(
+        &dir.path().join("cache"),
+        &[&img, &lo.dev, &"--yes", &"--allow-non-removable"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_mapped_equal(&img, &bmap, &lo.dev);
+    let layout = |p: &Path| -> Vec<(u64, u64, String)> {
+        sfdisk_json(p)["partitiontable"]["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|q| {
+                (
+                    q["start"].as_u64().unwrap(),
+                    q["size"].as_u64().unwrap(),
+                    q["type"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(layout(&img), layout(&lo.dev));
+    assert_eq!(
+        sfdisk_json(&img)["partitiontable"]["id"],
+        sfdisk_json(&lo.dev)["partitiontable"]["id"]
+    );
+    let boot = dir.path().join("boot.fat");
+    extract(&lo.dev, 1 << 20, 64 << 20, &boot);
+    let fsck = Command::new("fsck.vfat")
+        .arg("-n")
+        .arg(&boot)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    run(Command::new("e2fsck").arg("-fn").arg(format!(
+        "{}?offset={}",
+        lo.dev.display(),
+        65u64 << 20
+    )));
+    // The last MiB (where a stale backup GPT would be) was zeroed.
+    assert!(
+        read_range(&lo.dev, (256 << 20) - (1 << 20), 1 << 20)
+            .iter()
+            .all(|&b| b == 0)
+    );
+}
+
+#[test]
+fn flashes_a_4096_byte_sector_device() {
+    if !can_loop() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = built_image(dir.path());
+    let lo = Loop::new(
+        dir.path(),
+        "card4k.img",
+        256 << 20,
+        &["--sector-size", "4096"],
+    );
+    let o = flash(
+        &dir.path().join("cache"),
+        &[&img, &lo.dev, &"--yes", &"--allow-non-removable"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_mapped_equal(&img, &img.with_extension("img.bmap"), &lo.dev);
+}
+
+#[test]
+fn bmaptool_interoperates() {
+    if !can_loop() || !have_tools(&["bmaptool"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = built_image(dir.path());
+    // bmaptool accepts kiln's bmap (it checks the bmap's own checksum and every range's).
+    let lo = Loop::new(dir.path(), "a.img", 256 << 20, &[]);
+    run(Command::new("bmaptool")
+        .args(["copy", "--bmap"])
+        .arg(img.with_extension("img.bmap"))
+        .arg(&img)
+        .arg(&lo.dev));
+    assert_mapped_equal(&img, &img.with_extension("img.bmap"), &lo.dev);
+    // kiln accepts bmaptool's bmap of the same image.
+    let theirs = dir.path().join("bmaptool.bmap");
+    run(Command::new("bmaptool")
+        .args(["create", "-o"])
+        .arg(&theirs)
+        .arg(&img));
+    let lo2 = Loop::new(dir.path(), "b.img", 256 << 20, &[]);
+    let o = flash(
+        &dir.path().join("cache"),
+        &[
+            &img,
+            &lo2.dev,
+            &"--yes",
+            &"--allow-non-removable",
+            &"--bmap",
+            &theirs,
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_mapped_equal(&img, &theirs, &lo2.dev);
+}
+
+#[test]
+fn a_bmap_that_does_not_match_is_refused() {
+    if !can_loop() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = built_image(dir.path());
+    let bmap = std::fs::read_to_string(img.with_extension("img.bmap")).unwrap();
+    // Same size, one range's checksum wrong.
+    let first = bmap.split("chksum=\"").nth(1).unwrap()[..64].to_string();
+    let bad = dir.path().join("bad.bmap");
+    std::fs::write(&bad, bmap.replacen(&first, &"f".repeat(64), 1)).unwrap();
+    let lo = Loop::new(dir.path(), "c.img", 256 << 20, &[]);
+    let o = flash(
+        &dir.path().join("cache"),
+        &[
+            &img,
+            &lo.dev,
+            &"--yes",
+            &"--allow-non-removable",
+            &"--bmap",
+            &bad,
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("bmap does not match"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        read_range(&lo.dev, 0, 1 << 20).iter().all(|&b| b == 0),
+        "a partition table was written"
+    );
+}
+
+#[test]
+fn a_corrupt_xz_leaves_no_partition_table() {
+    if !can_loop() || !have_tools(&["xz"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = built_image(dir.path());
+    let xz = dir.path().join("ceil-one.img.xz");
+    run(Command::new("sh").arg("-c").arg(format!(
+        "xz -T0 -1 -c '{}' > '{}'",
+        img.display(),
+        xz.display()
+    )));
+    let mut bytes = std::fs::read(&xz).unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 64] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&xz, bytes).unwrap();
+    let lo = Loop::new(dir.path(), "d.img", 256 << 20, &[]);
+    std::fs::write(&lo._file, vec![0x33u8; 256 << 20]).unwrap();
+    let o = flash(
+        &dir.path().join("cache"),
+        &[&xz, &lo.dev, &"--yes", &"--allow-non-removable"],
+    );
+    assert!(!o.status.success());
+    assert!(
+        read_range(&lo.dev, 0, 1 << 20).iter().all(|&b| b == 0),
+        "a partition table was written"
+    );
+    assert!(
+        !Command::new("sfdisk")
+            .arg("--json")
+            .arg(&lo.dev)
+            .output()
+            .unwrap()
+            .status
+            .success()
+            || {
+                let j = sfdisk_json(&lo.dev);
+                j["partitiontable"]["partitions"]
+                    .as_array()
+                    .is_none_or(|p| p.is_empty())
+            }
+    );
+}
+
+#[test]
+fn a_killed_flash_leaves_the_first_mib_zero() {
+    if !can_loop() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // A big image of incompressible data with a partition table, so the write takes a while.
+    let img = dir.path().join("big.img");
+    {
+        let mut f = std::fs::File::create(&img).unwrap();
+        let mut chunk = vec![0u8; 1 << 20];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..768 {
+            for b in chunk.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+            f.write_all(&chunk).unwrap();
+        }
+    }
+    let mut sf = Command::new("sfdisk")
+        .arg("--quiet")
+        .arg(&img)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    sf.stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: dos\nstart=2048, type=83\n")
+        .unwrap();
+    assert!(sf.wait().unwrap().success());
+    let lo = Loop::new(dir.path(), "e.img", 1 << 30, &[]);
+    let mut child = kiln(&dir.path().join("cache"))
+        .arg("flash")
+        .arg(&img)
+        .arg(&lo.dev)
+        .args(["--yes", "--allow-non-removable", "--progress", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Wait until the body is being written, then kill -9.
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.contains("\"stage\":\"write\"") && !line.contains("\"bytes\":0,") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    assert!(
+        read_range(&lo.dev, 0, 1 << 20).iter().all(|&b| b == 0),
+        "an interrupted flash left a partition table"
+    );
+}
+
+#[test]
+fn refusals_leave_the_disk_untouched() {
+    if !can_loop() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = built_image(dir.path());
+    let cache = dir.path().join("cache");
+    let marker = vec![0xa5u8; 1 << 20];
+
+    // A non-removable disk without --allow-non-removable.
+    let lo = Loop::new(dir.path(), "f.img", 256 << 20, &[]);
+    std::fs::write(&lo._file, &marker).unwrap();
+    let o = flash(&cache, &[&img, &lo.dev, &"--yes"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a removable disk"));
+    assert_eq!(read_range(&lo.dev, 0, 1 << 20), marker);
+
+    // A disk smaller than the image.
+    let small = Loop::new(dir.path(), "g.img", 64 << 20, &[]);
+    std::fs::write(&small._file, &marker).unwrap();
+    let o = flash(
+        &cache,
+        &[&img, &small.dev, &"--yes", &"--allow-non-removable"],
+    );
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("needs"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(read_range(&small.dev, 0, 1 << 20), marker);
+
+    // A disk with a mounted partition, and the user answers no.
+    let parted = Loop::new(dir.path(), "h.img", 256 << 20, &["-P"]);
+    run(Command::new("dd")
+        .arg(format!("if={}", img.display()))
+        .arg(format!("of={}", parted.dev.display()))
+        .args(["bs=4M", "conv=fsync", "status=none"]));
+    // The kernel here does not scan loop partitions by itself; partx adds them (BLKPG).
+    run(Command::new("partx").arg("-a").arg(&parted.dev));
+    // The ext4 root: this kernel has no vfat module to mount the boot partition with.
+    let part = PathBuf::from(format!("{}p2", parted.dev.display()));
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    run(Command::new("mount").arg(&part).arg(&mnt));
+    let before = read_range(&parted.dev, 0, 1 << 20);
+    let mut child = kiln(&cache)
+        .arg("flash")
+        .arg(&img)
+        .arg(&parted.dev)
+        .arg("--allow-non-removable")
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"n\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let _ = Command::new("umount").arg(&mnt).status();
+    assert!(!o.status.success());
+    assert!(
+        err.contains("not confirmed")
+            && err.contains(&format!("{} on {}", part.display(), mnt.display())),
+        "{err}"
+    );
+    assert_eq!(read_range(&parted.dev, 0, 1 << 20), before);
+
+    // A partition instead of a disk.
+    let o = flash(&cache, &[&img, &part, &"--yes", &"--allow-non-removable"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is a partition"));
+}
+
+#[test]
+fn fleet_writes_one_image_to_several_disks() {
+    if !can_loop() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = built_image(dir.path());
+    let a = Loop::new(dir.path(), "fa.img", 256 << 20, &[]);
+    let b = Loop::new(dir.path(), "fb.img", 256 << 20, &[]);
+    let small = Loop::new(dir.path(), "fc.img", 64 << 20, &[]);
+    // The too-small disk is refused up front: nothing is written anywhere.
+    let o = flash(
+        &dir.path().join("cache"),
+        &[&img, &a.dev, &small.dev, &"--yes", &"--allow-non-removable"],
+    );
+    assert!(!o.status.success());
+    assert!(read_range(&a.dev, 0, 1 << 20).iter().all(|&x| x == 0));
+    let o = flash(
+        &dir.path().join("cache"),
+        &[
+            &img,
+            &a.dev,
+            &b.dev,
+            &"--yes",
+            &"--allow-non-removable",
+            &"--progress",
+            &"json",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let results: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &serde_json::Value| v["event"] == "result")
+        .collect();
+    assert_eq!(results.len(), 2);
+    assert!(
+        results
+            .iter()
+            .all(|r| r["ok"] == true && r["verified"] == true)
+    );
+    for lo in [&a, &b] {
+        assert_mapped_equal(&img, &img.with_extension("img.bmap"), &lo.dev);
+    }
+}
