@@ -521,3 +521,103 @@ fn fleet_writes_one_image_to_several_disks() {
         assert_mapped_equal(&img, &img.with_extension("img.bmap"), &lo.dev);
     }
 }
+
+#[test]
+fn flash_by_node_builds_then_writes_and_honours_the_pinned_serial() {
+    if !can_loop() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = hypriot_fixture(dir.path());
+    let cluster = example_cluster("ceil", dir.path());
+    let out = dir.path().join("out");
+    let lo = Loop::new(dir.path(), "n.img", 256 << 20, &[]);
+    let o = flash(
+        &dir.path().join("cache"),
+        &[
+            &"--node",
+            &"ceil-two",
+            &"--cluster",
+            &cluster,
+            &"--base",
+            &base,
+            &"--out",
+            &out,
+            &lo.dev,
+            &"--yes",
+            &"--allow-non-removable",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = out.join("ceil-two.img");
+    assert_mapped_equal(&img, &img.with_extension("img.bmap"), &lo.dev);
+    let ud = String::from_utf8(mtype(&lo.dev, 1 << 20, "user-data")).unwrap();
+    assert!(ud.contains("hostname: ceil-two"));
+
+    // A node pinned to another card's serial is refused before anything is written.
+    let text = std::fs::read_to_string(&cluster).unwrap().replace(
+        "name = \"ceil-three\"",
+        "name = \"ceil-three\"\nserial = \"4C530001\"",
+    );
+    std::fs::write(&cluster, text).unwrap();
+    let lo2 = Loop::new(dir.path(), "m.img", 256 << 20, &[]);
+    std::fs::write(&lo2._file, vec![0x77u8; 1 << 20]).unwrap();
+    let o = flash(
+        &dir.path().join("cache"),
+        &[
+            &"--node",
+            &"ceil-three",
+            &"--cluster",
+            &cluster,
+            &"--base",
+            &base,
+            &"--out",
+            &out,
+            &lo2.dev,
+            &"--yes",
+            &"--allow-non-removable",
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("pinned to the card with serial 4C530001"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(read_range(&lo2.dev, 0, 1 << 20).iter().all(|&b| b == 0x77));
+}
+
+#[test]
+fn hypriot_flash_options_customise_the_boot_partition() {
+    if !can_loop() || !have_tools(&["xz", "mtype"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = hypriot_fixture(dir.path());
+    let before = sha256_hex(&std::fs::read(&base).unwrap());
+    run(Command::new("xz").args(["-T0", "-1", "-k"]).arg(&base));
+    let xz = dir.path().join("hypriot-layout.img.xz");
+    let ud = dir.path().join("user-data.yml");
+    std::fs::write(&ud, "#cloud-config\nhostname: replaced-below\nusers:\n  - name: pirate\n    ssh_authorized_keys: [\"ssh-ed25519 AAAAC3Nza test\"]\n").unwrap();
+    let conf = dir.path().join("config.txt");
+    std::fs::write(&conf, "enable_uart=1\n").unwrap();
+    let extra = dir.path().join("ssh");
+    std::fs::write(&extra, "").unwrap();
+    let lo = Loop::new(dir.path(), "hy.img", 256 << 20, &[]);
+    let o = flash(
+        &dir.path().join("cache"),
+        &[&xz, &lo.dev, &"--yes", &"--allow-non-removable", &"--hostname", &"black-pearl-2", &"--userdata", &ud, &"--bootconf", &conf, &"--file", &extra],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = String::from_utf8(mtype(&lo.dev, 1 << 20, "user-data")).unwrap();
+    assert!(got.starts_with("#cloud-config\n") && got.contains("hostname: black-pearl-2") && got.contains("ssh-ed25519"), "{got}");
+    assert_eq!(mtype(&lo.dev, 1 << 20, "config.txt"), b"enable_uart=1\n");
+    assert!(mtype(&lo.dev, 1 << 20, "ssh").is_empty());
+    assert!(String::from_utf8(mtype(&lo.dev, 1 << 20, "meta-data")).unwrap().contains("local-hostname: black-pearl-2"));
+    let boot = dir.path().join("boot.fat");
+    extract(&lo.dev, 1 << 20, 64 << 20, &boot);
+    assert!(Command::new("fsck.vfat").arg("-n").arg(&boot).status().unwrap().success());
+    // The root partition arrived untouched, and the image file was not modified.
+    assert_eq!(read_range(&lo.dev, 65 << 20, 64 << 20), read_range(&base, 65 << 20, 64 << 20));
+    assert_eq!(sha256_hex(&std::fs::read(&base).unwrap()), before);
+}

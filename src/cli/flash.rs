@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 
 use kiln::blockdev::{self, BlockDevice, Target};
 use kiln::build::{BuildOptions, build_node};
+use kiln::flash::customize::{self, BootEdits};
 use kiln::flash::events::{Events, ProgressMode};
 use kiln::flash::image::FlashImage;
 use kiln::flash::{self, FlashOptions, OpenTarget, Outcome};
@@ -23,6 +24,7 @@ pub struct Args {
     pub allow_non_removable: bool,
     pub progress: ProgressMode,
     pub bmap: Option<PathBuf>,
+    pub edits: BootEdits,
 }
 
 /// One image going to one or more targets.
@@ -34,15 +36,26 @@ struct Job {
 pub fn run(a: Args) -> Result<()> {
     let jobs = plan_jobs(&a)?;
     let mut images = Vec::new();
+    if !a.edits.is_empty() && !a.nodes.is_empty() {
+        bail!(
+            "--hostname, --userdata, --metadata, --bootconf and --file customise an image file; a --node's image comes from its cluster file"
+        );
+    }
     for job in &jobs {
-        let img = FlashImage::open(
-            &job.image,
-            if a.nodes.is_empty() {
-                a.bmap.as_deref()
-            } else {
-                None
-            },
-        )?;
+        let bmap = if a.nodes.is_empty() {
+            a.bmap.as_deref()
+        } else {
+            None
+        };
+        let mut img = FlashImage::open(&job.image, bmap)?;
+        if !a.edits.is_empty() {
+            // The boot FAT is edited in memory: a compressed image is decompressed once into the
+            // cache, and the edits travel with the stream as patches.
+            let raw = kiln::source::prepare_raw(&job.image)?;
+            let c = customize::patches(&raw, &a.edits)?;
+            let bmap = img.bmap_path.clone();
+            img = FlashImage::open(&raw, bmap.as_deref())?.with_patches(c.patches, &c.used);
+        }
         if img.bmap.is_none() {
             eprintln!(
                 "note: no bmap for {}; every block will be written",

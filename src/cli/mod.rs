@@ -123,6 +123,21 @@ pub enum Command {
         /// The image's block map (default: IMAGE.bmap beside the image, if present).
         #[arg(long)]
         bmap: Option<PathBuf>,
+        /// hypriot flash: set the hostname in the boot partition's user-data (and meta-data).
+        #[arg(long)]
+        hostname: Option<String>,
+        /// hypriot flash: copy this file to the boot partition as user-data.
+        #[arg(long, short = 'u')]
+        userdata: Option<PathBuf>,
+        /// hypriot flash: copy this file to the boot partition as meta-data.
+        #[arg(long, short = 'm')]
+        metadata: Option<PathBuf>,
+        /// hypriot flash: copy this file to the boot partition as config.txt.
+        #[arg(long, short = 'C')]
+        bootconf: Option<PathBuf>,
+        /// hypriot flash: copy this file to the boot partition (repeatable).
+        #[arg(long, short = 'F')]
+        file: Vec<PathBuf>,
     },
     /// Write kiln's sample base image for a profile (the layout of the real image, tiny contents).
     Sample {
@@ -175,6 +190,11 @@ pub fn run(cli: Cli) -> Result<()> {
             allow_non_removable,
             progress,
             bmap,
+            hostname,
+            userdata,
+            metadata,
+            bootconf,
+            file,
         } => flash::run(flash::Args {
             positional: args,
             nodes: node,
@@ -186,6 +206,13 @@ pub fn run(cli: Cli) -> Result<()> {
             allow_non_removable,
             progress,
             bmap,
+            edits: kiln::flash::customize::BootEdits {
+                hostname,
+                userdata,
+                metadata,
+                bootconf,
+                files: file,
+            },
         }),
         Command::Completions { shell } => docs::completions(shell),
         Command::Manpage => docs::manpage(),

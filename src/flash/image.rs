@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use crate::format::bmap::Bmap;
+use crate::format::writer::Patch;
 use crate::io::decompress::{self, Compression};
 
 pub struct FlashImage {
@@ -16,6 +17,8 @@ pub struct FlashImage {
     pub bmap: Option<Bmap>,
     pub bmap_path: Option<PathBuf>,
     pub sha256: Option<String>,
+    /// Bytes replaced on the way to the disk (hypriot-style boot customisation).
+    pub patches: Vec<Patch>,
 }
 
 /// `foo.img.xz` → `foo.img`: the name of the raw image inside a compressed file.
@@ -96,7 +99,41 @@ impl FlashImage {
             bmap,
             bmap_path,
             sha256,
+            patches: Vec::new(),
         })
+    }
+
+    /// Adds patches and the ranges they make used: the bmap gains those ranges, and ranges a patch
+    /// touches lose their checksums (the patched bytes are checked by the read-back instead).
+    pub fn with_patches(mut self, patches: Vec<Patch>, used: &[(u64, u64)]) -> FlashImage {
+        if let Some(b) = &self.bmap {
+            let mut ranges: Vec<(u64, u64)> = b
+                .ranges
+                .iter()
+                .map(|r| {
+                    let (a, e) = r.byte_span(b.block_size, b.image_size);
+                    (a, e - a)
+                })
+                .collect();
+            ranges.extend_from_slice(used);
+            let mut merged = Bmap::from_byte_ranges(b.image_size, &ranges);
+            for r in &mut merged.ranges {
+                let (a, e) = r.byte_span(b.block_size, b.image_size);
+                let touched = patches
+                    .iter()
+                    .any(|p| p.offset < e && p.offset + p.bytes.len() as u64 > a);
+                if !touched {
+                    r.sha256 = b
+                        .ranges
+                        .iter()
+                        .find(|o| o.first == r.first && o.last == r.last)
+                        .and_then(|o| o.sha256.clone());
+                }
+            }
+            self.bmap = Some(merged);
+        }
+        self.patches = patches;
+        self
     }
 
     /// Calls `f` with the decompressed image stream.

@@ -114,6 +114,12 @@ pub fn prepare(
     }
 }
 
+/// The raw image of a local file: itself when uncompressed, else its decompressed copy in the cache.
+pub fn prepare_raw(path: &Path) -> Result<PathBuf> {
+    let cache = Cache::open()?;
+    Ok(from_path(&cache, path, None)?.raw)
+}
+
 fn from_url(cache: &Cache, url: &str, expected: Option<&str>) -> Result<BaseImage> {
     let (archive, sha) = http::download(cache, url, expected)?;
     let raw = decompressed(cache, &archive, &sha)?;
