@@ -6,8 +6,13 @@ cd "$(dirname "$0")/.."
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
+status=0
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --no-fail-fast
+    cargo nextest run --no-fail-fast || status=$?
 else
-    cargo test --no-fail-fast
+    cargo test --no-fail-fast || status=$?
 fi
+# The target-side agents are Python, tested with Debian's python3 (which has paho-mqtt) against
+# real peers (mosquitto, sshd).
+/usr/bin/python3 -m pytest -q tests/python || status=$?
+exit $status
