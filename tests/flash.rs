@@ -606,18 +606,50 @@ fn hypriot_flash_options_customise_the_boot_partition() {
     let lo = Loop::new(dir.path(), "hy.img", 256 << 20, &[]);
     let o = flash(
         &dir.path().join("cache"),
-        &[&xz, &lo.dev, &"--yes", &"--allow-non-removable", &"--hostname", &"black-pearl-2", &"--userdata", &ud, &"--bootconf", &conf, &"--file", &extra],
+        &[
+            &xz,
+            &lo.dev,
+            &"--yes",
+            &"--allow-non-removable",
+            &"--hostname",
+            &"black-pearl-2",
+            &"--userdata",
+            &ud,
+            &"--bootconf",
+            &conf,
+            &"--file",
+            &extra,
+        ],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = String::from_utf8(mtype(&lo.dev, 1 << 20, "user-data")).unwrap();
-    assert!(got.starts_with("#cloud-config\n") && got.contains("hostname: black-pearl-2") && got.contains("ssh-ed25519"), "{got}");
+    assert!(
+        got.starts_with("#cloud-config\n")
+            && got.contains("hostname: black-pearl-2")
+            && got.contains("ssh-ed25519"),
+        "{got}"
+    );
     assert_eq!(mtype(&lo.dev, 1 << 20, "config.txt"), b"enable_uart=1\n");
     assert!(mtype(&lo.dev, 1 << 20, "ssh").is_empty());
-    assert!(String::from_utf8(mtype(&lo.dev, 1 << 20, "meta-data")).unwrap().contains("local-hostname: black-pearl-2"));
+    assert!(
+        String::from_utf8(mtype(&lo.dev, 1 << 20, "meta-data"))
+            .unwrap()
+            .contains("local-hostname: black-pearl-2")
+    );
     let boot = dir.path().join("boot.fat");
     extract(&lo.dev, 1 << 20, 64 << 20, &boot);
-    assert!(Command::new("fsck.vfat").arg("-n").arg(&boot).status().unwrap().success());
+    assert!(
+        Command::new("fsck.vfat")
+            .arg("-n")
+            .arg(&boot)
+            .status()
+            .unwrap()
+            .success()
+    );
     // The root partition arrived untouched, and the image file was not modified.
-    assert_eq!(read_range(&lo.dev, 65 << 20, 64 << 20), read_range(&base, 65 << 20, 64 << 20));
+    assert_eq!(
+        read_range(&lo.dev, 65 << 20, 64 << 20),
+        read_range(&base, 65 << 20, 64 << 20)
+    );
     assert_eq!(sha256_hex(&std::fs::read(&base).unwrap()), before);
 }

@@ -438,53 +438,103 @@ fn decode(
     senders: &[std::sync::mpsc::SyncSender<Chunk>],
     events: &Events,
 ) -> Result<(Vec<u8>, Digests, u64)> {
-    let mut whole = Sha256::new();
     let mut head = Vec::with_capacity(HEAD as usize);
-    let mut seg_hashers: Vec<Option<Sha256>> = vec![None; segments.len()];
-    let mut digests: Digests = Vec::new();
-    let mut bmap_check = img.bmap.as_ref().map(|b| {
-        (
-            b.clone(),
-            crate::format::bmap::RangeHasher::new(b, &Default::default()),
-        )
-    });
     let mut pos = 0u64;
-    img.with_reader(|r: &mut dyn Read| {
-        loop {
-            let mut buf = AlignedBuf::new(CHUNK);
-            let n = fill(r, buf.slice_mut(CHUNK)).context("reading the image stream")?;
-            if n == 0 {
-                break;
-            }
-            whole.update(&buf.as_slice()[..n]);
-            apply_patches(buf.slice_mut(n), pos, &img.patches);
-            let data = &buf.as_slice()[..n];
-            if pos < HEAD {
-                let take = ((HEAD - pos) as usize).min(n);
-                head.extend_from_slice(&data[..take]);
-            }
-            if let Some((_, rh)) = bmap_check.as_mut() {
-                rh.feed(pos, data);
-            }
-            let end = pos + n as u64;
-            for (i, &(a, b)) in segments.iter().enumerate() {
-                let (s, e) = (a.max(pos), b.min(end));
-                if e > s {
-                    seg_hashers[i]
-                        .get_or_insert_with(Sha256::new)
-                        .update(&data[(s - pos) as usize..(e - pos) as usize]);
+    // The whole-image digest costs a full pass of SHA-256: only when a checksum file is there to
+    // compare with. It is of the file as it is, so patched images are hashed before patching.
+    let check_whole = img.sha256.is_some();
+    let patched = !img.patches.is_empty();
+    // Unpatched: the hash thread takes the whole-image digest. Patched: this thread does, first.
+    let hasher_whole = (check_whole && !patched).then(Sha256::new);
+    let mut whole = (check_whole && patched).then(Sha256::new);
+    let (hash_tx, hash_rx) = sync_channel::<Chunk>(4);
+    let hashed = std::thread::scope(
+        |scope| -> Result<(Option<String>, Digests, Option<crate::format::bmap::Bmap>)> {
+            // Hashing runs beside decompression: the whole image (unpatched ones), the bmap's
+            // ranges (to check the bmap) and the segments to write (for the read-back).
+            let hasher = scope.spawn(move || {
+                let mut whole_here = hasher_whole;
+                let mut seg_hashers: Vec<Option<Sha256>> = vec![None; segments.len()];
+                let mut bmap_check = img.bmap.as_ref().map(|b| {
+                    (
+                        b.clone(),
+                        crate::format::bmap::RangeHasher::new(b, &Default::default()),
+                    )
+                });
+                let mut end_pos = 0u64;
+                for (pos, buf, n) in hash_rx {
+                    let data = &buf.as_slice()[..n];
+                    if let Some(w) = whole_here.as_mut() {
+                        w.update(data);
+                    }
+                    if let Some((_, rh)) = bmap_check.as_mut() {
+                        rh.feed(pos, data);
+                    }
+                    let end = pos + n as u64;
+                    for (i, &(a, b)) in segments.iter().enumerate() {
+                        let (s, e) = (a.max(pos), b.min(end));
+                        if e > s {
+                            seg_hashers[i]
+                                .get_or_insert_with(Sha256::new)
+                                .update(&data[(s - pos) as usize..(e - pos) as usize]);
+                        }
+                    }
+                    end_pos = end;
                 }
-            }
-            let buf = Arc::new(buf);
-            for tx in senders {
-                // A writer that failed early has dropped its receiver; the others carry on.
-                let _ = tx.send((pos, buf.clone(), n));
-            }
-            pos = end;
-            events.emit(Stage::Decode, Path::new("-"), pos, img.size);
-        }
-        Ok(())
-    })?;
+                let mut digests: Digests = Vec::new();
+                for (i, h) in seg_hashers.into_iter().enumerate() {
+                    let (a, b) = segments[i];
+                    let b = b.min(end_pos);
+                    if b > a {
+                        digests.push(((a, b), hex::encode(h.unwrap_or_default().finalize())));
+                    }
+                }
+                let checked = bmap_check.map(|(mut b, rh)| {
+                    rh.finish(&mut b);
+                    b
+                });
+                (
+                    whole_here.map(|w| hex::encode(w.finalize())),
+                    digests,
+                    checked,
+                )
+            });
+            let decoded = img.with_reader(|r: &mut dyn Read| {
+                loop {
+                    let mut buf = AlignedBuf::new(CHUNK);
+                    let n = fill(r, buf.slice_mut(CHUNK)).context("reading the image stream")?;
+                    if n == 0 {
+                        break;
+                    }
+                    if patched {
+                        if let Some(w) = whole.as_mut() {
+                            w.update(&buf.as_slice()[..n]);
+                        }
+                        apply_patches(buf.slice_mut(n), pos, &img.patches);
+                    }
+                    if pos < HEAD {
+                        let take = ((HEAD - pos) as usize).min(n);
+                        head.extend_from_slice(&buf.as_slice()[..take]);
+                    }
+                    let buf = Arc::new(buf);
+                    for tx in senders {
+                        // A writer that failed early has dropped its receiver; the others carry on.
+                        let _ = tx.send((pos, buf.clone(), n));
+                    }
+                    let _ = hash_tx.send((pos, buf, n));
+                    pos += n as u64;
+                    events.emit(Stage::Decode, Path::new("-"), pos, img.size);
+                }
+                Ok(())
+            });
+            drop(hash_tx);
+            let (whole_sha, digests, checked) = hasher.join().expect("hash thread panicked");
+            decoded?;
+            let whole_sha = whole_sha.or_else(|| whole.take().map(|w| hex::encode(w.finalize())));
+            Ok((whole_sha, digests, checked))
+        },
+    );
+    let (whole_sha, digests, checked) = hashed?;
     if let Some(expected) = img.size
         && pos != expected
     {
@@ -492,33 +542,23 @@ fn decode(
             "the image stream ended at byte {pos}, but the image is {expected} bytes (truncated?)"
         );
     }
-    let sha = hex::encode(whole.finalize());
-    if let Some(expected) = &img.sha256
-        && !expected.eq_ignore_ascii_case(&sha)
+    if let (Some(expected), Some(sha)) = (&img.sha256, &whole_sha)
+        && !expected.eq_ignore_ascii_case(sha)
     {
         bail!("checksum mismatch: the image's sha256 is {sha}, its checksum file says {expected}");
     }
-    if let Some((mut b, rh)) = bmap_check {
-        let want = b.clone();
-        rh.finish(&mut b);
-        for (got, exp) in b.ranges.iter().zip(&want.ranges) {
-            if let (Some(g), Some(e)) = (&got.sha256, &exp.sha256)
-                && g != e
+    if let (Some(got), Some(want)) = (&checked, &img.bmap) {
+        for (g, e) in got.ranges.iter().zip(&want.ranges) {
+            if let (Some(gs), Some(es)) = (&g.sha256, &e.sha256)
+                && gs != es
             {
                 bail!(
-                    "the bmap does not match the image: blocks {}-{} (byte {}) hash to {g}, the bmap says {e}",
-                    exp.first,
-                    exp.last,
-                    exp.first * b.block_size
+                    "the bmap does not match the image: blocks {}-{} (byte {}) hash to {gs}, the bmap says {es}",
+                    e.first,
+                    e.last,
+                    e.first * want.block_size
                 );
             }
-        }
-    }
-    for (i, h) in seg_hashers.into_iter().enumerate() {
-        let (a, b) = segments[i];
-        let b = b.min(pos);
-        if b > a {
-            digests.push(((a, b), hex::encode(h.unwrap_or_default().finalize())));
         }
     }
     Ok((head, digests, pos))
