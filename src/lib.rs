@@ -12,6 +12,7 @@ pub mod format;
 pub mod fs;
 pub mod io;
 pub mod provision;
+pub mod remote;
 pub mod source;
 pub mod spec;
 pub mod util;

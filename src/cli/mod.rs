@@ -5,6 +5,7 @@ mod check;
 mod devices;
 mod docs;
 mod flash;
+mod install;
 mod plan;
 mod sample;
 
@@ -139,6 +140,29 @@ pub enum Command {
         #[arg(long, short = 'F')]
         file: Vec<PathBuf>,
     },
+    /// Install an overlay onto a live host over ssh (idempotent; --dry-run shows the steps).
+    Install {
+        /// The overlay (see --list).
+        overlay: Option<String>,
+        /// user@host, as ssh takes it (~/.ssh/config applies).
+        #[arg(long, short = 't')]
+        target: Option<String>,
+        /// The overlay's configuration file, installed where its manifest says (mode 0600).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the steps without changing anything.
+        #[arg(long)]
+        dry_run: bool,
+        /// List the overlays kiln knows.
+        #[arg(long)]
+        list: bool,
+        /// Extra ssh option, KEY=VALUE (repeatable), e.g. Port=2222.
+        #[arg(long = "ssh-option", short = 'o')]
+        ssh_option: Vec<String>,
+        /// Install under this directory of the target instead of / (staging; services untouched).
+        #[arg(long)]
+        root: Option<String>,
+    },
     /// Write kiln's sample base image for a profile (the layout of the real image, tiny contents).
     Sample {
         /// The image profile.
@@ -178,6 +202,23 @@ pub fn run(cli: Cli) -> Result<()> {
         ),
         Command::Sample { profile, output } => sample::run(&profile, &output),
         Command::Devices { all, json } => devices::run(all, json),
+        Command::Install {
+            overlay,
+            target,
+            config,
+            dry_run,
+            list,
+            ssh_option,
+            root,
+        } => install::run(install::Args {
+            overlay,
+            target,
+            config,
+            dry_run,
+            list,
+            ssh_options: ssh_option,
+            root,
+        }),
         Command::Flash {
             args,
             node,

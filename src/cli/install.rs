@@ -1,0 +1,151 @@
+//! `kiln install`: put an overlay onto a live host over ssh — idempotent, with `--dry-run`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use kiln::remote::{self, Facts, ssh::Ssh};
+use kiln::spec::node::InputFile;
+use kiln::spec::overlay;
+
+pub struct Args {
+    pub overlay: Option<String>,
+    pub target: Option<String>,
+    pub config: Option<PathBuf>,
+    pub dry_run: bool,
+    pub list: bool,
+    pub ssh_options: Vec<String>,
+    pub root: Option<String>,
+}
+
+fn dirs() -> Vec<PathBuf> {
+    kiln::spec::resolve::search_dirs(Path::new("."), "overlays")
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if a.list {
+        for (name, origin) in overlay::list(&dirs()) {
+            let o = overlay::load(&name, &dirs())?;
+            println!("{name:<18} {}  ({origin})", o.manifest.description);
+        }
+        return Ok(());
+    }
+    let (Some(name), Some(target)) = (a.overlay.as_deref(), a.target.as_deref()) else {
+        bail!(
+            "usage: kiln install OVERLAY --target user@host [--config FILE] [--dry-run]   (kiln install --list shows overlays)"
+        );
+    };
+    let ov = overlay::load(name, &dirs())?;
+    let ssh = Ssh::new(target, &a.ssh_options)?;
+
+    let facts = Facts::parse(
+        &ssh.run(remote::PROBE)
+            .with_context(|| format!("probing {target}"))?,
+    )?;
+    if facts.kernel != "Linux" {
+        bail!(
+            "{target} runs {:?}; kiln installs overlays on Linux hosts only",
+            facts.kernel
+        );
+    }
+    println!(
+        "{target}: {} ({}), init {}, python3 {}",
+        if facts.os.is_empty() {
+            "unknown OS"
+        } else {
+            &facts.os
+        },
+        if facts.uid == 0 { "root" } else { "via sudo" },
+        if facts.pid1.is_empty() {
+            "unknown"
+        } else {
+            &facts.pid1
+        },
+        facts.python.as_deref().unwrap_or("missing")
+    );
+    let sudo = if facts.uid == 0 { "" } else { "sudo -n " };
+
+    let config = match &a.config {
+        Some(p) => Some(InputFile::new(
+            p.display().to_string(),
+            std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+        )),
+        None => None,
+    };
+    if config.is_none() && ov.manifest.config.is_some() && !a.dry_run {
+        eprintln!(
+            "note: no --config given; {} keeps whatever configuration the target already has",
+            ov.manifest
+                .config
+                .as_ref()
+                .map(|c| c.path.as_str())
+                .unwrap_or_default()
+        );
+    }
+    let root = a.root.clone().unwrap_or_default();
+    let staged = !root.is_empty();
+    let files = remote::wanted(&ov, config, &root)?;
+    let states = ssh.run(&remote::state_query(&files))?;
+    let pkgs = remote::packages_for(&ov, &facts);
+    let missing: Vec<String> = match remote::missing_packages_query(&facts, &pkgs) {
+        Some(q) => ssh
+            .run(&q)?
+            .split_whitespace()
+            .map(str::to_string)
+            .collect(),
+        None => Vec::new(),
+    };
+    let mut services = BTreeMap::new();
+    if facts.systemd() && !staged {
+        for s in &ov.manifest.services {
+            let (e, _) = ssh.status(&format!("systemctl is-enabled --quiet '{s}'"))?;
+            let (act, _) = ssh.status(&format!("systemctl is-active --quiet '{s}'"))?;
+            services.insert(s.clone(), (e == 0, act == 0));
+        }
+    }
+    let steps = remote::plan(&ov, &files, &states, &facts, missing, &services, staged);
+
+    if steps.is_empty() {
+        println!("{name} on {target}: no changes — everything is in place");
+    } else {
+        for s in &steps {
+            println!("{} {s}", if a.dry_run { "would" } else { "->" });
+        }
+        if a.dry_run {
+            println!("dry run: nothing was changed on {target}");
+            return Ok(());
+        }
+        remote::apply(&ssh, &steps, &files, sudo)?;
+        println!(
+            "{name} on {target}: {} change{}",
+            steps.len(),
+            if steps.len() == 1 { "" } else { "s" }
+        );
+    }
+    if a.dry_run {
+        return Ok(());
+    }
+    if !facts.systemd() {
+        println!(
+            "{target} does not run systemd as PID 1 (PID 1 is {:?}): the files are in place, but kiln did not enable or start {}",
+            facts.pid1,
+            ov.manifest.services.join(", ")
+        );
+    } else if staged {
+        println!("staged under {root}: services were not enabled or started");
+    } else if !ov.manifest.health.is_empty() {
+        let (code, _) = ssh.status(&format!(
+            "{sudo}{}",
+            remote::shell_join(&ov.manifest.health)
+        ))?;
+        if code != 0 {
+            bail!(
+                "health check failed on {target}: `{}` exited {code}",
+                ov.manifest.health.join(" ")
+            );
+        }
+        println!("health check passed: {}", ov.manifest.health.join(" "));
+    }
+    Ok(())
+}
