@@ -311,3 +311,52 @@ def test_config_errors_are_clear(tmp_path):
     cfg.write_text(json.dumps({"handler_id": "much-too-long", "provision_command": ["x"]}))
     out = subprocess.run([sys.executable, str(HANDLER), "--check", "--config", str(cfg)], capture_output=True, text=True)
     assert out.returncode == 2 and "too long" in out.stderr
+
+
+def test_broker_with_passwords(tmp_path):
+    if not shutil_which("mosquitto_passwd"):
+        pytest.skip("mosquitto_passwd is not installed")
+    passwd = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "handler", "s3cret"], check=True)
+    subprocess.run(["mosquitto_passwd", "-b", str(passwd), "button", "pw"], check=True)
+    b = Broker(tmp_path)
+    # As root, mosquitto drops to its own user, which cannot read pytest's private tmp dir.
+    b.conf.write_text(
+        "listener %d 127.0.0.1\nallow_anonymous false\npassword_file %s\npersistence false\nuser root\n" % (b.port, passwd)
+    )
+    b.start()
+    try:
+        secret = tmp_path / "handler.secret"
+        secret.write_text("s3cret\n")
+        cfg = tmp_path / "auth.json"
+        cfg.write_text(json.dumps({
+            "broker": {"host": "127.0.0.1", "port": b.port, "username": "handler", "password_file": str(secret)},
+            "handler_id": "kiln", "allowed_dash_ids": ["dash01"], "provision_command": ["/bin/true"],
+        }))
+        log = open(tmp_path / "auth.log", "w")
+        proc = subprocess.Popen([sys.executable, str(HANDLER), "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            button = make_client("auth-button-" + uuid.uuid4().hex[:6])
+            inbox = queue.Queue()
+            button.on_message = lambda c, u, m: inbox.put(m.payload.decode("utf-8", "replace"))
+            button.username_pw_set("button", "pw")
+            button.connect("127.0.0.1", b.port)
+            button.subscribe(TOPIC, qos=1)
+            button.loop_start()
+            deadline = time.time() + 10
+            seen = []
+            while time.time() < deadline:
+                try:
+                    seen.append(inbox.get(timeout=0.5))
+                except queue.Empty:
+                    continue
+                if seen[-1].endswith("kiln StatusAvailable"):
+                    break
+            assert seen and seen[-1].endswith("kiln StatusAvailable"), seen
+            button.loop_stop()
+            button.disconnect()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+    finally:
+        b.stop()
