@@ -653,3 +653,47 @@ fn hypriot_flash_options_customise_the_boot_partition() {
     );
     assert_eq!(sha256_hex(&std::fs::read(&base).unwrap()), before);
 }
+
+#[test]
+fn a_confirmed_flash_unmounts_the_targets_partitions_first() {
+    if !can_loop() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = built_image(dir.path());
+    let parted = Loop::new(dir.path(), "u.img", 256 << 20, &["-P"]);
+    run(Command::new("dd")
+        .arg(format!("if={}", img.display()))
+        .arg(format!("of={}", parted.dev.display()))
+        .args(["bs=4M", "conv=fsync", "status=none"]));
+    run(Command::new("partx").arg("-a").arg(&parted.dev));
+    let part = PathBuf::from(format!("{}p2", parted.dev.display()));
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    run(Command::new("mount").arg(&part).arg(&mnt));
+    let mut child = kiln(&dir.path().join("cache"))
+        .arg("flash")
+        .arg(&img)
+        .arg(&parted.dev)
+        .arg("--allow-non-removable")
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"y\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let still_mounted = std::fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .contains(&mnt.display().to_string());
+    if still_mounted {
+        let _ = Command::new("umount").arg(&mnt).status();
+    }
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("unmounted {}", part.display())),
+        "{err}"
+    );
+    assert!(!still_mounted, "kiln left the partition mounted");
+    assert_mapped_equal(&img, &img.with_extension("img.bmap"), &parted.dev);
+}

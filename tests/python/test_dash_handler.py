@@ -360,3 +360,56 @@ def test_broker_with_passwords(tmp_path):
             assert proc.wait(10) == 0
     finally:
         b.stop()
+
+
+def test_broker_over_tls_with_a_ca_file(tmp_path):
+    if not shutil_which("openssl"):
+        pytest.skip("openssl is not installed")
+
+    def ossl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp_path)
+
+    ossl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=kiln-test-ca", "-days", "2")
+    ossl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    ossl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+         "-out", "server.crt", "-days", "2", "-extfile", "san.ext")
+    b = Broker(tmp_path)
+    b.conf.write_text(
+        "listener %d 127.0.0.1\ncafile %s\ncertfile %s\nkeyfile %s\nallow_anonymous true\npersistence false\nuser root\n"
+        % (b.port, tmp_path / "ca.crt", tmp_path / "server.crt", tmp_path / "server.key")
+    )
+    b.start()
+    try:
+        cfg = tmp_path / "tls.json"
+        cfg.write_text(json.dumps({
+            "broker": {"host": "127.0.0.1", "port": b.port, "tls": True, "ca_file": str(tmp_path / "ca.crt")},
+            "handler_id": "kiln", "allowed_dash_ids": ["dash01"], "provision_command": ["/bin/true"],
+        }))
+        log = open(tmp_path / "tls.log", "w")
+        proc = subprocess.Popen([sys.executable, str(HANDLER), "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            button = make_client("tls-button-" + uuid.uuid4().hex[:6])
+            inbox = queue.Queue()
+            button.on_message = lambda c, u, m: inbox.put(m.payload.decode("utf-8", "replace"))
+            button.tls_set(ca_certs=str(tmp_path / "ca.crt"))
+            button.connect("127.0.0.1", b.port)
+            button.subscribe(TOPIC, qos=1)
+            button.loop_start()
+            seen = []
+            deadline = time.time() + 10
+            while time.time() < deadline and not (seen and seen[-1].endswith("kiln StatusAvailable")):
+                try:
+                    seen.append(inbox.get(timeout=0.5))
+                except queue.Empty:
+                    pass
+            assert seen and seen[-1].endswith("kiln StatusAvailable"), (seen, (tmp_path / "tls.log").read_text())
+            button.loop_stop()
+            button.disconnect()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+    finally:
+        b.stop()
