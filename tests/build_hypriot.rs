@@ -34,13 +34,7 @@ fn build_ceil_one() -> Built {
     let cluster = example_cluster("ceil", dir.path());
     let out = dir.path().join("out");
     let cache = dir.path().join("cache");
-    run(kiln(&cache)
-        .args(["build", "--node", "ceil-one", "--cluster"])
-        .arg(&cluster)
-        .arg("--base")
-        .arg(&base)
-        .arg("--out")
-        .arg(&out));
+    build(&cache, &cluster, "ceil-one", base.as_os_str(), &out);
     Built {
         _dir: dir,
         cluster,

@@ -106,13 +106,7 @@ fn an_interrupted_download_resumes_and_is_verified_and_cached() {
     );
     // The build is the same as one from the local file.
     let local_out = dir.path().join("local");
-    run(kiln(&cache)
-        .args(["build", "--node", "ceil-one", "--cluster"])
-        .arg(&cluster)
-        .arg("--base")
-        .arg(&base)
-        .arg("--out")
-        .arg(&local_out));
+    build(&cache, &cluster, "ceil-one", base.as_os_str(), &local_out);
     assert_eq!(
         std::fs::read(out.join("ceil-one.img.sha256sum")).unwrap(),
         std::fs::read(local_out.join("ceil-one.img.sha256sum")).unwrap()

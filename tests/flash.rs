@@ -70,14 +70,31 @@ fn built_image(dir: &Path) -> PathBuf {
     let base = hypriot_fixture(dir);
     let cluster = example_cluster("ceil", dir);
     let out = dir.join("out");
-    run(kiln(&dir.join("cache"))
-        .args(["build", "--node", "ceil-one", "--cluster"])
-        .arg(&cluster)
-        .arg("--base")
-        .arg(&base)
-        .arg("--out")
-        .arg(&out));
+    build(
+        &dir.join("cache"),
+        &cluster,
+        "ceil-one",
+        base.as_os_str(),
+        &out,
+    );
     out.join("ceil-one.img")
+}
+
+/// A loop device holding `img`, with its ext4 root (partition 2) mounted. The ext4 one: this
+/// kernel has no vfat module. The kernel here does not scan loop partitions by itself; partx adds
+/// them (BLKPG).
+fn mounted(dir: &Path, img: &Path, name: &str) -> (Loop, PathBuf, PathBuf) {
+    let lo = Loop::new(dir, name, 256 << 20, &["-P"]);
+    run(Command::new("dd")
+        .arg(format!("if={}", img.display()))
+        .arg(format!("of={}", lo.dev.display()))
+        .args(["bs=4M", "conv=fsync", "status=none"]));
+    run(Command::new("partx").arg("-a").arg(&lo.dev));
+    let part = PathBuf::from(format!("{}p2", lo.dev.display()));
+    let mnt = dir.join(format!("{name}.mnt"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    run(Command::new("mount").arg(&part).arg(&mnt));
+    (lo, part, mnt)
 }
 
 fn read_range(path: &Path, offset: u64, len: u64) -> Vec<u8> {
@@ -436,18 +453,7 @@ fn refusals_leave_the_disk_untouched() {
     assert_eq!(read_range(&small.dev, 0, 1 << 20), marker);
 
     // A disk with a mounted partition, and the user answers no.
-    let parted = Loop::new(dir.path(), "h.img", 256 << 20, &["-P"]);
-    run(Command::new("dd")
-        .arg(format!("if={}", img.display()))
-        .arg(format!("of={}", parted.dev.display()))
-        .args(["bs=4M", "conv=fsync", "status=none"]));
-    // The kernel here does not scan loop partitions by itself; partx adds them (BLKPG).
-    run(Command::new("partx").arg("-a").arg(&parted.dev));
-    // The ext4 root: this kernel has no vfat module to mount the boot partition with.
-    let part = PathBuf::from(format!("{}p2", parted.dev.display()));
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    run(Command::new("mount").arg(&part).arg(&mnt));
+    let (parted, part, mnt) = mounted(dir.path(), &img, "h.img");
     let before = read_range(&parted.dev, 0, 1 << 20);
     let mut child = kiln(&cache)
         .arg("flash")
@@ -661,16 +667,7 @@ fn a_confirmed_flash_unmounts_the_targets_partitions_first() {
     }
     let dir = tempfile::tempdir().unwrap();
     let img = built_image(dir.path());
-    let parted = Loop::new(dir.path(), "u.img", 256 << 20, &["-P"]);
-    run(Command::new("dd")
-        .arg(format!("if={}", img.display()))
-        .arg(format!("of={}", parted.dev.display()))
-        .args(["bs=4M", "conv=fsync", "status=none"]));
-    run(Command::new("partx").arg("-a").arg(&parted.dev));
-    let part = PathBuf::from(format!("{}p2", parted.dev.display()));
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    run(Command::new("mount").arg(&part).arg(&mnt));
+    let (parted, part, mnt) = mounted(dir.path(), &img, "u.img");
     let mut child = kiln(&dir.path().join("cache"))
         .arg("flash")
         .arg(&img)

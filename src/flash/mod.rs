@@ -510,7 +510,7 @@ fn decode(
                         if let Some(w) = whole.as_mut() {
                             w.update(&buf.as_slice()[..n]);
                         }
-                        apply_patches(buf.slice_mut(n), pos, &img.patches);
+                        crate::format::writer::apply_patches(buf.slice_mut(n), pos, &img.patches);
                     }
                     if pos < HEAD {
                         let take = ((HEAD - pos) as usize).min(n);
@@ -562,21 +562,6 @@ fn decode(
         }
     }
     Ok((head, digests, pos))
-}
-
-/// Replaces the bytes of `buf` (image offset `pos`) that patches cover.
-fn apply_patches(buf: &mut [u8], pos: u64, patches: &[crate::format::writer::Patch]) {
-    let end = pos + buf.len() as u64;
-    for p in patches {
-        let (a, b) = (
-            p.offset.max(pos),
-            (p.offset + p.bytes.len() as u64).min(end),
-        );
-        if b > a {
-            buf[(a - pos) as usize..(b - pos) as usize]
-                .copy_from_slice(&p.bytes[(a - p.offset) as usize..(b - p.offset) as usize]);
-        }
-    }
 }
 
 fn fill(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {

@@ -96,17 +96,7 @@ pub fn write_image(
             input.read_exact(&mut buf).with_context(|| {
                 format!("reading {} at byte {pos} (truncated?)", base.display())
             })?;
-            for p in patches {
-                let (a, b) = (
-                    p.offset.max(pos),
-                    (p.offset + p.bytes.len() as u64).min(pos + n as u64),
-                );
-                if b > a {
-                    buf[(a - pos) as usize..(b - pos) as usize].copy_from_slice(
-                        &p.bytes[(a - p.offset) as usize..(b - p.offset) as usize],
-                    );
-                }
-            }
+            apply_patches(&mut buf, pos, patches);
             write_nonzero(&output, pos, &buf)
                 .with_context(|| format!("writing {} (is the disk full?)", out.display()))?;
             let buf = Arc::new(buf);
@@ -128,6 +118,21 @@ pub fn write_image(
         .sync_all()
         .with_context(|| format!("syncing {}", out.display()))?;
     Ok((bmap, sha))
+}
+
+/// Replaces the bytes of `buf` (which starts at image offset `pos`) that `patches` cover.
+pub fn apply_patches(buf: &mut [u8], pos: u64, patches: &[Patch]) {
+    let end = pos + buf.len() as u64;
+    for p in patches {
+        let (a, b) = (
+            p.offset.max(pos),
+            (p.offset + p.bytes.len() as u64).min(end),
+        );
+        if b > a {
+            buf[(a - pos) as usize..(b - pos) as usize]
+                .copy_from_slice(&p.bytes[(a - p.offset) as usize..(b - p.offset) as usize]);
+        }
+    }
 }
 
 fn touches_patch(bmap: &Bmap, (first, last): (u64, u64), patches: &[Patch]) -> bool {

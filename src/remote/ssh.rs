@@ -37,8 +37,8 @@ impl Ssh {
         }
     }
 
-    /// Runs `script` with `sh` on the target; returns its stdout.
-    pub fn run(&self, script: &str) -> Result<String> {
+    /// `ssh <target> -- sh -c '<script>'`.
+    fn command(&self, script: &str) -> Command {
         let mut c = Command::new("ssh");
         self.opts(&mut c);
         c.arg(&self.target)
@@ -46,21 +46,19 @@ impl Ssh {
             .arg("sh")
             .arg("-c")
             .arg(super::shell_join(&[script.to_string()]));
-        let out = cmd::run_with(&mut c, "ssh")?;
+        c
+    }
+
+    /// Runs `script` with `sh` on the target; returns its stdout.
+    pub fn run(&self, script: &str) -> Result<String> {
+        let out = cmd::run_with(&mut self.command(script), "ssh")?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Runs `script`, returning (exit status, stdout) without failing on a non-zero exit.
     pub fn status(&self, script: &str) -> Result<(i32, String)> {
         cmd::require("ssh")?;
-        let mut c = Command::new("ssh");
-        self.opts(&mut c);
-        c.arg(&self.target)
-            .arg("--")
-            .arg("sh")
-            .arg("-c")
-            .arg(super::shell_join(&[script.to_string()]));
-        let out = c.output()?;
+        let out = self.command(script).output()?;
         if out.status.code() == Some(255) {
             bail!(
                 "ssh to {} failed: {}",

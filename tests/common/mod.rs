@@ -123,3 +123,14 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
 }
+
+/// `kiln build --node NODE --cluster CLUSTER --base BASE --out OUT`, which must succeed.
+pub fn build(cache: &Path, cluster: &Path, node: &str, base: &std::ffi::OsStr, out: &Path) {
+    run(kiln(cache)
+        .args(["build", "--node", node, "--cluster"])
+        .arg(cluster)
+        .arg("--base")
+        .arg(base)
+        .arg("--out")
+        .arg(out));
+}
