@@ -91,6 +91,7 @@ pub enum Command {
     ///
     /// kiln flash IMAGE DEVICE…          an image file (.img, .zip, .xz, .gz, .zst) to one or more disks
     /// kiln flash --node NODE DEVICE     build the node's image, then write it (one DEVICE per --node)
+    #[command(verbatim_doc_comment)]
     Flash {
         /// IMAGE then DEVICE…, or only DEVICE… with --node. Plain files are valid targets.
         #[arg(required = true)]
