@@ -9,5 +9,6 @@ apt-get install -y -q --allow-downgrades --no-install-recommends \
     "qemu-utils=$qv" "qemu-block-extra=$qv" qemu-system-x86 ovmf systemd-boot-efi \
     e2fsprogs dosfstools mtools fdisk gdisk bmap-tools android-sdk-libsparse-utils \
     debootstrap cloud-init xz-utils zstd unzip hyperfine \
-    mosquitto mosquitto-clients openssh-server openssh-client python3-paho-mqtt python3-pytest >/dev/null
+    mosquitto mosquitto-clients openssh-server openssh-client python3-paho-mqtt python3-pytest \
+    curl wget nginx-light >/dev/null
 echo "setup: tools installed"

@@ -13,6 +13,7 @@ pub mod fs;
 pub mod io;
 pub mod provision;
 pub mod remote;
+pub mod serve;
 pub mod source;
 pub mod spec;
 pub mod util;

@@ -8,6 +8,7 @@ mod flash;
 mod install;
 mod plan;
 mod sample;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -164,6 +165,29 @@ pub enum Command {
         #[arg(long)]
         root: Option<String>,
     },
+    /// Serve a directory of images the way Ironic and IPA need them, or check a served image.
+    Serve {
+        /// The directory to serve.
+        dir: Option<PathBuf>,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Instead of serving: replay what Ironic and IPA do with this image URL.
+        #[arg(long, value_name = "URL", conflicts_with = "dir")]
+        check: Option<String>,
+    },
+    /// Copy built images into a served directory under immutable names (<node>-<sha8>.raw).
+    Publish {
+        /// The node(s) to publish.
+        #[arg(long, required = true)]
+        node: Vec<String>,
+        /// Where the builds are.
+        #[arg(long, short = 'o', default_value = "out")]
+        out: PathBuf,
+        /// The served directory.
+        #[arg(long)]
+        to: PathBuf,
+    },
     /// Write kiln's sample base image for a profile (the layout of the real image, tiny contents).
     Sample {
         /// The image profile.
@@ -203,6 +227,8 @@ pub fn run(cli: Cli) -> Result<()> {
         ),
         Command::Sample { profile, output } => sample::run(&profile, &output),
         Command::Devices { all, json } => devices::run(all, json),
+        Command::Serve { dir, listen, check } => serve::serve(dir, listen, check),
+        Command::Publish { node, out, to } => serve::publish(&node, &out, &to),
         Command::Install {
             overlay,
             target,

@@ -1,0 +1,478 @@
+//! `kiln serve DIR`: node images over HTTP the way Ironic and ironic-python-agent need them.
+//!
+//! HEAD answers with Content-Length, Last-Modified and an ETag; GET streams whole files or one
+//! byte range (206, or 416 when unsatisfiable); If-None-Match and If-Modified-Since answer 304;
+//! nothing is compressed. `<image>.sha256sum` exists for every image (computed once, cached in a
+//! hidden file beside it, recomputed when the image changes). Only regular files inside DIR are
+//! served: traversal in any encoding, symlinks leading out, hidden and partial files are 404. A
+//! response streams from the file it opened, so replacing an image by rename does not disturb
+//! downloads in flight.
+
+pub mod check;
+pub mod publish;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+/// Image formats IPA accepts, by extension.
+const IMAGE_EXTENSIONS: &[&str] = &["raw", "img", "qcow2"];
+
+struct Served {
+    root: PathBuf,
+}
+
+/// Serves `dir` on `listen` until SIGINT or SIGTERM.
+pub fn run(dir: &Path, listen: SocketAddr) -> Result<()> {
+    let root = dir
+        .canonicalize()
+        .with_context(|| format!("serving {}", dir.display()))?;
+    if !root.is_dir() {
+        anyhow::bail!("{} is not a directory", dir.display());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let state = Arc::new(Served { root: root.clone() });
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(state)
+            .layer(axum::middleware::from_fn(access_log));
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listening on {listen}"))?;
+        eprintln!(
+            "serving {} on http://{}",
+            root.display(),
+            listener.local_addr()?
+        );
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown())
+        .await
+        .context("serving")?;
+        eprintln!("stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    eprintln!("shutting down: finishing downloads in flight");
+}
+
+/// Writes the access log line when the response body is finished — or dropped, when the
+/// client went away — with the bytes actually sent and the whole duration.
+struct LogLine {
+    prefix: String,
+    started: Instant,
+    sent: u64,
+}
+
+impl Drop for LogLine {
+    fn drop(&mut self) {
+        eprintln!(
+            "{} {} {:.3}s",
+            self.prefix,
+            self.sent,
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+async fn access_log(
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    use futures_util::StreamExt;
+    let started = Instant::now();
+    let prefix = format!("{} {} {}", peer.ip(), req.method(), req.uri().path());
+    let resp = next.run(req).await;
+    let (parts, body) = resp.into_parts();
+    let mut line = LogLine {
+        prefix: format!("{prefix} {}", parts.status.as_u16()),
+        started,
+        sent: 0,
+    };
+    let stream = body.into_data_stream().map(move |chunk| {
+        // Borrow the whole struct: capturing only the field would drop the line (and log) now.
+        let line = &mut line;
+        if let Ok(c) = &chunk {
+            line.sent += c.len() as u64;
+        }
+        chunk
+    });
+    Response::from_parts(parts, Body::from_stream(stream))
+}
+
+fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, "not found\n").into_response()
+}
+
+/// Maps a request path to a file inside `root`, or `None` (404) for anything else.
+pub fn resolve(root: &Path, raw_path: &str) -> Option<PathBuf> {
+    // Decode once; a path whose decoding has '/', '\\' or NUL inside a segment is refused, so
+    // %2f and %5c tricks cannot smuggle separators.
+    let mut rel = PathBuf::new();
+    for seg in raw_path.split('/').filter(|s| !s.is_empty()) {
+        let decoded = percent_encoding::percent_decode_str(seg)
+            .decode_utf8()
+            .ok()?;
+        if decoded == "."
+            || decoded == ".."
+            || decoded.starts_with('.')
+            || decoded.contains(['/', '\\', '\0'])
+            || decoded.ends_with(".tmp")
+            || decoded.ends_with(".part")
+            || decoded.ends_with(".partial")
+        {
+            return None;
+        }
+        rel.push(decoded.as_ref());
+    }
+    let full = root.join(&rel).canonicalize().ok()?;
+    // A symlink may point anywhere; only what resolves inside the root is served.
+    if !full.starts_with(root) {
+        return None;
+    }
+    Some(full)
+}
+
+async fn handle(
+    State(s): State<Arc<Served>>,
+    method: Method,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    if method != Method::GET && method != Method::HEAD {
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
+            [(header::ALLOW, "GET, HEAD")],
+        )
+            .into_response();
+    }
+    let path = uri.path();
+    if path == "/" || path == "/index.json" {
+        return index(&s.root).await;
+    }
+    if let Some(image_path) = path.strip_suffix(".sha256sum")
+        && let Some(img) = resolve(&s.root, image_path)
+        && is_image(&img)
+        && resolve(&s.root, path).is_none()
+    {
+        // No checksum file on disk: kiln computes (and caches) it.
+        return match checksum_of(img.clone()).await {
+            Ok(hex) => {
+                let name = img
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let body = crate::format::manifest::sha256sum_line(&hex, &name);
+                ([(header::CONTENT_TYPE, "text/plain")], body).into_response()
+            }
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response(),
+        };
+    }
+    let Some(file_path) = resolve(&s.root, path) else {
+        return not_found();
+    };
+    serve_file(&file_path, &method, &headers).await
+}
+
+fn is_image(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e))
+}
+
+/// A strong validator from size and modification time (nanoseconds).
+fn etag(meta: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!(
+        "\"{:x}-{:x}{:09x}\"",
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec()
+    )
+}
+
+enum Range {
+    Whole,
+    Part(u64, u64),
+    Unsatisfiable,
+}
+
+/// One `bytes=` range (RFC 9110 14.1.2); several ranges are answered with the whole file.
+fn parse_range(value: &str, size: u64) -> Range {
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return Range::Whole;
+    };
+    if spec.contains(',') {
+        return Range::Whole;
+    }
+    let Some((a, b)) = spec.split_once('-') else {
+        return Range::Whole;
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let range = match (a.parse::<u64>(), b.parse::<u64>()) {
+        (Ok(start), Ok(end)) if start <= end => (start, end.min(size.saturating_sub(1))),
+        (Ok(start), Err(_)) if b.is_empty() => (start, size.saturating_sub(1)),
+        (Err(_), Ok(n)) if a.is_empty() && n > 0 => {
+            (size.saturating_sub(n), size.saturating_sub(1))
+        }
+        _ => return Range::Whole,
+    };
+    if size == 0 || range.0 >= size {
+        return Range::Unsatisfiable;
+    }
+    Range::Part(range.0, range.1)
+}
+
+async fn serve_file(path: &Path, method: &Method, headers: &HeaderMap) -> Response {
+    let Ok(mut file) = tokio::fs::File::open(path).await else {
+        return not_found();
+    };
+    // Metadata of the opened file: a rename replacing the name does not change what we send.
+    let Ok(meta) = file.metadata().await else {
+        return not_found();
+    };
+    if !meta.is_file() {
+        return not_found();
+    }
+    let size = meta.len();
+    let tag = etag(&meta);
+    let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+    let last_modified = httpdate::fmt_http_date(modified);
+    let mut base = HeaderMap::new();
+    base.insert(
+        header::ETAG,
+        HeaderValue::from_str(&tag).expect("etag is ascii"),
+    );
+    base.insert(
+        header::LAST_MODIFIED,
+        HeaderValue::from_str(&last_modified).expect("date is ascii"),
+    );
+    base.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    let content_type = if path
+        .extension()
+        .is_some_and(|e| e == "sha256sum" || e == "json")
+    {
+        "text/plain"
+    } else {
+        "application/octet-stream"
+    };
+    base.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+
+    let not_modified = match headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(inm) => inm.split(',').any(|t| t.trim() == tag || t.trim() == "*"),
+        None => headers
+            .get(header::IF_MODIFIED_SINCE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok())
+            .is_some_and(|since| {
+                let secs = |t: SystemTime| {
+                    t.duration_since(SystemTime::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0)
+                };
+                secs(modified) <= secs(since)
+            }),
+    };
+    if not_modified {
+        return (StatusCode::NOT_MODIFIED, base).into_response();
+    }
+
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map_or(Range::Whole, |r| parse_range(r, size));
+    let (status, start, len) = match range {
+        Range::Whole => (StatusCode::OK, 0, size),
+        Range::Part(a, b) => {
+            base.insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes {a}-{b}/{size}")).expect("ascii"),
+            );
+            (StatusCode::PARTIAL_CONTENT, a, b - a + 1)
+        }
+        Range::Unsatisfiable => {
+            base.insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
+            );
+            return (StatusCode::RANGE_NOT_SATISFIABLE, base).into_response();
+        }
+    };
+    base.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if method == Method::HEAD {
+        return (status, base).into_response();
+    }
+    if start > 0 && file.seek(std::io::SeekFrom::Start(start)).await.is_err() {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "seek failed\n").into_response();
+    }
+    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), 1 << 20);
+    let mut resp = Response::new(Body::from_stream(stream));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = base;
+    resp
+}
+
+/// The sha256 of an image, cached in `.<name>.sha256` beside it together with the size and
+/// modification time it was computed for.
+pub async fn checksum_of(path: PathBuf) -> Result<String> {
+    tokio::task::spawn_blocking(move || cached_checksum(&path)).await?
+}
+
+fn cached_checksum(path: &Path) -> Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)?;
+    let key = format!("{} {}.{}", meta.len(), meta.mtime(), meta.mtime_nsec());
+    let name = path
+        .file_name()
+        .context("image has a name")?
+        .to_string_lossy()
+        .into_owned();
+    let cache = path.with_file_name(format!(".{name}.sha256"));
+    if let Ok(text) = std::fs::read_to_string(&cache)
+        && let Some((k, hex)) = text.trim().rsplit_once(' ')
+        && k == key
+    {
+        return Ok(hex.to_string());
+    }
+    let hex = crate::source::cache::sha256_file(path)?;
+    // Best effort: a read-only directory only costs the next request a rehash.
+    let _ = crate::util::fsutil::write_atomic(&cache, format!("{key} {hex}\n").as_bytes());
+    Ok(hex)
+}
+
+#[derive(Serialize)]
+struct Entry {
+    name: String,
+    size: u64,
+    sha256: String,
+    format: &'static str,
+    modified: String,
+}
+
+async fn index(root: &Path) -> Response {
+    let root = root.to_path_buf();
+    let listing = tokio::task::spawn_blocking(move || -> Result<Vec<Entry>> {
+        let mut v = Vec::new();
+        let mut names: Vec<_> = std::fs::read_dir(&root)?.filter_map(|e| e.ok()).collect();
+        names.sort_by_key(|e| e.file_name());
+        for e in names {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.')
+                || !is_image(&p)
+                || resolve(&root, &format!("/{name}")).is_none()
+            {
+                continue;
+            }
+            let meta = std::fs::metadata(&p)?;
+            if !meta.is_file() {
+                continue;
+            }
+            v.push(Entry {
+                format: check::sniff_format(&p)
+                    .map(|f| f.name())
+                    .unwrap_or("unknown"),
+                sha256: cached_checksum(&p)?,
+                size: meta.len(),
+                modified: httpdate::fmt_http_date(meta.modified()?),
+                name,
+            });
+        }
+        Ok(v)
+    })
+    .await;
+    match listing {
+        Ok(Ok(v)) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
+        )
+            .into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert!(matches!(
+            parse_range("bytes=0-99", 1000),
+            Range::Part(0, 99)
+        ));
+        assert!(matches!(
+            parse_range("bytes=900-", 1000),
+            Range::Part(900, 999)
+        ));
+        assert!(matches!(
+            parse_range("bytes=-100", 1000),
+            Range::Part(900, 999)
+        ));
+        assert!(matches!(
+            parse_range("bytes=0-5000", 1000),
+            Range::Part(0, 999)
+        ));
+        assert!(matches!(
+            parse_range("bytes=1000-", 1000),
+            Range::Unsatisfiable
+        ));
+        assert!(matches!(parse_range("bytes=0-1,5-9", 1000), Range::Whole));
+        assert!(matches!(parse_range("items=0-1", 1000), Range::Whole));
+    }
+
+    #[test]
+    fn only_files_inside_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        std::fs::write(root.join("a.raw"), "x").unwrap();
+        std::fs::write(root.join(".hidden"), "x").unwrap();
+        std::fs::write(root.join("b.raw.tmp"), "x").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", root.join("out.raw")).unwrap();
+        std::os::unix::fs::symlink(root.join("a.raw"), root.join("in.raw")).unwrap();
+        assert!(resolve(&root, "/a.raw").is_some());
+        assert!(resolve(&root, "/in.raw").is_some());
+        for bad in [
+            "/../etc/passwd",
+            "/%2e%2e/etc/passwd",
+            "/%2E%2E%2Fetc%2Fpasswd",
+            "/..%2fetc/passwd",
+            "/a.raw%00",
+            "/.hidden",
+            "/b.raw.tmp",
+            "/out.raw",
+            "//etc/passwd",
+            "/%5c..%5cetc",
+        ] {
+            assert!(resolve(&root, bad).is_none(), "{bad} resolved");
+        }
+    }
+}

@@ -1,0 +1,438 @@
+//! `kiln serve`, `kiln publish` and `kiln serve --check` with real clients (curl, wget) and a real
+//! peer (nginx serving the same directory).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SIGTERM: kiln serve shuts down gracefully, nginx's master takes its workers with it.
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_port(p: u16) {
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", p)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("nothing listens on {p}");
+}
+
+fn kiln_serve(dir: &Path, cache: &Path) -> Server {
+    let p = port();
+    let child = kiln(cache)
+        .arg("serve")
+        .arg(dir)
+        .args(["--listen", &format!("127.0.0.1:{p}")])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_port(p);
+    Server {
+        child,
+        base: format!("http://127.0.0.1:{p}"),
+    }
+}
+
+fn nginx(dir: &Path, work: &Path) -> Server {
+    let p = port();
+    let conf = work.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off; user root; worker_processes 2; pid {}/nginx.pid; error_log stderr;\n\
+             events {{}}\nhttp {{ access_log off; sendfile on; client_body_temp_path {0}; proxy_temp_path {0};\n\
+             fastcgi_temp_path {0}; uwsgi_temp_path {0}; scgi_temp_path {0};\n\
+             server {{ listen 127.0.0.1:{p}; root {}; }} }}\n",
+            work.display(),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(&conf)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_port(p);
+    Server {
+        child,
+        base: format!("http://127.0.0.1:{p}"),
+    }
+}
+
+/// curl's status code, headers (lower-cased, for matching) and body for `args`.
+fn curl(args: &[&str]) -> (u16, String, Vec<u8>) {
+    let (code, h, b) = curl_raw(args);
+    (code, h.to_ascii_lowercase(), b)
+}
+
+/// curl's status code, headers as sent and body for `args`.
+fn curl_raw(args: &[&str]) -> (u16, String, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let headers = dir.path().join("h");
+    let body = dir.path().join("b");
+    let out = Command::new("curl")
+        .args(["-s", "-D"])
+        .arg(&headers)
+        .arg("-o")
+        .arg(&body)
+        .args(["-w", "%{http_code}"])
+        .args(args)
+        .output()
+        .unwrap();
+    let code = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    (
+        code,
+        std::fs::read_to_string(&headers).unwrap_or_default(),
+        std::fs::read(&body).unwrap_or_default(),
+    )
+}
+
+fn random_file(p: &Path, mib: usize, seed: u64) {
+    let mut x = seed | 1;
+    let data: Vec<u8> = (0..mib << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(p, data).unwrap();
+}
+
+/// A served directory with a published node build and a 32 MiB random image.
+fn served_dir(work: &Path) -> (PathBuf, PathBuf) {
+    let cluster = example_cluster("ceil", work);
+    let cache = work.join("cache");
+    let out = work.join("out");
+    build(
+        &cache,
+        &cluster,
+        "ceil-one",
+        std::ffi::OsStr::new("sample"),
+        &out,
+    );
+    let srv = work.join("srv");
+    let o = kiln(&cache)
+        .args(["publish", "--node", "ceil-one", "--out"])
+        .arg(&out)
+        .arg("--to")
+        .arg(&srv)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let published = String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .to_string();
+    random_file(&srv.join("big.raw"), 32, 7);
+    (srv, PathBuf::from(published))
+}
+
+#[test]
+fn real_clients_get_what_ironic_needs() {
+    if !have_tools(&["curl", "wget", "mke2fs", "debugfs", "dumpe2fs"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (srv, published) = served_dir(dir.path());
+    let name = published
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        name.starts_with("ceil-one-") && name.ends_with(".raw"),
+        "{name}"
+    );
+    let s = kiln_serve(&srv, &dir.path().join("cache"));
+    let url = format!("{}/{name}", s.base);
+    let bytes = std::fs::read(&published).unwrap();
+
+    // HEAD: 200, length, validators, no compression even when asked for.
+    let (code, h, _) = curl(&["-I", "-H", "Accept-Encoding: gzip, br", &url]);
+    assert_eq!(code, 200);
+    assert!(
+        h.contains(&format!("content-length: {}", bytes.len())),
+        "{h}"
+    );
+    assert!(
+        h.contains("last-modified: ") && h.contains("etag: ") && h.contains("accept-ranges: bytes"),
+        "{h}"
+    );
+    assert!(!h.contains("content-encoding"), "{h}");
+    let (_, raw_headers, _) = curl_raw(&["-I", &url]);
+    let value = |name: &str| {
+        raw_headers
+            .lines()
+            .find_map(|l| {
+                l.split_once(':')
+                    .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.trim().to_string())
+            })
+            .unwrap()
+    };
+    let (etag, last_modified) = (value("etag"), value("last-modified"));
+
+    // One range, an unsatisfiable range, conditional requests.
+    let (code, h, body) = curl(&["-r", "1000-1999", &url]);
+    assert_eq!((code, body.as_slice()), (206, &bytes[1000..2000]));
+    assert!(
+        h.contains(&format!("content-range: bytes 1000-1999/{}", bytes.len())),
+        "{h}"
+    );
+    let (code, _, _) = curl(&["-r", &format!("{}-", bytes.len() + 10), &url]);
+    assert_eq!(code, 416);
+    assert_eq!(
+        curl(&["-H", &format!("If-None-Match: {etag}"), &url]).0,
+        304
+    );
+    assert_eq!(
+        curl(&["-H", &format!("If-Modified-Since: {last_modified}"), &url]).0,
+        304
+    );
+
+    // A resumed download and wget agree with the file.
+    let part = dir.path().join("resumed");
+    std::fs::write(&part, &bytes[..(1 << 20) + 123]).unwrap();
+    run(Command::new("curl")
+        .args(["-s", "-C", "-", "-o"])
+        .arg(&part)
+        .arg(&url));
+    assert_eq!(
+        sha256_hex(&std::fs::read(&part).unwrap()),
+        sha256_hex(&bytes)
+    );
+    let w = dir.path().join("wget");
+    run(Command::new("wget").args(["-q", "-O"]).arg(&w).arg(&url));
+    assert_eq!(sha256_hex(&std::fs::read(&w).unwrap()), sha256_hex(&bytes));
+
+    // The checksum file, and the index.
+    let (code, _, sum) = curl(&[&format!("{url}.sha256sum")]);
+    assert_eq!(code, 200);
+    assert_eq!(
+        String::from_utf8(sum).unwrap(),
+        format!("{}  {name}\n", sha256_hex(&bytes))
+    );
+    let (code, _, index) = curl(&[&format!("{}/index.json", s.base)]);
+    assert_eq!(code, 200);
+    let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
+    let entry = index
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name.as_str())
+        .unwrap();
+    assert_eq!(entry["sha256"], sha256_hex(&bytes));
+    assert_eq!(entry["format"], "raw");
+    assert_eq!(entry["size"], bytes.len());
+}
+
+#[test]
+fn concurrent_downloads_aborts_and_replacement_in_flight() {
+    if !have_tools(&["curl", "mke2fs", "debugfs", "dumpe2fs"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (srv, _) = served_dir(dir.path());
+    let s = kiln_serve(&srv, &dir.path().join("cache"));
+    let url = format!("{}/big.raw", s.base);
+    let old = sha256_hex(&std::fs::read(srv.join("big.raw")).unwrap());
+
+    // 16 at once, each complete and intact.
+    let spawn = |i: usize, rate: Option<&str>| {
+        let mut c = Command::new("curl");
+        c.args(["-s", "-o"]).arg(dir.path().join(format!("dl{i}")));
+        if let Some(r) = rate {
+            c.args(["--limit-rate", r]);
+        }
+        c.arg(&url).spawn().unwrap()
+    };
+    let kids: Vec<Child> = (0..16).map(|i| spawn(i, None)).collect();
+    for (i, mut k) in kids.into_iter().enumerate() {
+        assert!(k.wait().unwrap().success());
+        assert_eq!(
+            sha256_hex(&std::fs::read(dir.path().join(format!("dl{i}"))).unwrap()),
+            old,
+            "download {i}"
+        );
+    }
+
+    // Slow clients: two are killed mid-stream, the file is replaced by rename; the others finish
+    // with the bytes of the file they started on.
+    let mut slow: Vec<Child> = (20..24).map(|i| spawn(i, Some("8M"))).collect();
+    std::thread::sleep(Duration::from_millis(1200));
+    slow[0].kill().unwrap();
+    slow[1].kill().unwrap();
+    random_file(&srv.join(".big.raw.new"), 32, 99);
+    std::fs::rename(srv.join(".big.raw.new"), srv.join("big.raw")).unwrap();
+    for k in slow.iter_mut() {
+        let _ = k.wait();
+    }
+    for i in [22, 23] {
+        assert_eq!(
+            sha256_hex(&std::fs::read(dir.path().join(format!("dl{i}"))).unwrap()),
+            old,
+            "slow download {i}"
+        );
+    }
+    // New requests get the new file, and a new checksum.
+    let new = sha256_hex(&std::fs::read(srv.join("big.raw")).unwrap());
+    assert_ne!(new, old);
+    let (code, _, sum) = curl(&[&format!("{url}.sha256sum")]);
+    assert_eq!(code, 200);
+    assert_eq!(String::from_utf8(sum).unwrap(), format!("{new}  big.raw\n"));
+}
+
+#[test]
+fn traversal_hidden_and_partial_files_are_404() {
+    if !have_tools(&["curl", "mke2fs", "debugfs", "dumpe2fs"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (srv, _) = served_dir(dir.path());
+    std::fs::write(srv.join(".hidden.raw"), "x").unwrap();
+    std::fs::write(srv.join("upload.raw.tmp"), "x").unwrap();
+    std::fs::write(dir.path().join("secret"), "outside").unwrap();
+    std::os::unix::fs::symlink(dir.path().join("secret"), srv.join("escape.raw")).unwrap();
+    let s = kiln_serve(&srv, &dir.path().join("cache"));
+    for path in [
+        "/../secret",
+        "/../../../../etc/passwd",
+        "/%2e%2e/secret",
+        "/%2E%2E%2Fsecret",
+        "/..%2fsecret",
+        "/.%2e/secret",
+        "/%2fetc%2fpasswd",
+        "//etc/passwd",
+        "/.hidden.raw",
+        "/upload.raw.tmp",
+        "/escape.raw",
+        "/escape.raw.sha256sum",
+        "/nope.raw",
+    ] {
+        let (code, _, body) = curl(&["--path-as-is", &format!("{}{path}", s.base)]);
+        assert_eq!(code, 404, "{path} answered {code}");
+        assert!(!String::from_utf8_lossy(&body).contains("outside"));
+    }
+}
+
+#[test]
+fn check_accepts_kiln_and_nginx_and_names_what_is_wrong() {
+    if !have_tools(&["curl", "nginx", "qemu-img", "mke2fs", "debugfs", "dumpe2fs"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (srv, published) = served_dir(dir.path());
+    let name = published
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let cache = dir.path().join("cache");
+    let k = kiln_serve(&srv, &cache);
+    let n = nginx(&srv, dir.path());
+    let check = |url: String| {
+        kiln(&cache)
+            .args(["serve", "--check", &url])
+            .output()
+            .unwrap()
+    };
+    for base in [&k.base, &n.base] {
+        let o = check(format!("{base}/{name}"));
+        assert!(
+            o.status.success(),
+            "{base}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    // A checksum file that lies.
+    std::fs::write(
+        srv.join("big.raw.sha256sum"),
+        format!("{}  big.raw\n", "0".repeat(64)),
+    )
+    .unwrap();
+    for base in [&k.base, &n.base] {
+        let o = check(format!("{base}/big.raw"));
+        assert!(!o.status.success());
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("the checksum file says"),
+            "{}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
+    // A qcow2 with a backing file.
+    let overlay = srv.join("overlay.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(srv.join("big.raw"))
+        .arg(&overlay));
+    let sum = sha256_hex(&std::fs::read(&overlay).unwrap());
+    std::fs::write(
+        srv.join("overlay.qcow2.sha256sum"),
+        format!("{sum}  overlay.qcow2\n"),
+    )
+    .unwrap();
+    let o = check(format!("{}/overlay.qcow2", n.base));
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("backing file"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    // A plain qcow2 passes.
+    let plain = srv.join("plain.qcow2");
+    run(Command::new("qemu-img")
+        .args(["convert", "-O", "qcow2"])
+        .arg(&published)
+        .arg(&plain));
+    let o = check(format!("{}/plain.qcow2", k.base));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+}
+
+#[test]
+fn publishing_an_unbuilt_node_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = kiln(&dir.path().join("cache"))
+        .args(["publish", "--node", "ceil-two", "--out"])
+        .arg(dir.path().join("out"))
+        .arg("--to")
+        .arg(dir.path().join("srv"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("node ceil-two is not built"));
+}
