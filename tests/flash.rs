@@ -97,6 +97,28 @@ fn mounted(dir: &Path, img: &Path, name: &str) -> (Loop, PathBuf, PathBuf) {
     (lo, part, mnt)
 }
 
+/// `kiln flash IMAGE DEV --allow-non-removable`, answering the prompt with `answer`.
+fn flash_answering(
+    cache: &Path,
+    img: &Path,
+    dev: &Path,
+    answer: &[u8],
+) -> (std::process::Output, String) {
+    let mut child = kiln(cache)
+        .arg("flash")
+        .arg(img)
+        .arg(dev)
+        .arg("--allow-non-removable")
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(answer).unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    (o, err)
+}
+
 fn read_range(path: &Path, offset: u64, len: u64) -> Vec<u8> {
     use std::io::{Seek, SeekFrom};
     let mut f = std::fs::File::open(path).unwrap();
@@ -455,18 +477,7 @@ fn refusals_leave_the_disk_untouched() {
     // A disk with a mounted partition, and the user answers no.
     let (parted, part, mnt) = mounted(dir.path(), &img, "h.img");
     let before = read_range(&parted.dev, 0, 1 << 20);
-    let mut child = kiln(&cache)
-        .arg("flash")
-        .arg(&img)
-        .arg(&parted.dev)
-        .arg("--allow-non-removable")
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(b"n\n").unwrap();
-    let o = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let (o, err) = flash_answering(&cache, &img, &parted.dev, b"n\n");
     let _ = Command::new("umount").arg(&mnt).status();
     assert!(!o.status.success());
     assert!(
@@ -668,18 +679,7 @@ fn a_confirmed_flash_unmounts_the_targets_partitions_first() {
     let dir = tempfile::tempdir().unwrap();
     let img = built_image(dir.path());
     let (parted, part, mnt) = mounted(dir.path(), &img, "u.img");
-    let mut child = kiln(&dir.path().join("cache"))
-        .arg("flash")
-        .arg(&img)
-        .arg(&parted.dev)
-        .arg("--allow-non-removable")
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(b"y\n").unwrap();
-    let o = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let (o, err) = flash_answering(&dir.path().join("cache"), &img, &parted.dev, b"y\n");
     let still_mounted = std::fs::read_to_string("/proc/self/mounts")
         .unwrap()
         .contains(&mnt.display().to_string());
