@@ -126,20 +126,18 @@ fn install_over_ssh_is_idempotent_and_dry_run_changes_nothing() {
     let cfg = dir.path().join("dash.json");
     std::fs::write(&cfg, r#"{"handler_id": "kiln", "allowed_dash_ids": ["dash01"], "provision_command": ["/bin/true"]}"#).unwrap();
     let cfg_s = cfg.display().to_string();
+    let args = ["mqtt-handler", "--root", &stage_s, "--config", &cfg_s];
+    let dry_run = [
+        "mqtt-handler",
+        "--root",
+        &stage_s,
+        "--config",
+        &cfg_s,
+        "--dry-run",
+    ];
 
     // A dry run first: it lists the uploads and writes nothing.
-    let o = install(
-        &sshd,
-        &cache,
-        &[
-            "mqtt-handler",
-            "--root",
-            &stage_s,
-            "--config",
-            &cfg_s,
-            "--dry-run",
-        ],
-    );
+    let o = install(&sshd, &cache, &dry_run);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         o.status.success(),
@@ -153,11 +151,7 @@ fn install_over_ssh_is_idempotent_and_dry_run_changes_nothing() {
     assert!(!stage.exists(), "--dry-run created files");
 
     // The real run puts every file in place with its mode.
-    let o = install(
-        &sshd,
-        &cache,
-        &["mqtt-handler", "--root", &stage_s, "--config", &cfg_s],
-    );
+    let o = install(&sshd, &cache, &args);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         o.status.success(),
@@ -191,11 +185,7 @@ fn install_over_ssh_is_idempotent_and_dry_run_changes_nothing() {
         .arg(stage.join("etc/kiln/dash-handler.json")));
 
     // A second run changes nothing and says so.
-    let o = install(
-        &sshd,
-        &cache,
-        &["mqtt-handler", "--root", &stage_s, "--config", &cfg_s],
-    );
+    let o = install(&sshd, &cache, &args);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success());
     assert!(out.contains("no changes"), "{out}");
@@ -203,29 +193,14 @@ fn install_over_ssh_is_idempotent_and_dry_run_changes_nothing() {
     // Drift is found: a changed mode is fixed, a changed file re-uploaded; --dry-run only reports.
     std::fs::set_permissions(&handler, std::fs::Permissions::from_mode(0o600)).unwrap();
     std::fs::write(stage.join("etc/kiln/dash-handler.example.json"), "tampered").unwrap();
-    let o = install(
-        &sshd,
-        &cache,
-        &[
-            "mqtt-handler",
-            "--root",
-            &stage_s,
-            "--config",
-            &cfg_s,
-            "--dry-run",
-        ],
-    );
+    let o = install(&sshd, &cache, &dry_run);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         out.contains("would set") && out.contains("would upload") && out.contains("changed"),
         "{out}"
     );
     assert_eq!(mode_of(&handler), 0o600);
-    let o = install(
-        &sshd,
-        &cache,
-        &["mqtt-handler", "--root", &stage_s, "--config", &cfg_s],
-    );
+    let o = install(&sshd, &cache, &args);
     assert!(o.status.success());
     assert_eq!(mode_of(&handler), 0o755);
     assert_ne!(

@@ -370,6 +370,12 @@ fn check_accepts_kiln_and_nginx_and_names_what_is_wrong() {
             .output()
             .unwrap()
     };
+    // --check must fail and say why.
+    let fails_with = |url: String, why: &str| {
+        let o = check(url);
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(!o.status.success() && out.contains(why), "{out}");
+    };
     for base in [&k.base, &n.base] {
         let o = check(format!("{base}/{name}"));
         assert!(
@@ -386,13 +392,7 @@ fn check_accepts_kiln_and_nginx_and_names_what_is_wrong() {
     )
     .unwrap();
     for base in [&k.base, &n.base] {
-        let o = check(format!("{base}/big.raw"));
-        assert!(!o.status.success());
-        assert!(
-            String::from_utf8_lossy(&o.stdout).contains("the checksum file says"),
-            "{}",
-            String::from_utf8_lossy(&o.stdout)
-        );
+        fails_with(format!("{base}/big.raw"), "the checksum file says");
     }
     // A qcow2 with a backing file.
     let overlay = srv.join("overlay.qcow2");
@@ -406,13 +406,7 @@ fn check_accepts_kiln_and_nginx_and_names_what_is_wrong() {
         format!("{sum}  overlay.qcow2\n"),
     )
     .unwrap();
-    let o = check(format!("{}/overlay.qcow2", n.base));
-    assert!(!o.status.success());
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("backing file"),
-        "{}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    fails_with(format!("{}/overlay.qcow2", n.base), "backing file");
     // A plain qcow2 passes.
     let plain = srv.join("plain.qcow2");
     run(Command::new("qemu-img")

@@ -164,6 +164,18 @@ class HandlerProc:
         return self.proc.returncode
 
 
+def wait_available(inbox, timeout=10):
+    """Waits for the handler's StatusAvailable in a raw message queue."""
+    seen = []
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (seen and seen[-1].endswith("kiln StatusAvailable")):
+        try:
+            seen.append(inbox.get(timeout=0.5))
+        except queue.Empty:
+            pass
+    assert seen and seen[-1].endswith("kiln StatusAvailable"), seen
+
+
 def script(tmp, name, body):
     p = tmp / name
     p.write_text("#!/bin/sh\n" + body)
@@ -343,16 +355,7 @@ def test_broker_with_passwords(tmp_path):
             button.connect("127.0.0.1", b.port)
             button.subscribe(TOPIC, qos=1)
             button.loop_start()
-            deadline = time.time() + 10
-            seen = []
-            while time.time() < deadline:
-                try:
-                    seen.append(inbox.get(timeout=0.5))
-                except queue.Empty:
-                    continue
-                if seen[-1].endswith("kiln StatusAvailable"):
-                    break
-            assert seen and seen[-1].endswith("kiln StatusAvailable"), seen
+            wait_available(inbox)
             button.loop_stop()
             button.disconnect()
         finally:
@@ -398,14 +401,7 @@ def test_broker_over_tls_with_a_ca_file(tmp_path):
             button.connect("127.0.0.1", b.port)
             button.subscribe(TOPIC, qos=1)
             button.loop_start()
-            seen = []
-            deadline = time.time() + 10
-            while time.time() < deadline and not (seen and seen[-1].endswith("kiln StatusAvailable")):
-                try:
-                    seen.append(inbox.get(timeout=0.5))
-                except queue.Empty:
-                    pass
-            assert seen and seen[-1].endswith("kiln StatusAvailable"), (seen, (tmp_path / "tls.log").read_text())
+            wait_available(inbox)
             button.loop_stop()
             button.disconnect()
         finally:
