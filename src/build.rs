@@ -134,6 +134,50 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
     }
     let digest = |s: &str| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(s.as_bytes()));
     let image_size = bmap.image_size;
+    // Config-drive images carry no per-node files; the documents Ironic's config drive will hold
+    // are build outputs beside the image (`kiln metal3 manifests` renders the same ones).
+    let mut side_files = Vec::new();
+    if let Some(network_data) = &plan.network_data {
+        side_files.push((
+            "user-data",
+            opts.out_dir.join(format!("{}.user-data", node.name)),
+            plan.user_data.clone(),
+        ));
+        side_files.push((
+            "network-data",
+            opts.out_dir
+                .join(format!("{}.network_data.json", node.name)),
+            network_data.clone(),
+        ));
+    }
+    let mut outputs = vec![
+        Entry {
+            role: "image".into(),
+            path: image_name.clone(),
+            sha256: sha256.clone(),
+            size: Some(image_size),
+        },
+        Entry {
+            role: "bmap".into(),
+            path: file_name(&bmap_path),
+            sha256: digest(&bmap_xml),
+            size: Some(bmap_xml.len() as u64),
+        },
+        Entry {
+            role: "sha256sum".into(),
+            path: file_name(&sum_path),
+            sha256: digest(&sum_line),
+            size: Some(sum_line.len() as u64),
+        },
+    ];
+    for (role, path, text) in &side_files {
+        outputs.push(Entry {
+            role: (*role).into(),
+            path: file_name(path),
+            sha256: digest(text),
+            size: Some(text.len() as u64),
+        });
+    }
     let manifest = Manifest {
         kiln_version: env!("CARGO_PKG_VERSION").into(),
         node: node.name.clone(),
@@ -143,26 +187,7 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
         disk_signature: report.disk_signature.clone(),
         instance_id: plan.instance_id.clone(),
         inputs,
-        outputs: vec![
-            Entry {
-                role: "image".into(),
-                path: image_name.clone(),
-                sha256: sha256.clone(),
-                size: Some(image_size),
-            },
-            Entry {
-                role: "bmap".into(),
-                path: file_name(&bmap_path),
-                sha256: digest(&bmap_xml),
-                size: Some(bmap_xml.len() as u64),
-            },
-            Entry {
-                role: "sha256sum".into(),
-                path: file_name(&sum_path),
-                sha256: digest(&sum_line),
-                size: Some(sum_line.len() as u64),
-            },
-        ],
+        outputs,
     };
 
     // Publish: the image first, its manifest last, each by an atomic rename.
@@ -171,6 +196,9 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
     guard.disarm();
     write_atomic(&bmap_path, bmap_xml.as_bytes())?;
     write_atomic(&sum_path, sum_line.as_bytes())?;
+    for (_, path, text) in &side_files {
+        write_atomic(path, text.as_bytes())?;
+    }
     write_atomic(&manifest_path, &serde_json::to_vec_pretty(&manifest)?)?;
     Ok(Artifact {
         node: node.name.clone(),

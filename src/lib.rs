@@ -11,6 +11,7 @@ pub mod flash;
 pub mod format;
 pub mod fs;
 pub mod io;
+pub mod metal3;
 pub mod provision;
 pub mod remote;
 pub mod serve;

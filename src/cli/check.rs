@@ -60,6 +60,19 @@ pub fn run(cluster_path: &Path, json: bool) -> Result<()> {
                 format!("; overlays {}", n.overlays.join(","))
             },
         );
+        if let Some(bm) = &n.bare_metal {
+            println!(
+                "  {:<14} bmc {}; boots from {}{}",
+                "",
+                bm.bmc_address,
+                bm.boot_mac,
+                bm.root_device_hints
+                    .device_name
+                    .as_ref()
+                    .map(|d| format!("; installs to {d}"))
+                    .unwrap_or_default()
+            );
+        }
     }
     Ok(())
 }

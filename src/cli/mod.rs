@@ -188,6 +188,9 @@ pub enum Command {
         #[arg(long)]
         to: PathBuf,
     },
+    /// Metal3: BareMetalHost manifests for the cluster's bare-metal nodes.
+    #[command(subcommand)]
+    Metal3(Metal3Command),
     /// Write kiln's sample base image for a profile (the layout of the real image, tiny contents).
     Sample {
         /// The image profile.
@@ -200,6 +203,25 @@ pub enum Command {
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff).
     Manpage,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Metal3Command {
+    /// Print a BareMetalHost and its Secrets (BMC credentials, userData, networkData) for every
+    /// bare-metal node, as one YAML stream for `kubectl apply -f -`.
+    Manifests {
+        #[command(flatten)]
+        cluster: ClusterArg,
+        /// Where the builds are.
+        #[arg(long, short = 'o', default_value = "out")]
+        out: PathBuf,
+        /// The URL the published images are served under (`kiln serve`), e.g. http://infra:8080.
+        #[arg(long)]
+        image_url: String,
+        /// The namespace of the BareMetalHosts and Secrets.
+        #[arg(long)]
+        namespace: Option<String>,
+    },
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -229,6 +251,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Devices { all, json } => devices::run(all, json),
         Command::Serve { dir, listen, check } => serve::serve(dir, listen, check),
         Command::Publish { node, out, to } => serve::publish(&node, &out, &to),
+        Command::Metal3(Metal3Command::Manifests {
+            cluster,
+            out,
+            image_url,
+            namespace,
+        }) => serve::metal3_manifests(&cluster.cluster, &out, &image_url, namespace.as_deref()),
         Command::Install {
             overlay,
             target,

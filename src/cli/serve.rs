@@ -1,4 +1,4 @@
-//! `kiln serve` and `kiln publish`.
+//! `kiln serve`, `kiln publish` and `kiln metal3 manifests`: what a Metal3 lab needs.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -39,5 +39,27 @@ pub fn publish(nodes: &[String], out: &Path, to: &Path) -> Result<()> {
             path.display()
         );
     }
+    Ok(())
+}
+
+pub fn metal3_manifests(
+    cluster: &Path,
+    out: &Path,
+    image_url: &str,
+    namespace: Option<&str>,
+) -> Result<()> {
+    if !(image_url.starts_with("http://") || image_url.starts_with("https://")) {
+        bail!("--image-url {image_url:?} must be an http:// or https:// URL");
+    }
+    let cluster = kiln::spec::load(cluster)?;
+    let text = kiln::metal3::manifests(
+        &cluster,
+        &kiln::metal3::Options {
+            out,
+            image_url,
+            namespace,
+        },
+    )?;
+    print!("{text}");
     Ok(())
 }

@@ -1,9 +1,11 @@
 //! Partition tables and partition slices over any `Read + Write + Seek`.
 //!
-//! `read_layout` turns an MBR into plain data (`DiskLayout`); `PartitionSlice` lets filesystem code
-//! treat one partition of an image file as a whole device. Nothing here writes a table back: the
-//! only table edit kiln makes, the MBR disk signature, is four bytes written by `set_disk_signature`.
+//! `read_layout` turns an MBR or a GPT into plain data (`DiskLayout`); `PartitionSlice` lets
+//! filesystem code treat one partition of an image file as a whole device. The only edit kiln makes
+//! to an existing table is the MBR disk signature, four bytes written by `set_disk_signature`;
+//! `gpt::write` writes whole tables for disks kiln lays out itself.
 
+pub mod gpt;
 pub mod slice;
 
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -24,8 +26,14 @@ pub struct Partition {
     pub start: u64,
     /// Size in bytes.
     pub size: u64,
-    /// MBR type byte (`0x0c`).
+    /// MBR type byte (`0x0c`) or GPT partition type GUID.
     pub type_code: String,
+    /// GPT partition name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// GPT unique partition GUID (what `PARTUUID=` names).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guid: Option<String>,
 }
 
 impl Partition {
@@ -38,7 +46,7 @@ impl Partition {
 pub struct DiskLayout {
     pub table: &'static str,
     pub sector_size: u64,
-    /// The MBR disk signature as 8 hex digits (what `sfdisk --json` shows as `id`).
+    /// The MBR disk signature as 8 hex digits, or the GPT disk GUID (`sfdisk --json`'s `id`).
     pub disk_id: String,
     pub partitions: Vec<Partition>,
     /// Size of the image in bytes.
@@ -96,16 +104,35 @@ pub fn read_layout<D: Read + Seek>(disk: &mut D, sector_size: u64) -> Result<Dis
             continue;
         }
         if p.sys == 0xee {
-            bail!("the image has a GPT (protective MBR found); this profile expects an MBR");
+            let layout = gpt::read(disk, sector_size, size)?;
+            check_ends(&layout)?;
+            return Ok(layout);
         }
         partitions.push(Partition {
             index,
             start: u64::from(p.starting_lba) * sector_size,
             size: u64::from(p.sectors) * sector_size,
             type_code: format!("0x{:02x}", p.sys),
+            name: None,
+            guid: None,
         });
     }
-    for p in &partitions {
+    let sig = u32::from_le_bytes(mbr.header.disk_signature);
+    let layout = DiskLayout {
+        table: "mbr",
+        sector_size,
+        disk_id: format!("{sig:08x}"),
+        partitions,
+        size,
+    };
+    check_ends(&layout)?;
+    Ok(layout)
+}
+
+fn check_ends(layout: &DiskLayout) -> Result<()> {
+    let size = layout.size;
+    let partitions = &layout.partitions;
+    for p in partitions {
         if p.end() > size {
             bail!(
                 "partition {} ends at byte {} but the image is only {size} bytes (truncated download?)",
@@ -114,14 +141,7 @@ pub fn read_layout<D: Read + Seek>(disk: &mut D, sector_size: u64) -> Result<Dis
             );
         }
     }
-    let sig = u32::from_le_bytes(mbr.header.disk_signature);
-    Ok(DiskLayout {
-        table: "mbr",
-        sector_size,
-        disk_id: format!("{sig:08x}"),
-        partitions,
-        size,
-    })
+    Ok(())
 }
 
 /// Overwrites the MBR disk signature (and nothing else of the table).
@@ -160,7 +180,9 @@ mod tests {
                 index: 1,
                 start: 4096,
                 size: 8192,
-                type_code: "0x0c".into()
+                type_code: "0x0c".into(),
+                name: None,
+                guid: None,
             }]
         );
     }

@@ -77,6 +77,9 @@ impl WriteFile {
 }
 
 /// Minimal standard base64, so kiln does not need a crate for one encoder.
+/// Standard base64 with padding (what cloud-init `encoding: b64` and Kubernetes Secrets take).
+pub use base64_engine::encode as base64;
+
 mod base64_engine {
     const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 

@@ -1,6 +1,7 @@
 //! Per-platform stamping: what a node's image must contain (`plan`) and writing it (`stamp`).
 
 pub mod cloud_init;
+pub mod network_data;
 pub mod password;
 pub mod plan;
 pub mod stamp;

@@ -9,10 +9,10 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::cloud_init::{self, CloudConfig, CloudUser, MetaData, NetworkConfigV1, WriteFile};
-use super::wifi;
+use super::{network_data, wifi};
 use crate::spec::node::{InputFile, NodeConfig, SwarmRole};
 use crate::spec::overlay::{self, Overlay};
-use crate::spec::profile::{DiskIdentity, PartitionRole, Profile};
+use crate::spec::profile::{DiskIdentity, PartitionRole, Profile, ProvisionMethod};
 use crate::spec::{Cluster, ids};
 
 /// The swarm helper and its unit, shipped in `scripts/`.
@@ -54,6 +54,12 @@ pub struct StampPlan {
     pub first_boot_commands: Vec<Vec<String>>,
     /// Files read to make the plan (overlays, fragments, boot files), for the build manifest.
     pub inputs: Vec<InputFile>,
+    /// The cloud-init user-data document (on the seed partition, or on Ironic's config drive).
+    #[serde(skip)]
+    pub user_data: String,
+    /// OpenStack `network_data.json`, for config-drive profiles.
+    #[serde(skip)]
+    pub network_data: Option<String>,
 }
 
 impl StampPlan {
@@ -263,27 +269,37 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
         local_hostname: node.hostname.clone(),
     })?;
 
-    let seed = profile.provision.seed_partition;
-    let mut partition_files = vec![
-        partition_file(
-            seed,
-            "user-data",
-            user_data.into_bytes(),
-            "cloud-init user-data",
-        ),
-        partition_file(
-            seed,
-            "meta-data",
-            meta_data.into_bytes(),
-            "cloud-init meta-data",
-        ),
-        partition_file(
-            seed,
-            "network-config",
-            network_config.into_bytes(),
-            "cloud-init network-config v1",
-        ),
-    ];
+    let mut partition_files = Vec::new();
+    let mut network_data = None;
+    match (profile.provision.method, profile.provision.seed_partition) {
+        (ProvisionMethod::CloudInitNocloud, Some(seed)) => {
+            partition_files.push(partition_file(
+                seed,
+                "user-data",
+                user_data.clone().into_bytes(),
+                "cloud-init user-data",
+            ));
+            partition_files.push(partition_file(
+                seed,
+                "meta-data",
+                meta_data.into_bytes(),
+                "cloud-init meta-data",
+            ));
+            partition_files.push(partition_file(
+                seed,
+                "network-config",
+                network_config.into_bytes(),
+                "cloud-init network-config v1",
+            ));
+        }
+        (ProvisionMethod::CloudInitNocloud, None) => {
+            anyhow::bail!("profile {} names no seed partition", profile.name)
+        }
+        // Ironic's config drive carries user-data and network_data.json; Ironic makes meta-data.
+        (ProvisionMethod::ConfigDrive, _) => {
+            network_data = Some(network_data::render(node)?);
+        }
+    }
     for (name, f) in &node.boot_files {
         inputs.push(f.clone());
         partition_files.push(partition_file(
@@ -318,6 +334,8 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
         first_boot_files,
         first_boot_commands: runcmd,
         inputs,
+        user_data,
+        network_data,
     })
 }
 

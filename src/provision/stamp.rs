@@ -16,13 +16,26 @@ use super::plan::StampPlan;
 use crate::disk::{self, DiskLayout};
 use crate::format::writer::Patch;
 use crate::fs::{self, ext4, fat};
-use crate::spec::profile::{PartitionRole, Profile};
+use crate::spec::profile::{PartitionRole, Profile, ProvisionMethod, TableKind};
 
 /// Checks that the image at `path` has what `profile` promises; returns its layout.
 pub fn check_layout(path: &Path, profile: &Profile) -> Result<DiskLayout> {
     let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let layout = disk::read_layout(&mut f, profile.disk.sector_size)
         .with_context(|| format!("reading the partition table of {}", path.display()))?;
+    let want = match profile.disk.table {
+        TableKind::Mbr => "mbr",
+        TableKind::Gpt => "gpt",
+    };
+    if layout.table != want {
+        bail!(
+            "{} does not look like a {} image: the profile expects {} but the image has {}",
+            path.display(),
+            profile.name,
+            want.to_uppercase(),
+            layout.describe()
+        );
+    }
     // Existence first, so the error lists every partition the image lacks at once.
     let missing: Vec<String> = profile
         .partitions
@@ -90,8 +103,13 @@ pub struct Stamped {
 /// Stamps the plan onto the base's boot partition in memory; the base file is only read.
 pub fn stamp(base: &Path, profile: &Profile, plan: &StampPlan) -> Result<Stamped> {
     let layout = check_layout(base, profile)?;
+    if profile.provision.method == ProvisionMethod::ConfigDrive {
+        return unstamped(base, layout);
+    }
     let seed_spec = profile
-        .partition(profile.provision.seed_partition)
+        .provision
+        .seed_partition
+        .and_then(|role| profile.partition(role))
         .context("the profile names no seed partition")?;
     let seed_part = layout
         .partition(seed_spec.index)
@@ -221,6 +239,39 @@ pub fn stamp(base: &Path, profile: &Profile, plan: &StampPlan) -> Result<Stamped
                 "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
                 d.year, d.month, d.day, t.hour, t.min, t.sec
             ),
+        },
+    })
+}
+
+/// A config-drive image: no patches, only the byte ranges that hold data.
+fn unstamped(base: &Path, layout: DiskLayout) -> Result<Stamped> {
+    let mut file = File::open(base).with_context(|| format!("opening {}", base.display()))?;
+    let first = layout
+        .partitions
+        .iter()
+        .map(|p| p.start)
+        .min()
+        .unwrap_or(layout.size);
+    let mut used = vec![(0, first.max(512))];
+    if layout.table == "gpt" {
+        // The backup entry array and header live in the last sectors of the disk.
+        let sector = layout.sector_size;
+        let tail = layout.size - (disk::gpt::last_usable_lba(layout.size, sector) + 1) * sector;
+        used.push((layout.size - tail, tail));
+    }
+    for p in &layout.partitions {
+        let ranges = fs::used_ranges(base, &mut file, p)?;
+        used.extend(ranges.into_iter().map(|(s, l)| (p.start + s, l)));
+    }
+    used.sort_unstable();
+    Ok(Stamped {
+        patches: Vec::new(),
+        used,
+        report: StampReport {
+            layout_before: layout,
+            disk_signature: None,
+            kept_signature_because: None,
+            fat_timestamp: String::new(),
         },
     })
 }

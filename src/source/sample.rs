@@ -12,7 +12,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use crate::disk::PartitionSlice;
+use crate::disk::{PartitionSlice, gpt};
 use crate::fs::{ext4, fat};
 use crate::spec::profile::{FsKind, Profile, TableKind};
 
@@ -30,11 +30,14 @@ const STOCK_META_DATA: &str = "instance-id: pirate001\n";
 
 /// Writes the sample base for `profile` to `dest`.
 pub fn make(profile: &Profile, dest: &Path) -> Result<()> {
-    if profile.disk.table != TableKind::Mbr || profile.disk.sector_size != 512 {
+    if profile.disk.sector_size != 512 {
         bail!(
-            "kiln can make sample images for 512-byte-sector MBR profiles only; {} is not one",
+            "kiln can make sample images for 512-byte-sector profiles only; {} is not one",
             profile.name
         );
+    }
+    if profile.disk.table == TableKind::Gpt {
+        return make_gpt(dest);
     }
     let mut parts = profile.partitions.clone();
     parts.sort_by_key(|p| p.index);
@@ -76,14 +79,78 @@ pub fn make(profile: &Profile, dest: &Path) -> Result<()> {
 
     for (p, start, size) in &layout {
         match p.fs {
-            FsKind::Vfat => make_boot(dest, *start, *size, p.label.as_deref().unwrap_or("BOOT"))?,
+            FsKind::Vfat => make_boot(
+                dest,
+                *start,
+                *size,
+                p.label.as_deref().unwrap_or("BOOT"),
+                &[
+                    ("config.txt", CONFIG_TXT),
+                    ("cmdline.txt", CMDLINE_TXT),
+                    ("user-data", STOCK_USER_DATA),
+                    ("meta-data", STOCK_META_DATA),
+                ],
+            )?,
             FsKind::Ext4 => make_root(dest, *start, *size, p.label.as_deref().unwrap_or("root"))?,
         }
     }
     Ok(())
 }
 
-fn make_boot(dest: &Path, start: u64, size: u64, label: &str) -> Result<()> {
+/// A UEFI disk: an ESP and an x86_64 root, with free space at the end where Ironic puts its
+/// config drive. Like the MBR sample it boots nothing; it has the layout a real image has.
+fn make_gpt(dest: &Path) -> Result<()> {
+    const TAIL_FREE: u64 = 16 << 20;
+    let esp_start = FIRST_SECTOR * 512;
+    let root_start = esp_start + BOOT_SIZE;
+    let total = root_start + ROOT_SIZE + TAIL_FREE;
+    let mut f = File::create(dest).with_context(|| format!("creating {}", dest.display()))?;
+    f.set_len(total)?;
+    let guid = |n: u128| uuid::Uuid::from_u128(0x6b696c6e_5341_4d50_4c45_000000000000 | n);
+    gpt::write(
+        &mut f,
+        total,
+        512,
+        guid(0),
+        &[
+            gpt::NewPartition {
+                type_guid: gpt::TYPE_ESP,
+                guid: guid(1),
+                name: "ESP".into(),
+                first_lba: esp_start / 512,
+                last_lba: root_start / 512 - 1,
+            },
+            gpt::NewPartition {
+                type_guid: gpt::TYPE_LINUX_ROOT_X86_64,
+                guid: guid(2),
+                name: "root".into(),
+                first_lba: root_start / 512,
+                last_lba: (root_start + ROOT_SIZE) / 512 - 1,
+            },
+        ],
+    )?;
+    f.sync_all()?;
+    drop(f);
+    make_boot(
+        dest,
+        esp_start,
+        BOOT_SIZE,
+        "ESP",
+        &[(
+            "kiln-sample.txt",
+            "This ESP is a kiln sample; it holds no boot loader.\n",
+        )],
+    )?;
+    make_root(dest, root_start, ROOT_SIZE, "root")
+}
+
+fn make_boot(
+    dest: &Path,
+    start: u64,
+    size: u64,
+    label: &str,
+    files: &[(&str, &str)],
+) -> Result<()> {
     let f = OpenOptions::new().read(true).write(true).open(dest)?;
     let mut label11 = [b' '; 11];
     for (i, b) in label.bytes().take(11).enumerate() {
@@ -105,12 +172,13 @@ fn make_boot(dest: &Path, start: u64, size: u64, label: &str) -> Result<()> {
         start,
         size,
         type_code: "0x0c".into(),
+        name: None,
+        guid: None,
     };
     let vol = fat::FatVolume::open(f, &part, fat::fat_datetime(SAMPLE_EPOCH))?;
-    vol.write_file("config.txt", CONFIG_TXT.as_bytes())?;
-    vol.write_file("cmdline.txt", CMDLINE_TXT.as_bytes())?;
-    vol.write_file("user-data", STOCK_USER_DATA.as_bytes())?;
-    vol.write_file("meta-data", STOCK_META_DATA.as_bytes())?;
+    for (name, text) in files {
+        vol.write_file(name, text.as_bytes())?;
+    }
     vol.close()
 }
 

@@ -81,11 +81,56 @@ pub struct NodeSettings {
     pub boot: Option<BootFilesSpec>,
     /// The serial number of the card or disk this node is flashed to.
     pub serial: Option<String>,
+    /// How Metal3/Ironic reaches the machine's power control (bare-metal nodes).
+    pub bmc: Option<BmcSpec>,
+    /// The MAC address of the NIC the machine network-boots from (`bootMACAddress`).
+    pub boot_mac: Option<String>,
+    /// Which disk Ironic writes the image to.
+    pub root_device_hints: Option<RootDeviceHints>,
+    /// Whether Metal3 keeps the machine powered on (default: yes).
+    pub online: Option<bool>,
+}
+
+/// A BMC as Ironic addresses it, e.g. a sushy-tools emulator in front of plugs and AMT.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BmcSpec {
+    /// An Ironic BMC URL (`redfish+http://infra:8000/redfish/v1/Systems/{name}`); `{name}` is
+    /// replaced by the node name, so one default serves every node behind one emulator.
+    pub address: String,
+    pub username: String,
+    pub password: SecretRef,
+    #[serde(default)]
+    pub disable_certificate_validation: bool,
+}
+
+/// Ironic's root device hints; every hint given must match the disk.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RootDeviceHints {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hctl: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vendor: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serial_number: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_size_gigabytes: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wwn: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rotational: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct InterfaceSpec {
+    /// The interface's MAC address (bare-metal nodes: networkData names links by MAC).
+    pub mac: Option<String>,
     pub dhcp: Option<bool>,
     /// Static address with prefix, `11.0.0.101/25`.
     pub address: Option<String>,

@@ -9,6 +9,8 @@ use ipnet::IpNet;
 use serde::{Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
+pub use super::cluster::RootDeviceHints;
+
 /// A secret value. It prints as `<secret sha256:…>` and serialises as its digest, so `kiln check`
 /// output and build manifests never contain it, yet a changed secret still changes the digest of
 /// the node's configuration (and with it the cloud-init instance-id).
@@ -63,6 +65,26 @@ pub struct NodeConfig {
     pub boot_files: BTreeMap<String, InputFile>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// MAC addresses the cluster file gives for interfaces, by interface name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub macs: BTreeMap<String, String>,
+    /// What Metal3 needs to manage the machine, for bare-metal nodes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bare_metal: Option<BareMetal>,
+}
+
+/// A machine managed by Metal3/Ironic.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BareMetal {
+    /// The BMC URL with `{name}` already replaced.
+    pub bmc_address: String,
+    pub bmc_username: String,
+    pub bmc_password: Secret,
+    pub disable_certificate_validation: bool,
+    /// Lower-case, colon-separated.
+    pub boot_mac: String,
+    pub root_device_hints: RootDeviceHints,
+    pub online: bool,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]

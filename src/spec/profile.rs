@@ -22,7 +22,8 @@ pub struct Profile {
     pub notes: Option<String>,
     pub source: SourceSpec,
     pub disk: DiskSpec,
-    #[serde(rename = "partition")]
+    /// The partitions kiln relies on; a profile that stamps nothing may list none.
+    #[serde(default, rename = "partition")]
     pub partitions: Vec<PartitionSpec>,
     pub provision: ProvisionSpec,
     #[serde(default)]
@@ -109,14 +110,17 @@ pub struct PartitionSpec {
 pub enum ProvisionMethod {
     /// cloud-init NoCloud seed files on a FAT partition (HypriotOS).
     CloudInitNocloud,
+    /// Nothing is stamped: Ironic writes a config drive with the node's user-data and
+    /// `network_data.json` beside the image (Metal3 hosts). The build renders both documents.
+    ConfigDrive,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ProvisionSpec {
     pub method: ProvisionMethod,
-    /// The partition role that carries the seed (for NoCloud).
-    pub seed_partition: PartitionRole,
+    /// The partition role that carries the seed (NoCloud only).
+    pub seed_partition: Option<PartitionRole>,
     /// network-config version written to the seed.
     #[serde(default = "default_network_config")]
     pub network_config: u8,
@@ -203,24 +207,52 @@ impl Profile {
                 )
                 .into());
         }
-        if self.partition(self.provision.seed_partition).is_none() {
-            return Err(source
-                .error_at(
-                    &[
-                        Seg::Key("provision".into()),
-                        Seg::Key("seed_partition".into()),
-                    ],
-                    "no partition has the seed partition's role",
-                    None,
-                )
-                .into());
+        let seed_path = [
+            Seg::Key("provision".into()),
+            Seg::Key("seed_partition".into()),
+        ];
+        match (self.provision.method, self.provision.seed_partition) {
+            (ProvisionMethod::CloudInitNocloud, None) => {
+                return Err(source
+                    .error_at(
+                        &[Seg::Key("provision".into())],
+                        "cloud-init-nocloud needs seed_partition (the partition role holding the seed)",
+                        None,
+                    )
+                    .into());
+            }
+            (ProvisionMethod::CloudInitNocloud, Some(role)) if self.partition(role).is_none() => {
+                return Err(source
+                    .error_at(
+                        &seed_path,
+                        "no partition has the seed partition's role",
+                        None,
+                    )
+                    .into());
+            }
+            (ProvisionMethod::ConfigDrive, Some(_)) => {
+                return Err(source
+                    .error_at(
+                        &seed_path,
+                        "config-drive images carry no seed; Ironic writes the config drive",
+                        None,
+                    )
+                    .into());
+            }
+            _ => {}
         }
         Ok(())
     }
 }
 
 /// The profiles compiled into kiln, so an installed binary works without the source tree.
-const BUILTIN: &[(&str, &str)] = &[("hypriot-rpi", include_str!("../../images/hypriot-rpi.toml"))];
+const BUILTIN: &[(&str, &str)] = &[
+    ("hypriot-rpi", include_str!("../../images/hypriot-rpi.toml")),
+    (
+        "metal3-uefi-x86",
+        include_str!("../../images/metal3-uefi-x86.toml"),
+    ),
+];
 
 /// Finds and parses the profile `name`: first `images/<name>.toml` in each search directory, then
 /// the built-in copy.

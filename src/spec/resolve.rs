@@ -13,7 +13,7 @@ use ipnet::IpNet;
 
 use super::cluster::{ClusterFile, InterfaceSpec, NodeSettings, SecretRef, UserSpec};
 use super::diag::{KeyPath, SourceText, SpecError, SpecErrors};
-use super::node::{InputFile, Interface, NodeConfig, Secret, SwarmRole, User, Wifi};
+use super::node::{BareMetal, InputFile, Interface, NodeConfig, Secret, SwarmRole, User, Wifi};
 use super::profile::{self, Profile, ProfileOrigin};
 use super::{ids, overlay};
 use crate::keypath;
@@ -163,6 +163,37 @@ fn valid_timezone(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"/_+-".contains(&b))
 }
 
+/// A MAC address as `aa:bb:cc:dd:ee:ff` (or with dashes, any case), normalised to lower case
+/// with colons, as Ironic and cloud-init compare them.
+pub fn normalize_mac(s: &str) -> Option<String> {
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    (parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit())))
+    .then(|| parts.join(":").to_ascii_lowercase())
+}
+
+/// The BMC URL schemes Ironic's drivers (as Metal3's baremetal-operator names them) accept.
+const BMC_SCHEMES: &[&str] = &[
+    "redfish",
+    "redfish+http",
+    "redfish+https",
+    "redfish-virtualmedia",
+    "redfish-virtualmedia+http",
+    "redfish-virtualmedia+https",
+    "redfish-uefihttp",
+    "ipmi",
+    "idrac",
+    "idrac-redfish",
+    "idrac-virtualmedia",
+    "ilo4",
+    "ilo5",
+    "ilo5-redfish",
+    "ilo5-virtualmedia",
+    "irmc",
+];
+
 fn valid_ifname(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 15
@@ -238,10 +269,11 @@ impl Resolver<'_> {
                 None,
             );
         }
-        for key in ["name", "hostname", "serial"] {
+        for key in ["name", "hostname", "serial", "boot_mac"] {
             let set = match key {
                 "name" => f.defaults.name.is_some(),
                 "hostname" => f.defaults.hostname.is_some(),
+                "boot_mac" => f.defaults.boot_mac.is_some(),
                 _ => f.defaults.serial.is_some(),
             };
             if set {
@@ -263,6 +295,7 @@ impl Resolver<'_> {
         let mut nodes = Vec::new();
         let mut names = BTreeSet::new();
         let mut addresses: BTreeMap<IpAddr, String> = BTreeMap::new();
+        let mut macs: BTreeMap<String, String> = BTreeMap::new();
         for (i, n) in f.nodes.iter().enumerate() {
             let Some(name) = n.name.clone() else {
                 self.err(keypath!["node", i], "this [[node]] has no `name`", None);
@@ -292,6 +325,28 @@ impl Resolver<'_> {
                             format!("address {ip} is already used by node {other}"),
                             None,
                         );
+                    }
+                }
+                // Two machines with one MAC would fight over one DHCP lease and one BMH.
+                let node_macs = node
+                    .macs
+                    .iter()
+                    .map(|(k, m)| (keypath!["node", i, "network", k, "mac"], m.clone()))
+                    .chain(
+                        node.bare_metal
+                            .iter()
+                            .map(|b| (keypath!["node", i, "boot_mac"], b.boot_mac.clone())),
+                    );
+                for (path, mac) in node_macs {
+                    match macs.get(&mac) {
+                        Some(other) if other != &name => self.err(
+                            path,
+                            format!("MAC address {mac} is already node {other}'s"),
+                            None,
+                        ),
+                        _ => {
+                            macs.insert(mac, name.clone());
+                        }
                     }
                 }
                 nodes.push(node);
@@ -601,6 +656,23 @@ impl Resolver<'_> {
             }
         }
 
+        let mut macs = BTreeMap::new();
+        for (ifname, (spec, base)) in &specs {
+            if let Some(m) = &spec.mac {
+                match normalize_mac(m) {
+                    Some(mac) => {
+                        macs.insert(ifname.clone(), mac);
+                    }
+                    None => self.err(
+                        base.iter().cloned().chain(keypath!["mac"]).collect(),
+                        format!("{m:?} is not a MAC address"),
+                        Some("six hex pairs, for example 8c:16:45:0a:1b:2c"),
+                    ),
+                }
+            }
+        }
+        let bare_metal = self.bare_metal(d, i, n, name);
+
         let docker = n
             .docker
             .or(d.docker)
@@ -624,6 +696,102 @@ impl Resolver<'_> {
             user_data,
             boot_files,
             serial: n.serial.clone(),
+            macs,
+            bare_metal,
+        })
+    }
+
+    /// The node's Metal3 settings: its BMC (from the node or `[defaults]`), boot MAC, root device
+    /// hints and power policy. Nodes without a BMC are not bare-metal hosts.
+    fn bare_metal(
+        &mut self,
+        d: &NodeSettings,
+        i: usize,
+        n: &NodeSettings,
+        name: &str,
+    ) -> Option<BareMetal> {
+        let at = |key: &str, node_has: bool| -> KeyPath {
+            if node_has {
+                keypath!["node", i, key]
+            } else {
+                keypath!["defaults", key]
+            }
+        };
+        let Some(bmc) = n.bmc.clone().or_else(|| d.bmc.clone()) else {
+            if n.boot_mac.is_some() || n.root_device_hints.is_some() || n.online.is_some() {
+                self.err(
+                    keypath!["node", i],
+                    format!("node {name} has bare-metal settings but no bmc"),
+                    Some("add bmc = { address = \"redfish+http://…\", username = \"…\", password = { file = \"…\" } }"),
+                );
+            }
+            return None;
+        };
+        let bmc_at = |k: &str| {
+            at("bmc", n.bmc.is_some())
+                .into_iter()
+                .chain(keypath![k])
+                .collect::<KeyPath>()
+        };
+        let address = bmc.address.replace("{name}", name);
+        match address.split_once("://") {
+            Some((scheme, rest)) if BMC_SCHEMES.contains(&scheme) && !rest.is_empty() => {}
+            _ => self.err(
+                bmc_at("address"),
+                format!("{address:?} is not a BMC address Ironic understands"),
+                Some("for a sushy-tools emulator: redfish+http://<host>:8000/redfish/v1/Systems/{name}"),
+            ),
+        }
+        if bmc.username.is_empty() {
+            self.err(bmc_at("username"), "the BMC username is empty", None);
+        }
+        let password = self.secret(bmc_at("password"), &bmc.password, "BMC password");
+        let boot_mac = match &n.boot_mac {
+            None => {
+                self.err(
+                    keypath!["node", i],
+                    format!("bare-metal node {name} needs boot_mac"),
+                    Some("the MAC address of the NIC it network-boots from, e.g. boot_mac = \"8c:16:45:0a:1b:2c\""),
+                );
+                None
+            }
+            Some(m) => {
+                let mac = normalize_mac(m);
+                if mac.is_none() {
+                    self.err(
+                        keypath!["node", i, "boot_mac"],
+                        format!("{m:?} is not a MAC address"),
+                        Some("six hex pairs, for example 8c:16:45:0a:1b:2c"),
+                    );
+                }
+                mac
+            }
+        };
+        let hints = n
+            .root_device_hints
+            .clone()
+            .or_else(|| d.root_device_hints.clone())
+            .unwrap_or_default();
+        if let Some(dev) = &hints.device_name
+            && !dev.starts_with("/dev/")
+        {
+            self.err(
+                at("root_device_hints", n.root_device_hints.is_some())
+                    .into_iter()
+                    .chain(keypath!["device_name"])
+                    .collect(),
+                format!("device_name {dev:?} is not a /dev path"),
+                Some("for example /dev/nvme0n1 or /dev/disk/by-path/…"),
+            );
+        }
+        Some(BareMetal {
+            bmc_address: address,
+            bmc_username: bmc.username.clone(),
+            bmc_password: password?,
+            disable_certificate_validation: bmc.disable_certificate_validation,
+            boot_mac: boot_mac?,
+            root_device_hints: hints,
+            online: n.online.or(d.online).unwrap_or(true),
         })
     }
 

@@ -134,3 +134,12 @@ pub fn build(cache: &Path, cluster: &Path, node: &str, base: &std::ffi::OsStr, o
         .arg("--out")
         .arg(out));
 }
+
+/// A small UEFI disk (GPT, FAT32 ESP, ext4 root) made by sgdisk, mkfs.vfat and mkfs.ext4.
+pub fn uefi_fixture(dir: &Path) -> PathBuf {
+    let img = dir.join("uefi-layout.img");
+    run(Command::new("bash")
+        .arg(repo().join("tests/fixtures/make-uefi-layout.sh"))
+        .arg(&img));
+    img
+}

@@ -1,0 +1,196 @@
+//! `kiln metal3 manifests`: a BareMetalHost and its Secrets for every bare-metal node.
+//!
+//! What a Metal3 user writes by hand, derived from the cluster file and the builds: the BMC
+//! address and credentials, the boot MAC, root device hints, the image as `kiln publish` names it
+//! with its sha256, and the node's cloud-init user-data and OpenStack `network_data.json`, which
+//! Ironic puts on the config drive. Secrets carry their values base64-encoded under `data`, as
+//! `kubectl get -o yaml` shows them.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::provision::{network_data, plan};
+use crate::serve::publish;
+use crate::spec::Cluster;
+use crate::spec::node::NodeConfig;
+use crate::spec::profile::DeliverMethod;
+
+pub struct Options<'a> {
+    /// Where the builds are (`out/`).
+    pub out: &'a Path,
+    /// The base URL `kiln serve` (or nginx) serves the published images under.
+    pub image_url: &'a str,
+    pub namespace: Option<&'a str>,
+}
+
+/// The nodes Metal3 provisions: those with a BMC, and every node whose profile is delivered
+/// over HTTP (which must then have one).
+pub fn bare_metal_nodes(cluster: &Cluster) -> Result<Vec<&NodeConfig>> {
+    let mut nodes = Vec::new();
+    for node in &cluster.nodes {
+        let (profile, _) = cluster.profile_of(node);
+        if node.bare_metal.is_some() {
+            nodes.push(node);
+        } else if profile.deliver.method == DeliverMethod::Http {
+            bail!(
+                "node {} (image {}) is provisioned by Ironic but has no bmc in {}",
+                node.name,
+                profile.name,
+                cluster.file.path
+            );
+        }
+    }
+    if nodes.is_empty() {
+        bail!(
+            "{} has no bare-metal nodes (give nodes a bmc, boot_mac and root_device_hints)",
+            cluster.file.path
+        );
+    }
+    Ok(nodes)
+}
+
+fn b64(s: &str) -> String {
+    crate::provision::cloud_init::base64(s.as_bytes())
+}
+
+fn metadata(name: &str, cluster: &Cluster, namespace: Option<&str>) -> Value {
+    let mut m = json!({
+        "name": name,
+        "labels": {
+            "app.kubernetes.io/managed-by": "kiln",
+            "kiln.dev/cluster": cluster.name,
+        },
+    });
+    if let Some(ns) = namespace {
+        m["namespace"] = json!(ns);
+    }
+    m
+}
+
+/// The manifest documents for one node: BareMetalHost, BMC secret, user-data, network-data.
+pub fn node_documents(cluster: &Cluster, node: &NodeConfig, opts: &Options) -> Result<Vec<Value>> {
+    let bm = node
+        .bare_metal
+        .as_ref()
+        .with_context(|| format!("node {} has no bmc", node.name))?;
+    let image = publish::built_image(&node.name, opts.out).with_context(|| {
+        format!(
+            "node {} has no build in {} — run `kiln build --node {}` first",
+            node.name,
+            opts.out.display(),
+            node.name
+        )
+    })?;
+    let plan = plan::plan(cluster, node).with_context(|| format!("planning node {}", node.name))?;
+    let network_data = match &plan.network_data {
+        Some(n) => n.clone(),
+        None => network_data::render(node)?,
+    };
+    let url = format!(
+        "{}/{}",
+        opts.image_url.trim_end_matches('/'),
+        image.published_name(&node.name)
+    );
+    let ns = opts.namespace;
+    let bmc_secret = format!("{}-bmc-secret", node.name);
+    let user_data = format!("{}-user-data", node.name);
+    let net_data = format!("{}-network-data", node.name);
+    let reference = |name: &str| {
+        let mut r = json!({ "name": name });
+        if let Some(ns) = ns {
+            r["namespace"] = json!(ns);
+        }
+        r
+    };
+    let host = json!({
+        "apiVersion": "metal3.io/v1alpha1",
+        "kind": "BareMetalHost",
+        "metadata": metadata(&node.name, cluster, ns),
+        "spec": {
+            "online": bm.online,
+            "bootMode": "UEFI",
+            "bootMACAddress": bm.boot_mac,
+            "bmc": {
+                "address": bm.bmc_address,
+                "credentialsName": bmc_secret,
+                "disableCertificateValidation": bm.disable_certificate_validation,
+            },
+            "rootDeviceHints": root_device_hints(&bm.root_device_hints)?,
+            "image": {
+                "url": url,
+                "checksum": image.sha256,
+                "checksumType": "sha256",
+                "format": image.format,
+            },
+            "userData": reference(&user_data),
+            "networkData": reference(&net_data),
+        },
+    });
+    let secret = |name: &str, data: Value| {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": metadata(name, cluster, ns),
+            "type": "Opaque",
+            "data": data,
+        })
+    };
+    Ok(vec![
+        host,
+        secret(
+            &bmc_secret,
+            json!({
+                "username": b64(&bm.bmc_username),
+                "password": b64(bm.bmc_password.expose()),
+            }),
+        ),
+        secret(&user_data, json!({ "userData": b64(&plan.user_data) })),
+        secret(&net_data, json!({ "networkData": b64(&network_data) })),
+    ])
+}
+
+/// Ironic's hint names are camelCase in a BareMetalHost.
+fn root_device_hints(h: &crate::spec::node::RootDeviceHints) -> Result<Value> {
+    let snake = serde_json::to_value(h)?;
+    let mut out = serde_json::Map::new();
+    for (k, v) in snake.as_object().into_iter().flatten() {
+        let camel: String = k
+            .split('_')
+            .enumerate()
+            .map(|(i, w)| {
+                if i == 0 {
+                    w.to_string()
+                } else {
+                    w[..1].to_uppercase() + &w[1..]
+                }
+            })
+            .collect();
+        out.insert(camel, v.clone());
+    }
+    Ok(Value::Object(out))
+}
+
+/// All bare-metal nodes' documents as one multi-document YAML stream.
+pub fn manifests(cluster: &Cluster, opts: &Options) -> Result<String> {
+    let mut text = String::new();
+    // Every node is checked before anything is printed, so a missing build never leaves half a
+    // stream on stdout.
+    let mut problems = Vec::new();
+    let mut docs = Vec::new();
+    for node in bare_metal_nodes(cluster)? {
+        match node_documents(cluster, node, opts) {
+            Ok(d) => docs.extend(d),
+            Err(e) => problems.push(format!("{e:#}")),
+        }
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("\n"));
+    }
+    for d in docs {
+        text.push_str("---\n");
+        text.push_str(&serde_yaml_ng::to_string(&d)?);
+    }
+    Ok(text)
+}
