@@ -9,6 +9,13 @@ apt-get install -y -q --allow-downgrades --no-install-recommends \
     "qemu-utils=$qv" "qemu-block-extra=$qv" qemu-system-x86 ovmf systemd-boot-efi \
     e2fsprogs dosfstools mtools fdisk gdisk bmap-tools android-sdk-libsparse-utils \
     debootstrap cloud-init xz-utils zstd unzip hyperfine \
-    mosquitto mosquitto-clients openssh-server openssh-client python3-paho-mqtt python3-pytest \
+    mosquitto mosquitto-clients openssh-server openssh-client python3-paho-mqtt python3-pytest python3-venv \
     curl wget nginx-light >/dev/null
 echo "setup: tools installed"
+
+# Python peers the tests drive (sushy-tools, sushy, plugp100), pinned, in a venv that also sees
+# Debian's python3-paho-mqtt. scripts/test.sh runs the Python tests with it.
+venv=${KILN_PY_VENV:-/opt/kiln-test-venv}
+[ -x "$venv/bin/python" ] || /usr/bin/python3 -m venv --system-site-packages "$venv"
+"$venv/bin/pip" install -q --disable-pip-version-check -r "$(dirname "$0")/../tests/python/requirements.txt"
+echo "setup: python test venv ready in $venv"

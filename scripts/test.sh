@@ -12,7 +12,10 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --no-fail-fast || status=$?
 fi
-# The target-side agents are Python, tested with Debian's python3 (which has paho-mqtt) against
-# real peers (mosquitto, sshd).
-/usr/bin/python3 -m pytest -q tests/python || status=$?
+# The target-side agents are Python, tested against real peers (mosquitto, the sushy-tools
+# emulator driven by sushy) with the venv scripts/setup.sh makes (it sees Debian's paho-mqtt).
+venv=${KILN_PY_VENV:-/opt/kiln-test-venv}
+python=/usr/bin/python3
+[ -x "$venv/bin/python" ] && python=$venv/bin/python
+"$python" -m pytest -q tests/python || status=$?
 exit $status

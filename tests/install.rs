@@ -322,3 +322,98 @@ fn serde_yaml_from(text: &str) -> serde_json::Value {
     );
     serde_json::from_str(&out).unwrap()
 }
+
+#[test]
+fn install_sushy_builds_its_venv_and_the_installed_emulator_serves_the_systems() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(sshd) = start_sshd(dir.path()) else {
+        return;
+    };
+    if !have_tools(&["curl"]) {
+        return;
+    }
+    let cache = dir.path().join("cache");
+    let stage = dir.path().join("target-root");
+    let stage_s = stage.display().to_string();
+    std::fs::write(
+        dir.path().join("tapo.credentials"),
+        "lab@example.org\nsecret\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("amt.password"), "Amt-Passw0rd!\n").unwrap();
+    // Nothing answers on port 9: the pollers log errors; listing systems needs no device.
+    let cfg = dir.path().join("sushy.conf");
+    std::fs::write(
+        &cfg,
+        format!(
+            "KILN_POWER_POLL_INTERVAL = 3600\nKILN_STATE_FILE = {:?}\nKILN_SYSTEMS = [\n\
+             {{\"name\": \"edge-1\", \"power\": {{\"type\": \"tapo\", \"host\": \"127.0.0.1:9\", \"credentials_file\": {:?}}}}},\n\
+             {{\"name\": \"edge-4\", \"power\": {{\"type\": \"amt\", \"host\": \"127.0.0.1:9\", \"password_file\": {:?}}}}},\n]\n",
+            dir.path().join("state.json").display().to_string(),
+            dir.path().join("tapo.credentials").display().to_string(),
+            dir.path().join("amt.password").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let cfg_s = cfg.display().to_string();
+    // `sushy` is the overlay's alias for sushy-baremetal.
+    let args = ["sushy", "--root", &stage_s, "--config", &cfg_s];
+    let o = install(&sshd, &cache, &args);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("python venv"), "{out}");
+    let python = stage.join("opt/kiln/sushy/bin/python");
+    let freeze = stdout(Command::new(&python).args(["-m", "pip", "freeze"]));
+    assert!(
+        freeze.contains("sushy-tools==2.2.0") || freeze.contains("sushy_tools==2.2.0"),
+        "{freeze}"
+    );
+    assert!(freeze.contains("plugp100==6.0.2"), "{freeze}");
+    let launcher = stage.join("usr/local/lib/kiln/sushy-baremetal/kiln-sushy-emulator");
+    assert_eq!(mode_of(&launcher), 0o755);
+    assert_eq!(mode_of(&stage.join("etc/kiln/sushy.conf")), 0o600);
+
+    // A second run finds the venv complete and everything in place.
+    let o = install(&sshd, &cache, &args);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("no changes"), "{out}");
+
+    // The installed emulator accepts the installed configuration, starts, and lists the systems.
+    run(Command::new(&python)
+        .arg(&launcher)
+        .args(["--check", "--config"])
+        .arg(stage.join("etc/kiln/sushy.conf")));
+    let port = free_port();
+    let mut emu = Command::new(&python)
+        .arg(&launcher)
+        .arg("--config")
+        .arg(stage.join("etc/kiln/sushy.conf"))
+        .args(["-i", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut listing = String::new();
+    for _ in 0..100 {
+        let o = Command::new("curl")
+            .args([
+                "-sf",
+                &format!("http://127.0.0.1:{port}/redfish/v1/Systems"),
+            ])
+            .output()
+            .unwrap();
+        if o.status.success() {
+            listing = String::from_utf8_lossy(&o.stdout).into_owned();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = emu.kill();
+    let _ = emu.wait();
+    let doc: serde_json::Value = serde_json::from_str(&listing).expect("a Systems collection");
+    assert_eq!(doc["Members@odata.count"], 2, "{listing}");
+}

@@ -104,7 +104,31 @@ pub fn run(a: Args) -> Result<()> {
             services.insert(s.clone(), (e == 0, act == 0));
         }
     }
-    let steps = remote::plan(&ov, &files, &states, &facts, missing, &services, staged);
+    let venv = match remote::venv_query(&ov, &root) {
+        Some((path, q)) => {
+            let freeze = ssh.run(&q)?;
+            let want = ov
+                .manifest
+                .venv
+                .as_ref()
+                .map(|v| v.requirements.clone())
+                .unwrap_or_default();
+            Some((path, remote::missing_requirements(&want, &freeze)))
+        }
+        None => None,
+    };
+    let steps = remote::plan(
+        &ov,
+        &files,
+        &facts,
+        remote::Observed {
+            states: &states,
+            missing_packages: missing,
+            venv,
+            service_states: &services,
+        },
+        staged,
+    );
 
     if steps.is_empty() {
         println!("{name} on {target}: no changes — everything is in place");

@@ -208,6 +208,18 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
         runcmd.push(argv(&["ifup", "wlan0"]));
     }
     for o in &overlays {
+        if let Some(v) = &o.manifest.venv {
+            // The overlay's Python programs run in their own venv, made on first boot.
+            let mut pip = vec![
+                format!("{}/bin/pip", v.path),
+                "install".into(),
+                "-q".into(),
+                "--disable-pip-version-check".into(),
+            ];
+            pip.extend(v.requirements.iter().cloned());
+            runcmd.push(argv(&["python3", "-m", "venv", &v.path]));
+            runcmd.push(pip);
+        }
         for svc in &o.manifest.services {
             runcmd.push(argv(&["systemctl", "enable", svc]));
             runcmd.push(argv(&["systemctl", "restart", svc]));

@@ -99,6 +99,11 @@ pub enum Step {
         manager: &'static str,
         packages: Vec<String>,
     },
+    /// Create (or complete) a Python venv with pinned requirements.
+    Venv {
+        path: String,
+        requirements: Vec<String>,
+    },
     DaemonReload,
     Enable(String),
     Restart(String),
@@ -123,6 +128,9 @@ impl fmt::Display for Step {
             } => write!(f, "set {path} to {mode:04o} {owner}:{group}"),
             Step::InstallPackages { manager, packages } => {
                 write!(f, "install packages with {manager}: {}", packages.join(" "))
+            }
+            Step::Venv { path, requirements } => {
+                write!(f, "python venv {path} with {}", requirements.join(" "))
             }
             Step::DaemonReload => write!(f, "systemctl daemon-reload"),
             Step::Enable(s) => write!(f, "systemctl enable {s}"),
@@ -184,15 +192,48 @@ pub fn state_query(files: &[Wanted]) -> String {
 }
 
 /// Computes the steps from the target's facts and file states.
+/// The venv's path under `root`, and the shell snippet that lists what is installed in it.
+pub fn venv_query(overlay: &Overlay, root: &str) -> Option<(String, String)> {
+    let v = overlay.manifest.venv.as_ref()?;
+    let path = format!("{}{}", root.trim_end_matches('/'), v.path);
+    let q = format!(
+        "if [ -x '{path}/bin/python' ]; then '{path}/bin/python' -m pip freeze --all 2>/dev/null; fi"
+    );
+    Some((path, q))
+}
+
+/// Requirements (`name==version`) that `pip freeze` output lacks; names compare as pip does.
+pub fn missing_requirements(wanted: &[String], freeze: &str) -> Vec<String> {
+    let norm = |s: &str| s.trim().to_ascii_lowercase().replace(['_', '.'], "-");
+    let have: std::collections::BTreeSet<String> = freeze.lines().map(norm).collect();
+    wanted
+        .iter()
+        .filter(|r| !have.contains(&norm(r)))
+        .cloned()
+        .collect()
+}
+
+pub struct Observed<'a> {
+    pub states: &'a str,
+    pub missing_packages: Vec<String>,
+    /// The venv path and the requirements it lacks.
+    pub venv: Option<(String, Vec<String>)>,
+    pub service_states: &'a BTreeMap<String, (bool, bool)>,
+}
+
 pub fn plan(
     overlay: &Overlay,
     files: &[Wanted],
-    states: &str,
     facts: &Facts,
-    missing_packages: Vec<String>,
-    service_states: &BTreeMap<String, (bool, bool)>,
+    seen: Observed,
     staged: bool,
 ) -> Vec<Step> {
+    let Observed {
+        states,
+        missing_packages,
+        venv,
+        service_states,
+    } = seen;
     let found: BTreeMap<&str, (&str, &str)> = states
         .lines()
         .filter_map(|l| {
@@ -245,6 +286,21 @@ pub fn plan(
             manager,
             packages: missing_packages,
         });
+    }
+    if let Some((path, missing)) = venv
+        && !missing.is_empty()
+    {
+        let all = overlay
+            .manifest
+            .venv
+            .as_ref()
+            .map(|v| v.requirements.clone())
+            .unwrap_or_default();
+        steps.push(Step::Venv {
+            path,
+            requirements: all,
+        });
+        changed_any = true;
     }
     if facts.systemd() && !staged {
         if units_changed {
@@ -342,6 +398,10 @@ pub fn apply(ssh: &Ssh, steps: &[Step], files: &[Wanted], sudo: &str) -> Result<
                     packages.join(" ")
                 )
             }
+            Step::Venv { path, requirements } => format!(
+                "{sudo}python3 -m venv '{path}' && {sudo}'{path}/bin/pip' install -q --disable-pip-version-check {}",
+                shell_join(requirements)
+            ),
             Step::DaemonReload => format!("{sudo}systemctl daemon-reload"),
             Step::Enable(u) => format!("{sudo}systemctl enable '{u}'"),
             Step::Restart(u) => format!("{sudo}systemctl restart '{u}'"),
@@ -394,10 +454,13 @@ mod tests {
             plan(
                 &o,
                 &files,
-                &states,
                 &facts("systemd"),
-                vec![],
-                &services,
+                Observed {
+                    states: &states,
+                    missing_packages: vec![],
+                    venv: None,
+                    service_states: &services,
+                },
                 false
             )
             .is_empty()
@@ -410,13 +473,17 @@ mod tests {
         let files = wanted(&o, None, "/stage").unwrap();
         assert!(files[0].path.starts_with("/stage/etc/docker/"));
         let states = format!("- - {}\n", files[0].path);
+        let none = BTreeMap::new();
         let steps = plan(
             &o,
             &files,
-            &states,
             &facts("systemd"),
-            vec!["docker.io".into()],
-            &BTreeMap::new(),
+            Observed {
+                states: &states,
+                missing_packages: vec!["docker.io".into()],
+                venv: None,
+                service_states: &none,
+            },
             false,
         );
         assert!(matches!(&steps[0], Step::Upload { why: "new", .. }));
@@ -429,13 +496,28 @@ mod tests {
         let steps = plan(
             &o,
             &files,
-            &states,
             &facts("init"),
-            vec![],
-            &BTreeMap::new(),
+            Observed {
+                states: &states,
+                missing_packages: vec![],
+                venv: None,
+                service_states: &none,
+            },
             false,
         );
         assert!(steps.iter().all(|s| matches!(s, Step::Upload { .. })));
+    }
+
+    #[test]
+    fn venv_requirements_compare_as_pip_names_them() {
+        let freeze = "Flask==3.1.3\nsushy_tools==2.2.0\nplugp100==6.0.2\n";
+        let want = vec![
+            "sushy-tools==2.2.0".to_string(),
+            "plugp100==6.0.2".to_string(),
+            "sushy==5.14.0".to_string(),
+        ];
+        assert_eq!(missing_requirements(&want, freeze), vec!["sushy==5.14.0"]);
+        assert!(missing_requirements(&want[..2], freeze).is_empty());
     }
 
     #[test]

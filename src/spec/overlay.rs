@@ -35,6 +35,20 @@ pub struct OverlayManifest {
     pub health: Vec<String>,
     /// Where `kiln install --config FILE` puts the user's configuration.
     pub config: Option<ConfigTarget>,
+    /// A Python virtual environment the overlay's programs run in.
+    pub venv: Option<VenvSpec>,
+    /// Other names `kiln install` accepts for this overlay (`sushy` for `sushy-baremetal`).
+    #[serde(default)]
+    pub aliases: Vec<String>,
+}
+
+/// A venv created on the target with pinned requirements (pip `name==version`), so every host
+/// runs the versions the overlay was tested with.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VenvSpec {
+    pub path: String,
+    pub requirements: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -155,6 +169,14 @@ pub fn load(name: &str, search_dirs: &[PathBuf]) -> Result<Overlay> {
     }
     if let Some(dir) = BUILTIN.get_dir(name) {
         return load_builtin(name, dir);
+    }
+    for (real, _) in list(search_dirs) {
+        if real != name
+            && let Ok(o) = load(&real, search_dirs)
+            && o.manifest.aliases.iter().any(|a| a == name)
+        {
+            return Ok(o);
+        }
     }
     bail!(
         "no overlay named {name:?} (looked in {} and the built-in overlays); \
