@@ -25,7 +25,7 @@ if [ ! -f "$img.xz" ]; then
     bmaptool create -o "$img.bmap" "$img"
     xz -T0 -1 -k -f "$img"
 fi
-echo "image: $(du -h --apparent-size "$img" | cut -f1) raw, $(grep -o '<MappedBlocksCount> [0-9]*' "$img.bmap" | awk '{printf "%d MiB", $2*4/1024}') mapped, $(du -h "$img.xz" | cut -f1) as xz"
+echo "image: $(du -h --apparent-size "$img" | cut -f1) raw, $(grep -o '<MappedBlocksCount> [0-9][0-9]*' "$img.bmap" | awk '{printf "%d MiB", $2*4/1024}') mapped, $(du -h "$img.xz" | cut -f1) as xz"
 
 backing=$work/flash-target.img
 truncate -s 2200M "$backing"

@@ -12,11 +12,13 @@ use anyhow::{Context, Result};
 
 use crate::format::manifest::{Entry, Manifest, sha256sum_line};
 use crate::format::writer;
-use crate::provision::{plan, stamp};
+use crate::fs::ext4_write;
+use crate::provision::{plan, rootfs, stamp};
 use crate::source::cache::Cache;
 use crate::source::{self, BaseRef};
 use crate::spec::Cluster;
 use crate::spec::node::NodeConfig;
+use crate::spec::profile::{PartitionRole, ProvisionMethod};
 use crate::util::fsutil::{TempGuard, temp_beside, write_atomic};
 
 pub struct BuildOptions {
@@ -53,21 +55,55 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
     let sum_path = opts.out_dir.join(format!("{}.img.sha256sum", node.name));
     let manifest_path = opts.out_dir.join(format!("{}.manifest.json", node.name));
 
-    let stamped = stamp::stamp(&base.raw, profile, &plan)
-        .with_context(|| format!("stamping node {}", node.name))?;
+    let mut guard = TempGuard::default();
+    let tmp_image = guard.track(temp_beside(&image));
+    let rootfs = profile.provision.method == ProvisionMethod::Rootfs;
+    // Rootfs nodes are edited in a working copy of the base (e2fsprogs edits files in place);
+    // the others are stamped in memory and written over the base in one pass.
+    let (source, stamped) = if rootfs {
+        let work = guard.track(opts.out_dir.join(format!(".{}.work", node.name)));
+        crate::format::sparse::copy(&base.raw, &work)
+            .with_context(|| format!("copying the base to {}", work.display()))?;
+        let layout = stamp::check_layout(&work, profile)?;
+        let root_index = profile
+            .partition(PartitionRole::Root)
+            .context("the profile names no root partition")?
+            .index;
+        let root = layout
+            .partition(root_index)
+            .context("root partition vanished")?
+            .clone();
+        let epoch = match stamp::source_date_epoch()? {
+            Some(e) => e,
+            None => ext4_created(&work, root.start)?,
+        };
+        let entries = rootfs::entries(cluster, node, profile, &work, root.start)
+            .with_context(|| format!("configuring node {}", node.name))?;
+        ext4_write::apply(&work, root.start, &entries, epoch)
+            .with_context(|| format!("writing node {}'s files into its root", node.name))?;
+        let stamped = stamp::unstamped(&work, layout)?;
+        (work, stamped)
+    } else {
+        let stamped = stamp::stamp(&base.raw, profile, &plan)
+            .with_context(|| format!("stamping node {}", node.name))?;
+        (base.raw.clone(), stamped)
+    };
     let report = &stamped.report;
     if let Some(why) = &report.kept_signature_because {
         eprintln!("note: {}: {why}", node.name);
     }
-    let mut guard = TempGuard::default();
-    let tmp_image = guard.track(temp_beside(&image));
     // Range checksums of partitions this node leaves untouched are the same for every node built
-    // on this base; remember them so the next build hashes only what changed.
+    // on this base; remember them so the next build hashes only what changed. (Not for rootfs
+    // nodes: their root differs from the base without a patch to say where.)
     let sums_path = Cache::open()?
         .root
         .join("images")
         .join(format!("{}.range-sums.json", base.source_sha256));
-    let known = load_sums(&sums_path);
+    let known = if rootfs {
+        BTreeMap::new()
+    } else {
+        load_sums(&sums_path)
+    };
     let boundaries: Vec<u64> = stamped
         .report
         .layout_before
@@ -76,7 +112,7 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
         .flat_map(|p| [p.start, p.end()])
         .collect();
     let (bmap, sha256) = writer::write_image(
-        &base.raw,
+        &source,
         &stamped.patches,
         &tmp_image,
         &stamped.used,
@@ -84,7 +120,11 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
         &known,
     )
     .with_context(|| format!("writing {}", tmp_image.display()))?;
-    store_sums(&sums_path, &writer::reusable_sums(&bmap, &stamped.patches));
+    if rootfs {
+        let _ = std::fs::remove_file(&source);
+    } else {
+        store_sums(&sums_path, &writer::reusable_sums(&bmap, &stamped.patches));
+    }
     let bmap_xml = bmap.to_xml();
     let image_name = file_name(&image);
     let sum_line = sha256sum_line(&sha256, &image_name);
@@ -234,6 +274,17 @@ fn store_sums(path: &Path, sums: &BTreeMap<(u64, u64), String>) {
     if let Ok(json) = serde_json::to_vec(&raw) {
         let _ = write_atomic(path, &json);
     }
+}
+
+/// The ext4 superblock's creation time (s_mkfs_time): a fixed date for a given base image, used
+/// for the files kiln writes when SOURCE_DATE_EPOCH is not set.
+fn ext4_created(image: &Path, offset: u64) -> Result<i64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(image)?;
+    let mut b = [0u8; 4];
+    f.seek(SeekFrom::Start(offset + 1024 + 0x108))?;
+    f.read_exact(&mut b)?;
+    Ok(i64::from(u32::from_le_bytes(b)))
 }
 
 fn file_name(p: &Path) -> String {

@@ -7,6 +7,7 @@
 pub mod blockdev;
 pub mod build;
 pub mod disk;
+pub mod fastboot;
 pub mod flash;
 pub mod format;
 pub mod fs;

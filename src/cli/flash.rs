@@ -12,6 +12,7 @@ use kiln::flash::events::{Events, ProgressMode};
 use kiln::flash::image::FlashImage;
 use kiln::flash::{self, FlashOptions, OpenTarget, Outcome};
 use kiln::source::BaseRef;
+use kiln::spec::profile::DeliverMethod;
 
 pub struct Args {
     pub positional: Vec<PathBuf>,
@@ -25,6 +26,10 @@ pub struct Args {
     pub progress: ProgressMode,
     pub bmap: Option<PathBuf>,
     pub edits: BootEdits,
+    /// Flash over fastboot to this serial (`tcp:host:port` for network fastboot).
+    pub fastboot: Option<String>,
+    pub partition: Option<String>,
+    pub product: Option<String>,
 }
 
 /// One image going to one or more targets.
@@ -34,6 +39,9 @@ struct Job {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if a.fastboot.is_some() || nodes_deliver_by_fastboot(&a)? {
+        return run_fastboot(&a);
+    }
     let jobs = plan_jobs(&a)?;
     let mut images = Vec::new();
     if !a.edits.is_empty() && !a.nodes.is_empty() {
@@ -244,6 +252,171 @@ fn confirm(a: &Args, jobs: &[Job]) -> Result<()> {
         nix::mount::umount(m.as_str())
             .with_context(|| format!("unmounting {p} from {m} (a program may be using it)"))?;
         eprintln!("unmounted {p} from {m}");
+    }
+    Ok(())
+}
+
+/// Whether the `--node`s are phones (their profile delivers over fastboot).
+fn nodes_deliver_by_fastboot(a: &Args) -> Result<bool> {
+    if a.nodes.is_empty() {
+        return Ok(false);
+    }
+    let cluster = kiln::spec::load(&a.cluster)?;
+    let mut kinds = Vec::new();
+    for node in &a.nodes {
+        let n = cluster.node(node)?;
+        kinds.push(cluster.profile_of(n).0.deliver.method == DeliverMethod::Fastboot);
+    }
+    if kinds.iter().any(|k| *k) && !kinds.iter().all(|k| *k) {
+        bail!("flash phones (fastboot) and disks in separate runs");
+    }
+    Ok(kinds[0])
+}
+
+/// One image going to one phone.
+struct PhoneJob {
+    label: String,
+    files: Vec<PathBuf>,
+    raw_size: u64,
+    partition: String,
+    product: Option<String>,
+    serial: Option<String>,
+}
+
+fn run_fastboot(a: &Args) -> Result<()> {
+    if !a.edits.is_empty() {
+        bail!(
+            "--hostname, --userdata, --metadata, --bootconf and --file customise SD-card images, not phones"
+        );
+    }
+    let mut jobs = Vec::new();
+    if a.nodes.is_empty() {
+        let [image] = a.positional.as_slice() else {
+            bail!(
+                "usage: kiln flash IMAGE --fastboot SERIAL [--partition userdata] [--product NAME]"
+            );
+        };
+        let (files, raw_size) = match kiln::fastboot::sparse_expanded_size(image)? {
+            Some(size) => (vec![image.clone()], size),
+            None => {
+                let raw = kiln::source::prepare_raw(image)?;
+                let size = std::fs::metadata(&raw)?.len();
+                let dest = kiln::source::cache::Cache::open()?
+                    .root
+                    .join("images")
+                    .join(format!("{}.simg", kiln::source::cache::sha256_file(&raw)?));
+                let bmap = FlashImage::open(image, a.bmap.as_deref())?.bmap;
+                let files =
+                    kiln::format::android_sparse::convert(&raw, bmap.as_ref(), &dest, None)?;
+                (files, size)
+            }
+        };
+        jobs.push(PhoneJob {
+            label: image.display().to_string(),
+            files,
+            raw_size,
+            partition: a.partition.clone().unwrap_or_else(|| "userdata".into()),
+            product: a.product.clone(),
+            serial: a.fastboot.clone(),
+        });
+    } else {
+        if a.positional.len() > a.nodes.len() {
+            bail!("more phones than --node: give at most one serial per node, in the same order");
+        }
+        let cluster = kiln::spec::load(&a.cluster)?;
+        let opts = BuildOptions {
+            out_dir: a.out.clone(),
+            base: BaseRef::parse(a.base.as_deref()),
+            base_sha256: None,
+        };
+        for (i, node) in a.nodes.iter().enumerate() {
+            let n = cluster.node(node)?;
+            let (profile, _) = cluster.profile_of(n);
+            let artifact =
+                build_node(&cluster, n, &opts).with_context(|| format!("building node {node}"))?;
+            let bmap = kiln::format::bmap::Bmap::parse(&std::fs::read_to_string(&artifact.bmap)?)?;
+            let simg = a.out.join(format!("{node}.simg"));
+            let files =
+                kiln::format::android_sparse::convert(&artifact.image, Some(&bmap), &simg, None)?;
+            eprintln!(
+                "built {} ({}) and {}",
+                artifact.image.display(),
+                &artifact.sha256[..16],
+                simg.display()
+            );
+            let serial = a
+                .positional
+                .get(i)
+                .map(|p| p.display().to_string())
+                .or_else(|| (a.nodes.len() == 1).then(|| a.fastboot.clone()).flatten())
+                .or_else(|| n.serial.clone());
+            if let (Some(s), Some(pinned)) = (&serial, &n.serial)
+                && s != pinned
+            {
+                bail!("node {node} is pinned to phone {pinned}, not {s}; nothing was written");
+            }
+            jobs.push(PhoneJob {
+                label: format!("node {node}"),
+                files,
+                raw_size: artifact.image_size,
+                partition: a
+                    .partition
+                    .clone()
+                    .or_else(|| profile.deliver.partition.clone())
+                    .unwrap_or_else(|| "userdata".into()),
+                product: a
+                    .product
+                    .clone()
+                    .or_else(|| profile.deliver.product.clone()),
+                serial,
+            });
+        }
+    }
+
+    // Every phone is found and checked before the first byte goes to any of them.
+    let mut phones = Vec::new();
+    for job in &jobs {
+        let phone = kiln::fastboot::find(job.serial.as_deref())?;
+        phone.check(job.product.as_deref(), &job.partition, job.raw_size)?;
+        phones.push(phone);
+    }
+    if !a.yes {
+        eprintln!("kiln will overwrite:");
+        for (job, phone) in jobs.iter().zip(&phones) {
+            eprintln!(
+                "  {} → partition {} of phone {}",
+                job.label, job.partition, phone.serial
+            );
+        }
+        eprint!("Everything on these partitions will be lost. Continue? [y/N] ");
+        std::io::stderr().flush().ok();
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer).ok();
+        if !matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
+            bail!("not confirmed; nothing was written");
+        }
+    }
+    let json = a.progress == ProgressMode::Json;
+    for (job, phone) in jobs.iter().zip(&phones) {
+        let report = |line: &str| {
+            if line.is_empty() {
+                return;
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "fastboot", "target": phone.serial, "line": line})
+                );
+            } else {
+                eprintln!("  {}: {line}", phone.serial);
+            }
+        };
+        phone.flash(&job.partition, &job.files, &report)?;
+        phone.reboot()?;
+        println!(
+            "{}: {} flashed to {} and rebooted",
+            phone.serial, job.label, job.partition
+        );
     }
     Ok(())
 }

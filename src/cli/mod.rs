@@ -2,6 +2,7 @@
 
 mod build;
 mod check;
+mod convert;
 mod devices;
 mod docs;
 mod flash;
@@ -39,6 +40,8 @@ pub struct ClusterArg {
     pub cluster: PathBuf,
 }
 
+// Parsed once per run; boxing the big Flash variant would only make the dispatch noisier.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Validate the cluster file and print every node's resolved configuration.
@@ -92,10 +95,12 @@ pub enum Command {
     ///
     /// kiln flash IMAGE DEVICE…          an image file (.img, .zip, .xz, .gz, .zst) to one or more disks
     /// kiln flash --node NODE DEVICE     build the node's image, then write it (one DEVICE per --node)
+    /// kiln flash --node PHONE           a phone node: build, then fastboot flash (pinned or only phone)
+    /// kiln flash IMAGE --fastboot SERIAL  an image (raw or Android sparse) to a phone's partition
     #[command(verbatim_doc_comment)]
     Flash {
         /// IMAGE then DEVICE…, or only DEVICE… with --node. Plain files are valid targets.
-        #[arg(required = true)]
+        /// Phones: IMAGE with --fastboot SERIAL, or --node alone (or with its serial).
         args: Vec<PathBuf>,
         /// Build and flash this node (repeatable; one device per node, in order).
         #[arg(long)]
@@ -141,6 +146,16 @@ pub enum Command {
         /// hypriot flash: copy this file to the boot partition (repeatable).
         #[arg(long, short = 'F')]
         file: Vec<PathBuf>,
+        /// Flash a phone over fastboot: its serial (`tcp:host:port` for network fastboot).
+        /// Phone nodes (fastboot profiles) use this, their pinned serial, or the one phone found.
+        #[arg(long, value_name = "SERIAL")]
+        fastboot: Option<String>,
+        /// fastboot: the partition to flash (default: the profile's, else userdata).
+        #[arg(long)]
+        partition: Option<String>,
+        /// fastboot: the product the phone must report (default: the profile's).
+        #[arg(long)]
+        product: Option<String>,
     },
     /// Install an overlay onto a live host over ssh (idempotent; --dry-run shows the steps).
     Install {
@@ -187,6 +202,23 @@ pub enum Command {
         /// The served directory.
         #[arg(long)]
         to: PathBuf,
+    },
+    /// Convert an image: to an Android sparse image for fastboot (RAW/FILL/DONT_CARE from its bmap).
+    Convert {
+        /// The raw image (its `.bmap` beside it is used when present).
+        image: PathBuf,
+        /// The output format.
+        #[arg(long, value_enum)]
+        to: convert::Target,
+        /// Where to write it.
+        output: PathBuf,
+        /// Split into pieces of at most this size (bytes, or with K/M/G), e.g. a device's
+        /// max-download-size; pieces are named OUTPUT-stem.1.simg, .2.simg, …
+        #[arg(long)]
+        max_size: Option<String>,
+        /// The image's block map (default: IMAGE.bmap if present).
+        #[arg(long)]
+        bmap: Option<PathBuf>,
     },
     /// Metal3: BareMetalHost manifests for the cluster's bare-metal nodes.
     #[command(subcommand)]
@@ -251,6 +283,13 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Devices { all, json } => devices::run(all, json),
         Command::Serve { dir, listen, check } => serve::serve(dir, listen, check),
         Command::Publish { node, out, to } => serve::publish(&node, &out, &to),
+        Command::Convert {
+            image,
+            to,
+            output,
+            max_size,
+            bmap,
+        } => convert::run(&image, to, &output, max_size.as_deref(), bmap.as_deref()),
         Command::Metal3(Metal3Command::Manifests {
             cluster,
             out,
@@ -291,6 +330,9 @@ pub fn run(cli: Cli) -> Result<()> {
             metadata,
             bootconf,
             file,
+            fastboot,
+            partition,
+            product,
         } => flash::run(flash::Args {
             positional: args,
             nodes: node,
@@ -309,6 +351,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 bootconf,
                 files: file,
             },
+            fastboot,
+            partition,
+            product,
         }),
         Command::Completions { shell } => docs::completions(shell),
         Command::Manpage => docs::manpage(),

@@ -1,5 +1,6 @@
 //! Artifact formats: sparse raw files, block maps, checksums and the build manifest.
 
+pub mod android_sparse;
 pub mod bmap;
 pub mod manifest;
 pub mod sparse;

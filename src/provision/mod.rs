@@ -4,5 +4,6 @@ pub mod cloud_init;
 pub mod network_data;
 pub mod password;
 pub mod plan;
+pub mod rootfs;
 pub mod stamp;
 pub mod wifi;

@@ -60,6 +60,9 @@ pub struct StampPlan {
     /// OpenStack `network_data.json`, for config-drive profiles.
     #[serde(skip)]
     pub network_data: Option<String>,
+    /// For profiles whose details depend on the image (rootfs): what the build will do.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl StampPlan {
@@ -92,6 +95,55 @@ fn argv(parts: &[&str]) -> Vec<String> {
 /// Computes the plan for `node`.
 pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
     let (profile, _) = cluster.profile_of(node);
+    if profile.provision.method == ProvisionMethod::Rootfs {
+        // No cloud-init: the build writes into the root, deciding details from the image.
+        return Ok(StampPlan {
+            node: node.name.clone(),
+            profile: profile.name.clone(),
+            disk_signature: None,
+            instance_id: String::new(),
+            partition_files: Vec::new(),
+            first_boot_files: Vec::new(),
+            first_boot_commands: Vec::new(),
+            inputs: Vec::new(),
+            user_data: String::new(),
+            network_data: None,
+            note: Some(format!(
+                "written into the root partition at build time, after reading the image (OpenRC or systemd, its accounts):\n    \
+                 /etc/hostname, /etc/hosts{tz}; users {users} with their ssh keys ({pw}); sshd{docker} enabled at boot;\n    \
+                 NetworkManager keyfiles for {ifs}{swarm}{overlays}",
+                tz = if node.timezone.is_some() {
+                    ", /etc/localtime"
+                } else {
+                    ""
+                },
+                users = node
+                    .users
+                    .iter()
+                    .map(|u| u.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                pw = if node.users.iter().any(|u| u.password_hash.is_some()) {
+                    "password hashes from the cluster file"
+                } else {
+                    "passwords locked"
+                },
+                docker = if node.docker { " and docker" } else { "" },
+                ifs = node.network.keys().cloned().collect::<Vec<_>>().join(", "),
+                swarm = match &node.swarm {
+                    Some(SwarmRole::Init { .. }) => "; the swarm init as a first-boot job",
+                    Some(SwarmRole::Join { .. }) =>
+                        "; the swarm join as a first-boot job (token 0600, deleted after joining)",
+                    None => "",
+                },
+                overlays = if node.overlays.is_empty() {
+                    String::new()
+                } else {
+                    format!("; overlays {}", node.overlays.join(", "))
+                },
+            )),
+        });
+    }
     let overlays: Vec<Overlay> = node
         .overlays
         .iter()
@@ -311,6 +363,8 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
         (ProvisionMethod::ConfigDrive, _) => {
             network_data = Some(network_data::render(node)?);
         }
+        // Written into the root by `rootfs`, which needs the image to decide the details.
+        (ProvisionMethod::Rootfs, _) => {}
     }
     for (name, f) in &node.boot_files {
         inputs.push(f.clone());
@@ -348,6 +402,7 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
         inputs,
         user_data,
         network_data,
+        note: None,
     })
 }
 
@@ -360,6 +415,10 @@ fn disk_signature(profile: &Profile, seed: &str, node: &str) -> Option<String> {
 pub fn describe(plan: &StampPlan) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "node {} (profile {})", plan.node, plan.profile);
+    if let Some(note) = &plan.note {
+        let _ = writeln!(s, "  {note}");
+        return s;
+    }
     if let Some(sig) = &plan.disk_signature {
         let _ = writeln!(
             s,

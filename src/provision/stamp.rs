@@ -244,7 +244,7 @@ pub fn stamp(base: &Path, profile: &Profile, plan: &StampPlan) -> Result<Stamped
 }
 
 /// A config-drive image: no patches, only the byte ranges that hold data.
-fn unstamped(base: &Path, layout: DiskLayout) -> Result<Stamped> {
+pub fn unstamped(base: &Path, layout: DiskLayout) -> Result<Stamped> {
     let mut file = File::open(base).with_context(|| format!("opening {}", base.display()))?;
     let first = layout
         .partitions

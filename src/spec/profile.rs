@@ -113,6 +113,9 @@ pub enum ProvisionMethod {
     /// Nothing is stamped: Ironic writes a config drive with the node's user-data and
     /// `network_data.json` beside the image (Metal3 hosts). The build renders both documents.
     ConfigDrive,
+    /// Files, links and accounts written straight into the ext4 root (images without
+    /// cloud-init, such as postmarketOS).
+    Rootfs,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -171,6 +174,10 @@ pub enum DeliverMethod {
 pub struct DeliverSpec {
     #[serde(default)]
     pub method: DeliverMethod,
+    /// fastboot: the partition the image is flashed to (`userdata`).
+    pub partition: Option<String>,
+    /// fastboot: what `getvar product` must answer (`flame`); another phone is refused.
+    pub product: Option<String>,
 }
 
 impl Profile {
@@ -230,11 +237,20 @@ impl Profile {
                     )
                     .into());
             }
-            (ProvisionMethod::ConfigDrive, Some(_)) => {
+            (ProvisionMethod::Rootfs, _) if self.partition(PartitionRole::Root).is_none() => {
+                return Err(source
+                    .error_at(
+                        &[Seg::Key("provision".into())],
+                        "rootfs provisioning needs a partition with role = \"root\" (ext4)",
+                        None,
+                    )
+                    .into());
+            }
+            (ProvisionMethod::ConfigDrive | ProvisionMethod::Rootfs, Some(_)) => {
                 return Err(source
                     .error_at(
                         &seed_path,
-                        "config-drive images carry no seed; Ironic writes the config drive",
+                        "only cloud-init-nocloud profiles have a seed partition",
                         None,
                     )
                     .into());
@@ -251,6 +267,10 @@ const BUILTIN: &[(&str, &str)] = &[
     (
         "metal3-uefi-x86",
         include_str!("../../images/metal3-uefi-x86.toml"),
+    ),
+    (
+        "pmos-google-flame",
+        include_str!("../../images/pmos-google-flame.toml"),
     ),
 ];
 

@@ -26,15 +26,20 @@ fn package_of(tool: &str) -> Option<&'static str> {
 
 /// Whether `tool` is on PATH.
 pub fn available(tool: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| {
-            let p = dir.join(tool);
+    which(tool).is_some()
+}
+
+/// Where `tool` is on PATH (an executable file).
+pub fn which(tool: &str) -> Option<std::path::PathBuf> {
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths)
+        .map(|dir| dir.join(tool))
+        .find(|p| {
             p.is_file()
-                && std::fs::metadata(&p)
+                && std::fs::metadata(p)
                     .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0)
                     .unwrap_or(false)
         })
-    })
 }
 
 /// Fails with an install hint unless `tool` is on PATH.
