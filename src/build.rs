@@ -18,7 +18,7 @@ use crate::source::cache::Cache;
 use crate::source::{self, BaseRef};
 use crate::spec::Cluster;
 use crate::spec::node::NodeConfig;
-use crate::spec::profile::{PartitionRole, ProvisionMethod};
+use crate::spec::profile::{OverlayTarget, PartitionRole, ProvisionMethod};
 use crate::util::fsutil::{TempGuard, temp_beside, write_atomic};
 
 pub struct BuildOptions {
@@ -58,6 +58,11 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
     let mut guard = TempGuard::default();
     let tmp_image = guard.track(temp_beside(&image));
     let rootfs = profile.provision.method == ProvisionMethod::Rootfs;
+    // Overlays into the root of a cloud-init image: the root is edited in a working copy too.
+    let overlays_into_root = !rootfs
+        && profile.provision.overlays_into == OverlayTarget::Root
+        && !node.overlays.is_empty();
+    let edits_root = rootfs || overlays_into_root;
     // Rootfs nodes are edited in a working copy of the base (e2fsprogs edits files in place);
     // the others are stamped in memory and written over the base in one pass.
     let (source, stamped) = if rootfs {
@@ -83,6 +88,29 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
             .with_context(|| format!("writing node {}'s files into its root", node.name))?;
         let stamped = stamp::unstamped(&work, layout)?;
         (work, stamped)
+    } else if overlays_into_root {
+        let work = guard.track(opts.out_dir.join(format!(".{}.work", node.name)));
+        crate::format::sparse::copy(&base.raw, &work)
+            .with_context(|| format!("copying the base to {}", work.display()))?;
+        let layout = stamp::check_layout(&work, profile)?;
+        let root_index = profile
+            .partition(PartitionRole::Root)
+            .context("the profile puts overlays into the root but names no root partition")?
+            .index;
+        let root = layout
+            .partition(root_index)
+            .context("root partition vanished")?
+            .clone();
+        let epoch = match stamp::source_date_epoch()? {
+            Some(e) => e,
+            None => ext4_created(&work, root.start)?,
+        };
+        let entries = rootfs::overlay_entries(cluster, node, &work, root.start)?;
+        ext4_write::apply(&work, root.start, &entries, epoch)
+            .with_context(|| format!("writing node {}'s overlays into its root", node.name))?;
+        let stamped = stamp::stamp(&work, profile, &plan)
+            .with_context(|| format!("stamping node {}", node.name))?;
+        (work, stamped)
     } else {
         let stamped = stamp::stamp(&base.raw, profile, &plan)
             .with_context(|| format!("stamping node {}", node.name))?;
@@ -99,7 +127,7 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
         .root
         .join("images")
         .join(format!("{}.range-sums.json", base.source_sha256));
-    let known = if rootfs {
+    let known = if edits_root {
         BTreeMap::new()
     } else {
         load_sums(&sums_path)
@@ -120,7 +148,7 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
         &known,
     )
     .with_context(|| format!("writing {}", tmp_image.display()))?;
-    if rootfs {
+    if edits_root {
         let _ = std::fs::remove_file(&source);
     } else {
         store_sums(&sums_path, &writer::reusable_sums(&bmap, &stamped.patches));

@@ -444,3 +444,68 @@ fn quick_start_sample_builds_offline() {
         sha256_hex(&std::fs::read(&s2).unwrap())
     );
 }
+
+/// A profile may put overlays into the ext4 root at build time (the writer the phones use)
+/// instead of cloud-init's write_files: here a copy of hypriot-rpi with `overlays_into = "root"`,
+/// placed in the cluster's images/, checked with debugfs and e2fsck.
+#[test]
+fn overlays_can_go_into_the_ext4_root() {
+    if !have_tools(TOOLS) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = hypriot_fixture(dir.path());
+    let cluster = example_cluster("ceil", dir.path());
+    let images = cluster.parent().unwrap().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let profile = std::fs::read_to_string(repo().join("images/hypriot-rpi.toml")).unwrap();
+    std::fs::write(
+        images.join("hypriot-rpi.toml"),
+        profile.replace("[deliver]", "overlays_into = \"root\"\n\n[deliver]"),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let cache = dir.path().join("cache");
+    build(&cache, &cluster, "ceil-router", base.as_os_str(), &out);
+    let img = out.join("ceil-router.img");
+    let root = 68_157_440u64; // partition 2 of the fixture: sector 133120
+    let dev = format!("{}?offset={root}", img.display());
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&dev)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let cat = |p: &str| {
+        stdout(
+            Command::new("debugfs")
+                .arg("-R")
+                .arg(format!("cat {p}"))
+                .arg(&dev),
+        )
+    };
+    let stat = |p: &str| {
+        stdout(
+            Command::new("debugfs")
+                .arg("-R")
+                .arg(format!("stat {p}"))
+                .arg(&dev),
+        )
+    };
+    assert_eq!(
+        cat("/etc/docker/daemon.json"),
+        std::fs::read_to_string(repo().join("overlays/docker-daemon/root/etc/docker/daemon.json"))
+            .unwrap()
+    );
+    let handler = "/usr/local/lib/kiln/dash-handler/dash_handler.py";
+    assert!(stat(handler).contains("Mode:  0755"), "{}", stat(handler));
+    assert!(stat("/etc/docker/daemon.json").contains("Mode:  0644"));
+    // The user-data no longer carries them; it still enables the overlay's service.
+    let ud = String::from_utf8(mtype(&img, 1 << 20, "user-data")).unwrap();
+    assert!(!ud.contains("/etc/docker/daemon.json"), "{ud}");
+    assert!(ud.contains("kiln-dash-handler.service"), "{ud}");
+}

@@ -694,3 +694,73 @@ fn a_confirmed_flash_unmounts_the_targets_partitions_first() {
     assert!(!still_mounted, "kiln left the partition mounted");
     assert_mapped_equal(&img, &img.with_extension("img.bmap"), &parted.dev);
 }
+
+/// A card that dies mid-write: the loop device's backing file lives on a 24 MiB tmpfs, so writes
+/// past 24 MiB fail with an I/O error, as a worn-out card's do.
+#[test]
+fn a_card_failing_mid_write_leaves_no_partition_table_and_says_where() {
+    if !can_loop() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("data.img");
+    {
+        let mut f = std::fs::File::create(&img).unwrap();
+        let mut chunk = vec![0u8; 1 << 20];
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..64 {
+            for b in chunk.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+            f.write_all(&chunk).unwrap();
+        }
+    }
+    let mut sf = Command::new("sfdisk")
+        .arg("--quiet")
+        .arg(&img)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    sf.stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: dos\nstart=2048, type=83\n")
+        .unwrap();
+    assert!(sf.wait().unwrap().success());
+
+    let mnt = dir.path().join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .arg(&mnt));
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    // The loop device (declared after the mount guard) is detached before the unmount.
+    let lo = Loop::new(&mnt, "card.img", 128 << 20, &[]);
+    let o = kiln(&dir.path().join("cache"))
+        .arg("flash")
+        .arg(&img)
+        .arg(&lo.dev)
+        .args(["--yes", "--allow-non-removable", "--progress", "none"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!o.status.success(), "{out}{err}");
+    assert!(
+        format!("{out}{err}").contains("at byte"),
+        "the error does not say where: {out}{err}"
+    );
+    assert!(
+        read_range(&lo.dev, 0, 1 << 20).iter().all(|&b| b == 0),
+        "a failed flash left a partition table"
+    );
+}

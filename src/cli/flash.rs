@@ -397,7 +397,19 @@ fn run_fastboot(a: &Args) -> Result<()> {
         }
     }
     let json = a.progress == ProgressMode::Json;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     for (job, phone) in jobs.iter().zip(&phones) {
+        // A bar over fastboot's own steps: "Sending sparse 'userdata' 2/5 (…)", "Writing …".
+        let bar = (a.progress == ProgressMode::Auto && tty).then(|| {
+            let b = indicatif::ProgressBar::new(1);
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            b.set_prefix(phone.serial.clone());
+            b
+        });
         let report = |line: &str| {
             if line.is_empty() {
                 return;
@@ -407,11 +419,23 @@ fn run_fastboot(a: &Args) -> Result<()> {
                     "{}",
                     serde_json::json!({"event": "fastboot", "target": phone.serial, "line": line})
                 );
-            } else {
+            } else if let Some(b) = &bar {
+                if let Some((i, n)) = sparse_step(line) {
+                    b.set_length(n);
+                    b.set_position(i - 1);
+                }
+                if line.starts_with("Writing") && line.contains("OKAY") {
+                    b.inc(1);
+                }
+                b.set_message(line.split("  ").next().unwrap_or(line).to_string());
+            } else if a.progress != ProgressMode::None {
                 eprintln!("  {}: {line}", phone.serial);
             }
         };
         phone.flash(&job.partition, &job.files, &report)?;
+        if let Some(b) = &bar {
+            b.finish_and_clear();
+        }
         phone.reboot()?;
         println!(
             "{}: {} flashed to {} and rebooted",
@@ -419,4 +443,12 @@ fn run_fastboot(a: &Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `i/n` from fastboot's "Sending sparse 'userdata' 2/5 (1024 KB)".
+fn sparse_step(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("Sending sparse ")?;
+    let frac = rest.split_whitespace().nth(1)?;
+    let (i, n) = frac.split_once('/')?;
+    Some((i.parse().ok()?, n.parse().ok()?))
 }

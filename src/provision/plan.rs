@@ -12,7 +12,7 @@ use super::cloud_init::{self, CloudConfig, CloudUser, MetaData, NetworkConfigV1,
 use super::{network_data, wifi};
 use crate::spec::node::{InputFile, NodeConfig, SwarmRole};
 use crate::spec::overlay::{self, Overlay};
-use crate::spec::profile::{DiskIdentity, PartitionRole, Profile, ProvisionMethod};
+use crate::spec::profile::{DiskIdentity, OverlayTarget, PartitionRole, Profile, ProvisionMethod};
 use crate::spec::{Cluster, ids};
 
 /// The swarm helper and its unit, shipped in `scripts/`.
@@ -167,8 +167,17 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
         ));
     }
 
+    let into_root = profile.provision.overlays_into == OverlayTarget::Root;
     for o in &overlays {
         inputs.push(o.manifest_file.clone());
+        if into_root {
+            // Written into the root at build time (rootfs::overlay_entries); services still start
+            // through cloud-init below.
+            for f in &o.files {
+                inputs.push(f.content.clone());
+            }
+            continue;
+        }
         for f in &o.files {
             inputs.push(f.content.clone());
             write_files.push((

@@ -229,10 +229,29 @@ pub fn entries(
         out.extend(swarm(role, &f)?);
     }
 
-    // Overlays, written into the root with their modes and owners.
+    // Overlays, written into the root with their modes and owners, their services enabled.
+    out.extend(overlay_files(cluster, node, &f.passwd, &f.group)?);
+    for name in &node.overlays {
+        let o = overlay::load(name, &cluster.overlay_dirs())?;
+        for svc in &o.manifest.services {
+            let base = svc.trim_end_matches(".service");
+            out.push(enable(base, &[svc.as_str()])?);
+        }
+    }
+    Ok(out)
+}
+
+/// The node's overlay files as entries, owners resolved through the image's own accounts.
+fn overlay_files(
+    cluster: &Cluster,
+    node: &NodeConfig,
+    passwd: &str,
+    group: &str,
+) -> Result<Vec<Entry>> {
     let dirs = cluster.overlay_dirs();
-    let pw = by_name(&f.passwd);
-    let gr = by_name(&f.group);
+    let pw = by_name(passwd);
+    let gr = by_name(group);
+    let mut out = Vec::new();
     for name in &node.overlays {
         let o = overlay::load(name, &dirs)?;
         for of in &o.files {
@@ -246,19 +265,37 @@ pub fn entries(
                 Some((of.mode, uid, gid)),
             ));
         }
-        for svc in &o.manifest.services {
-            let base = svc.trim_end_matches(".service");
-            out.push(enable(base, &[svc.as_str()])?);
-        }
     }
     Ok(out)
+}
+
+/// Overlay files for a cloud-init image whose profile puts overlays into the root (services are
+/// still enabled by cloud-init on first boot).
+pub fn overlay_entries(
+    cluster: &Cluster,
+    node: &NodeConfig,
+    image: &Path,
+    root_offset: u64,
+) -> Result<Vec<Entry>> {
+    // A root without account files still has root (uid 0), which is all most overlays need.
+    let text = |p: &str| -> Result<String> {
+        Ok(
+            String::from_utf8_lossy(&ext4_write::read(image, root_offset, p)?.unwrap_or_default())
+                .into_owned(),
+        )
+    };
+    overlay_files(cluster, node, &text("/etc/passwd")?, &text("/etc/group")?)
 }
 
 fn id_of(db: &BTreeMap<String, Vec<String>>, name: &str, field: usize) -> Option<u32> {
     if let Ok(n) = name.parse() {
         return Some(n);
     }
-    db.get(name)?.get(field)?.parse().ok()
+    match db.get(name) {
+        Some(row) => row.get(field)?.parse().ok(),
+        None if name == "root" => Some(0),
+        None => None,
+    }
 }
 
 /// /etc/passwd, /etc/group and /etc/shadow with the node's users, and their homes and keys.

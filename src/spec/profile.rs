@@ -135,6 +135,18 @@ pub struct ProvisionSpec {
     /// Passwords the image ships with that a build must not leave in place.
     #[serde(default)]
     pub known_default_passwords: Vec<String>,
+    /// Where overlay files go: written by cloud-init on first boot (`first-boot`, the default for
+    /// cloud-init profiles) or into the ext4 root at build time (`root`; always for `rootfs`).
+    #[serde(default)]
+    pub overlays_into: OverlayTarget,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OverlayTarget {
+    #[default]
+    FirstBoot,
+    Root,
 }
 
 impl std::fmt::Display for FsKind {
