@@ -15,6 +15,7 @@ pub mod io;
 pub mod metal3;
 pub mod provision;
 pub mod remote;
+pub mod run;
 pub mod serve;
 pub mod source;
 pub mod spec;

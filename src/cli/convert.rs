@@ -1,4 +1,5 @@
-//! `kiln convert`: a built image in another container format (Android sparse, for fastboot).
+//! `kiln convert`: a built image in another container format (Android sparse for fastboot, QCOW2
+//! for Ironic and QEMU).
 
 use std::path::Path;
 
@@ -10,6 +11,8 @@ use kiln::format::{android_sparse, bmap::Bmap};
 pub enum Target {
     /// Android sparse image (`fastboot flash`, `simg2img`).
     AndroidSparse,
+    /// QCOW2 v3 without backing or data file (what Ironic accepts); zero clusters unallocated.
+    Qcow2,
 }
 
 /// `512M`, `1G`, `4096`: bytes with an optional binary suffix.
@@ -35,7 +38,6 @@ pub fn run(
     max_size: Option<&str>,
     bmap: Option<&Path>,
 ) -> Result<()> {
-    let Target::AndroidSparse = to;
     let max = max_size.map(parse_size).transpose()?;
     let bmap_path = match bmap {
         Some(p) => Some(p.to_path_buf()),
@@ -62,7 +64,16 @@ pub fn run(
     if image == output {
         bail!("the output would overwrite the image");
     }
-    let files = android_sparse::convert(image, map.as_ref(), output, max)?;
+    let files = match to {
+        Target::AndroidSparse => android_sparse::convert(image, map.as_ref(), output, max)?,
+        Target::Qcow2 => {
+            if max.is_some() {
+                bail!("--max-size splits Android sparse images only");
+            }
+            kiln::format::qcow2::convert(image, map.as_ref(), output)?;
+            vec![output.to_path_buf()]
+        }
+    };
     for f in &files {
         let size = std::fs::metadata(f)?.len();
         println!("{}  {} bytes", f.display(), size);

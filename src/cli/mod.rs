@@ -8,6 +8,7 @@ mod docs;
 mod flash;
 mod install;
 mod plan;
+mod run_image;
 mod sample;
 mod serve;
 
@@ -203,7 +204,7 @@ pub enum Command {
         #[arg(long)]
         to: PathBuf,
     },
-    /// Convert an image: to an Android sparse image for fastboot (RAW/FILL/DONT_CARE from its bmap).
+    /// Convert an image: Android sparse for fastboot (RAW/FILL/DONT_CARE from its bmap), or QCOW2.
     Convert {
         /// The raw image (its `.bmap` beside it is used when present).
         image: PathBuf,
@@ -219,6 +220,39 @@ pub enum Command {
         /// The image's block map (default: IMAGE.bmap if present).
         #[arg(long)]
         bmap: Option<PathBuf>,
+    },
+    /// Boot an image in QEMU (UEFI; TCG, or KVM with --kvm where it works), optionally with a node's NoCloud
+    /// seed; --until stops with success when a console line contains the text.
+    Run {
+        /// The image (raw or qcow2); opened read-only (snapshot) unless --persist.
+        image: PathBuf,
+        /// Attach a NoCloud seed (user-data, meta-data, network-config) for this node.
+        #[arg(long, value_name = "NODE")]
+        seed: Option<String>,
+        #[command(flatten)]
+        cluster: ClusterArg,
+        /// Stop with success when the serial console prints this text.
+        #[arg(long)]
+        until: Option<String>,
+        /// Give up (and fail) after this many seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Write the serial console here instead of the terminal.
+        #[arg(long)]
+        log: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "x86-64")]
+        arch: kiln::run::Arch,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 1536)]
+        memory: u32,
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+        /// Let the guest write to the image.
+        #[arg(long)]
+        persist: bool,
+        /// Use KVM if it works here (checked by a short probe); TCG otherwise, and by default.
+        #[arg(long)]
+        kvm: bool,
     },
     /// Metal3: BareMetalHost manifests for the cluster's bare-metal nodes.
     #[command(subcommand)]
@@ -283,6 +317,31 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Devices { all, json } => devices::run(all, json),
         Command::Serve { dir, listen, check } => serve::serve(dir, listen, check),
         Command::Publish { node, out, to } => serve::publish(&node, &out, &to),
+        Command::Run {
+            image,
+            seed,
+            cluster,
+            until,
+            timeout,
+            log,
+            arch,
+            memory,
+            cpus,
+            persist,
+            kvm,
+        } => run_image::run(run_image::Args {
+            image,
+            seed,
+            cluster: cluster.cluster,
+            until,
+            timeout,
+            log,
+            arch,
+            memory,
+            cpus,
+            persist,
+            kvm,
+        }),
         Command::Convert {
             image,
             to,

@@ -3,5 +3,6 @@
 pub mod android_sparse;
 pub mod bmap;
 pub mod manifest;
+pub mod qcow2;
 pub mod sparse;
 pub mod writer;

@@ -1,0 +1,358 @@
+//! `kiln run`: boot an image in QEMU to see it work — UEFI firmware, the serial console on the
+//! terminal or in a log, optionally a node's NoCloud seed, and `--until TEXT` to stop with success
+//! when a line appears (what tests and CI want).
+//!
+//! The image is opened with `snapshot=on` unless `--persist`: a test boot never changes the build.
+//! The guest gets a NIC on an empty QEMU hub, so it has an interface to configure and no way off
+//! the host.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::disk::PartitionSlice;
+use crate::fs::fat;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Arch {
+    X86_64,
+    Aarch64,
+}
+
+pub struct RunOptions {
+    pub image: PathBuf,
+    pub arch: Arch,
+    /// A NoCloud seed image (vfat labelled CIDATA) attached as a second disk.
+    pub seed: Option<PathBuf>,
+    pub until: Option<String>,
+    pub timeout: Option<Duration>,
+    pub log: Option<PathBuf>,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub persist: bool,
+    /// Try KVM first (it is used only if a short probe boot works).
+    pub kvm: bool,
+}
+
+/// Firmware code and variable-store templates, where Debian's ovmf / qemu-efi-aarch64 put them.
+fn firmware(arch: Arch) -> Result<(PathBuf, PathBuf)> {
+    let candidates: &[(&str, &str)] = match arch {
+        Arch::X86_64 => &[
+            (
+                "/usr/share/OVMF/OVMF_CODE_4M.fd",
+                "/usr/share/OVMF/OVMF_VARS_4M.fd",
+            ),
+            (
+                "/usr/share/OVMF/OVMF_CODE.fd",
+                "/usr/share/OVMF/OVMF_VARS.fd",
+            ),
+        ],
+        Arch::Aarch64 => &[(
+            "/usr/share/AAVMF/AAVMF_CODE.fd",
+            "/usr/share/AAVMF/AAVMF_VARS.fd",
+        )],
+    };
+    for (code, vars) in candidates {
+        if Path::new(code).exists() && Path::new(vars).exists() {
+            return Ok((code.into(), vars.into()));
+        }
+    }
+    bail!(
+        "no UEFI firmware for {arch:?} (Debian: apt install {})",
+        match arch {
+            Arch::X86_64 => "ovmf",
+            Arch::Aarch64 => "qemu-efi-aarch64",
+        }
+    )
+}
+
+fn image_format(path: &Path) -> Result<&'static str> {
+    let mut head = [0u8; 4];
+    let n = std::fs::File::open(path)
+        .with_context(|| format!("opening {}", path.display()))?
+        .read(&mut head)?;
+    Ok(if n == 4 && &head == b"QFI\xfb" {
+        "qcow2"
+    } else {
+        "raw"
+    })
+}
+
+/// Writes a NoCloud seed: a small FAT volume labelled CIDATA with the given files.
+pub fn make_seed(dest: &Path, files: &[(&str, &[u8])]) -> Result<()> {
+    const SIZE: u64 = 4 << 20;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(dest)
+        .with_context(|| format!("creating {}", dest.display()))?;
+    f.set_len(SIZE)?;
+    {
+        let mut slice = PartitionSlice::new(f.try_clone()?, 0, SIZE);
+        fatfs::format_volume(
+            &mut slice,
+            fatfs::FormatVolumeOptions::new()
+                .volume_label(*b"CIDATA     ")
+                .volume_id(0x6b696c6e),
+        )
+        .context("formatting the seed")?;
+    }
+    let part = crate::disk::Partition {
+        index: 1,
+        start: 0,
+        size: SIZE,
+        type_code: "0x0c".into(),
+        name: None,
+        guid: None,
+    };
+    let vol = fat::FatVolume::open(f, &part, fat::fat_datetime(0))?;
+    for (name, bytes) in files {
+        vol.write_file(name, bytes)?;
+    }
+    vol.close()
+}
+
+/// Whether KVM really runs a guest here: /dev/kvm can exist and still fail at the first guest
+/// instruction ("KVM internal error"), which leaves QEMU paused rather than exited. The probe
+/// boots the firmware alone for two seconds and watches for that.
+fn kvm_works(bin: &str, code: &Path, vars: &Path) -> bool {
+    if !Path::new("/dev/kvm").exists() {
+        return false;
+    }
+    let child = Command::new(bin)
+        .args([
+            "-accel",
+            "kvm",
+            "-m",
+            "256",
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
+        .args(["-serial", "none", "-monitor", "none"])
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,readonly=on,file={}",
+            code.display()
+        ))
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,snapshot=on,file={}",
+            vars.display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn();
+    let Ok(mut child) = child else { return false };
+    std::thread::sleep(Duration::from_secs(2));
+    let exited = matches!(child.try_wait(), Ok(Some(_)));
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut err).ok();
+    }
+    !exited && !err.contains("KVM internal error") && !err.contains("failed to initialize kvm")
+}
+
+fn qemu_command(o: &RunOptions, vars: &Path, code: &Path) -> Result<Command> {
+    let (bin, machine) = match o.arch {
+        Arch::X86_64 => ("qemu-system-x86_64", None),
+        Arch::Aarch64 => ("qemu-system-aarch64", Some("virt")),
+    };
+    crate::util::cmd::require(bin)?;
+    let mut c = Command::new(bin);
+    if let Some(m) = machine {
+        c.args(["-machine", m, "-cpu", "max"]);
+    }
+    // TCG unless KVM was asked for and a probe shows it works.
+    if o.kvm && o.arch == Arch::X86_64 && kvm_works(bin, code, vars) {
+        c.args(["-accel", "kvm"]);
+    } else {
+        if o.kvm {
+            eprintln!("note: KVM does not work here; booting with TCG (slower)");
+        }
+        c.args(["-accel", "tcg"]);
+    }
+    c.args(["-m", &o.memory_mib.to_string(), "-smp", &o.cpus.to_string()]);
+    c.args(["-nodefaults", "-display", "none"]);
+    c.arg("-drive").arg(format!(
+        "if=pflash,format=raw,readonly=on,file={}",
+        code.display()
+    ));
+    c.arg("-drive")
+        .arg(format!("if=pflash,format=raw,file={}", vars.display()));
+    c.arg("-drive").arg(format!(
+        "file={},format={},if=virtio{}",
+        o.image.display(),
+        image_format(&o.image)?,
+        if o.persist { "" } else { ",snapshot=on" }
+    ));
+    if let Some(seed) = &o.seed {
+        c.arg("-drive").arg(format!(
+            "file={},format=raw,if=virtio,readonly=on",
+            seed.display()
+        ));
+    }
+    c.args([
+        "-netdev",
+        "hubport,id=n0,hubid=0",
+        "-device",
+        "virtio-net-pci,netdev=n0",
+    ]);
+    Ok(c)
+}
+
+/// Boots the image. Without `until` the console is interactive and the run ends with QEMU; with
+/// it, the run succeeds when the text appears and fails at the timeout.
+pub fn run(o: &RunOptions) -> Result<()> {
+    if !o.image.is_file() {
+        bail!("{} is not an image file", o.image.display());
+    }
+    let (code, vars_template) = firmware(o.arch)?;
+    let tmp = tempfile::tempdir()?;
+    let vars = tmp.path().join("vars.fd");
+    std::fs::copy(&vars_template, &vars)?;
+    let mut cmd = qemu_command(o, &vars, &code)?;
+
+    if o.until.is_none() && o.log.is_none() {
+        // Interactive: the serial console and QEMU's monitor (Ctrl-A X quits) on this terminal.
+        cmd.args(["-serial", "mon:stdio"]);
+        let status = cmd.status().context("starting qemu")?;
+        if !status.success() {
+            bail!("qemu exited with {status}");
+        }
+        return Ok(());
+    }
+
+    cmd.args(["-serial", "stdio", "-monitor", "none"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().context("starting qemu")?;
+    let (tx, rx) = mpsc::channel::<String>();
+    let out = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut r = BufReader::new(out);
+        let mut buf = Vec::new();
+        while let Ok(n) = r.read_until(b'\n', &mut buf) {
+            if n == 0 {
+                break;
+            }
+            let line = String::from_utf8_lossy(&buf).into_owned();
+            buf.clear();
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut log = match &o.log {
+        Some(p) => {
+            Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+        }
+        None => None,
+    };
+    let started = Instant::now();
+    let mut tail: Vec<String> = Vec::new();
+    let outcome = loop {
+        if let Some(t) = o.timeout
+            && started.elapsed() > t
+        {
+            break Err(format!("{} s passed", t.as_secs()));
+        }
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                match &mut log {
+                    Some(f) => f.write_all(line.as_bytes())?,
+                    None => {
+                        print!("{line}");
+                        std::io::stdout().flush().ok();
+                    }
+                }
+                tail.push(line.trim_end().to_string());
+                if tail.len() > 30 {
+                    tail.remove(0);
+                }
+                if let Some(u) = &o.until
+                    && line.contains(u.as_str())
+                {
+                    break Ok(());
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                break Err("qemu exited".to_string());
+            }
+        }
+    };
+    let _ = child.kill();
+    let status = child.wait()?;
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut err).ok();
+    }
+    let _ = reader.join();
+    match (outcome, &o.until) {
+        (Ok(()), _) => Ok(()),
+        (Err(_), None) if status.success() => Ok(()),
+        (Err(why), until) => bail!(
+            "{why}{}; last console lines:\n{}{}",
+            until
+                .as_ref()
+                .map(|u| format!(" before {u:?} appeared"))
+                .unwrap_or_default(),
+            tail.join("\n"),
+            if err.trim().is_empty() {
+                String::new()
+            } else {
+                format!("\nqemu: {}", err.trim())
+            }
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_seed_is_a_cidata_fat_that_mtools_reads() {
+        if !crate::util::cmd::available("mtype") {
+            eprintln!("SKIPPED: mtools missing");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let seed = dir.path().join("seed.img");
+        make_seed(
+            &seed,
+            &[
+                ("user-data", b"#cloud-config\n"),
+                ("meta-data", b"instance-id: x\n"),
+            ],
+        )
+        .unwrap();
+        let label = Command::new("mlabel")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .args(["-s", "-i"])
+            .arg(&seed)
+            .arg("::")
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&label.stdout).contains("CIDATA"));
+        let ud = Command::new("mtype")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-i")
+            .arg(&seed)
+            .arg("::user-data")
+            .output()
+            .unwrap();
+        assert_eq!(ud.stdout, b"#cloud-config\n");
+    }
+}
