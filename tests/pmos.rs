@@ -473,3 +473,48 @@ fn fastboot_delivers_exactly_the_image_and_refuses_the_wrong_phone() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("nothing was written"));
 }
+
+/// Services are enabled the image's way: on a systemd root, `wants` links and a oneshot unit for
+/// the swarm instead of OpenRC runlevels and local.d.
+#[test]
+fn a_systemd_root_gets_wants_links_instead_of_runlevels() {
+    if !ready() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("cache");
+    let cluster = cloudlet(t.path());
+    let base = t.path().join("pmos-systemd.img");
+    run(Command::new("bash")
+        .arg(repo().join("tests/fixtures/make-pmos-layout.sh"))
+        .arg(&base)
+        .arg("systemd"));
+    let out = t.path().join("out");
+    build(&cache, &cluster, "munga-4", base.as_os_str(), &out);
+    let img = out.join("munga-4.img");
+    let (root, _) = partition(&img, 2);
+    for (link, target) in [
+        (
+            "/etc/systemd/system/multi-user.target.wants/docker.service",
+            "/usr/lib/systemd/system/docker.service",
+        ),
+        (
+            "/etc/systemd/system/multi-user.target.wants/sshd.service",
+            "/usr/lib/systemd/system/sshd.service",
+        ),
+        (
+            "/etc/systemd/system/multi-user.target.wants/kiln-swarm.service",
+            "/etc/systemd/system/kiln-swarm.service",
+        ),
+    ] {
+        let s = debugfs(&img, root, &format!("stat \"{link}\""));
+        assert!(
+            s.contains("Type: symlink") && s.contains(&format!("\"{target}\"")),
+            "{link}: {s}"
+        );
+    }
+    assert!(!debugfs(&img, root, "ls /etc/runlevels/default").contains("docker"));
+    assert!(
+        debugfs(&img, root, "cat /etc/systemd/system/kiln-swarm.service").contains("kiln-swarm")
+    );
+}

@@ -97,19 +97,44 @@ pub fn convert(image: &Path, bmap: Option<&Bmap>, dest: &Path) -> Result<u64> {
     // L2 contents per region: guest cluster index within the region -> host offset.
     let mut l2: Vec<Vec<u64>> = vec![vec![0u64; L2_ENTRIES as usize]; l2_regions.len()];
     let mut next_host = data_off;
-    // Big reads; runs of non-zero clusters go out in one write, straight from the read buffer.
+    // Big reads on one thread, zero checks and writes on this one, so reading overlaps writing;
+    // runs of non-zero clusters go out in one write, straight from the read buffer.
     const CHUNK: u64 = 128;
     let zero = vec![0u8; CLUSTER as usize];
-    let mut buf = vec![0u8; (CHUNK * CLUSTER) as usize];
-    for (a, b) in &candidates {
-        src.seek(SeekFrom::Start(a * CLUSTER))?;
-        let mut g0 = *a;
-        while g0 < *b {
-            let n = (b - g0).min(CHUNK);
-            let bytes = (n * CLUSTER).min(size - g0 * CLUSTER) as usize;
-            buf[bytes..(n * CLUSTER) as usize].fill(0);
-            src.read_exact(&mut buf[..bytes])
-                .with_context(|| format!("reading {} at byte {}", image.display(), g0 * CLUSTER))?;
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<(u64, u64, Vec<u8>)>>(2);
+    let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    for _ in 0..3 {
+        empty_tx.send(vec![0u8; (CHUNK * CLUSTER) as usize])?;
+    }
+    std::thread::scope(|scope| -> Result<()> {
+        // Owned by this closure, so an early error drops it and the reader stops waiting.
+        let empty_tx = empty_tx;
+        let candidates = &candidates;
+        scope.spawn(move || {
+            for (a, b) in candidates {
+                if let Err(e) = src.seek(SeekFrom::Start(a * CLUSTER)) {
+                    let _ = full_tx.send(Err(e.into()));
+                    return;
+                }
+                let mut g0 = *a;
+                while g0 < *b {
+                    let Ok(mut buf) = empty_rx.recv() else { return };
+                    let n = (b - g0).min(CHUNK);
+                    let bytes = (n * CLUSTER).min(size - g0 * CLUSTER) as usize;
+                    buf[bytes..(n * CLUSTER) as usize].fill(0);
+                    let r = src.read_exact(&mut buf[..bytes]).with_context(|| {
+                        format!("reading {} at byte {}", image.display(), g0 * CLUSTER)
+                    });
+                    let failed = r.is_err();
+                    if full_tx.send(r.map(|()| (g0, n, buf))).is_err() || failed {
+                        return;
+                    }
+                    g0 += n;
+                }
+            }
+        });
+        for item in full_rx {
+            let (g0, n, buf) = item?;
             let mut run_start: Option<u64> = None;
             for i in 0..=n {
                 let data = i < n && {
@@ -133,9 +158,10 @@ pub fn convert(image: &Path, bmap: Option<&Bmap>, dest: &Path) -> Result<u64> {
                     _ => {}
                 }
             }
-            g0 += n;
+            let _ = empty_tx.send(buf);
         }
-    }
+        Ok(())
+    })?;
     let mut w = BufWriter::with_capacity(1 << 20, out);
     let data_clusters = (next_host - data_off) / CLUSTER;
     let host_clusters = next_host / CLUSTER;
