@@ -14,19 +14,8 @@ work=$(cd "$work" && pwd)
 kiln=$repo/target/release/kiln
 (cd "$repo" && cargo build --release --quiet)
 
-img=$work/disk-2G.img
-if [ ! -f "$img.bmap" ]; then
-    tree=$(mktemp -d "$work/.tree.XXXXXX")
-    mkdir -p "$tree/data"
-    for i in $(seq 1 5); do head -c 100M /dev/urandom > "$tree/data/blob$i"; done
-    rm -f "$img"
-    truncate -s 2G "$img"
-    printf 'label: dos\nstart=2048, type=83\n' | sfdisk --quiet "$img"
-    mkfs.ext4 -q -F -E offset=1048576 -d "$tree" "$img" $(( (2048 - 1) * 1024 ))k
-    rm -rf "$tree"
-    bmaptool create -o "$img.bmap" "$img"
-fi
-echo "image: $(du -h --apparent-size "$img" | cut -f1) raw, $(grep -o '<MappedBlocksCount> [0-9][0-9]*' "$img.bmap" | awk '{printf "%d MiB", $2*4/1024}') mapped"
+img=$work/data-2G.img
+bash "$repo/bench/make-data-image.sh" "$img"
 
 hyperfine --runs 5 --warmup 1 --export-json "$work/disk.json" \
     -n kiln "'$kiln' convert '$img' --to qcow2 '$work/kiln.qcow2'" \

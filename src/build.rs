@@ -63,53 +63,25 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
         && profile.provision.overlays_into == OverlayTarget::Root
         && !node.overlays.is_empty();
     let edits_root = rootfs || overlays_into_root;
-    // Rootfs nodes are edited in a working copy of the base (e2fsprogs edits files in place);
+    // Nodes whose root is edited get a working copy of the base (e2fsprogs edits in place);
     // the others are stamped in memory and written over the base in one pass.
-    let (source, stamped) = if rootfs {
+    let (source, stamped) = if edits_root {
         let work = guard.track(opts.out_dir.join(format!(".{}.work", node.name)));
-        crate::format::sparse::copy(&base.raw, &work)
-            .with_context(|| format!("copying the base to {}", work.display()))?;
-        let layout = stamp::check_layout(&work, profile)?;
-        let root_index = profile
-            .partition(PartitionRole::Root)
-            .context("the profile names no root partition")?
-            .index;
-        let root = layout
-            .partition(root_index)
-            .context("root partition vanished")?
-            .clone();
-        let epoch = match stamp::source_date_epoch()? {
-            Some(e) => e,
-            None => ext4_created(&work, root.start)?,
+        let (layout, root, epoch) = work_copy(&base.raw, &work, profile)?;
+        let entries = if rootfs {
+            rootfs::entries(cluster, node, profile, &work, root.start)
+                .with_context(|| format!("configuring node {}", node.name))?
+        } else {
+            rootfs::overlay_entries(cluster, node, &work, root.start)?
         };
-        let entries = rootfs::entries(cluster, node, profile, &work, root.start)
-            .with_context(|| format!("configuring node {}", node.name))?;
         ext4_write::apply(&work, root.start, &entries, epoch)
             .with_context(|| format!("writing node {}'s files into its root", node.name))?;
-        let stamped = stamp::unstamped(&work, layout)?;
-        (work, stamped)
-    } else if overlays_into_root {
-        let work = guard.track(opts.out_dir.join(format!(".{}.work", node.name)));
-        crate::format::sparse::copy(&base.raw, &work)
-            .with_context(|| format!("copying the base to {}", work.display()))?;
-        let layout = stamp::check_layout(&work, profile)?;
-        let root_index = profile
-            .partition(PartitionRole::Root)
-            .context("the profile puts overlays into the root but names no root partition")?
-            .index;
-        let root = layout
-            .partition(root_index)
-            .context("root partition vanished")?
-            .clone();
-        let epoch = match stamp::source_date_epoch()? {
-            Some(e) => e,
-            None => ext4_created(&work, root.start)?,
+        let stamped = if rootfs {
+            stamp::unstamped(&work, layout)?
+        } else {
+            stamp::stamp(&work, profile, &plan)
+                .with_context(|| format!("stamping node {}", node.name))?
         };
-        let entries = rootfs::overlay_entries(cluster, node, &work, root.start)?;
-        ext4_write::apply(&work, root.start, &entries, epoch)
-            .with_context(|| format!("writing node {}'s overlays into its root", node.name))?;
-        let stamped = stamp::stamp(&work, profile, &plan)
-            .with_context(|| format!("stamping node {}", node.name))?;
         (work, stamped)
     } else {
         let stamped = stamp::stamp(&base.raw, profile, &plan)
@@ -302,6 +274,31 @@ fn store_sums(path: &Path, sums: &BTreeMap<(u64, u64), String>) {
     if let Ok(json) = serde_json::to_vec(&raw) {
         let _ = write_atomic(path, &json);
     }
+}
+
+/// Copies the base to `work` for in-place edits of its root; returns its layout, the root
+/// partition and the timestamp for what is written (SOURCE_DATE_EPOCH, else the root's mkfs time).
+fn work_copy(
+    base: &Path,
+    work: &Path,
+    profile: &crate::spec::profile::Profile,
+) -> Result<(crate::disk::DiskLayout, crate::disk::Partition, i64)> {
+    crate::format::sparse::copy(base, work)
+        .with_context(|| format!("copying the base to {}", work.display()))?;
+    let layout = stamp::check_layout(work, profile)?;
+    let root_index = profile
+        .partition(PartitionRole::Root)
+        .context("the profile writes into the root but names no root partition")?
+        .index;
+    let root = layout
+        .partition(root_index)
+        .context("root partition vanished")?
+        .clone();
+    let epoch = match stamp::source_date_epoch()? {
+        Some(e) => e,
+        None => ext4_created(work, root.start)?,
+    };
+    Ok((layout, root, epoch))
 }
 
 /// The ext4 superblock's creation time (s_mkfs_time): a fixed date for a given base image, used

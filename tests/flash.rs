@@ -119,6 +119,36 @@ fn flash_answering(
     (o, err)
 }
 
+/// `mib` MiB of incompressible (xorshift) data with an MBR holding one Linux partition.
+fn random_image_with_table(img: &Path, mib: usize, seed: u64) {
+    {
+        let mut f = std::fs::File::create(img).unwrap();
+        let mut chunk = vec![0u8; 1 << 20];
+        let mut x = seed;
+        for _ in 0..mib {
+            for b in chunk.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+            f.write_all(&chunk).unwrap();
+        }
+    }
+    let mut sf = Command::new("sfdisk")
+        .arg("--quiet")
+        .arg(img)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    sf.stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: dos\nstart=2048, type=83\n")
+        .unwrap();
+    assert!(sf.wait().unwrap().success());
+}
+
 fn read_range(path: &Path, offset: u64, len: u64) -> Vec<u8> {
     use std::io::{Seek, SeekFrom};
     let mut f = std::fs::File::open(path).unwrap();
@@ -388,32 +418,7 @@ fn a_killed_flash_leaves_the_first_mib_zero() {
     let dir = tempfile::tempdir().unwrap();
     // A big image of incompressible data with a partition table, so the write takes a while.
     let img = dir.path().join("big.img");
-    {
-        let mut f = std::fs::File::create(&img).unwrap();
-        let mut chunk = vec![0u8; 1 << 20];
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        for _ in 0..768 {
-            for b in chunk.iter_mut() {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                *b = x as u8;
-            }
-            f.write_all(&chunk).unwrap();
-        }
-    }
-    let mut sf = Command::new("sfdisk")
-        .arg("--quiet")
-        .arg(&img)
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    sf.stdin
-        .take()
-        .unwrap()
-        .write_all(b"label: dos\nstart=2048, type=83\n")
-        .unwrap();
-    assert!(sf.wait().unwrap().success());
+    random_image_with_table(&img, 768, 0x9e37_79b9_7f4a_7c15);
     let lo = Loop::new(dir.path(), "e.img", 1 << 30, &[]);
     let mut child = kiln(&dir.path().join("cache"))
         .arg("flash")
@@ -704,32 +709,7 @@ fn a_card_failing_mid_write_leaves_no_partition_table_and_says_where() {
     }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("data.img");
-    {
-        let mut f = std::fs::File::create(&img).unwrap();
-        let mut chunk = vec![0u8; 1 << 20];
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        for _ in 0..64 {
-            for b in chunk.iter_mut() {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                *b = x as u8;
-            }
-            f.write_all(&chunk).unwrap();
-        }
-    }
-    let mut sf = Command::new("sfdisk")
-        .arg("--quiet")
-        .arg(&img)
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    sf.stdin
-        .take()
-        .unwrap()
-        .write_all(b"label: dos\nstart=2048, type=83\n")
-        .unwrap();
-    assert!(sf.wait().unwrap().success());
+    random_image_with_table(&img, 64, 0x2545_f491_4f6c_dd1d);
 
     let mnt = dir.path().join("small");
     std::fs::create_dir_all(&mnt).unwrap();

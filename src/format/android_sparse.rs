@@ -277,14 +277,8 @@ pub fn convert(
 ) -> Result<Vec<PathBuf>> {
     let mut f = File::open(image).with_context(|| format!("opening {}", image.display()))?;
     let size = f.metadata()?.len();
-    if let Some(b) = bmap
-        && b.image_size != size
-    {
-        bail!(
-            "the bmap describes a {}-byte image but {} has {size} bytes",
-            b.image_size,
-            image.display()
-        );
+    if let Some(b) = bmap {
+        b.check_image_size(size, image)?;
     }
     let total = size.div_ceil(BLOCK);
     let list = chunks(&mut f, size, bmap)?;

@@ -90,6 +90,18 @@ impl Bmap {
         }
     }
 
+    /// Refuses a bmap made for an image of another size (the wrong bmap beside an image).
+    pub fn check_image_size(&self, size: u64, image: &std::path::Path) -> Result<()> {
+        if self.image_size != size {
+            bail!(
+                "the bmap describes a {}-byte image but {} has {size} bytes",
+                self.image_size,
+                image.display()
+            );
+        }
+        Ok(())
+    }
+
     pub fn blocks_count(&self) -> u64 {
         self.image_size.div_ceil(self.block_size)
     }

@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use super::bmap::Bmap;
 
@@ -51,14 +51,8 @@ fn candidate_clusters(size: u64, bmap: Option<&Bmap>) -> Vec<(u64, u64)> {
 pub fn convert(image: &Path, bmap: Option<&Bmap>, dest: &Path) -> Result<u64> {
     let mut src = File::open(image).with_context(|| format!("opening {}", image.display()))?;
     let size = src.metadata()?.len();
-    if let Some(b) = bmap
-        && b.image_size != size
-    {
-        bail!(
-            "the bmap describes a {}-byte image but {} has {size} bytes",
-            b.image_size,
-            image.display()
-        );
+    if let Some(b) = bmap {
+        b.check_image_size(size, image)?;
     }
     let candidates = candidate_clusters(size, bmap);
     let max_data: u64 = candidates.iter().map(|(a, b)| b - a).sum();

@@ -190,32 +190,18 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
     }
 
     if let Some(role) = &node.swarm {
-        let mut env = String::from("# Written by kiln: how this node joins its Docker swarm.\n");
-        match role {
-            SwarmRole::Init { advertise_addr } => {
-                writeln!(env, "ROLE=init\nADVERTISE_ADDR={advertise_addr}")?;
-            }
-            SwarmRole::Join {
-                manager_addr,
-                advertise_addr,
-                token,
-                ..
-            } => {
-                writeln!(
-                    env,
-                    "ROLE=join\nADVERTISE_ADDR={advertise_addr}\nMANAGER_ADDR={manager_addr}\nTOKEN_FILE=/etc/kiln/swarm.token"
-                )?;
-                write_files.push((
-                    WriteFile::new(
-                        "/etc/kiln/swarm.token",
-                        format!("{}\n", token.expose()).as_bytes(),
-                        0o600,
-                        "root",
-                        "root",
-                    ),
-                    "swarm join token".into(),
-                ));
-            }
+        let (env, token) = swarm_env(role);
+        if let Some(token) = token {
+            write_files.push((
+                WriteFile::new(
+                    "/etc/kiln/swarm.token",
+                    token.as_bytes(),
+                    0o600,
+                    "root",
+                    "root",
+                ),
+                "swarm join token".into(),
+            ));
         }
         write_files.push((
             WriteFile::new("/etc/kiln/swarm.env", env.as_bytes(), 0o600, "root", "root"),
@@ -413,6 +399,28 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
         network_data,
         note: None,
     })
+}
+
+/// `/etc/kiln/swarm.env` for a swarm role, and the join token file's content when it joins.
+pub fn swarm_env(role: &SwarmRole) -> (String, Option<String>) {
+    let mut env = String::from("# Written by kiln: how this node joins its Docker swarm.\n");
+    match role {
+        SwarmRole::Init { advertise_addr } => {
+            env.push_str(&format!("ROLE=init\nADVERTISE_ADDR={advertise_addr}\n"));
+            (env, None)
+        }
+        SwarmRole::Join {
+            manager_addr,
+            advertise_addr,
+            token,
+            ..
+        } => {
+            env.push_str(&format!(
+                "ROLE=join\nADVERTISE_ADDR={advertise_addr}\nMANAGER_ADDR={manager_addr}\nTOKEN_FILE=/etc/kiln/swarm.token\n"
+            ));
+            (env, Some(format!("{}\n", token.expose())))
+        }
+    }
 }
 
 fn disk_signature(profile: &Profile, seed: &str, node: &str) -> Option<String> {

@@ -528,28 +528,10 @@ pub fn keyfile(
 }
 
 fn swarm(role: &SwarmRole, f: &ImageFacts) -> Result<Vec<Entry>> {
-    let mut env = String::from("# Written by kiln: how this node joins its Docker swarm.\n");
+    let (env, token) = super::plan::swarm_env(role);
     let mut out = Vec::new();
-    match role {
-        SwarmRole::Init { advertise_addr } => {
-            writeln!(env, "ROLE=init\nADVERTISE_ADDR={advertise_addr}")?;
-        }
-        SwarmRole::Join {
-            manager_addr,
-            advertise_addr,
-            token,
-            ..
-        } => {
-            writeln!(
-                env,
-                "ROLE=join\nADVERTISE_ADDR={advertise_addr}\nMANAGER_ADDR={manager_addr}\nTOKEN_FILE=/etc/kiln/swarm.token"
-            )?;
-            out.push(file(
-                "/etc/kiln/swarm.token",
-                format!("{}\n", token.expose()),
-                Some((0o600, 0, 0)),
-            ));
-        }
+    if let Some(token) = token {
+        out.push(file("/etc/kiln/swarm.token", token, Some((0o600, 0, 0))));
     }
     out.insert(
         0,
