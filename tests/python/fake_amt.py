@@ -7,7 +7,8 @@ import hashlib
 import secrets
 import threading
 import xml.etree.ElementTree as ET
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from loopback import LoopbackPostServer
 
 REALM = "Digest:0A8E0000000000000000000000000000"
 
@@ -20,53 +21,18 @@ def local(tag):
     return tag.rsplit("}", 1)[-1]
 
 
-class FakeAmt:
+class FakeAmt(LoopbackPostServer):
     def __init__(self, user="admin", password="Amt-Passw0rd!"):
         self.user, self.password = user, password
         self.power_state = 8  # off
         self.calls = []
         self.nonces = set()
         self.lock = threading.Lock()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                fake._handle(self, body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def host(self):
-        return "127.0.0.1:%d" % self.port
-
-    def start(self):
-        self.thread.start()
-        return self
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__()
 
     def actions(self):
         with self.lock:
             return [c[0] for c in self.calls]
-
-    def _reply(self, h, code, body=b"", headers=()):
-        h.send_response(code)
-        for k, v in headers:
-            h.send_header(k, v)
-        h.send_header("Content-Length", str(len(body)))
-        h.end_headers()
-        h.wfile.write(body)
 
     def _authorised(self, h):
         auth = h.headers.get("Authorization") or ""

@@ -14,11 +14,12 @@ import secrets
 import struct
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from loopback import LoopbackPostServer
 
 
 def sha256(b):
@@ -52,7 +53,7 @@ class Session:
         return sha256(self.sig + struct.pack(">i", seq) + ct) + ct
 
 
-class FakeTapo:
+class FakeTapo(LoopbackPostServer):
     def __init__(self, user="lab@example.org", password="plug-secret"):
         self.user, self.password = user, password
         self.auth = sha256(hashlib.sha1(user.encode()).digest() + hashlib.sha1(password.encode()).digest())
@@ -64,35 +65,11 @@ class FakeTapo:
         self.sessions = {}
         self.lock = threading.Lock()
         self.wake = threading.Event()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                fake._handle(self, body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def host(self):
-        return "127.0.0.1:%d" % self.port
-
-    def start(self):
-        self.thread.start()
-        return self
+        super().__init__()
 
     def stop(self):
         self.wake.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().stop()
 
     def set_mode(self, mode):
         self.mode = mode
@@ -100,14 +77,6 @@ class FakeTapo:
             self.wake.set()
         else:
             self.wake.clear()
-
-    def _reply(self, h, code, body=b"", cookies=()):
-        h.send_response(code)
-        for c in cookies:
-            h.send_header("Set-Cookie", c)
-        h.send_header("Content-Length", str(len(body)))
-        h.end_headers()
-        h.wfile.write(body)
 
     def _cookie(self, h):
         for part in (h.headers.get("Cookie") or "").split(";"):
@@ -132,7 +101,7 @@ class FakeTapo:
                 sid = secrets.token_hex(16)
                 self.sessions[sid] = Session(body[:16], remote, self.auth)
                 return self._reply(h, 200, remote + sha256(body[:16] + remote + self.auth),
-                                   ["TP_SESSIONID=%s" % sid, "TIMEOUT=86400"])
+                                   [("Set-Cookie", "TP_SESSIONID=%s" % sid), ("Set-Cookie", "TIMEOUT=86400")])
             s = self.sessions.get(self._cookie(h))
             if path.path.endswith("/handshake2"):
                 self.handshakes += 1
