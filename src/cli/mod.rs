@@ -221,8 +221,10 @@ pub enum Command {
         #[arg(long)]
         bmap: Option<PathBuf>,
     },
-    /// Boot an image in QEMU (UEFI; TCG, or KVM with --kvm where it works), optionally with a node's NoCloud
-    /// seed; --until stops with success when a console line contains the text.
+    /// Boot an image in QEMU with UEFI firmware, optionally with a node's NoCloud seed.
+    ///
+    /// TCG by default; --kvm uses KVM where a short probe shows it works. --until stops with
+    /// success when a console line contains the text; --timeout fails after that many seconds.
     Run {
         /// The image (raw or qcow2); opened read-only (snapshot) unless --persist.
         image: PathBuf,
