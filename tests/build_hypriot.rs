@@ -89,19 +89,11 @@ fn stamped_image_passes_independent_checks() {
     // The boot FAT is clean by dosfstools' own checker, and the root ext4 by e2fsck.
     let boot = b.out.join("boot.fat");
     extract(&img, 1 << 20, 64 << 20, &boot);
-    let fsck = Command::new("fsck.vfat")
-        .arg("-n")
-        .arg(&boot)
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "fsck.vfat: {}",
-        String::from_utf8_lossy(&fsck.stdout)
+    assert_fsck_clean("fsck.vfat", &boot);
+    assert_fsck_clean(
+        "e2fsck",
+        format!("{}?offset={}", img.display(), 65u64 << 20),
     );
-    run(Command::new("e2fsck")
-        .arg("-fn")
-        .arg(format!("{}?offset={}", img.display(), 65u64 << 20)));
 
     // The seed files read back with mtools are exactly what `kiln plan` said.
     let plan: serde_json::Value = serde_json::from_str(&stdout(
@@ -422,17 +414,11 @@ fn quick_start_sample_builds_offline() {
     let img = out.join("ceil-one.img");
     let boot = dir.path().join("boot.fat");
     extract(&img, 1 << 20, 64 << 20, &boot);
-    assert!(
-        Command::new("fsck.vfat")
-            .arg("-n")
-            .arg(&boot)
-            .status()
-            .unwrap()
-            .success()
+    assert_fsck_clean("fsck.vfat", &boot);
+    assert_fsck_clean(
+        "e2fsck",
+        format!("{}?offset={}", img.display(), 65u64 << 20),
     );
-    run(Command::new("e2fsck")
-        .arg("-fn")
-        .arg(format!("{}?offset={}", img.display(), 65u64 << 20)));
     // The sample itself is reproducible: a second cache makes the same bytes.
     let s1 = dir.path().join("s1.img");
     let s2 = dir.path().join("s2.img");
@@ -470,16 +456,7 @@ fn overlays_can_go_into_the_ext4_root() {
     let img = out.join("ceil-router.img");
     let root = 68_157_440u64; // partition 2 of the fixture: sector 133120
     let dev = format!("{}?offset={root}", img.display());
-    let fsck = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(&dev)
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "{}",
-        String::from_utf8_lossy(&fsck.stdout)
-    );
+    assert_fsck_clean("e2fsck", &dev);
     let cat = |p: &str| {
         stdout(
             Command::new("debugfs")

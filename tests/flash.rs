@@ -246,21 +246,11 @@ fn flashes_a_loop_device_and_independent_tools_agree() {
     );
     let boot = dir.path().join("boot.fat");
     extract(&lo.dev, 1 << 20, 64 << 20, &boot);
-    let fsck = Command::new("fsck.vfat")
-        .arg("-n")
-        .arg(&boot)
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "{}",
-        String::from_utf8_lossy(&fsck.stdout)
+    assert_fsck_clean("fsck.vfat", &boot);
+    assert_fsck_clean(
+        "e2fsck",
+        format!("{}?offset={}", lo.dev.display(), 65u64 << 20),
     );
-    run(Command::new("e2fsck").arg("-fn").arg(format!(
-        "{}?offset={}",
-        lo.dev.display(),
-        65u64 << 20
-    )));
     // The last MiB (where a stale backup GPT would be) was zeroed.
     assert!(
         read_range(&lo.dev, (256 << 20) - (1 << 20), 1 << 20)
@@ -660,14 +650,7 @@ fn hypriot_flash_options_customise_the_boot_partition() {
     );
     let boot = dir.path().join("boot.fat");
     extract(&lo.dev, 1 << 20, 64 << 20, &boot);
-    assert!(
-        Command::new("fsck.vfat")
-            .arg("-n")
-            .arg(&boot)
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert_fsck_clean("fsck.vfat", &boot);
     // The root partition arrived untouched, and the image file was not modified.
     assert_eq!(
         read_range(&lo.dev, 65 << 20, 64 << 20),

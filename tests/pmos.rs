@@ -43,14 +43,6 @@ fn ready() -> bool {
     have_tools(TOOLS)
 }
 
-fn pmos_fixture(dir: &Path) -> PathBuf {
-    let img = dir.join("pmos-layout.img");
-    run(Command::new("bash")
-        .arg(repo().join("tests/fixtures/make-pmos-layout.sh"))
-        .arg(&img));
-    img
-}
-
 /// Byte offset of GPT partition `n` (1-based) of a 4096-byte-sector image, read the way the
 /// UEFI spec lays it out (independently of kiln's reader).
 fn partition(img: &Path, n: usize) -> (u64, u64) {
@@ -96,35 +88,74 @@ fn cloudlet(dir: &Path) -> PathBuf {
     example_cluster("cloudlet", dir)
 }
 
+/// A temporary directory with the cloudlet example, a kiln cache, `out/` and a pmOS base image
+/// (`init` is "openrc" or "systemd").
+struct Lab {
+    t: tempfile::TempDir,
+    cache: PathBuf,
+    cluster: PathBuf,
+    base: PathBuf,
+    out: PathBuf,
+}
+
+fn lab(init: &str) -> Lab {
+    let t = tempfile::tempdir().unwrap();
+    let base = t.path().join(format!("pmos-{init}.img"));
+    run(Command::new("bash")
+        .arg(repo().join("tests/fixtures/make-pmos-layout.sh"))
+        .arg(&base)
+        .arg(init));
+    Lab {
+        cache: t.path().join("cache"),
+        cluster: cloudlet(t.path()),
+        out: t.path().join("out"),
+        base,
+        t,
+    }
+}
+
+impl Lab {
+    fn build(&self, node: &str) -> PathBuf {
+        build(
+            &self.cache,
+            &self.cluster,
+            node,
+            self.base.as_os_str(),
+            &self.out,
+        );
+        self.out.join(format!("{node}.img"))
+    }
+
+    /// `kiln flash --yes --node NODE SERIAL` (building the node on the way).
+    fn flash_node(&self, node: &str, serial: &str) -> std::process::Output {
+        kiln(&self.cache)
+            .args(["flash", "--yes", "--node", node, "--cluster"])
+            .arg(&self.cluster)
+            .arg("--base")
+            .arg(&self.base)
+            .arg("--out")
+            .arg(&self.out)
+            .arg(serial)
+            .output()
+            .unwrap()
+    }
+}
+
 #[test]
 fn a_phone_image_has_everything_and_independent_tools_agree() {
     if !ready() {
         return;
     }
-    let t = tempfile::tempdir().unwrap();
-    let cache = t.path().join("cache");
-    let cluster = cloudlet(t.path());
-    let base = pmos_fixture(t.path());
-    let out = t.path().join("out");
-    build(&cache, &cluster, "munga-2", base.as_os_str(), &out);
-    build(&cache, &cluster, "munga", base.as_os_str(), &out);
-    let img = out.join("munga-2.img");
+    let lab = lab("openrc");
+    let img = lab.build("munga-2");
+    let mgr = lab.build("munga");
     let (root, _) = partition(&img, 2);
     let (boot, boot_len) = partition(&img, 1);
 
-    let fsck = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(format!("{}?offset={root}", img.display()))
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "{}",
-        String::from_utf8_lossy(&fsck.stdout)
-    );
-    let esp = t.path().join("boot.fat");
+    assert_fsck_clean("e2fsck", format!("{}?offset={root}", img.display()));
+    let esp = lab.t.path().join("boot.fat");
     extract(&img, boot, boot_len, &esp);
-    run(Command::new("fsck.vfat").arg("-n").arg(&esp));
+    assert_fsck_clean("fsck.vfat", &esp);
 
     assert_eq!(debugfs(&img, root, "cat /etc/hostname"), "munga-2\n");
     assert!(debugfs(&img, root, "cat /etc/hosts").contains("127.0.1.1\tmunga-2"));
@@ -161,7 +192,6 @@ fn a_phone_image_has_everything_and_independent_tools_agree() {
         "0755"
     );
     // The manager initialises instead, and has no token.
-    let mgr = out.join("munga.img");
     assert!(debugfs(&mgr, root, "cat /etc/kiln/swarm.env").contains("ROLE=init"));
     assert!(!debugfs(&mgr, root, "ls /etc/kiln").contains("swarm.token"));
 
@@ -242,10 +272,16 @@ fn a_phone_image_has_everything_and_independent_tools_agree() {
     assert_eq!(check("147147").trim(), "False");
 
     // Reproducible: a second build elsewhere gives the same image.
-    let out2 = t.path().join("out2");
-    build(&cache, &cluster, "munga-2", base.as_os_str(), &out2);
+    let out2 = lab.t.path().join("out2");
+    build(
+        &lab.cache,
+        &lab.cluster,
+        "munga-2",
+        lab.base.as_os_str(),
+        &out2,
+    );
     assert_eq!(
-        std::fs::read_to_string(out.join("munga-2.img.sha256sum")).unwrap(),
+        std::fs::read_to_string(lab.out.join("munga-2.img.sha256sum")).unwrap(),
         std::fs::read_to_string(out2.join("munga-2.img.sha256sum")).unwrap()
     );
 }
@@ -255,31 +291,27 @@ fn the_default_password_is_refused_unless_the_cluster_sets_one() {
     if !ready() {
         return;
     }
-    let t = tempfile::tempdir().unwrap();
-    let cache = t.path().join("cache");
-    let cluster = cloudlet(t.path());
-    let text = std::fs::read_to_string(&cluster).unwrap();
+    let lab = lab("openrc");
+    let text = std::fs::read_to_string(&lab.cluster).unwrap();
     // The cluster's admin is someone else; pmbootstrap's "user" would keep 147147.
     std::fs::write(
-        &cluster,
+        &lab.cluster,
         text.replace("name = \"user\"", "name = \"admin\""),
     )
     .unwrap();
-    let base = pmos_fixture(t.path());
-    let out = t.path().join("out");
-    let o = kiln(&cache)
+    let o = kiln(&lab.cache)
         .args(["build", "--node", "munga-2", "--cluster"])
-        .arg(&cluster)
+        .arg(&lab.cluster)
         .arg("--base")
-        .arg(&base)
+        .arg(&lab.base)
         .arg("--out")
-        .arg(&out)
+        .arg(&lab.out)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(err.contains("147147") && err.contains("\"user\""), "{err}");
-    let left: Vec<_> = std::fs::read_dir(&out)
+    let left: Vec<_> = std::fs::read_dir(&lab.out)
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "out/ holds {left:?}");
@@ -290,15 +322,12 @@ fn android_sparse_output_expands_to_the_same_bytes() {
     if !ready() {
         return;
     }
-    let t = tempfile::tempdir().unwrap();
-    let cache = t.path().join("cache");
-    let cluster = cloudlet(t.path());
-    let base = pmos_fixture(t.path());
-    let out = t.path().join("out");
-    build(&cache, &cluster, "munga-3", base.as_os_str(), &out);
+    let lab = lab("openrc");
+    let (t, cache, cluster, base, out) = (&lab.t, &lab.cache, &lab.cluster, &lab.base, &lab.out);
+    build(cache, cluster, "munga-3", base.as_os_str(), out);
     let img = out.join("munga-3.img");
     let simg = out.join("munga-3.simg");
-    run(kiln(&cache)
+    run(kiln(cache)
         .args(["convert"])
         .arg(&img)
         .args(["--to", "android-sparse"])
@@ -309,7 +338,7 @@ fn android_sparse_output_expands_to_the_same_bytes() {
     // Split by a download size: every piece is a whole sparse image; together they are the image.
     let split = out.join("split.simg");
     let o = stdout(
-        kiln(&cache)
+        kiln(cache)
             .args(["convert"])
             .arg(&img)
             .args(["--to", "android-sparse", "--max-size", "64K"])
@@ -387,12 +416,9 @@ fn fastboot_delivers_exactly_the_image_and_refuses_the_wrong_phone() {
     if !ready() {
         return;
     }
-    let t = tempfile::tempdir().unwrap();
-    let cache = t.path().join("cache");
-    let cluster = cloudlet(t.path());
-    let base = pmos_fixture(t.path());
-    let out = t.path().join("out");
-    let size = std::fs::metadata(&base).unwrap().len();
+    let lab = lab("openrc");
+    let (t, cache, base, out) = (&lab.t, &lab.cache, &lab.base, &lab.out);
+    let size = std::fs::metadata(base).unwrap().len();
 
     // Debian's fastboot talks to the fake phone on its own.
     let phone = fake_phone(t.path(), "a", "flame", size + (8 << 20));
@@ -403,16 +429,7 @@ fn fastboot_delivers_exactly_the_image_and_refuses_the_wrong_phone() {
     assert!(String::from_utf8_lossy(&v.stderr).contains("product: flame"));
 
     // kiln flash --node: build, sparse, check, flash in pieces, reboot.
-    let o = kiln(&cache)
-        .args(["flash", "--yes", "--node", "munga-2", "--cluster"])
-        .arg(&cluster)
-        .arg("--base")
-        .arg(&base)
-        .arg("--out")
-        .arg(&out)
-        .arg(&phone.serial)
-        .output()
-        .unwrap();
+    let o = lab.flash_node("munga-2", &phone.serial);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(prefix_equals(&phone.part, &out.join("munga-2.img")));
     let log = std::fs::read_to_string(&phone.log).unwrap();
@@ -425,7 +442,7 @@ fn fastboot_delivers_exactly_the_image_and_refuses_the_wrong_phone() {
         .arg(out.join("munga-2.img"))
         .arg(&ref_simg));
     let phone_b = fake_phone(t.path(), "b", "flame", size + (8 << 20));
-    run(kiln(&cache).args(["flash", "--yes"]).arg(&ref_simg).args([
+    run(kiln(cache).args(["flash", "--yes"]).arg(&ref_simg).args([
         "--fastboot",
         &phone_b.serial,
         "--product",
@@ -437,16 +454,7 @@ fn fastboot_delivers_exactly_the_image_and_refuses_the_wrong_phone() {
     let wrong = fake_phone(t.path(), "c", "sunfish", size + (8 << 20));
     let small = fake_phone(t.path(), "d", "flame", 64 << 20);
     for (p, expect) in [(&wrong, "sunfish"), (&small, "holds")] {
-        let o = kiln(&cache)
-            .args(["flash", "--yes", "--node", "munga-2", "--cluster"])
-            .arg(&cluster)
-            .arg("--base")
-            .arg(&base)
-            .arg("--out")
-            .arg(&out)
-            .arg(&p.serial)
-            .output()
-            .unwrap();
+        let o = lab.flash_node("munga-2", &p.serial);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success());
         assert!(
@@ -464,7 +472,7 @@ fn fastboot_delivers_exactly_the_image_and_refuses_the_wrong_phone() {
         .local_addr()
         .unwrap()
         .port();
-    let o = kiln(&cache)
+    let o = kiln(cache)
         .args(["flash", "--yes"])
         .arg(&ref_simg)
         .args(["--fastboot", &format!("tcp:127.0.0.1:{gone}")])
@@ -481,17 +489,8 @@ fn a_systemd_root_gets_wants_links_instead_of_runlevels() {
     if !ready() {
         return;
     }
-    let t = tempfile::tempdir().unwrap();
-    let cache = t.path().join("cache");
-    let cluster = cloudlet(t.path());
-    let base = t.path().join("pmos-systemd.img");
-    run(Command::new("bash")
-        .arg(repo().join("tests/fixtures/make-pmos-layout.sh"))
-        .arg(&base)
-        .arg("systemd"));
-    let out = t.path().join("out");
-    build(&cache, &cluster, "munga-4", base.as_os_str(), &out);
-    let img = out.join("munga-4.img");
+    let lab = lab("systemd");
+    let img = lab.build("munga-4");
     let (root, _) = partition(&img, 2);
     for (link, target) in [
         (

@@ -163,7 +163,10 @@ fn write_file(
     chunks: &[Chunk],
     dest: &Path,
 ) -> Result<()> {
-    let f = File::create(dest).with_context(|| format!("creating {}", dest.display()))?;
+    // Written beside `dest` and renamed into place: a failure leaves no half-written file.
+    let mut guard = crate::util::fsutil::TempGuard::default();
+    let tmp = guard.track(crate::util::fsutil::temp_beside(dest));
+    let f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut w = BufWriter::with_capacity(4 << 20, f);
     w.write_all(&header(total, chunks)?)?;
     let mut buf = vec![0u8; (BLOCK * 256) as usize];
@@ -201,6 +204,8 @@ fn write_file(
         .map_err(|e| e.into_error())?
         .sync_all()
         .with_context(|| format!("writing {}", dest.display()))?;
+    std::fs::rename(&tmp, dest).with_context(|| format!("renaming into {}", dest.display()))?;
+    guard.disarm();
     Ok(())
 }
 

@@ -85,7 +85,10 @@ pub fn convert(image: &Path, bmap: Option<&Bmap>, dest: &Path) -> Result<u64> {
     let l2_off = rb_off + rb * CLUSTER;
     let data_off = l2_off + l2_regions.len() as u64 * CLUSTER;
 
-    let out = File::create(dest).with_context(|| format!("creating {}", dest.display()))?;
+    // Written beside `dest` and renamed into place: a failure leaves no half-written file.
+    let mut guard = crate::util::fsutil::TempGuard::default();
+    let tmp = guard.track(crate::util::fsutil::temp_beside(dest));
+    let out = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut w = out.try_clone()?;
     w.seek(SeekFrom::Start(data_off))?;
     // L2 contents per region: guest cluster index within the region -> host offset.
@@ -211,5 +214,7 @@ pub fn convert(image: &Path, bmap: Option<&Bmap>, dest: &Path) -> Result<u64> {
     // Metadata is sized for the most data possible; the file ends after the last data cluster.
     out.set_len(next_host)?;
     out.sync_all()?;
+    std::fs::rename(&tmp, dest).with_context(|| format!("renaming into {}", dest.display()))?;
+    guard.disarm();
     Ok(data_clusters)
 }

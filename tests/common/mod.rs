@@ -143,3 +143,16 @@ pub fn uefi_fixture(dir: &Path) -> PathBuf {
         .arg(&img));
     img
 }
+
+/// Runs a filesystem checker in no-change mode (`fsck.vfat -n FILE`, `e2fsck -fn FILE?offset=N`)
+/// and fails the test with its report unless it finds the filesystem clean.
+pub fn assert_fsck_clean(tool: &str, target: impl AsRef<std::ffi::OsStr>) {
+    let flag = if tool == "e2fsck" { "-fn" } else { "-n" };
+    let o = Command::new(tool).arg(flag).arg(target).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{tool}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
