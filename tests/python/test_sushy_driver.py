@@ -218,6 +218,12 @@ def test_systems_power_and_boot_overrides_reach_the_backends(lab):
     emu.system(AMT_UUID).reset_system(sushy.RESET_GRACEFUL_SHUTDOWN)
     offs = [c for c in amt.calls[n:] if c[0] == "RequestPowerStateChange"]
     assert [c[1]["PowerState"] for c in offs] == ["12"]
+    # A graceful restart is a graceful off, a pause, and on.
+    n = len(amt.calls)
+    emu.system(AMT_UUID).reset_system(sushy.RESET_GRACEFUL_RESTART)
+    steps = [c for c in amt.calls[n:] if c[0] == "RequestPowerStateChange"]
+    assert [c[1]["PowerState"] for c in steps] == ["12", "2"]
+    assert emu.system(AMT_UUID).power_state == sushy.POWER_STATE_ON
 
 
 def test_polling_ten_times_a_second_for_a_minute_barely_reaches_the_plug(lab):
