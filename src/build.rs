@@ -25,6 +25,20 @@ pub struct BuildOptions {
     pub out_dir: PathBuf,
     pub base: BaseRef,
     pub base_sha256: Option<String>,
+    /// What the image is written as (raw unless asked otherwise).
+    pub format: OutputFormat,
+    /// Plain HTTP for an OCI registry without TLS.
+    pub insecure: bool,
+}
+
+/// The image file a build leaves in `out/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// A raw disk image with a bmap: `<node>.img`, or `<node>.raw` when built from an OCI image.
+    #[default]
+    Raw,
+    /// QCOW2 (no backing file, zero clusters unallocated): `<node>.qcow2`.
+    Qcow2,
 }
 
 /// The files a build produced.
@@ -43,20 +57,34 @@ pub struct Artifact {
 pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> Result<Artifact> {
     let (profile, origin) = cluster.profile_of(node);
     let plan = plan::plan(cluster, node).with_context(|| format!("planning node {}", node.name))?;
-    let base = source::prepare(&opts.base, profile, opts.base_sha256.as_deref())
-        .with_context(|| format!("preparing the base image for node {}", node.name))?;
+    let oci_ref = match &opts.base {
+        BaseRef::Oci(r) => Some(r.clone()),
+        BaseRef::Profile if profile.source.url.is_none() => profile.source.oci.clone(),
+        _ => None,
+    };
+    let base = match &oci_ref {
+        Some(r) => source::oci_base::prepare(r, profile, opts.insecure),
+        None => source::prepare(&opts.base, profile, opts.base_sha256.as_deref()),
+    }
+    .with_context(|| format!("preparing the base image for node {}", node.name))?;
     // Refuse a base that is not what the profile promises before copying anything.
     stamp::check_layout(&base.raw, profile)?;
 
     std::fs::create_dir_all(&opts.out_dir)
         .with_context(|| format!("creating {}", opts.out_dir.display()))?;
-    let image = opts.out_dir.join(format!("{}.img", node.name));
-    let bmap_path = opts.out_dir.join(format!("{}.img.bmap", node.name));
-    let sum_path = opts.out_dir.join(format!("{}.img.sha256sum", node.name));
+    let ext = match (opts.format, &oci_ref) {
+        (OutputFormat::Qcow2, _) => "qcow2",
+        (OutputFormat::Raw, Some(_)) => "raw",
+        (OutputFormat::Raw, None) => "img",
+    };
+    let qcow2 = opts.format == OutputFormat::Qcow2;
+    let image = opts.out_dir.join(format!("{}.{ext}", node.name));
+    let bmap_path = opts.out_dir.join(format!("{}.{ext}.bmap", node.name));
+    let sum_path = opts.out_dir.join(format!("{}.{ext}.sha256sum", node.name));
     let manifest_path = opts.out_dir.join(format!("{}.manifest.json", node.name));
 
     let mut guard = TempGuard::default();
-    let tmp_image = guard.track(temp_beside(&image));
+    let tmp_image = guard.track(temp_beside(&image.with_extension("raw-tmp")));
     let rootfs = profile.provision.method == ProvisionMethod::Rootfs;
     // Overlays into the root of a cloud-init image: the root is edited in a working copy too.
     let overlays_into_root = !rootfs
@@ -111,7 +139,7 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
         .iter()
         .flat_map(|p| [p.start, p.end()])
         .collect();
-    let (bmap, sha256) = writer::write_image(
+    let (bmap, mut sha256) = writer::write_image(
         &source,
         &stamped.patches,
         &tmp_image,
@@ -127,6 +155,19 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
     }
     let bmap_xml = bmap.to_xml();
     let image_name = file_name(&image);
+    let mut image_size = bmap.image_size;
+    // QCOW2: the raw image converted (only what the bmap maps is read); the raw goes away.
+    let final_tmp = if qcow2 {
+        let q = guard.track(temp_beside(&image));
+        crate::format::qcow2::convert(&tmp_image, Some(&bmap), &q)
+            .with_context(|| format!("writing {}", q.display()))?;
+        let _ = std::fs::remove_file(&tmp_image);
+        sha256 = crate::source::cache::sha256_file(&q)?;
+        image_size = std::fs::metadata(&q)?.len();
+        q
+    } else {
+        tmp_image.clone()
+    };
     let sum_line = sha256sum_line(&sha256, &image_name);
 
     let mut inputs = vec![
@@ -173,7 +214,6 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
         }
     }
     let digest = |s: &str| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(s.as_bytes()));
-    let image_size = bmap.image_size;
     // Config-drive images carry no per-node files; the documents Ironic's config drive will hold
     // are build outputs beside the image (`kiln metal3 manifests` renders the same ones).
     let mut side_files = Vec::new();
@@ -198,18 +238,24 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
             size: Some(image_size),
         },
         Entry {
-            role: "bmap".into(),
-            path: file_name(&bmap_path),
-            sha256: digest(&bmap_xml),
-            size: Some(bmap_xml.len() as u64),
-        },
-        Entry {
             role: "sha256sum".into(),
             path: file_name(&sum_path),
             sha256: digest(&sum_line),
             size: Some(sum_line.len() as u64),
         },
     ];
+    // A bmap describes a raw image; a QCOW2 maps its own clusters.
+    if !qcow2 {
+        outputs.insert(
+            1,
+            Entry {
+                role: "bmap".into(),
+                path: file_name(&bmap_path),
+                sha256: digest(&bmap_xml),
+                size: Some(bmap_xml.len() as u64),
+            },
+        );
+    }
     for (role, path, text) in &side_files {
         outputs.push(Entry {
             role: (*role).into(),
@@ -231,10 +277,14 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
     };
 
     // Publish: the image first, its manifest last, each by an atomic rename.
-    std::fs::rename(&tmp_image, &image)
+    std::fs::rename(&final_tmp, &image)
         .with_context(|| format!("renaming into {}", image.display()))?;
     guard.disarm();
-    write_atomic(&bmap_path, bmap_xml.as_bytes())?;
+    if qcow2 {
+        let _ = std::fs::remove_file(&bmap_path);
+    } else {
+        write_atomic(&bmap_path, bmap_xml.as_bytes())?;
+    }
     write_atomic(&sum_path, sum_line.as_bytes())?;
     for (_, path, text) in &side_files {
         write_atomic(path, text.as_bytes())?;

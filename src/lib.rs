@@ -4,6 +4,7 @@
 //! (base images), `provision` (what a node gets), `disk` and `fs` (edits without mounting),
 //! `format` (artifacts) and `build` (the pipeline). The binary in `main.rs` is only the CLI.
 
+pub mod bib;
 pub mod blockdev;
 pub mod build;
 pub mod disk;
@@ -13,6 +14,7 @@ pub mod format;
 pub mod fs;
 pub mod io;
 pub mod metal3;
+pub mod oci;
 pub mod provision;
 pub mod remote;
 pub mod run;

@@ -5,16 +5,34 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 
-use kiln::build::{BuildOptions, build_node};
+use kiln::build::{BuildOptions, OutputFormat, build_node};
 use kiln::source::BaseRef;
+
+/// Who makes the disk from an OCI image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Engine {
+    /// kiln's native builder: unprivileged, no container engine, reproducible.
+    #[default]
+    Kiln,
+    /// bootc-image-builder under rootful podman (the reference engine).
+    BootcImageBuilder,
+}
+
+/// Where the base comes from and what is written.
+pub struct Source<'a> {
+    pub base: Option<&'a str>,
+    pub base_sha256: Option<String>,
+    pub format: OutputFormat,
+    pub insecure: bool,
+    pub engine: Engine,
+}
 
 pub fn run(
     cluster_path: &Path,
     nodes: &[String],
     all: bool,
     out: PathBuf,
-    base: Option<&str>,
-    base_sha256: Option<String>,
+    src: Source,
 ) -> Result<()> {
     let cluster = kiln::spec::load(cluster_path)?;
     let selected: Vec<_> = if all {
@@ -27,9 +45,14 @@ pub fn run(
     };
     let opts = BuildOptions {
         out_dir: out,
-        base: BaseRef::parse(base),
-        base_sha256,
+        base: BaseRef::parse(src.base),
+        base_sha256: src.base_sha256,
+        format: src.format,
+        insecure: src.insecure,
     };
+    if src.engine == Engine::BootcImageBuilder {
+        return run_bib(&cluster, &selected, &opts);
+    }
     let mut failed = Vec::new();
     for node in selected {
         let started = Instant::now();
@@ -52,5 +75,55 @@ pub fn run(
     if !failed.is_empty() {
         bail!("{} node(s) failed: {}", failed.len(), failed.join(", "));
     }
+    Ok(())
+}
+
+fn run_bib(
+    cluster: &kiln::spec::Cluster,
+    nodes: &[&kiln::spec::node::NodeConfig],
+    opts: &BuildOptions,
+) -> Result<()> {
+    std::fs::create_dir_all(&opts.out_dir)?;
+    for node in nodes {
+        let (profile, _) = cluster.profile_of(node);
+        let reference = match &opts.base {
+            BaseRef::Oci(r) => r.clone(),
+            BaseRef::Profile => match &profile.source.oci {
+                Some(r) => r.clone(),
+                None => bail!(
+                    "--engine bootc-image-builder builds from an OCI image; profile {} names \
+                     none (give one with --base docker://…)",
+                    profile.name
+                ),
+            },
+            _ => bail!("--engine bootc-image-builder needs an OCI image as --base (docker://…)"),
+        };
+        let made = kiln::bib::build(cluster, node, &reference, &opts.out_dir, opts.format)?;
+        println!("{:<14} {}", node.name, made.display());
+    }
+    Ok(())
+}
+
+/// `kiln oci append`.
+pub fn oci_append(
+    from: String,
+    overlays: Vec<String>,
+    to: String,
+    insecure: bool,
+    arch: String,
+) -> Result<()> {
+    let opts = kiln::oci::append::AppendOptions {
+        from,
+        to: to.clone(),
+        overlays,
+        overlay_dirs: kiln::spec::resolve::search_dirs(Path::new("."), "overlays"),
+        insecure,
+        arch,
+    };
+    let a = kiln::oci::append::append(&opts)?;
+    println!(
+        "{to}  manifest {}  new layer {} ({} files)",
+        a.manifest_digest, a.layer_digest, a.files
+    );
     Ok(())
 }

@@ -185,6 +185,8 @@ fn plan_jobs(a: &Args) -> Result<Vec<Job>> {
         out_dir: a.out.clone(),
         base: BaseRef::parse(a.base.as_deref()),
         base_sha256: None,
+        format: Default::default(),
+        insecure: false,
     };
     let mut jobs = Vec::new();
     for (node, dev) in a.nodes.iter().zip(&a.positional) {
@@ -328,6 +330,8 @@ fn run_fastboot(a: &Args) -> Result<()> {
             out_dir: a.out.clone(),
             base: BaseRef::parse(a.base.as_deref()),
             base_sha256: None,
+            format: Default::default(),
+            insecure: false,
         };
         for (i, node) in a.nodes.iter().enumerate() {
             let n = cluster.node(node)?;

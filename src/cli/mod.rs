@@ -41,6 +41,31 @@ pub struct ClusterArg {
     pub cluster: PathBuf,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum OciCommand {
+    /// Add overlays to an image as one deterministic layer and push the result.
+    ///
+    /// kiln oci append --from docker://registry.local/node:base --overlay docker-daemon \
+    ///     --to docker://registry.local/node:v2
+    Append {
+        /// The base image (docker://…, oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE).
+        #[arg(long)]
+        from: String,
+        /// An overlay to add (repeatable): a directory in ./overlays or a built-in one.
+        #[arg(long, required = true)]
+        overlay: Vec<String>,
+        /// Where the new image goes: docker://… or oci:DIR[:TAG].
+        #[arg(long)]
+        to: String,
+        /// Plain HTTP for registries without TLS.
+        #[arg(long)]
+        insecure: bool,
+        /// The platform to take from a multi-arch base (OCI names: amd64, arm64).
+        #[arg(long, default_value = kiln::oci::image::host_arch())]
+        arch: String,
+    },
+}
+
 // Parsed once per run; boxing the big Flash variant would only make the dispatch noisier.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
@@ -84,7 +109,19 @@ pub enum Command {
         /// Expected sha256 of --base.
         #[arg(long)]
         base_sha256: Option<String>,
+        /// Write the image as raw (with a bmap) or as QCOW2.
+        #[arg(long, value_enum, default_value_t)]
+        format: kiln::build::OutputFormat,
+        /// Reach an OCI registry over plain HTTP (a local registry without TLS).
+        #[arg(long)]
+        insecure: bool,
+        /// Who turns an OCI image into a disk: kiln itself, or bootc-image-builder under podman.
+        #[arg(long, value_enum, default_value_t)]
+        engine: build::Engine,
     },
+    /// OCI images: add overlays to an image as a new layer, without a container engine.
+    #[command(subcommand)]
+    Oci(OciCommand),
     /// List the disks kiln could write to (removable ones; --all for every disk).
     Devices {
         #[arg(long)]
@@ -307,14 +344,29 @@ pub fn run(cli: Cli) -> Result<()> {
             out,
             base,
             base_sha256,
+            format,
+            insecure,
+            engine,
         } => build::run(
             &cluster.cluster,
             &node,
             all,
             out,
-            base.as_deref(),
-            base_sha256,
+            build::Source {
+                base: base.as_deref(),
+                base_sha256,
+                format,
+                insecure,
+                engine,
+            },
         ),
+        Command::Oci(OciCommand::Append {
+            from,
+            overlay,
+            to,
+            insecure,
+            arch,
+        }) => build::oci_append(from, overlay, to, insecure, arch),
         Command::Sample { profile, output } => sample::run(&profile, &output),
         Command::Devices { all, json } => devices::run(all, json),
         Command::Serve { dir, listen, check } => serve::serve(dir, listen, check),

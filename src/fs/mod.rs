@@ -6,6 +6,7 @@
 //! still be written over whatever the card held before).
 
 pub mod ext4;
+pub mod ext4_build;
 pub mod ext4_write;
 pub mod fat;
 

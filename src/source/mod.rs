@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod http;
+pub mod oci_base;
 pub mod sample;
 
 use std::fs::File;
@@ -26,6 +27,8 @@ pub enum BaseRef {
     Sample,
     Url(String),
     Path(PathBuf),
+    /// An OCI image (`docker://…`, `oci:…`, `oci-archive:…`, `docker-archive:…`).
+    Oci(String),
 }
 
 impl BaseRef {
@@ -36,6 +39,7 @@ impl BaseRef {
             Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
                 BaseRef::Url(u.to_string())
             }
+            Some(r) if crate::oci::ImageRef::is_oci(r) => BaseRef::Oci(r.to_string()),
             Some(p) => BaseRef::Path(PathBuf::from(p)),
         }
     }
@@ -79,6 +83,14 @@ pub fn prepare(
                 source_sha256: sha,
                 description: format!("kiln sample with the {} layout", profile.name),
             })
+        }
+        BaseRef::Oci(r) => oci_base::prepare(r, profile, false),
+        BaseRef::Profile if profile.source.oci.is_some() && profile.source.url.is_none() => {
+            oci_base::prepare(
+                profile.source.oci.as_deref().expect("checked"),
+                profile,
+                false,
+            )
         }
         BaseRef::Profile => {
             let Some(url) = &profile.source.url else {

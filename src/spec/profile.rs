@@ -70,10 +70,81 @@ pub struct DiskSpec {
     pub sector_size: u64,
     #[serde(default)]
     pub disk_identity: DiskIdentity,
+    /// For disks kiln makes from an OCI image (`source.oci`): sizes, kernel arguments and
+    /// the CPU architecture.
+    #[serde(default)]
+    pub build: BuildSpec,
 }
 
 fn default_sector_size() -> u64 {
     512
+}
+
+/// How kiln's native builder lays out a disk made from an OCI image.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BuildSpec {
+    /// Size of the EFI system partition (FAT32) in MiB.
+    #[serde(default = "default_esp_mib")]
+    pub esp_mib: u64,
+    /// Free space in the root filesystem beyond what the image fills, in MiB.
+    #[serde(default = "default_root_free_mib")]
+    pub root_free_mib: u64,
+    /// Unpartitioned space at the end of the disk, in MiB (Ironic's config drive goes there).
+    #[serde(default = "default_tail_free_mib")]
+    pub tail_free_mib: u64,
+    /// Kernel command line after `root=PARTUUID=… rw`.
+    #[serde(default = "default_kernel_args")]
+    pub kernel_args: Vec<String>,
+    /// `x86_64` or `aarch64`: picks the platform from a multi-arch image and the bootloader.
+    #[serde(default = "default_arch")]
+    pub arch: String,
+}
+
+impl Default for BuildSpec {
+    fn default() -> Self {
+        BuildSpec {
+            esp_mib: default_esp_mib(),
+            root_free_mib: default_root_free_mib(),
+            tail_free_mib: default_tail_free_mib(),
+            kernel_args: default_kernel_args(),
+            arch: default_arch(),
+        }
+    }
+}
+
+impl BuildSpec {
+    /// The OCI platform architecture (`amd64`, `arm64`).
+    pub fn oci_arch(&self) -> &str {
+        match self.arch.as_str() {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            other => other,
+        }
+    }
+    /// The EFI file-name suffix (`x64`, `aa64`).
+    pub fn efi_arch(&self) -> &str {
+        match self.arch.as_str() {
+            "aarch64" => "aa64",
+            _ => "x64",
+        }
+    }
+}
+
+fn default_esp_mib() -> u64 {
+    256
+}
+fn default_root_free_mib() -> u64 {
+    1024
+}
+fn default_tail_free_mib() -> u64 {
+    64
+}
+fn default_kernel_args() -> Vec<String> {
+    vec!["console=tty0".into(), "console=ttyS0,115200".into()]
+}
+fn default_arch() -> String {
+    "x86_64".into()
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -275,6 +346,10 @@ impl Profile {
 
 /// The profiles compiled into kiln, so an installed binary works without the source tree.
 const BUILTIN: &[(&str, &str)] = &[
+    (
+        "bootc-uefi-x86",
+        include_str!("../../images/bootc-uefi-x86.toml"),
+    ),
     ("hypriot-rpi", include_str!("../../images/hypriot-rpi.toml")),
     (
         "metal3-uefi-x86",

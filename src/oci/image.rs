@@ -1,0 +1,232 @@
+//! A pulled image: its manifest, config and layer blobs, all verified, wherever it came from.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use super::blobs::BlobStore;
+use super::reference::ImageRef;
+use super::{layout, registry};
+
+pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const MT_OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const MT_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const MT_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const MT_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+
+/// One layer blob on local disk.
+#[derive(Debug, Clone)]
+pub struct LayerBlob {
+    pub digest: String,
+    pub media_type: String,
+    pub size: u64,
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// The reference as the user gave it.
+    pub reference: String,
+    /// Digest of the image manifest (the platform's, for a multi-arch index).
+    pub manifest_digest: String,
+    pub manifest: Value,
+    pub config_digest: String,
+    pub config_bytes: Vec<u8>,
+    pub config: Value,
+    pub layers: Vec<LayerBlob>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    /// Plain HTTP for registries (a local registry without TLS).
+    pub insecure: bool,
+    /// The platform wanted from a multi-arch index, in OCI terms (`amd64`, `arm64`).
+    pub arch: String,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        PullOptions {
+            insecure: false,
+            arch: host_arch().to_string(),
+        }
+    }
+}
+
+/// The OCI architecture name of the machine kiln runs on.
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "arm" => "arm",
+        other => other,
+    }
+}
+
+/// Pulls `reference` into the blob cache (or verifies it in place, for an image layout).
+pub fn pull(reference: &ImageRef, opts: &PullOptions) -> Result<Image> {
+    let store = BlobStore::open()?;
+    let image = match reference {
+        ImageRef::Registry(r) => registry::pull(r, opts, &store),
+        ImageRef::Layout { dir, tag } => layout::read_layout(dir, tag.as_deref(), opts),
+        ImageRef::OciArchive { file, tag } => {
+            layout::read_oci_archive(file, tag.as_deref(), opts, &store)
+        }
+        ImageRef::DockerArchive { file } => layout::read_docker_archive(file, &store),
+    }
+    .with_context(|| format!("pulling {reference}"))?;
+    Ok(Image {
+        reference: reference.to_string(),
+        ..image
+    })
+}
+
+impl Image {
+    /// Builds an `Image` from a manifest and a way to find its blobs (already verified).
+    pub fn from_manifest(
+        manifest_bytes: &[u8],
+        manifest_digest: String,
+        blob: &mut dyn FnMut(&str) -> Result<PathBuf>,
+    ) -> Result<Image> {
+        let manifest: Value =
+            serde_json::from_slice(manifest_bytes).context("parsing the image manifest")?;
+        let mt = manifest["mediaType"].as_str().unwrap_or(MT_OCI_MANIFEST);
+        if mt != MT_OCI_MANIFEST && mt != MT_DOCKER_MANIFEST {
+            bail!("{manifest_digest} is a {mt}, not an image manifest");
+        }
+        let config_digest = manifest["config"]["digest"]
+            .as_str()
+            .context("the manifest has no config digest")?
+            .to_string();
+        let config_bytes = std::fs::read(blob(&config_digest)?)?;
+        let config: Value = serde_json::from_slice(&config_bytes).context("parsing the config")?;
+        let mut layers = Vec::new();
+        for l in manifest["layers"].as_array().into_iter().flatten() {
+            let digest = l["digest"]
+                .as_str()
+                .context("a layer without a digest")?
+                .to_string();
+            layers.push(LayerBlob {
+                media_type: l["mediaType"].as_str().unwrap_or(MT_LAYER_TAR).to_string(),
+                size: l["size"].as_u64().unwrap_or(0),
+                path: blob(&digest)?,
+                digest,
+            });
+        }
+        Ok(Image {
+            reference: String::new(),
+            manifest_digest,
+            manifest,
+            config_digest,
+            config_bytes,
+            config,
+            layers,
+        })
+    }
+
+    /// The image's creation time (`created` in its config), seconds since the epoch.
+    pub fn created(&self) -> Option<i64> {
+        parse_rfc3339(self.config["created"].as_str()?)
+    }
+
+    /// `os/architecture` from the config.
+    pub fn platform(&self) -> String {
+        format!(
+            "{}/{}",
+            self.config["os"].as_str().unwrap_or("?"),
+            self.config["architecture"].as_str().unwrap_or("?")
+        )
+    }
+}
+
+/// Picks the manifest for `arch` (linux) from an image index; the error lists what is there.
+pub fn pick_platform(index: &Value, arch: &str) -> Result<(String, String)> {
+    let manifests = index["manifests"]
+        .as_array()
+        .context("the index lists no manifests")?;
+    let mut seen = Vec::new();
+    for m in manifests {
+        let os = m["platform"]["os"].as_str().unwrap_or("");
+        let a = m["platform"]["architecture"].as_str().unwrap_or("");
+        seen.push(format!("{os}/{a}"));
+        if os == "linux" && a == arch {
+            return Ok((
+                m["digest"].as_str().context("no digest")?.to_string(),
+                m["mediaType"]
+                    .as_str()
+                    .unwrap_or(MT_OCI_MANIFEST)
+                    .to_string(),
+            ));
+        }
+    }
+    bail!(
+        "the image has no linux/{arch} variant (it has: {}); pick another with --arch",
+        seen.join(", ")
+    )
+}
+
+/// Seconds since the epoch for an RFC 3339 time (`2024-05-01T12:00:00.5+02:00`).
+pub fn parse_rfc3339(s: &str) -> Option<i64> {
+    let (date, rest) = s.split_once(['T', 't', ' '])?;
+    let mut d = date.splitn(3, '-');
+    let (y, mo, da): (i64, i64, i64) = (
+        d.next()?.parse().ok()?,
+        d.next()?.parse().ok()?,
+        d.next()?.parse().ok()?,
+    );
+    let tz_at = rest.find(['Z', 'z', '+', '-']).unwrap_or(rest.len());
+    let (time, tz) = rest.split_at(tz_at);
+    let time = time.split('.').next()?;
+    let mut t = time.splitn(3, ':');
+    let (h, mi, se): (i64, i64, i64) = (
+        t.next()?.parse().ok()?,
+        t.next()?.parse().ok()?,
+        t.next()?.parse().ok()?,
+    );
+    let offset = match tz.chars().next() {
+        Some(sign @ ('+' | '-')) => {
+            let (oh, om) = tz[1..].split_once(':')?;
+            let o = oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60;
+            if sign == '+' { o } else { -o }
+        }
+        _ => 0,
+    };
+    // Days from civil (Howard Hinnant).
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * (if mo > 2 { mo - 3 } else { mo + 9 }) + 2) / 5 + da - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + h * 3600 + mi * 60 + se - offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_rfc3339("2023-11-14T22:13:20Z"), Some(1_700_000_000));
+        assert_eq!(
+            parse_rfc3339("2023-11-15T00:13:20.123456789+02:00"),
+            Some(1_700_000_000)
+        );
+        assert_eq!(parse_rfc3339("yesterday"), None);
+    }
+
+    #[test]
+    fn platform_choice_names_what_exists() {
+        let index = serde_json::json!({"manifests": [
+            {"digest": "sha256:aa", "platform": {"os": "linux", "architecture": "arm64"}},
+            {"digest": "sha256:bb", "platform": {"os": "linux", "architecture": "amd64"}}
+        ]});
+        assert_eq!(pick_platform(&index, "amd64").unwrap().0, "sha256:bb");
+        let e = pick_platform(&index, "riscv64").unwrap_err().to_string();
+        assert!(e.contains("linux/arm64, linux/amd64"), "{e}");
+    }
+}

@@ -1,0 +1,15 @@
+//! OCI images as kiln's input: references in skopeo's transport syntax, pulled into a blob cache
+//! verified by digest, unpacked into a root tree, and extended with an overlay layer (`kiln oci
+//! append`) without a container engine.
+
+pub mod append;
+pub mod blobs;
+pub mod image;
+pub mod layer;
+pub mod layout;
+pub mod reference;
+pub mod registry;
+pub mod unpack;
+
+pub use image::{Image, PullOptions, pull};
+pub use reference::ImageRef;

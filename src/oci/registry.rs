@@ -1,0 +1,239 @@
+//! Registries through oci-client: token and basic auth (credentials from the usual auth files),
+//! HTTPS, or plain HTTP for a local registry with `--insecure`; multi-arch indexes resolved to the
+//! wanted platform; every blob verified and cached by digest.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use base64::Engine;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use serde_json::Value;
+
+use super::blobs::{BlobStore, digest_of};
+use super::image::{
+    Image, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST, PullOptions,
+    pick_platform,
+};
+
+const ACCEPT: &[&str] = &[
+    MT_OCI_MANIFEST,
+    MT_DOCKER_MANIFEST,
+    MT_OCI_INDEX,
+    MT_DOCKER_LIST,
+];
+
+pub fn parse_reference(r: &str) -> Result<Reference> {
+    r.parse::<Reference>()
+        .with_context(|| format!("{r:?} is not a registry reference (host/name:tag)"))
+}
+
+fn client(reference: &Reference, insecure: bool) -> Client {
+    let protocol = if insecure {
+        ClientProtocol::HttpsExcept(vec![reference.resolve_registry().to_string()])
+    } else {
+        ClientProtocol::Https
+    };
+    Client::new(ClientConfig {
+        protocol,
+        // kiln resolves indexes itself, to name the platforms on offer when one is missing.
+        platform_resolver: None,
+        ..Default::default()
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Explains the usual ways a registry request fails.
+fn hint(e: oci_client::errors::OciDistributionError, what: &str, insecure: bool) -> anyhow::Error {
+    let text = e.to_string();
+    let extra = if text.contains("http://")
+        || text.contains("https://")
+        || text.contains("error sending request")
+    {
+        if insecure {
+            " (is the registry running and reachable?)"
+        } else {
+            " (a local registry without TLS needs --insecure)"
+        }
+    } else if text.contains("401") || text.contains("nauthorized") {
+        " (log in: credentials are read from $REGISTRY_AUTH_FILE, containers/auth.json or ~/.docker/config.json)"
+    } else {
+        ""
+    };
+    anyhow::anyhow!("{what}: {text}{extra}")
+}
+
+/// Pulls `r` into the blob store.
+pub fn pull(r: &str, opts: &PullOptions, store: &BlobStore) -> Result<Image> {
+    let reference = parse_reference(r)?;
+    let client = client(&reference, opts.insecure);
+    let auth = auth_for(reference.resolve_registry());
+    runtime()?.block_on(async {
+        let (mut bytes, mut digest) = client
+            .pull_manifest_raw(&reference, &auth, ACCEPT)
+            .await
+            .map_err(|e| hint(e, "fetching the manifest", opts.insecure))?;
+        let mut target = reference.clone();
+        for _ in 0..4 {
+            let v: Value = serde_json::from_slice(&bytes).context("parsing the manifest")?;
+            let mt = v["mediaType"].as_str().unwrap_or("");
+            let is_index = mt == MT_OCI_INDEX || mt == MT_DOCKER_LIST || v["manifests"].is_array();
+            if !is_index {
+                break;
+            }
+            let (d, _) = pick_platform(&v, &opts.arch)?;
+            target = Reference::with_digest(
+                reference.resolve_registry().to_string(),
+                reference.repository().to_string(),
+                d,
+            );
+            (bytes, digest) = client
+                .pull_manifest_raw(&target, &auth, ACCEPT)
+                .await
+                .map_err(|e| hint(e, "fetching the platform manifest", opts.insecure))?;
+        }
+        if digest_of(&bytes) != digest {
+            bail!("the registry's manifest does not match its digest {digest}");
+        }
+        store.put_bytes(&bytes)?;
+        let manifest: Value = serde_json::from_slice(&bytes)?;
+        let mut wanted = vec![
+            manifest["config"]["digest"]
+                .as_str()
+                .context("the manifest has no config")?
+                .to_string(),
+        ];
+        for l in manifest["layers"].as_array().into_iter().flatten() {
+            wanted.push(
+                l["digest"]
+                    .as_str()
+                    .context("a layer without digest")?
+                    .to_string(),
+            );
+        }
+        for d in &wanted {
+            if store.has(d) {
+                continue;
+            }
+            let tmp = store.temp(d)?;
+            let file = tokio::fs::File::create(&tmp).await?;
+            let fetched = client.pull_blob(&target, d.as_str(), file).await;
+            if let Err(e) = fetched {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(hint(e, &format!("fetching blob {d}"), opts.insecure));
+            }
+            store.admit(&tmp, d, &format!("blob {d}"))?;
+        }
+        Image::from_manifest(&bytes, digest, &mut |d| store.path(d))
+    })
+}
+
+/// Pushes blobs (skipping those the registry has) and then the manifest under `r`'s tag.
+pub fn push(
+    r: &str,
+    insecure: bool,
+    blobs: &[(String, PathBuf)],
+    manifest: &[u8],
+) -> Result<String> {
+    let reference = parse_reference(r)?;
+    let client = client(&reference, insecure);
+    let auth = auth_for(reference.resolve_registry());
+    runtime()?.block_on(async {
+        client
+            .auth(&reference, &auth, oci_client::RegistryOperation::Push)
+            .await
+            .map_err(|e| hint(e, "authenticating for push", insecure))?;
+        for (digest, path) in blobs {
+            let exists = client
+                .blob_exists(&reference, digest)
+                .await
+                .map_err(|e| hint(e, "asking for a blob", insecure))?;
+            if exists {
+                continue;
+            }
+            let data =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            client
+                .push_blob(&reference, data, digest)
+                .await
+                .map_err(|e| hint(e, &format!("pushing blob {digest}"), insecure))?;
+        }
+        client
+            .push_manifest_raw(
+                &reference,
+                manifest.to_vec(),
+                MT_OCI_MANIFEST.parse().expect("a valid header value"),
+            )
+            .await
+            .map_err(|e| hint(e, "pushing the manifest", insecure))?;
+        Ok(digest_of(manifest))
+    })
+}
+
+/// Credentials for `registry` from the files podman, skopeo and docker write on login.
+pub fn auth_for(registry: &str) -> RegistryAuth {
+    let mut files: Vec<PathBuf> = Vec::new();
+    if let Some(f) = std::env::var_os("REGISTRY_AUTH_FILE") {
+        files.push(f.into());
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+        files.push(Path::new(&d).join("containers/auth.json"));
+    }
+    if let Some(h) = dirs::home_dir() {
+        files.push(h.join(".config/containers/auth.json"));
+        files.push(h.join(".docker/config.json"));
+    }
+    for f in files {
+        if let Some(auth) = auth_from_file(&f, registry) {
+            return auth;
+        }
+    }
+    RegistryAuth::Anonymous
+}
+
+fn auth_from_file(file: &Path, registry: &str) -> Option<RegistryAuth> {
+    let v: Value = serde_json::from_slice(&std::fs::read(file).ok()?).ok()?;
+    let auths = v["auths"].as_object()?;
+    let entry = auths.iter().find(|(k, _)| {
+        let k = k
+            .trim_start_matches("https://")
+            .trim_start_matches("http://");
+        k == registry || k.split('/').next() == Some(registry)
+    })?;
+    let encoded = entry.1["auth"].as_str()?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, pass) = text.split_once(':')?;
+    Some(RegistryAuth::Basic(user.to_string(), pass.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_from_an_auth_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("auth.json");
+        std::fs::write(
+            &f,
+            r#"{"auths":{"registry.local:5000":{"auth":"YWxpY2U6czNjcmV0"}}}"#,
+        )
+        .unwrap();
+        match auth_from_file(&f, "registry.local:5000") {
+            Some(RegistryAuth::Basic(u, p)) => {
+                assert_eq!((u.as_str(), p.as_str()), ("alice", "s3cret"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(auth_from_file(&f, "other:5000").is_none());
+    }
+}
