@@ -186,6 +186,15 @@ pub fn assemble(
             format!("default {entry_name}\ntimeout 0\n").as_bytes(),
         )?;
         esp.close()?;
+        let mut slice = PartitionSlice::new(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(dest)?,
+            esp_start,
+            esp_bytes,
+        );
+        crate::fs::fat32_fixup::fix(&mut slice)?;
     }
     drop(f);
 

@@ -9,6 +9,7 @@ pub mod ext4;
 pub mod ext4_build;
 pub mod ext4_write;
 pub mod fat;
+pub mod fat32_fixup;
 
 use std::fs::File;
 use std::path::Path;

@@ -1,0 +1,442 @@
+//! Bare-metal disks from OCI images, end to end with real peers: a Debian bookworm root made with
+//! debootstrap (kernel, systemd, systemd-boot, cloud-init) is packed as an OCI image by
+//! tests/fixtures/oci-pack.py, pushed by skopeo to Debian's docker-registry on loopback, pulled by
+//! `kiln build`, written as RAW and QCOW2 and booted with `kiln run` (OVMF, TCG). The disks are
+//! checked with e2fsck, fsck.vfat, sgdisk, qemu-img check and qemu-img compare.
+//!
+//! The Debian root is cached in target/kiln-test-cache (made once, under a lock, by
+//! tests/fixtures/make-debian-oci.sh; needs root and the Debian mirror).
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+
+use common::*;
+
+const TOOLS: &[&str] = &[
+    "debootstrap",
+    "docker-registry",
+    "skopeo",
+    "qemu-system-x86_64",
+    "qemu-img",
+    "mke2fs",
+    "debugfs",
+    "e2fsck",
+    "fsck.vfat",
+    "sgdisk",
+    "flock",
+    "runuser",
+];
+const ESP_OFFSET: u64 = 1 << 20;
+const ESP_BYTES: u64 = 256 << 20;
+const ROOT_OFFSET: u64 = ESP_OFFSET + ESP_BYTES;
+
+fn prerequisites() -> bool {
+    let root = nix_is_root();
+    let ovmf = Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd").exists();
+    if have_tools(TOOLS) && root && ovmf {
+        return true;
+    }
+    let why = format!("root: {root}, OVMF: {ovmf}");
+    if std::env::var("KILN_REQUIRE_TOOLS").as_deref() == Ok("1") {
+        panic!("OCI test prerequisites missing ({why})");
+    }
+    eprintln!("SKIPPED: OCI test prerequisites missing ({why})");
+    false
+}
+
+fn nix_is_root() -> bool {
+    stdout(Command::new("id").arg("-u")).trim() == "0"
+}
+
+/// The Debian image as an OCI layout, made once per target directory (under a lock, as the
+/// tests of this file run in parallel).
+fn debian_layout() -> PathBuf {
+    let cache = repo().join("target/kiln-test-cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let layout = cache.join("debian-oci");
+    let script = format!(
+        "[ -f {layout}/index.json ] || bash {script} {layout} {work}",
+        layout = layout.display(),
+        script = repo().join("tests/fixtures/make-debian-oci.sh").display(),
+        work = cache.join("debian-oci-work").display(),
+    );
+    run(Command::new("flock")
+        .arg(cache.join("debian-oci.lock"))
+        .args(["bash", "-c", &script]));
+    layout
+}
+
+/// Debian's docker-registry on a free loopback port, storing under `dir`; killed on drop.
+struct Registry {
+    child: Child,
+    addr: String,
+}
+
+impl Registry {
+    fn start(dir: &Path) -> Registry {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+                 http:\n  addr: {addr}\n",
+                dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::fs::File::create(dir.join("registry.log")).unwrap())
+            .stderr(std::fs::File::create(dir.join("registry.err")).unwrap())
+            .spawn()
+            .unwrap();
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(&addr).is_ok() {
+                return Registry { child, addr };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("docker-registry did not start on {addr}");
+    }
+
+    /// Pushes an OCI layout with skopeo (not kiln) as `name`.
+    fn push_layout(&self, layout: &Path, tag: &str, name: &str) -> String {
+        run(Command::new("skopeo").args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            &format!("oci:{}:{tag}", layout.display()),
+            &format!("docker://{}/{name}", self.addr),
+        ]));
+        format!("docker://{}/{name}", self.addr)
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A cluster with one bare-metal node on the bootc profile.
+fn cluster(dir: &Path) -> PathBuf {
+    std::fs::write(dir.join("bmc.password"), "secret\n").unwrap();
+    let path = dir.join("cluster.toml");
+    std::fs::write(
+        &path,
+        r#"
+[cluster]
+name = "edge"
+seed = "edge-test"
+ssh_authorized_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKilnExampleKeyReplaceMeWithYourOwnKey0001 admin@laptop"]
+
+[[users]]
+name = "admin"
+groups = ["adm", "sudo"]
+sudo = true
+
+[defaults]
+image = "bootc-uefi-x86"
+bmc = { address = "redfish+http://127.0.0.1:8000/redfish/v1/Systems/{name}", username = "metal3", password = { file = "bmc.password" } }
+
+[[node]]
+name = "edge-1"
+boot_mac = "52:54:00:0e:d9:01"
+"#,
+    )
+    .unwrap();
+    path
+}
+
+fn build(cache: &Path, cluster: &Path, base: &str, out: &Path, format: &str) -> PathBuf {
+    run(kiln(cache)
+        .args([
+            "build",
+            "--node",
+            "edge-1",
+            "--insecure",
+            "--format",
+            format,
+        ])
+        .arg("--cluster")
+        .arg(cluster)
+        .args(["--base", base])
+        .arg("--out")
+        .arg(out));
+    out.join(format!("edge-1.{format}"))
+}
+
+fn file_sha(p: &Path) -> String {
+    stdout(Command::new("sha256sum").arg(p))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// `debugfs -R "stat PATH"` of the root filesystem: (mode, uid, gid) as printed.
+fn stat_in_root(img: &Path, path: &str) -> (String, u32, u32) {
+    let out = stdout(
+        Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("stat {path}"))
+            .arg(format!("{}?offset={ROOT_OFFSET}", img.display())),
+    );
+    let field = |name: &str| -> String {
+        let at = out
+            .find(name)
+            .unwrap_or_else(|| panic!("no {name} in {out}"));
+        out[at + name.len()..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    (
+        field("Mode:"),
+        field("User:").parse().unwrap(),
+        field("Group:").parse().unwrap(),
+    )
+}
+
+#[test]
+fn registry_image_becomes_raw_and_qcow2_disks_that_boot_with_cloud_init() {
+    if !prerequisites() {
+        return;
+    }
+    let layout = debian_layout();
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start(dir.path());
+    let base = reg.push_layout(&layout, "base", "edge/node:base");
+    let cluster = cluster(dir.path());
+
+    let cache1 = dir.path().join("cache1");
+    let raw = build(&cache1, &cluster, &base, &dir.path().join("out"), "raw");
+    let qcow2 = build(&cache1, &cluster, &base, &dir.path().join("out"), "qcow2");
+    assert!(dir.path().join("out/edge-1.raw.bmap").is_file());
+
+    // Independent checks of the disk: GPT, ESP, root.
+    run(Command::new("sgdisk").arg("-v").arg(&raw));
+    let esp = dir.path().join("esp.img");
+    extract(&raw, ESP_OFFSET, ESP_BYTES, &esp);
+    assert_fsck_clean("fsck.vfat", &esp);
+    assert_fsck_clean("e2fsck", format!("{}?offset={ROOT_OFFSET}", raw.display()));
+    let entries = stdout(
+        Command::new("mdir")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .args(["-b", "-i"])
+            .arg(&esp)
+            .arg("::/loader/entries"),
+    );
+    assert!(entries.contains("kiln-"), "{entries}");
+    // The QCOW2 is clean and holds exactly the RAW.
+    run(Command::new("qemu-img").arg("check").arg(&qcow2));
+    run(Command::new("qemu-img")
+        .arg("compare")
+        .arg(&raw)
+        .arg(&qcow2));
+    let info = stdout(
+        Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(&qcow2),
+    );
+    assert!(
+        !info.contains("backing-filename") && !info.contains("data-file"),
+        "{info}"
+    );
+
+    // Boot the RAW with the node's NoCloud seed: cloud-init runs to the end and names the host.
+    let log = dir.path().join("console.log");
+    run(kiln(&cache1)
+        .arg("run")
+        .arg(&raw)
+        .args([
+            "--seed",
+            "edge-1",
+            "--until",
+            "finished at",
+            "--timeout",
+            "600",
+        ])
+        .arg("--cluster")
+        .arg(&cluster)
+        .arg("--log")
+        .arg(&log));
+    let console = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+    assert!(console.contains("Cloud-init v."), "{console}");
+    assert!(
+        console.contains("edge-1 login:") || console.contains("root@edge-1"),
+        "the hostname never appeared:\n{console}"
+    );
+
+    // The same inputs later, from an empty cache (pulled, unpacked, assembled again): same bytes.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let cache2 = dir.path().join("cache2");
+    let raw2 = build(&cache2, &cluster, &base, &dir.path().join("out2"), "raw");
+    let qcow2_2 = build(&cache2, &cluster, &base, &dir.path().join("out2"), "qcow2");
+    assert_eq!(file_sha(&raw), file_sha(&raw2));
+    assert_eq!(file_sha(&qcow2), file_sha(&qcow2_2));
+}
+
+#[test]
+fn unprivileged_build_keeps_the_layers_owners_and_modes() {
+    if !prerequisites() {
+        return;
+    }
+    let layout = debian_layout();
+    // A world-readable copy of the layout and a directory nobody may write.
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("w");
+    std::fs::create_dir(&work).unwrap();
+    run(Command::new("cp")
+        .arg("-r")
+        .arg(&layout)
+        .arg(work.join("layout")));
+    let cluster = cluster(&work);
+    run(Command::new("chown").args(["-R", "nobody"]).arg(&work));
+    run(Command::new("chmod").args(["755"]).arg(dir.path()));
+    let base = format!("oci:{}:base", work.join("layout").display());
+
+    run(Command::new("runuser")
+        .args(["-u", "nobody", "--", "env"])
+        .arg(format!("KILN_CACHE_DIR={}", work.join("cache").display()))
+        .arg(format!("HOME={}", work.display()))
+        .arg(kiln_bin())
+        .args(["build", "--node", "edge-1", "--base", &base, "--cluster"])
+        .arg(&cluster)
+        .arg("--out")
+        .arg(work.join("out")));
+    let raw = work.join("out/edge-1.raw");
+    assert_fsck_clean("e2fsck", format!("{}?offset={ROOT_OFFSET}", raw.display()));
+
+    // What the layer says (read with Python's tarfile, not kiln) is what the image holds.
+    let listed = stdout(
+        Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg(
+                "import json,sys,tarfile,os\n\
+                 d=sys.argv[1]; idx=json.load(open(d+'/index.json'))\n\
+                 m=json.load(open(d+'/blobs/sha256/'+idx['manifests'][0]['digest'][7:]))\n\
+                 t=tarfile.open(d+'/blobs/sha256/'+m['layers'][0]['digest'][7:])\n\
+                 for n in sys.argv[2:]:\n  i=t.getmember(n); print(n, oct(i.mode), i.uid, i.gid)",
+            )
+            .arg(&layout)
+            .args([
+                "etc/shadow",
+                "usr/bin/chage",
+                "var/mail",
+                "usr/bin/passwd",
+                "root",
+            ]),
+    );
+    let mut non_root_owned = 0;
+    for line in listed.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (mode, uid, gid) = stat_in_root(&raw, &format!("/{}", f[0]));
+        let want_mode = u32::from_str_radix(f[1].trim_start_matches("0o"), 8).unwrap();
+        assert_eq!(
+            u32::from_str_radix(&mode, 8).unwrap() & 0o7777,
+            want_mode,
+            "{line}"
+        );
+        assert_eq!(
+            (uid.to_string(), gid.to_string()),
+            (f[2].into(), f[3].into()),
+            "{line}"
+        );
+        if gid != 0 {
+            non_root_owned += 1;
+        }
+    }
+    assert!(
+        non_root_owned >= 2,
+        "the sample should include group-owned files: {listed}"
+    );
+
+    // And root builds the very same bytes.
+    let cache = dir.path().join("root-cache");
+    let raw_root = build(&cache, &cluster, &base, &dir.path().join("out-root"), "raw");
+    assert_eq!(file_sha(&raw), file_sha(&raw_root));
+}
+
+#[test]
+fn oci_append_pushes_a_deterministic_layer_that_pulls_back() {
+    if !prerequisites() {
+        return;
+    }
+    let layout = debian_layout();
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start(dir.path());
+    let base = reg.push_layout(&layout, "base", "edge/node:base");
+    // An overlay of the user's own, beside the working directory.
+    let ov = dir.path().join("overlays/motd");
+    std::fs::create_dir_all(ov.join("root/etc/kiln")).unwrap();
+    std::fs::write(
+        ov.join("overlay.toml"),
+        "description = \"a message of the day\"\n\
+         [[file]]\npath = \"/etc/kiln/motd\"\nmode = \"0640\"\ngroup = \"adm\"\n",
+    )
+    .unwrap();
+    std::fs::write(ov.join("root/etc/kiln/motd"), "built by kiln\n").unwrap();
+
+    let mut digests = Vec::new();
+    for tag in ["v2", "v3"] {
+        let out = stdout(
+            kiln(&dir.path().join("cache"))
+                .current_dir(dir.path())
+                .args(["oci", "append", "--insecure", "--from", &base])
+                .args(["--overlay", "motd", "--to"])
+                .arg(format!("docker://{}/edge/node:{tag}", reg.addr)),
+        );
+        let layer = out
+            .split("new layer ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap_or_else(|| panic!("{out}"))
+            .to_string();
+        digests.push(layer);
+    }
+    assert_eq!(digests[0], digests[1], "two appends of one overlay differ");
+
+    // Pulled back by skopeo: the new layer is last and holds the overlay file.
+    let back = dir.path().join("back");
+    run(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        &format!("docker://{}/edge/node:v2", reg.addr),
+        &format!("oci:{}:v2", back.display()),
+    ]));
+    let check = stdout(
+        Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg(
+                "import json,sys,tarfile\n\
+                 d=sys.argv[1]; idx=json.load(open(d+'/index.json'))\n\
+                 m=json.load(open(d+'/blobs/sha256/'+idx['manifests'][0]['digest'][7:]))\n\
+                 l=m['layers'][-1]['digest']\n\
+                 t=tarfile.open(d+'/blobs/sha256/'+l[7:])\n\
+                 i=t.getmember('etc/kiln/motd')\n\
+                 print(l, len(m['layers']), oct(i.mode), i.uid, i.gid, t.extractfile(i).read().decode().strip())",
+            )
+            .arg(&back),
+    );
+    let f: Vec<&str> = check.split_whitespace().collect();
+    assert_eq!(f[0], digests[0]);
+    assert_eq!(f[1], "2");
+    assert_eq!(&f[2..5], ["0o640", "0", "4"], "{check}"); // adm is gid 4 in Debian
+    assert!(check.ends_with("built by kiln\n"), "{check}");
+}
