@@ -158,3 +158,72 @@ pub fn build(
     let _ = std::fs::remove_dir_all(&work);
     Ok(dest)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node() -> NodeConfig {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "x\n").unwrap();
+        let path = dir.path().join("cluster.toml");
+        std::fs::write(
+            &path,
+            r#"
+[cluster]
+name = "c"
+seed = "c"
+[[users]]
+name = "admin"
+groups = ["adm"]
+sudo = true
+ssh_authorized_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKilnExampleKeyReplaceMeWithYourOwnKey0001 a@b", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKilnExampleKeyReplaceMeWithYourOwnKey0002 c@d"]
+[defaults]
+image = "bootc-uefi-x86"
+bmc = { address = "redfish+http://127.0.0.1:8000/redfish/v1/Systems/{name}", username = "u", password = { file = "pw" } }
+[[node]]
+name = "edge-1"
+boot_mac = "52:54:00:00:00:01"
+"#,
+        )
+        .unwrap();
+        crate::spec::load(&path).unwrap().node("edge-1").unwrap().clone()
+    }
+
+    // These check what kiln hands to bootc-image-builder; the builder itself needs podman, which
+    // this machine does not have, so nothing here runs it.
+    #[test]
+    fn bib_config_only_users_keys_groups_kernel_args() {
+        let text = config_toml(&node(), &["console=ttyS0,115200".into()]);
+        let v: toml::Value = toml::from_str(&text).unwrap();
+        let user = &v["customizations"]["user"][0];
+        assert_eq!(user["name"].as_str(), Some("admin"));
+        let keys = user["key"].as_str().unwrap();
+        assert_eq!(keys.lines().count(), 2, "{keys}");
+        let groups: Vec<&str> = user["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g.as_str().unwrap())
+            .collect();
+        assert_eq!(groups, ["adm", "wheel"]);
+        assert_eq!(
+            v["customizations"]["kernel"]["append"].as_str(),
+            Some("console=ttyS0,115200")
+        );
+    }
+
+    #[test]
+    fn bib_command_line_only() {
+        let argv = command(
+            "docker://registry.local:5000/edge/node:v2",
+            Path::new("/w/config.toml"),
+            Path::new("/w/output"),
+            OutputFormat::Qcow2,
+        );
+        let line = argv.join(" ");
+        assert!(line.starts_with("podman run --rm --privileged"), "{line}");
+        assert!(line.contains("-v /w/config.toml:/config.toml:ro"), "{line}");
+        assert!(line.contains("--type qcow2 --rootfs ext4 registry.local:5000/edge/node:v2"), "{line}");
+    }
+}
