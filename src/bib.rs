@@ -187,7 +187,11 @@ boot_mac = "52:54:00:00:00:01"
 "#,
         )
         .unwrap();
-        crate::spec::load(&path).unwrap().node("edge-1").unwrap().clone()
+        crate::spec::load(&path)
+            .unwrap()
+            .node("edge-1")
+            .unwrap()
+            .clone()
     }
 
     // These check what kiln hands to bootc-image-builder; the builder itself needs podman, which
@@ -224,6 +228,9 @@ boot_mac = "52:54:00:00:00:01"
         let line = argv.join(" ");
         assert!(line.starts_with("podman run --rm --privileged"), "{line}");
         assert!(line.contains("-v /w/config.toml:/config.toml:ro"), "{line}");
-        assert!(line.contains("--type qcow2 --rootfs ext4 registry.local:5000/edge/node:v2"), "{line}");
+        assert!(
+            line.contains("--type qcow2 --rootfs ext4 registry.local:5000/edge/node:v2"),
+            "{line}"
+        );
     }
 }

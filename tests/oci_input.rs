@@ -109,12 +109,20 @@ fn an_image_without_a_kernel_says_what_to_install() {
     let o = build(dir.path(), &format!("oci:{}:base", lay.display()), &[]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("no kernel") && err.contains("linux-image"), "{err}");
+    assert!(
+        err.contains("no kernel") && err.contains("linux-image"),
+        "{err}"
+    );
     assert_no_image(dir.path());
     // Nothing half-made is left in the cache either.
     let stage = dir.path().join("cache/oci");
     let leftovers: Vec<_> = std::fs::read_dir(&stage)
-        .map(|r| r.flatten().filter(|e| e.file_name() != "blobs").map(|e| e.file_name()).collect())
+        .map(|r| {
+            r.flatten()
+                .filter(|e| e.file_name() != "blobs")
+                .map(|e| e.file_name())
+                .collect()
+        })
         .unwrap_or_default();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
@@ -128,7 +136,10 @@ fn a_missing_tag_and_an_unknown_transport_are_named() {
     let lay = layout(dir.path(), true);
     let o = build(dir.path(), &format!("oci:{}:nope", lay.display()), &[]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("no image tagged \"nope\""), "{err}");
+    assert!(
+        !o.status.success() && err.contains("no image tagged \"nope\""),
+        "{err}"
+    );
     let o = build(dir.path(), "docker://127.0.0.1:9/none:tag", &[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--insecure"), "{err}");
