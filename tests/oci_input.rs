@@ -163,3 +163,46 @@ fn bootc_image_builder_engine_without_podman_says_so_config_only() {
     assert!(err.contains("needs podman"), "{err}");
     assert_no_image(dir.path());
 }
+
+#[test]
+fn oci_archive_and_docker_archive_made_by_skopeo_build() {
+    if !have_tools(&["python3", "skopeo", "mke2fs", "debugfs", "e2fsck"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lay = layout(dir.path(), true);
+    for (transport, file) in [
+        ("oci-archive", "img.oci.tar"),
+        ("docker-archive", "img.docker.tar"),
+    ] {
+        let archive = dir.path().join(file);
+        run(Command::new("skopeo").args([
+            "copy",
+            "--quiet",
+            &format!("oci:{}:base", lay.display()),
+            &format!("{transport}:{}", archive.display()),
+        ]));
+        let out = dir.path().join(format!("out-{transport}"));
+        let o = kiln(&dir.path().join("cache"))
+            .args(["build", "--node", "edge-1", "--cluster"])
+            .arg(cluster(dir.path()))
+            .args([
+                "--base",
+                &format!("{transport}:{}", archive.display()),
+                "--out",
+            ])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{transport}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let raw = out.join("edge-1.raw");
+        assert_fsck_clean(
+            "e2fsck",
+            format!("{}?offset={}", raw.display(), 257u64 << 20),
+        );
+    }
+}

@@ -48,6 +48,9 @@ pub fn read_oci_archive(
     let mut index = None;
     for entry in archive.entries()? {
         let mut entry = entry?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
         let path = entry
             .path()?
             .to_string_lossy()
