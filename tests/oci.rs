@@ -131,36 +131,6 @@ impl Drop for Registry {
     }
 }
 
-/// A cluster with one bare-metal node on the bootc profile.
-fn cluster(dir: &Path) -> PathBuf {
-    std::fs::write(dir.join("bmc.password"), "secret\n").unwrap();
-    let path = dir.join("cluster.toml");
-    std::fs::write(
-        &path,
-        r#"
-[cluster]
-name = "edge"
-seed = "edge-test"
-ssh_authorized_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKilnExampleKeyReplaceMeWithYourOwnKey0001 admin@laptop"]
-
-[[users]]
-name = "admin"
-groups = ["adm", "sudo"]
-sudo = true
-
-[defaults]
-image = "bootc-uefi-x86"
-bmc = { address = "redfish+http://127.0.0.1:8000/redfish/v1/Systems/{name}", username = "metal3", password = { file = "bmc.password" } }
-
-[[node]]
-name = "edge-1"
-boot_mac = "52:54:00:0e:d9:01"
-"#,
-    )
-    .unwrap();
-    path
-}
-
 fn build(cache: &Path, cluster: &Path, base: &str, out: &Path, format: &str) -> PathBuf {
     run(kiln(cache)
         .args([
@@ -221,7 +191,7 @@ fn registry_image_becomes_raw_and_qcow2_disks_that_boot_with_cloud_init() {
     let dir = tempfile::tempdir().unwrap();
     let reg = Registry::start(dir.path());
     let base = reg.push_layout(&layout, "base", "edge/node:base");
-    let cluster = cluster(dir.path());
+    let cluster = bootc_cluster(dir.path());
 
     let cache1 = dir.path().join("cache1");
     let raw = build(&cache1, &cluster, &base, &dir.path().join("out"), "raw");
@@ -305,7 +275,7 @@ fn unprivileged_build_keeps_the_layers_owners_and_modes() {
         .arg("-r")
         .arg(&layout)
         .arg(work.join("layout")));
-    let cluster = cluster(&work);
+    let cluster = bootc_cluster(&work);
     run(Command::new("chown").args(["-R", "nobody"]).arg(&work));
     run(Command::new("chmod").args(["755"]).arg(dir.path()));
     let base = format!("oci:{}:base", work.join("layout").display());

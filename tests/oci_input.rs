@@ -9,28 +9,6 @@ use std::process::Command;
 
 use common::*;
 
-fn cluster(dir: &Path) -> PathBuf {
-    std::fs::write(dir.join("bmc.password"), "secret\n").unwrap();
-    let p = dir.join("cluster.toml");
-    std::fs::write(
-        &p,
-        r#"
-[cluster]
-name = "edge"
-seed = "edge-test"
-ssh_authorized_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKilnExampleKeyReplaceMeWithYourOwnKey0001 admin@laptop"]
-[defaults]
-image = "bootc-uefi-x86"
-bmc = { address = "redfish+http://127.0.0.1:8000/redfish/v1/Systems/{name}", username = "metal3", password = { file = "bmc.password" } }
-[[node]]
-name = "edge-1"
-boot_mac = "52:54:00:0e:d9:01"
-"#,
-    )
-    .unwrap();
-    p
-}
-
 /// A tiny root (with or without a kernel) as an OCI layout tagged `base`.
 fn layout(dir: &Path, with_kernel: bool) -> PathBuf {
     let root = dir.join("rootfs");
@@ -59,7 +37,7 @@ fn layout(dir: &Path, with_kernel: bool) -> PathBuf {
 fn build(dir: &Path, base: &str, extra: &[&str]) -> std::process::Output {
     kiln(&dir.join("cache"))
         .args(["build", "--node", "edge-1", "--cluster"])
-        .arg(cluster(dir))
+        .arg(bootc_cluster(dir))
         .args(["--base", base, "--out"])
         .arg(dir.join("out"))
         .args(extra)
@@ -185,7 +163,7 @@ fn oci_archive_and_docker_archive_made_by_skopeo_build() {
         let out = dir.path().join(format!("out-{transport}"));
         let o = kiln(&dir.path().join("cache"))
             .args(["build", "--node", "edge-1", "--cluster"])
-            .arg(cluster(dir.path()))
+            .arg(bootc_cluster(dir.path()))
             .args([
                 "--base",
                 &format!("{transport}:{}", archive.display()),

@@ -156,3 +156,33 @@ pub fn assert_fsck_clean(tool: &str, target: impl AsRef<std::ffi::OsStr>) {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// A cluster with one bare-metal node, edge-1, on the bootc-uefi-x86 profile (tests/oci*.rs).
+pub fn bootc_cluster(dir: &Path) -> PathBuf {
+    std::fs::write(dir.join("bmc.password"), "secret\n").unwrap();
+    let path = dir.join("cluster.toml");
+    std::fs::write(
+        &path,
+        r#"
+[cluster]
+name = "edge"
+seed = "edge-test"
+ssh_authorized_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKilnExampleKeyReplaceMeWithYourOwnKey0001 admin@laptop"]
+
+[[users]]
+name = "admin"
+groups = ["adm", "sudo"]
+sudo = true
+
+[defaults]
+image = "bootc-uefi-x86"
+bmc = { address = "redfish+http://127.0.0.1:8000/redfish/v1/Systems/{name}", username = "metal3", password = { file = "bmc.password" } }
+
+[[node]]
+name = "edge-1"
+boot_mac = "52:54:00:0e:d9:01"
+"#,
+    )
+    .unwrap();
+    path
+}
