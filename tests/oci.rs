@@ -9,9 +9,8 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 
 use common::*;
 
@@ -67,68 +66,6 @@ fn debian_layout() -> PathBuf {
         .arg(cache.join("debian-oci.lock"))
         .args(["bash", "-c", &script]));
     layout
-}
-
-/// Debian's docker-registry on a free loopback port, storing under `dir`; killed on drop.
-struct Registry {
-    child: Child,
-    addr: String,
-}
-
-impl Registry {
-    fn start(dir: &Path) -> Registry {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
-        let config = dir.join("registry.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-                 http:\n  addr: {addr}\n",
-                dir.join("data").display()
-            ),
-        )
-        .unwrap();
-        let mut child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(std::fs::File::create(dir.join("registry.log")).unwrap())
-            .stderr(std::fs::File::create(dir.join("registry.err")).unwrap())
-            .spawn()
-            .unwrap();
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(&addr).is_ok() {
-                return Registry { child, addr };
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("docker-registry did not start on {addr}");
-    }
-
-    /// Pushes an OCI layout with skopeo (not kiln) as `name`.
-    fn push_layout(&self, layout: &Path, tag: &str, name: &str) -> String {
-        run(Command::new("skopeo").args([
-            "copy",
-            "--quiet",
-            "--dest-tls-verify=false",
-            &format!("oci:{}:{tag}", layout.display()),
-            &format!("docker://{}/{name}", self.addr),
-        ]));
-        format!("docker://{}/{name}", self.addr)
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn build(cache: &Path, cluster: &Path, base: &str, out: &Path, format: &str) -> PathBuf {
@@ -409,4 +346,88 @@ fn oci_append_pushes_a_deterministic_layer_that_pulls_back() {
     assert_eq!(f[1], "2");
     assert_eq!(&f[2..5], ["0o640", "0", "4"], "{check}"); // adm is gid 4 in Debian
     assert!(check.ends_with("built by kiln\n"), "{check}");
+}
+
+#[test]
+fn a_shim_and_grub_image_boots_through_grub() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The Debian image plus a layer with bootupd's shim + GRUB and a whiteout for systemd-boot:
+    // the shape of a Fedora/CentOS bootc image. Blobs are linked from the shared layout; the
+    // index is copied, as oci-pack.py rewrites it.
+    let lay = d.join("layout");
+    run(Command::new("cp").arg("-al").arg(debian_layout()).arg(&lay));
+    let index = std::fs::read(lay.join("index.json")).unwrap();
+    std::fs::remove_file(lay.join("index.json")).unwrap();
+    std::fs::write(lay.join("index.json"), index).unwrap();
+    let shim_cache = repo().join("target/kiln-test-cache/shim-grub");
+    run(Command::new("bash")
+        .arg(repo().join("tests/fixtures/make-shim-grub-layer.sh"))
+        .arg(d.join("bootupd-root"))
+        .arg(&shim_cache));
+    run(Command::new("/usr/bin/python3")
+        .arg(repo().join("tests/fixtures/oci-pack.py"))
+        .arg(d.join("bootupd-root"))
+        .arg(&lay)
+        .args(["shim", "--on", "base"]));
+
+    let cluster = bootc_cluster(d);
+    let cache = d.join("cache");
+    let base = format!("oci:{}:shim", lay.display());
+    let raw = build(&cache, &cluster, &base, &d.join("out"), "raw");
+
+    // The ESP: shim where firmware looks on a new disk, GRUB beside it and in the vendor
+    // directory, each with kiln's grub.cfg; no systemd-boot (the whiteout removed it).
+    let shim = std::fs::read(shim_cache.join("x/usr/lib/shim/shimx64.efi.signed")).unwrap();
+    assert!(mtype(&raw, ESP_OFFSET, "EFI/BOOT/BOOTX64.EFI") == shim);
+    for dir in ["EFI/BOOT", "EFI/debian"] {
+        let cfg = String::from_utf8(mtype(&raw, ESP_OFFSET, &format!("{dir}/grub.cfg"))).unwrap();
+        assert!(
+            cfg.contains("linux /kiln/") && cfg.contains("root=PARTUUID="),
+            "{cfg}"
+        );
+    }
+    let esp = d.join("esp.img");
+    extract(&raw, ESP_OFFSET, ESP_BYTES, &esp);
+    assert_fsck_clean("fsck.vfat", &esp);
+    let listing = stdout(
+        Command::new("mdir")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .args(["-/", "-b", "-i"])
+            .arg(&esp)
+            .arg("::/"),
+    );
+    assert!(!listing.to_lowercase().contains("systemd"), "{listing}");
+    // The whiteout deleted the file from the root too; its directory stays.
+    let gone = Command::new("debugfs")
+        .arg("-R")
+        .arg("stat /usr/lib/systemd/boot/efi/systemd-bootx64.efi")
+        .arg(format!("{}?offset={ROOT_OFFSET}", raw.display()))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&gone.stderr).contains("File not found"),
+        "{gone:?}"
+    );
+    assert_eq!(stat_in_root(&raw, "/usr/lib/systemd/boot/efi").0, "0755");
+
+    // It boots: OVMF starts shim, shim starts GRUB, GRUB the kernel; cloud-init names the host.
+    let log = d.join("console.log");
+    run(kiln(&cache)
+        .arg("run")
+        .arg(&raw)
+        .args(["--seed", "edge-1", "--until", "finished at"])
+        .args(["--timeout", "600", "--cluster"])
+        .arg(&cluster)
+        .arg("--log")
+        .arg(&log));
+    let console = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+    assert!(console.contains("Welcome to GRUB"), "{console}");
+    assert!(
+        console.contains("edge-1 login:") || console.contains("root@edge-1"),
+        "the hostname never appeared:\n{console}"
+    );
 }

@@ -184,3 +184,141 @@ fn oci_archive_and_docker_archive_made_by_skopeo_build() {
         );
     }
 }
+
+/// A kiln command whose only registry credentials are `auth_file` (no ~/.docker, no
+/// $XDG_RUNTIME_DIR/containers): what a user has after `skopeo login --authfile`.
+fn kiln_with_auth(dir: &Path, auth_file: &Path) -> Command {
+    let mut c = kiln(&dir.join("cache"));
+    c.current_dir(dir)
+        .env("HOME", dir)
+        .env_remove("XDG_RUNTIME_DIR")
+        .env("REGISTRY_AUTH_FILE", auth_file);
+    c
+}
+
+#[test]
+fn a_token_auth_registry_needs_a_login_then_pulls_and_pushes() {
+    if !have_tools(&[
+        "python3",
+        "openssl",
+        "docker-registry",
+        "skopeo",
+        "mke2fs",
+        "debugfs",
+    ]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let reg = Registry::start_with(
+        d,
+        Some(TokenAuth {
+            user: "builder",
+            password: "s3cret",
+        }),
+    );
+    let lay = layout(d, true);
+    let base = reg.push_layout_as(&lay, "base", "edge/tiny:base", Some("builder:s3cret"));
+    let build_with = |auth: &Path| {
+        kiln_with_auth(d, auth)
+            .args(["build", "--node", "edge-1", "--insecure", "--cluster"])
+            .arg(bootc_cluster(d))
+            .args(["--base", &base, "--out"])
+            .arg(d.join("out"))
+            .output()
+            .unwrap()
+    };
+
+    // No credentials, then a wrong password: refused, with the way to log in, and nothing built.
+    let o = build_with(&d.join("no-such-auth.json"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("log in"), "{err}");
+    let wrong = d.join("wrong.json");
+    std::fs::write(
+        &wrong,
+        format!(
+            r#"{{"auths":{{"{}":{{"auth":"YnVpbGRlcjpub3BlCg=="}}}}}}"#,
+            reg.addr
+        ),
+    )
+    .unwrap();
+    let o = build_with(&wrong);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("log in"), "{err}");
+    assert_no_image(d);
+
+    // `skopeo login` (through the token server) writes the file kiln reads.
+    let auth = d.join("auth.json");
+    run(Command::new("skopeo")
+        .args(["login", "--tls-verify=false", "--authfile"])
+        .arg(&auth)
+        .args(["-u", "builder", "-p", "s3cret", &reg.addr]));
+    let o = build_with(&auth);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(d.join("out/edge-1.raw").is_file());
+    let granted = |action: &str| {
+        reg.token_requests().iter().any(|r| {
+            r["user"] == "builder"
+                && r["granted"].as_array().unwrap().iter().any(|g| {
+                    g["name"] == "edge/tiny"
+                        && g["actions"].as_array().unwrap().iter().any(|a| a == action)
+                })
+        })
+    };
+    assert!(granted("pull"), "{:?}", reg.token_requests());
+
+    // A push: `kiln oci append` to a new tag, read back by skopeo with the same credentials.
+    let ov = d.join("overlays/stamp");
+    std::fs::create_dir_all(ov.join("root/etc/kiln")).unwrap();
+    std::fs::write(ov.join("overlay.toml"), "description = \"a stamp\"\n").unwrap();
+    std::fs::write(ov.join("root/etc/kiln/stamp"), "appended\n").unwrap();
+    let o = kiln_with_auth(d, &auth)
+        .args(["oci", "append", "--insecure", "--from", &base])
+        .args(["--overlay", "stamp", "--to", &format!("{base}-v2")])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(granted("push"), "{:?}", reg.token_requests());
+    let inspect = |tag: &str| -> serde_json::Value {
+        serde_json::from_str(&stdout(Command::new("skopeo").args([
+            "inspect",
+            "--tls-verify=false",
+            "--creds",
+            "builder:s3cret",
+            &format!("{base}{tag}"),
+        ])))
+        .unwrap()
+    };
+    let layers = |v: &serde_json::Value| v["Layers"].as_array().unwrap().len();
+    assert_eq!(layers(&inspect("-v2")), layers(&inspect("")) + 1);
+}
+
+#[test]
+fn bootupd_files_without_a_fallback_loader_are_named() {
+    if !have_tools(&["python3"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let lay = layout(d, true);
+    // A layer with GRUB in a vendor directory but nothing at EFI/BOOT/BOOTX64.EFI.
+    let top = d.join("top");
+    std::fs::create_dir_all(top.join("usr/lib/bootupd/updates/EFI/fedora")).unwrap();
+    std::fs::write(
+        top.join("usr/lib/bootupd/updates/EFI/fedora/grubx64.efi"),
+        b"MZ grub",
+    )
+    .unwrap();
+    run(Command::new("python3")
+        .arg(repo().join("tests/fixtures/oci-pack.py"))
+        .arg(&top)
+        .arg(&lay)
+        .args(["grub-only", "--on", "base"]));
+    let o = build(d, &format!("oci:{}:grub-only", lay.display()), &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("no EFI/BOOT/BOOTX64.EFI"),
+        "{err}"
+    );
+    assert_no_image(d);
+}

@@ -2,16 +2,18 @@
 //! privileges, loop devices or a container engine.
 //!
 //! Layout: GPT (GUIDs derived from the image digest); partition 1, an ESP (FAT32, written
-//! in-process with fatfs) carrying the image's own systemd-boot, its kernel and initramfs, and a
-//! Boot Loader Specification entry with `root=PARTUUID=…`; partition 2, the root ext4 made by
+//! in-process with fatfs) carrying the image's own bootloader (systemd-boot, or shim + GRUB from
+//! bootupd: `disk::bootloader`), its kernel and initramfs, and a Boot Loader Specification entry
+//! (and for GRUB a grub.cfg) with `root=PARTUUID=…`; partition 2, the root ext4 made by
 //! `fs::ext4_build`; then free space at the end for Ironic's config drive. Every id and time is
 //! derived from the inputs, so the same image gives the same bytes.
 
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use uuid::Uuid;
 
+use super::bootloader::{self, BootEntry, EspFile};
 use super::gpt::{self, NewPartition};
 use super::slice::PartitionSlice;
 use crate::fs::ext4_build::{self, Ext4Options};
@@ -44,6 +46,10 @@ pub struct Assembled {
     pub root_fs_uuid: Uuid,
     pub kernel_version: String,
     pub cloud_init: bool,
+    /// Size of the root partition, and the time its ext4 took (mke2fs -d plus kiln's fixups),
+    /// reported so the slowest step can be watched apart from the rest.
+    pub root_bytes: u64,
+    pub ext4_time: std::time::Duration,
 }
 
 /// A kernel found in the root, with its initramfs.
@@ -66,18 +72,7 @@ pub fn assemble(
         (id("disk"), id("esp"), id("root"), id("root-fs"));
 
     let kernel = find_kernel(tree)?;
-    let loader_rel = format!("usr/lib/systemd/boot/efi/systemd-boot{}.efi", plan.efi_arch);
-    let loader = match tree.resolve(&loader_rel) {
-        Some((p, m)) if m.kind == Kind::File => tree.host_path(&p),
-        _ if tree.resolve("usr/lib/bootupd/updates/EFI").is_some() => bail!(
-            "the image boots with shim and GRUB (bootupd); kiln's native builder installs \
-             systemd-boot only — use --engine bootc-image-builder for this image"
-        ),
-        _ => bail!(
-            "the image has no bootloader: /{loader_rel} is missing (install systemd-boot, \
-             Debian's systemd-boot-efi package, in the image)"
-        ),
-    };
+    let loader = bootloader::find(tree, &plan.efi_arch)?;
 
     // cloud-init: the datasources Metal3 (ConfigDrive) and `kiln run --seed` (NoCloud) use.
     let cloud_init = tree
@@ -152,39 +147,35 @@ pub fn assemble(
         )
         .context("formatting the ESP")?;
         let esp = FatVolume::on(slice, fat_datetime(epoch))?;
-        let efi = std::fs::read(&loader)?;
-        let boot_name = format!("EFI/BOOT/BOOT{}.EFI", plan.efi_arch.to_uppercase());
-        esp.write_file(&boot_name, &efi)?;
-        esp.write_file(
-            &format!("EFI/systemd/systemd-boot{}.efi", plan.efi_arch),
-            &efi,
-        )?;
         let kdir = format!("kiln/{}", kernel.version);
         esp.write_file(
             &format!("{kdir}/linux"),
             &std::fs::read(tree.host_path(&kernel.linux))?,
         )?;
-        let entry_name = format!("kiln-{}.conf", kernel.version);
-        let mut entry = format!(
-            "title   {}\nversion {}\nlinux   /{kdir}/linux\n",
-            pretty_name(tree),
-            kernel.version
-        );
         if let Some(initrd) = &kernel.initrd {
             esp.write_file(
                 &format!("{kdir}/initrd"),
                 &std::fs::read(tree.host_path(initrd))?,
             )?;
-            entry.push_str(&format!("initrd  /{kdir}/initrd\n"));
         }
         let mut options = vec![format!("root=PARTUUID={root_guid}"), "rw".to_string()];
         options.extend(plan.kernel_args.iter().cloned());
-        entry.push_str(&format!("options {}\n", options.join(" ")));
-        esp.write_file(&format!("loader/entries/{entry_name}"), entry.as_bytes())?;
-        esp.write_file(
-            "loader/loader.conf",
-            format!("default {entry_name}\ntimeout 0\n").as_bytes(),
-        )?;
+        let entry = BootEntry {
+            title: pretty_name(tree),
+            version: kernel.version.clone(),
+            linux: format!("{kdir}/linux"),
+            initrd: kernel.initrd.as_ref().map(|_| format!("{kdir}/initrd")),
+            options: options.join(" "),
+            esp_volume_id: vid,
+        };
+        for (path, file) in bootloader::esp_files(&loader, &plan.efi_arch, &entry) {
+            let bytes = match file {
+                EspFile::FromTree(p) => std::fs::read(tree.host_path(&p))
+                    .with_context(|| format!("reading /{p} from the image"))?,
+                EspFile::Text(t) => t.into_bytes(),
+            };
+            esp.write_file(&path, &bytes)?;
+        }
         esp.close()?;
         let mut slice = PartitionSlice::new(
             std::fs::OpenOptions::new()
@@ -198,6 +189,7 @@ pub fn assemble(
     }
     drop(f);
 
+    let ext4_started = std::time::Instant::now();
     ext4_build::build(
         tree,
         dest,
@@ -209,6 +201,7 @@ pub fn assemble(
             epoch,
         },
     )?;
+    let ext4_time = ext4_started.elapsed();
 
     let mut f = std::fs::OpenOptions::new()
         .read(true)
@@ -249,6 +242,8 @@ pub fn assemble(
         root_fs_uuid: fs_uuid,
         kernel_version: kernel.version,
         cloud_init,
+        root_bytes,
+        ext4_time,
     })
 }
 

@@ -6,6 +6,7 @@
 //! `gpt::write` writes whole tables for disks kiln lays out itself.
 
 pub mod assemble;
+pub mod bootloader;
 pub mod gpt;
 pub mod slice;
 

@@ -94,6 +94,7 @@ pub fn convert(image: &Path, bmap: Option<&Bmap>, dest: &Path) -> Result<u64> {
     // L2 contents per region: guest cluster index within the region -> host offset.
     let mut l2: Vec<Vec<u64>> = vec![vec![0u64; L2_ENTRIES as usize]; l2_regions.len()];
     let mut next_host = data_off;
+    let mut writeback = crate::util::fsutil::Writeback::new(data_off);
     // Big reads on one thread, zero checks and writes on this one, so reading overlaps writing;
     // runs of non-zero clusters go out in one write, straight from the read buffer.
     const CHUNK: u64 = 128;
@@ -150,6 +151,7 @@ pub fn convert(image: &Path, bmap: Option<&Bmap>, dest: &Path) -> Result<u64> {
                             l2[region][(g % L2_ENTRIES) as usize] = next_host | COPIED;
                             next_host += CLUSTER;
                         }
+                        writeback.written(&w, next_host);
                         run_start = None;
                     }
                     _ => {}

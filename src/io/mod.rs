@@ -2,3 +2,4 @@
 
 pub mod decompress;
 pub mod progress;
+pub mod readahead;

@@ -52,7 +52,16 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 /// Explains the usual ways a registry request fails.
 fn hint(e: oci_client::errors::OciDistributionError, what: &str, insecure: bool) -> anyhow::Error {
     let text = e.to_string();
-    let extra = if text.contains("http://")
+    // Authorization first: its messages carry the URL too.
+    let extra = if text.contains("401")
+        || text.contains("nauthorized")
+        || text.contains("Not authorized")
+        || text.contains("denied")
+    {
+        " (the registry wants credentials: log in with `skopeo login` or `podman login`; kiln \
+         reads $REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json, \
+         ~/.config/containers/auth.json and ~/.docker/config.json)"
+    } else if text.contains("http://")
         || text.contains("https://")
         || text.contains("error sending request")
     {
@@ -61,8 +70,6 @@ fn hint(e: oci_client::errors::OciDistributionError, what: &str, insecure: bool)
         } else {
             " (a local registry without TLS needs --insecure)"
         }
-    } else if text.contains("401") || text.contains("nauthorized") {
-        " (log in: credentials are read from $REGISTRY_AUTH_FILE, containers/auth.json or ~/.docker/config.json)"
     } else {
         ""
     };

@@ -224,7 +224,8 @@ impl Tree {
 
     /// Applies one layer (a tar, gzip- or zstd-compressed or plain).
     pub fn apply_layer(&mut self, blob: &Path) -> Result<()> {
-        let reader = super::layer::open_decompressed(blob)?;
+        // Decompression on its own thread, overlapping with the file writes below.
+        let reader = crate::io::readahead::ReadAhead::new(super::layer::open_decompressed(blob)?);
         let mut archive = tar::Archive::new(reader);
         let mut added: BTreeSet<String> = BTreeSet::new();
         for entry in archive

@@ -54,15 +54,22 @@ pub fn prepare(reference: &str, profile: &Profile, insecure: bool) -> Result<Bas
         let tmp = temp_beside(&dest);
         let made = (|| -> Result<()> {
             let layers: Vec<_> = image.layers.iter().map(|l| l.path.clone()).collect();
+            let started = std::time::Instant::now();
             let mut tree = unpack::unpack(&layers, &staging, epoch)?;
+            let unpacked = started.elapsed();
             let a = assemble::assemble(&mut tree, &image.manifest_digest, epoch, &plan, &tmp)?;
             eprintln!(
-                "assembled {} ({}, kernel {}, {} MiB{})",
+                "assembled {} ({}, kernel {}, {} MiB{}): unpack {:.2} s, root ext4 {} MiB {:.2} s, \
+                 total {:.2} s",
                 r,
                 image.platform(),
                 a.kernel_version,
                 a.size >> 20,
-                if a.cloud_init { ", cloud-init" } else { "" }
+                if a.cloud_init { ", cloud-init" } else { "" },
+                unpacked.as_secs_f64(),
+                a.root_bytes >> 20,
+                a.ext4_time.as_secs_f64(),
+                started.elapsed().as_secs_f64(),
             );
             Ok(())
         })();

@@ -186,3 +186,152 @@ boot_mac = "52:54:00:0e:d9:01"
     .unwrap();
     path
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for_port(addr: &str, what: &str, child: &mut std::process::Child) {
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("{what} did not start on {addr}");
+}
+
+/// Debian's docker-registry on a free loopback port, storing under `dir`, plain HTTP; with
+/// `token`, it wants bearer tokens from tests/fixtures/token-server.py. Killed on drop.
+pub struct Registry {
+    children: Vec<std::process::Child>,
+    pub addr: String,
+    /// The token server's directory (its `requests` log), when there is one.
+    pub token_dir: Option<PathBuf>,
+}
+
+/// Who may use a token-auth registry.
+pub struct TokenAuth<'a> {
+    pub user: &'a str,
+    pub password: &'a str,
+}
+
+impl Registry {
+    pub fn start(dir: &Path) -> Registry {
+        Self::start_with(dir, None)
+    }
+
+    pub fn start_with(dir: &Path, token: Option<TokenAuth>) -> Registry {
+        let mut children = Vec::new();
+        let mut auth = String::new();
+        let mut token_dir = None;
+        if let Some(t) = token {
+            let tdir = dir.join("token-server");
+            std::fs::create_dir_all(&tdir).unwrap();
+            let mut child = Command::new("python3")
+                .arg(repo().join("tests/fixtures/token-server.py"))
+                .arg(&tdir)
+                .args([t.user, t.password])
+                .stderr(std::fs::File::create(tdir.join("stderr")).unwrap())
+                .spawn()
+                .unwrap();
+            let port_file = tdir.join("port");
+            for _ in 0..200 {
+                if port_file.exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let port = std::fs::read_to_string(&port_file).unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!(
+                    "the token server did not start: {}",
+                    std::fs::read_to_string(tdir.join("stderr")).unwrap_or_default()
+                )
+            });
+            wait_for_port(&format!("127.0.0.1:{port}"), "the token server", &mut child);
+            children.push(child);
+            auth = format!(
+                "auth:\n  token:\n    realm: http://127.0.0.1:{port}/token\n    \
+                 service: kiln-test-registry\n    issuer: kiln-test-issuer\n    \
+                 rootcertbundle: {}\n",
+                tdir.join("cert.pem").display()
+            );
+            token_dir = Some(tdir);
+        }
+        let addr = format!("127.0.0.1:{}", free_port());
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+                 http:\n  addr: {addr}\n{auth}",
+                dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::fs::File::create(dir.join("registry.log")).unwrap())
+            .stderr(std::fs::File::create(dir.join("registry.err")).unwrap())
+            .spawn()
+            .unwrap();
+        wait_for_port(&addr, "docker-registry", &mut child);
+        children.push(child);
+        Registry {
+            children,
+            addr,
+            token_dir,
+        }
+    }
+
+    /// Pushes an OCI layout with skopeo (not kiln) as `name`; `creds` is `user:password`.
+    pub fn push_layout_as(
+        &self,
+        layout: &Path,
+        tag: &str,
+        name: &str,
+        creds: Option<&str>,
+    ) -> String {
+        let mut c = Command::new("skopeo");
+        c.args(["copy", "--quiet", "--dest-tls-verify=false"]);
+        if let Some(creds) = creds {
+            c.args(["--dest-creds", creds]);
+        }
+        run(c.args([
+            &format!("oci:{}:{tag}", layout.display()),
+            &format!("docker://{}/{name}", self.addr),
+        ]));
+        format!("docker://{}/{name}", self.addr)
+    }
+
+    pub fn push_layout(&self, layout: &Path, tag: &str, name: &str) -> String {
+        self.push_layout_as(layout, tag, name, None)
+    }
+
+    /// The token server's log: one JSON object per token request.
+    pub fn token_requests(&self) -> Vec<serde_json::Value> {
+        let dir = self.token_dir.as_ref().expect("a token-auth registry");
+        std::fs::read_to_string(dir.join("requests"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
