@@ -5,6 +5,7 @@
 //! `/proc/swaps` and udev's database, so the safety rules (`refusals`) are testable without
 //! hardware. macOS (`diskutil`) is not implemented yet; there kiln writes to plain files only.
 
+pub mod eject;
 pub mod ioctl;
 
 use std::collections::BTreeMap;

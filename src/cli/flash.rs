@@ -22,6 +22,7 @@ pub struct Args {
     pub base: Option<String>,
     pub yes: bool,
     pub verify: bool,
+    pub no_eject: bool,
     pub allow_non_removable: bool,
     pub progress: ProgressMode,
     pub bmap: Option<PathBuf>,
@@ -115,7 +116,10 @@ pub fn run(a: Args) -> Result<()> {
     }
 
     // Fleet: every job in its own thread; each decodes its image once for all its targets.
-    let opts = FlashOptions { verify: a.verify };
+    let opts = FlashOptions {
+        verify: a.verify,
+        no_eject: a.no_eject,
+    };
     let outcomes: Vec<Outcome> = std::thread::scope(|scope| {
         let handles: Vec<_> = images
             .iter()

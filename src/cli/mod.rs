@@ -160,6 +160,9 @@ pub enum Command {
         /// Skip the read-back.
         #[arg(long)]
         no_verify: bool,
+        /// Leave cards and USB disks attached after the write (by default they are ejected).
+        #[arg(long)]
+        no_eject: bool,
         /// Allow disks the kernel does not call removable (USB SSDs, NVMe, loop devices).
         #[arg(long)]
         allow_non_removable: bool,
@@ -435,6 +438,7 @@ pub fn run(cli: Cli) -> Result<()> {
             yes,
             verify: _,
             no_verify,
+            no_eject,
             allow_non_removable,
             progress,
             bmap,
@@ -454,6 +458,7 @@ pub fn run(cli: Cli) -> Result<()> {
             base,
             yes,
             verify: !no_verify,
+            no_eject,
             allow_non_removable,
             progress,
             bmap,

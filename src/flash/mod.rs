@@ -215,6 +215,8 @@ pub struct Done {
 
 pub struct FlashOptions {
     pub verify: bool,
+    /// Keep cards attached after the write (`--no-eject`).
+    pub no_eject: bool,
 }
 
 /// A segment of the image to write: [start, end), never inside the head.
@@ -630,6 +632,11 @@ fn finish_target(
     {
         // Loop devices without partition scanning answer EINVAL; the write itself is complete.
         events.note(&t.path, &format!("note: {e:#}"));
+    }
+    if let Target::Device(dev) = &t.target
+        && blockdev::eject::wanted(dev, opts.no_eject)
+    {
+        events.note(&t.path, &blockdev::eject::eject(&t.path));
     }
     events.emit(Stage::Done, &t.path, total, Some(total));
     let written = digests.iter().map(|((a, b), _)| b - a).sum::<u64>() + head.len() as u64;
