@@ -6,7 +6,7 @@ apt-get update -qq
 # Debian's qemu-system-x86 wants the qemu-utils of its own version; pin both to the candidate.
 qv=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
 apt-get install -y -q --allow-downgrades --no-install-recommends \
-    "qemu-utils=$qv" "qemu-block-extra=$qv" qemu-system-x86 ovmf systemd-boot-efi \
+    "qemu-utils=$qv" "qemu-block-extra=$qv" qemu-system-x86 qemu-system-arm ovmf qemu-efi-aarch64 systemd-boot-efi cpio \
     e2fsprogs dosfstools mtools fdisk gdisk bmap-tools android-sdk-libsparse-utils \
     debootstrap cloud-init xz-utils zstd unzip hyperfine \
     mosquitto mosquitto-clients openssh-server openssh-client python3-paho-mqtt python3-pytest python3-venv \

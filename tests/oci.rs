@@ -431,3 +431,88 @@ fn a_shim_and_grub_image_boots_through_grub() {
         "the hostname never appeared:\n{console}"
     );
 }
+
+#[test]
+fn an_arm64_image_becomes_a_disk_that_boots_under_aavmf() {
+    let aavmf = Path::new("/usr/share/AAVMF/AAVMF_CODE.fd").exists();
+    let tools = [
+        "qemu-system-aarch64",
+        "cpio",
+        "curl",
+        "dpkg-deb",
+        "sgdisk",
+        "fsck.vfat",
+        "e2fsck",
+        "mke2fs",
+        "debugfs",
+        "mtype",
+    ];
+    if !have_tools(&tools) {
+        return;
+    }
+    if !aavmf {
+        assert_ne!(
+            std::env::var("KILN_REQUIRE_TOOLS").as_deref(),
+            Ok("1"),
+            "AAVMF (qemu-efi-aarch64) is missing"
+        );
+        eprintln!("SKIPPED: AAVMF (qemu-efi-aarch64) is missing");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Debian's arm64 kernel and systemd-boot with a busybox initramfs that prints its command line.
+    let debs = repo().join("target/kiln-test-cache/arm64-debs");
+    let lay = d.join("layout");
+    run(Command::new("bash")
+        .arg(repo().join("tests/fixtures/make-arm64-oci.sh"))
+        .arg(&lay)
+        .arg(&debs));
+    let cluster = bootc_cluster(d);
+    let text = std::fs::read_to_string(&cluster).unwrap();
+    std::fs::write(&cluster, text.replace("bootc-uefi-x86", "bootc-uefi-arm64")).unwrap();
+    let cache = d.join("cache");
+    let raw = build(
+        &cache,
+        &cluster,
+        &format!("oci:{}:base", lay.display()),
+        &d.join("out"),
+        "raw",
+    );
+
+    // The arm64 shape, checked by sgdisk, fsck.vfat, e2fsck and mtools.
+    let part = stdout(Command::new("sgdisk").args(["-i", "2"]).arg(&raw));
+    assert!(part.contains("Linux ARM64 root"), "{part}");
+    let guid = part
+        .lines()
+        .find_map(|l| l.strip_prefix("Partition unique GUID: "))
+        .unwrap()
+        .trim()
+        .to_lowercase();
+    let loader =
+        std::fs::read(debs.join("x/usr/lib/systemd/boot/efi/systemd-bootaa64.efi")).unwrap();
+    assert!(mtype(&raw, ESP_OFFSET, "EFI/BOOT/BOOTAA64.EFI") == loader);
+    let esp = d.join("esp.img");
+    extract(&raw, ESP_OFFSET, ESP_BYTES, &esp);
+    assert_fsck_clean("fsck.vfat", &esp);
+    assert_fsck_clean("e2fsck", format!("{}?offset={ROOT_OFFSET}", raw.display()));
+
+    // AAVMF -> systemd-boot -> the kernel and initramfs with kiln's command line.
+    let log = d.join("console.log");
+    run(kiln(&cache)
+        .arg("run")
+        .arg(&raw)
+        .args(["--arch", "aarch64", "--until", "kiln-arm64-init:"])
+        .args(["--timeout", "600", "--log"])
+        .arg(&log));
+    let console = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+    let line = console
+        .lines()
+        .find(|l| l.starts_with("kiln-arm64-init:"))
+        .unwrap_or_else(|| panic!("{console}"));
+    assert!(line.contains(" aarch64 "), "{line}");
+    assert!(
+        line.contains(&format!("root=PARTUUID={guid} ")) && line.contains("console=ttyAMA0"),
+        "{line}"
+    );
+}

@@ -347,6 +347,10 @@ impl Profile {
 /// The profiles compiled into kiln, so an installed binary works without the source tree.
 const BUILTIN: &[(&str, &str)] = &[
     (
+        "bootc-uefi-arm64",
+        include_str!("../../images/bootc-uefi-arm64.toml"),
+    ),
+    (
         "bootc-uefi-x86",
         include_str!("../../images/bootc-uefi-x86.toml"),
     ),
