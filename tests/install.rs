@@ -23,14 +23,6 @@ impl Drop for Sshd {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start_sshd(dir: &Path) -> Option<Sshd> {
     let root = Command::new("id")
         .arg("-u")

@@ -25,14 +25,6 @@ impl Drop for Server {
     }
 }
 
-fn port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn wait_port(p: u16) {
     for _ in 0..200 {
         if std::net::TcpStream::connect(("127.0.0.1", p)).is_ok() {
@@ -44,7 +36,7 @@ fn wait_port(p: u16) {
 }
 
 fn kiln_serve(dir: &Path, cache: &Path) -> Server {
-    let p = port();
+    let p = free_port();
     let child = kiln(cache)
         .arg("serve")
         .arg(dir)
@@ -60,7 +52,7 @@ fn kiln_serve(dir: &Path, cache: &Path) -> Server {
 }
 
 fn nginx(dir: &Path, work: &Path) -> Server {
-    let p = port();
+    let p = free_port();
     let conf = work.join("nginx.conf");
     std::fs::write(
         &conf,

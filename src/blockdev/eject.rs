@@ -36,21 +36,9 @@ mod tests {
 
     fn disk(bus: &str, removable: bool) -> BlockDevice {
         BlockDevice {
-            name: "sdb".into(),
-            path: "/dev/sdb".into(),
-            devno: "8:16".into(),
-            size: 32 << 30,
-            logical_block_size: 512,
-            removable,
-            read_only: false,
             bus: bus.into(),
-            model: "Generic STORAGE DEVICE".into(),
-            serial: None,
-            mountpoints: vec![],
-            swap: false,
-            holders: vec![],
-            partitions: vec![],
-            backing_file: None,
+            removable,
+            ..crate::blockdev::card()
         }
     }
 

@@ -440,35 +440,37 @@ pub fn refusals(
     r
 }
 
+/// A USB card reader holding a 32 GiB card, for the tests of the safety rules.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn card() -> BlockDevice {
-        BlockDevice {
-            name: "sdb".into(),
-            path: "/dev/sdb".into(),
-            devno: "8:16".into(),
-            size: 32 << 30,
-            logical_block_size: 512,
-            removable: true,
-            read_only: false,
-            bus: "usb".into(),
-            model: "SanDisk Ultra".into(),
-            serial: Some("4C530001".into()),
+pub(crate) fn card() -> BlockDevice {
+    BlockDevice {
+        name: "sdb".into(),
+        path: "/dev/sdb".into(),
+        devno: "8:16".into(),
+        size: 32 << 30,
+        logical_block_size: 512,
+        removable: true,
+        read_only: false,
+        bus: "usb".into(),
+        model: "SanDisk Ultra".into(),
+        serial: Some("4C530001".into()),
+        mountpoints: vec![],
+        swap: false,
+        holders: vec![],
+        partitions: vec![PartitionInfo {
+            name: "sdb1".into(),
+            path: "/dev/sdb1".into(),
             mountpoints: vec![],
             swap: false,
             holders: vec![],
-            partitions: vec![PartitionInfo {
-                name: "sdb1".into(),
-                path: "/dev/sdb1".into(),
-                mountpoints: vec![],
-                swap: false,
-                holders: vec![],
-            }],
-            backing_file: None,
-        }
+        }],
+        backing_file: None,
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     #[test]
     fn a_plain_card_is_fine() {
