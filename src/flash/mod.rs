@@ -271,7 +271,14 @@ pub fn flash(
 
     // 2. Decode once, write the body everywhere.
     let segments = body_segments(img, img.size);
-    let written_body = fan_out(img, &segments, &mut live, &mut outcomes, events);
+    let written_body = fan_out(
+        img,
+        &segments,
+        opts.verify,
+        &mut live,
+        &mut outcomes,
+        events,
+    );
     let (head, digests, total) = match written_body {
         Ok(v) => v,
         Err(e) => {
@@ -340,6 +347,7 @@ type Digests = Vec<(Segment, String)>;
 fn fan_out(
     img: &FlashImage,
     segments: &[Segment],
+    hash_segments: bool,
     live: &mut [Option<OpenTarget>],
     outcomes: &mut [Outcome],
     events: &Events,
@@ -397,7 +405,7 @@ fn fan_out(
         }
 
         // The decoder runs here, on this thread.
-        let decoded = decode(img, segments, &senders, events);
+        let decoded = decode(img, segments, hash_segments, &senders, events);
         drop(senders);
         let mut failures = Vec::new();
         for (i, w) in writers {
@@ -433,10 +441,12 @@ fn write_segments(t: &OpenTarget, pos: u64, data: &[u8], segments: &[Segment]) -
 }
 
 /// Streams the decompressed image: checks it against its sha256 and bmap, keeps the head,
-/// digests every segment, and sends each chunk to every writer.
+/// digests every segment (for the read-back; only its extent without one), and sends each chunk
+/// to every writer.
 fn decode(
     img: &FlashImage,
     segments: &[Segment],
+    hash_segments: bool,
     senders: &[std::sync::mpsc::SyncSender<Chunk>],
     events: &Events,
 ) -> Result<(Vec<u8>, Digests, u64)> {
@@ -473,7 +483,8 @@ fn decode(
                         rh.feed(pos, data);
                     }
                     let end = pos + n as u64;
-                    for (i, &(a, b)) in segments.iter().enumerate() {
+                    // A full SHA-256 pass over the written data: skipped when nothing reads back.
+                    for (i, &(a, b)) in segments.iter().enumerate().filter(|_| hash_segments) {
                         let (s, e) = (a.max(pos), b.min(end));
                         if e > s {
                             seg_hashers[i]
@@ -488,7 +499,8 @@ fn decode(
                     let (a, b) = segments[i];
                     let b = b.min(end_pos);
                     if b > a {
-                        digests.push(((a, b), hex::encode(h.unwrap_or_default().finalize())));
+                        let digest = h.map(|h| hex::encode(h.finalize())).unwrap_or_default();
+                        digests.push(((a, b), digest));
                     }
                 }
                 let checked = bmap_check.map(|(mut b, rh)| {

@@ -37,6 +37,19 @@ impl Compression {
 }
 
 /// Calls `sink` with a reader of the decompressed image in `path`.
+/// Memory the xz decoder may spend on threads: a quarter of the machine's RAM (xz's own default),
+/// 512 MiB where that is unknown. Past it liblzma uses fewer threads, never more memory.
+fn threading_memlimit() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(512 << 20, |kib| kib * 1024 / 4)
+}
+
 pub fn with_decompressed<T>(
     path: &Path,
     sink: impl FnOnce(&mut dyn Read) -> Result<T>,
@@ -63,6 +76,9 @@ pub fn with_decompressed<T>(
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
             let stream = liblzma::stream::MtStreamBuilder::new()
                 .threads(threads)
+                // liblzma decodes on one thread unless the blocks fit under this limit (0, the
+                // builder's default, means never): a quarter of the RAM, as xz itself allows.
+                .memlimit_threading(threading_memlimit())
                 .memlimit_stop(u64::MAX)
                 .decoder()
                 .with_context(what)?;
