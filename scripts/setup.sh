@@ -19,3 +19,11 @@ venv=${KILN_PY_VENV:-/opt/kiln-test-venv}
 [ -x "$venv/bin/python" ] || /usr/bin/python3 -m venv --system-site-packages "$venv"
 "$venv/bin/pip" install -q --disable-pip-version-check -r "$(dirname "$0")/../tests/python/requirements.txt"
 echo "setup: python test venv ready in $venv"
+
+# The macOS type-check (scripts/check-macos.sh): Rust's standard library for x86_64 macOS, and
+# zig, whose C compiler carries macOS's libc headers, for the C in kiln's dependencies.
+if command -v rustup >/dev/null; then
+    rustup target add x86_64-apple-darwin >/dev/null
+fi
+"$venv/bin/pip" install -q --disable-pip-version-check ziglang==0.17.1
+echo "setup: macOS type-check tools ready"

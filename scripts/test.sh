@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
+bash scripts/check-macos.sh
 status=0
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --no-fail-fast || status=$?

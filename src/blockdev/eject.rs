@@ -8,13 +8,23 @@ use super::BlockDevice;
 /// Whether a written disk should be ejected: media a user pulls out (USB readers and sticks, SD
 /// slots) — never loop devices or fixed disks, which have nothing to eject.
 pub fn wanted(dev: &BlockDevice, no_eject: bool) -> bool {
-    !no_eject && dev.bus != "loop" && (dev.removable || dev.bus == "usb" || dev.bus == "sd/mmc")
+    !no_eject
+        && !matches!(dev.bus.as_str(), "loop" | "disk-image")
+        && (dev.removable || dev.bus == "usb" || dev.bus == "sd/mmc")
 }
 
 /// Ejects `dev` with util-linux's `eject` (SCSI START STOP UNIT for USB readers; an SD slot on
-/// the mmc bus has no eject and is only synced, which the write already did). Returns what to
+/// the mmc bus has no eject and is only synced, which the write already did), or on macOS with
+/// `diskutil eject`. Returns what to
 /// tell the user.
 pub fn eject(dev: &Path) -> String {
+    // macOS: `diskutil eject` unmounts what the OS mounted after the write and powers the slot.
+    #[cfg(target_os = "macos")]
+    let out = std::process::Command::new("diskutil")
+        .arg("eject")
+        .arg(dev)
+        .output();
+    #[cfg(not(target_os = "macos"))]
     let out = std::process::Command::new("eject").arg(dev).output();
     match out {
         Ok(o) if o.status.success() => format!("ejected {}: safe to remove", dev.display()),

@@ -254,10 +254,30 @@ fn confirm(a: &Args, jobs: &[Job]) -> Result<()> {
             bail!("not confirmed; nothing was written");
         }
     }
-    for (p, m) in &mounted {
+    unmount(&mounted)
+}
+
+#[cfg(target_os = "linux")]
+fn unmount(mounted: &[(String, String)]) -> Result<()> {
+    for (p, m) in mounted {
         nix::mount::umount(m.as_str())
             .with_context(|| format!("unmounting {p} from {m} (a program may be using it)"))?;
         eprintln!("unmounted {p} from {m}");
+    }
+    Ok(())
+}
+
+/// macOS: `diskutil unmountDisk` once per disk, which takes every volume of it (APFS ones too).
+#[cfg(target_os = "macos")]
+fn unmount(mounted: &[(String, String)]) -> Result<()> {
+    let mut disks: Vec<String> = mounted
+        .iter()
+        .map(|(p, _)| blockdev::diskutil::whole_disk_of(p))
+        .collect();
+    disks.dedup();
+    for d in disks {
+        blockdev::diskutil::unmount_disk(&d)?;
+        eprintln!("unmounted every volume of {d}");
     }
     Ok(())
 }

@@ -51,6 +51,51 @@ pub struct OpenTarget {
     is_device: bool,
 }
 
+/// The two descriptors of a disk: one for aligned, uncached I/O and one for the rest.
+#[cfg(target_os = "linux")]
+fn open_device(path: &Path) -> Result<(File, File)> {
+    let direct = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nix::libc::O_EXCL | nix::libc::O_DIRECT)
+        .open(path)
+        .with_context(|| {
+            format!(
+                "opening {} exclusively (is it mounted or in use?)",
+                path.display()
+            )
+        })?;
+    let plain = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Ok((direct, plain))
+}
+
+/// macOS: the raw node (`/dev/rdiskN`) bypasses the buffer cache and is several times faster
+/// than `/dev/diskN`; F_NOCACHE keeps reads for the verify off the cache too. O_EXLOCK fails
+/// while another program holds the disk.
+#[cfg(target_os = "macos")]
+fn open_device(path: &Path) -> Result<(File, File)> {
+    use std::os::fd::AsRawFd;
+    let raw = crate::blockdev::diskutil::raw_path(&path.to_string_lossy());
+    let direct = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nix::libc::O_EXLOCK | nix::libc::O_NONBLOCK)
+        .open(&raw)
+        .with_context(|| format!("opening {raw} exclusively (is it mounted or in use?)"))?;
+    // SAFETY: fcntl on a descriptor we own; F_NOCACHE takes an int flag.
+    unsafe { nix::libc::fcntl(direct.as_raw_fd(), nix::libc::F_NOCACHE, 1) };
+    let plain = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Ok((direct, plain))
+}
+
 impl OpenTarget {
     /// Opens `target` exclusively (O_EXCL on a block device fails while anything has it open or
     /// mounted) and, for devices, with O_DIRECT.
@@ -58,22 +103,7 @@ impl OpenTarget {
         let path = target.path();
         match &target {
             Target::Device(dev) => {
-                let direct = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .custom_flags(nix::libc::O_EXCL | nix::libc::O_DIRECT)
-                    .open(&path)
-                    .with_context(|| {
-                        format!(
-                            "opening {} exclusively (is it mounted or in use?)",
-                            path.display()
-                        )
-                    })?;
-                let plain = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(&path)
-                    .with_context(|| format!("opening {}", path.display()))?;
+                let (direct, plain) = open_device(&path)?;
                 Ok(OpenTarget {
                     block_size: dev.logical_block_size.max(512),
                     size: Some(dev.size),
