@@ -6,12 +6,7 @@
 #
 # Usage (root): bench/flash.sh [WORKDIR]   needs hyperfine, bmap-tools, xz-utils, e2fsprogs, fdisk
 set -euo pipefail
-repo=$(cd "$(dirname "$0")/.." && pwd)
-work=${1:-$repo/target/bench}
-mkdir -p "$work"
-work=$(cd "$work" && pwd)
-kiln=$repo/target/release/kiln
-(cd "$repo" && cargo build --release --quiet)
+source "$(dirname "$0")/common.sh"
 
 img=$work/data-2G.img
 bash "$repo/bench/make-data-image.sh" "$img" >/dev/null

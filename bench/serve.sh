@@ -5,12 +5,8 @@
 #
 # Usage (root, for nginx's user directive): bench/serve.sh [WORKDIR]   needs curl, nginx
 set -euo pipefail
-repo=$(cd "$(dirname "$0")/.." && pwd)
-work=${1:-$repo/target/bench}
+source "$(dirname "$0")/common.sh"
 mkdir -p "$work/srv"
-work=$(cd "$work" && pwd)
-kiln=$repo/target/release/kiln
-(cd "$repo" && cargo build --release --quiet)
 img=$work/srv/bench-2G.raw
 [ -f "$img" ] || head -c 2G /dev/urandom > "$img"
 size=$(stat -c %s "$img")

@@ -7,12 +7,7 @@
 #
 # Usage: bench/sparse.sh [WORKDIR]   needs hyperfine, bmap-tools, android-sdk-libsparse-utils, e2fsprogs, fdisk
 set -euo pipefail
-repo=$(cd "$(dirname "$0")/.." && pwd)
-work=${1:-$repo/target/bench}
-mkdir -p "$work"
-work=$(cd "$work" && pwd)
-kiln=$repo/target/release/kiln
-(cd "$repo" && cargo build --release --quiet)
+source "$(dirname "$0")/common.sh"
 
 img=$work/data-2G.img
 bash "$repo/bench/make-data-image.sh" "$img"

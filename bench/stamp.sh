@@ -7,12 +7,7 @@
 #
 # Usage: bench/stamp.sh [WORKDIR]   (needs hyperfine, mtools, sfdisk, mkfs.vfat, mkfs.ext4)
 set -euo pipefail
-repo=$(cd "$(dirname "$0")/.." && pwd)
-work=${1:-$repo/target/bench}
-mkdir -p "$work"
-work=$(cd "$work" && pwd)
-kiln=$repo/target/release/kiln
-(cd "$repo" && cargo build --release --quiet)
+source "$(dirname "$0")/common.sh"
 
 base=$work/hypriot-1.3G.img
 [ -f "$base" ] || bash "$repo/bench/make-hypriot-base.sh" "$base"
