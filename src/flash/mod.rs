@@ -51,6 +51,15 @@ pub struct OpenTarget {
     is_device: bool,
 }
 
+/// The buffered descriptor of a disk, for the unaligned tail and the commit's reads.
+fn open_buffered(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
 /// The two descriptors of a disk: one for aligned, uncached I/O and one for the rest.
 #[cfg(target_os = "linux")]
 fn open_device(path: &Path) -> Result<(File, File)> {
@@ -65,12 +74,7 @@ fn open_device(path: &Path) -> Result<(File, File)> {
                 path.display()
             )
         })?;
-    let plain = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    Ok((direct, plain))
+    Ok((direct, open_buffered(path)?))
 }
 
 /// macOS: the raw node (`/dev/rdiskN`) bypasses the buffer cache and is several times faster
@@ -88,12 +92,7 @@ fn open_device(path: &Path) -> Result<(File, File)> {
         .with_context(|| format!("opening {raw} exclusively (is it mounted or in use?)"))?;
     // SAFETY: fcntl on a descriptor we own; F_NOCACHE takes an int flag.
     unsafe { nix::libc::fcntl(direct.as_raw_fd(), nix::libc::F_NOCACHE, 1) };
-    let plain = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    Ok((direct, plain))
+    Ok((direct, open_buffered(path)?))
 }
 
 impl OpenTarget {
