@@ -8,6 +8,10 @@ fn main() {
     let args = cli::Cli::parse();
     if let Err(e) = cli::run(args) {
         eprintln!("error: {e:#}");
+        let cache = kiln::source::cache::Cache::location().unwrap_or_default();
+        if let Some(h) = kiln::util::diskfull::hint(&e, &[("cache", &cache)]) {
+            eprintln!("hint: {h}");
+        }
         std::process::exit(1);
     }
 }

@@ -273,3 +273,133 @@ fn truncated_archive_is_refused() {
     let images: Vec<_> = std::fs::read_dir(cache.join("images")).unwrap().collect();
     assert!(images.is_empty(), "{images:?}");
 }
+
+/// A small tmpfs, unmounted when dropped: a disk that fills up for real.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &Path, size: &str) -> Option<SmallDisk> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            assert_ne!(
+                std::env::var("KILN_REQUIRE_TOOLS").as_deref(),
+                Ok("1"),
+                "cannot mount a tmpfs (needs root)"
+            );
+            eprintln!("SKIPPED: cannot mount a tmpfs (needs root)");
+            return None;
+        }
+        Some(SmallDisk(at.to_path_buf()))
+    }
+
+    /// Takes all but `spare` bytes of what is free, so the next big write fails whatever the
+    /// image holds.
+    fn fill(&self, spare: u64) {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let block = [0xa5u8; 4096];
+        let mut len = 0u64;
+        while f.write_all(&block).is_ok() {
+            len += block.len() as u64;
+        }
+        f.set_len(len.saturating_sub(spare)).unwrap();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Every file under `dir` with its bytes.
+fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let name = p.strip_prefix(dir).unwrap().display().to_string();
+                out.push((name, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_full_disk_is_named_and_what_was_there_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = example_cluster("ceil", dir.path());
+    let build = |cache: &Path, out: &Path| {
+        kiln(cache)
+            .args([
+                "build",
+                "--node",
+                "ceil-one",
+                "--base",
+                "sample",
+                "--cluster",
+            ])
+            .arg(&cluster)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+
+    // The output disk fills: the image of an earlier build there is left exactly as it was.
+    let Some(small) = SmallDisk::mount(&dir.path().join("small-out"), "1m") else {
+        return;
+    };
+    let out = small.0.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("ceil-one.img"), b"the image of yesterday's build").unwrap();
+    std::fs::write(out.join("ceil-one.img.sha256sum"), b"0123  ceil-one.img\n").unwrap();
+    small.fill(16 << 10);
+    let before = tree(&out);
+    let o = build(&dir.path().join("cache"), &out);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(err.contains("hint: a disk filled up"), "{err}");
+    assert!(
+        err.contains(&format!("output: {} has ", out.display())),
+        "{err}"
+    );
+    assert_eq!(tree(&out), before, "the output directory changed");
+    drop(small);
+
+    // The cache disk fills while the base is prepared: no half-made base stays in it.
+    let Some(small) = SmallDisk::mount(&dir.path().join("small-cache"), "1m") else {
+        return;
+    };
+    small.fill(16 << 10);
+    let out = dir.path().join("out");
+    let cache = small.0.join("kiln");
+    let o = build(&cache, &out);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("hint: a disk filled up"), "{err}");
+    assert!(
+        err.contains(&format!("cache: {} has ", cache.display())),
+        "{err}"
+    );
+    let left: Vec<_> = tree(&small.0)
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| name != "filler")
+        .collect();
+    assert!(left.is_empty(), "the cache kept {left:?}");
+    only_fixture_files_left(&out);
+}

@@ -54,6 +54,8 @@ pub fn run(
         return run_bib(&cluster, &selected, &opts);
     }
     let mut failed = Vec::new();
+    // Said once after every node was tried: the same full disk fails them all.
+    let mut full_disk = None;
     for node in selected {
         let started = Instant::now();
         match build_node(&cluster, node, &opts) {
@@ -68,9 +70,16 @@ pub fn run(
             ),
             Err(e) => {
                 eprintln!("error: {}: {e:#}", node.name);
+                full_disk = full_disk.or_else(|| {
+                    let cache = kiln::source::cache::Cache::location().unwrap_or_default();
+                    kiln::util::diskfull::hint(&e, &[("output", &opts.out_dir), ("cache", &cache)])
+                });
                 failed.push(node.name.clone());
             }
         }
+    }
+    if let Some(h) = full_disk {
+        eprintln!("hint: {h}");
     }
     if !failed.is_empty() {
         bail!("{} node(s) failed: {}", failed.len(), failed.join(", "));

@@ -47,7 +47,7 @@ pub fn write_image(
     let output = File::create(out).with_context(|| format!("creating {}", out.display()))?;
     output
         .set_len(len)
-        .with_context(|| format!("sizing {} (is the disk full?)", out.display()))?;
+        .with_context(|| format!("sizing {}", out.display()))?;
     let mut bmap = Bmap::from_byte_ranges_split(len, used, boundaries);
     let known: BTreeMap<(u64, u64), String> = known
         .iter()
@@ -97,8 +97,7 @@ pub fn write_image(
                 format!("reading {} at byte {pos} (truncated?)", base.display())
             })?;
             apply_patches(&mut buf, pos, patches);
-            write_nonzero(&output, pos, &buf)
-                .with_context(|| format!("writing {} (is the disk full?)", out.display()))?;
+            write_nonzero(&output, pos, &buf).with_context(|| format!("at byte {pos}"))?;
             let buf = Arc::new(buf);
             if whole_tx.send(buf.clone()).is_err() || range_tx.send((pos, buf)).is_err() {
                 break;

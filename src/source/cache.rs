@@ -17,17 +17,20 @@ pub struct Cache {
 impl Cache {
     /// `$KILN_CACHE_DIR`, else the user's cache directory (`~/.cache/kiln` on Linux).
     pub fn open() -> Result<Cache> {
-        let root = match std::env::var_os("KILN_CACHE_DIR") {
-            Some(d) => PathBuf::from(d),
-            None => dirs::cache_dir()
-                .context("no cache directory; set KILN_CACHE_DIR")?
-                .join("kiln"),
-        };
+        let root = Self::location().context("no cache directory; set KILN_CACHE_DIR")?;
         for sub in ["downloads", "partial", "images"] {
             std::fs::create_dir_all(root.join(sub))
                 .with_context(|| format!("creating {}", root.join(sub).display()))?;
         }
         Ok(Cache { root })
+    }
+
+    /// Where the cache is (or would be), without creating it.
+    pub fn location() -> Option<PathBuf> {
+        match std::env::var_os("KILN_CACHE_DIR") {
+            Some(d) => Some(PathBuf::from(d)),
+            None => dirs::cache_dir().map(|d| d.join("kiln")),
+        }
     }
 
     pub fn download(&self, sha256: &str) -> PathBuf {

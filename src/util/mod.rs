@@ -1,4 +1,5 @@
 //! Small helpers shared by every stage.
 
 pub mod cmd;
+pub mod diskfull;
 pub mod fsutil;
