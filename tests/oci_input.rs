@@ -293,6 +293,125 @@ fn a_token_auth_registry_needs_a_login_then_pulls_and_pushes() {
     assert_eq!(layers(&inspect("-v2")), layers(&inspect("")) + 1);
 }
 
+/// A gpg key without a passphrase and a `pass` store under `dir`, as `docker-credential-pass`
+/// needs them; the environment for the helper (and for kiln, which runs it).
+fn pass_store(dir: &Path) -> Vec<(&'static str, PathBuf)> {
+    let gnupg = dir.join("gnupg");
+    std::fs::create_dir_all(&gnupg).unwrap();
+    std::fs::set_permissions(&gnupg, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let env = vec![
+        ("GNUPGHOME", gnupg),
+        ("PASSWORD_STORE_DIR", dir.join("password-store")),
+    ];
+    let with_env = |c: &mut Command| {
+        for (k, v) in &env {
+            c.env(k, v);
+        }
+    };
+    let mut gen_key = Command::new("gpg");
+    gen_key.args(["--batch", "--passphrase", "", "--quick-gen-key"]);
+    gen_key.args(["kiln-test@example.invalid", "default", "default", "never"]);
+    with_env(&mut gen_key);
+    run(&mut gen_key);
+    let mut init = Command::new("pass");
+    init.args(["init", "kiln-test@example.invalid"]);
+    with_env(&mut init);
+    run(&mut init);
+    env
+}
+
+#[test]
+fn docker_credential_helpers_give_the_login() {
+    if !have_tools(&[
+        "python3",
+        "openssl",
+        "docker-registry",
+        "mke2fs",
+        "debugfs",
+        "gpg",
+        "pass",
+        "docker-credential-pass",
+    ]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let reg = Registry::start_with(
+        d,
+        Some(TokenAuth {
+            user: "builder",
+            password: "s3cret",
+        }),
+    );
+    let lay = layout(d, true);
+    let base = reg.push_layout_as(&lay, "base", "edge/tiny:base", Some("builder:s3cret"));
+    // `docker login` with a credsStore keeps the password in the helper's store, not the file.
+    let env = pass_store(d);
+    let mut store = Command::new("docker-credential-pass");
+    store.arg("store").envs(env.iter().map(|(k, v)| (k, v)));
+    let mut child = store.stdin(std::process::Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(
+        child.stdin.as_mut().unwrap(),
+        format!(
+            r#"{{"ServerURL":"{}","Username":"builder","Secret":"s3cret"}}"#,
+            reg.addr
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+    let docker = d.join("docker");
+    std::fs::create_dir_all(&docker).unwrap();
+    let build_with = |config: &str| {
+        std::fs::write(docker.join("config.json"), config).unwrap();
+        kiln_with_auth(d, &d.join("no-such-auth.json"))
+            .env("DOCKER_CONFIG", &docker)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .args(["build", "--node", "edge-1", "--insecure", "--cluster"])
+            .arg(bootc_cluster(d))
+            .args(["--base", &base, "--out"])
+            .arg(d.join("out"))
+            .output()
+            .unwrap()
+    };
+
+    // A helper that is not installed: said, and the registry's refusal comes with the login hint.
+    let o = build_with(&format!(
+        r#"{{"credHelpers":{{"{}":"kiln-no-such-helper"}}}}"#,
+        reg.addr
+    ));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("docker-credential-kiln-no-such-helper") && err.contains("log in"),
+        "{err}"
+    );
+    assert_no_image(d);
+
+    // The store named for every registry: the build pulls with the helper's credentials.
+    let before = reg.token_requests().len();
+    let o = build_with(r#"{"credsStore":"pass"}"#);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(d.join("out/edge-1.raw").is_file());
+    let requests = reg.token_requests();
+    assert!(
+        requests[before..].iter().any(|r| r["user"] == "builder"
+            && r["granted"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|g| g["name"] == "edge/tiny")),
+        "kiln's requests: {:?}",
+        &requests[before..]
+    );
+    let mut stop_agent = Command::new("gpgconf");
+    stop_agent
+        .args(["--kill", "gpg-agent"])
+        .envs(env.iter().map(|(k, v)| (k, v)));
+    let _ = stop_agent.status();
+}
+
 #[test]
 fn bootupd_files_without_a_fallback_loader_are_named() {
     if !have_tools(&["python3"]) {

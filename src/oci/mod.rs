@@ -4,6 +4,7 @@
 
 pub mod append;
 pub mod blobs;
+pub mod credentials;
 pub mod image;
 pub mod layer;
 pub mod layout;

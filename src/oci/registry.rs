@@ -1,13 +1,11 @@
-//! Registries through oci-client: token and basic auth (credentials from the usual auth files),
+//! Registries through oci-client: token and basic auth (credentials from `credentials`),
 //! HTTPS, or plain HTTP for a local registry with `--insecure`; multi-arch indexes resolved to the
 //! wanted platform; every blob verified and cached by digest.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use base64::Engine;
 use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use serde_json::Value;
 
@@ -58,9 +56,10 @@ fn hint(e: oci_client::errors::OciDistributionError, what: &str, insecure: bool)
         || text.contains("Not authorized")
         || text.contains("denied")
     {
-        " (the registry wants credentials: log in with `skopeo login` or `podman login`; kiln \
-         reads $REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json, \
-         ~/.config/containers/auth.json and ~/.docker/config.json)"
+        " (the registry wants credentials: log in with `skopeo login`, `podman login` or \
+         `docker login`; kiln reads $REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json, \
+         ~/.config/containers/auth.json and ~/.docker/config.json, and the credential helpers \
+         they name)"
     } else if text.contains("http://")
         || text.contains("https://")
         || text.contains("error sending request")
@@ -80,7 +79,7 @@ fn hint(e: oci_client::errors::OciDistributionError, what: &str, insecure: bool)
 pub fn pull(r: &str, opts: &PullOptions, store: &BlobStore) -> Result<Image> {
     let reference = parse_reference(r)?;
     let client = client(&reference, opts.insecure);
-    let auth = auth_for(reference.resolve_registry());
+    let auth = super::credentials::auth_for(reference.resolve_registry());
     runtime()?.block_on(async {
         let (mut bytes, mut digest) = client
             .pull_manifest_raw(&reference, &auth, ACCEPT)
@@ -150,7 +149,7 @@ pub fn push(
 ) -> Result<String> {
     let reference = parse_reference(r)?;
     let client = client(&reference, insecure);
-    let auth = auth_for(reference.resolve_registry());
+    let auth = super::credentials::auth_for(reference.resolve_registry());
     runtime()?.block_on(async {
         client
             .auth(&reference, &auth, oci_client::RegistryOperation::Push)
@@ -181,66 +180,4 @@ pub fn push(
             .map_err(|e| hint(e, "pushing the manifest", insecure))?;
         Ok(digest_of(manifest))
     })
-}
-
-/// Credentials for `registry` from the files podman, skopeo and docker write on login.
-pub fn auth_for(registry: &str) -> RegistryAuth {
-    let mut files: Vec<PathBuf> = Vec::new();
-    if let Some(f) = std::env::var_os("REGISTRY_AUTH_FILE") {
-        files.push(f.into());
-    }
-    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
-        files.push(Path::new(&d).join("containers/auth.json"));
-    }
-    if let Some(h) = dirs::home_dir() {
-        files.push(h.join(".config/containers/auth.json"));
-        files.push(h.join(".docker/config.json"));
-    }
-    for f in files {
-        if let Some(auth) = auth_from_file(&f, registry) {
-            return auth;
-        }
-    }
-    RegistryAuth::Anonymous
-}
-
-fn auth_from_file(file: &Path, registry: &str) -> Option<RegistryAuth> {
-    let v: Value = serde_json::from_slice(&std::fs::read(file).ok()?).ok()?;
-    let auths = v["auths"].as_object()?;
-    let entry = auths.iter().find(|(k, _)| {
-        let k = k
-            .trim_start_matches("https://")
-            .trim_start_matches("http://");
-        k == registry || k.split('/').next() == Some(registry)
-    })?;
-    let encoded = entry.1["auth"].as_str()?;
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded)
-        .ok()?;
-    let text = String::from_utf8(decoded).ok()?;
-    let (user, pass) = text.split_once(':')?;
-    Some(RegistryAuth::Basic(user.to_string(), pass.to_string()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn credentials_from_an_auth_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("auth.json");
-        std::fs::write(
-            &f,
-            r#"{"auths":{"registry.local:5000":{"auth":"YWxpY2U6czNjcmV0"}}}"#,
-        )
-        .unwrap();
-        match auth_from_file(&f, "registry.local:5000") {
-            Some(RegistryAuth::Basic(u, p)) => {
-                assert_eq!((u.as_str(), p.as_str()), ("alice", "s3cret"))
-            }
-            other => panic!("{other:?}"),
-        }
-        assert!(auth_from_file(&f, "other:5000").is_none());
-    }
 }
