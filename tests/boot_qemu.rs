@@ -90,29 +90,15 @@ fn stamped_hypriot_layout_boots_with_cloud_init() {
 
     // `kiln run` boots it: OVMF, TCG here, a NIC on an empty hub, the console in a log; it ends
     // when cloud-init's closing line ("… finished at …", after runcmd's marker) appears.
-    let serial = dir.path().join("serial.log");
-    let booted = kiln(&dir.path().join("cache"))
-        .arg("run")
-        .arg(out.join("pirate-probe.img"))
-        .args(["--until", "finished at", "--timeout", "600", "--log"])
-        .arg(&serial)
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default()).into_owned();
-    assert!(
-        booted.status.success(),
-        "kiln run: {}",
-        String::from_utf8_lossy(&booted.stderr)
+    let args = ["--until", "finished at", "--timeout", "600"];
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    let log = boot(
+        &dir.path().join("cache"),
+        &out.join("pirate-probe.img"),
+        &args,
+        &dir.path().join("serial.log"),
     );
-    let tail: String = log
-        .lines()
-        .rev()
-        .take(40)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect::<Vec<_>>()
-        .join("\n");
+    let tail = last_lines(&log, 40);
     assert!(
         log.contains("KILN-BOOT-MARKER-DONE"),
         "no runcmd marker on the serial console; last lines:\n{tail}"

@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -84,6 +85,23 @@ fn build(cache: &Path, cluster: &Path, base: &str, out: &Path, format: &str) -> 
         .arg("--out")
         .arg(out));
     out.join(format!("edge-1.{format}"))
+}
+
+/// `kiln run` arguments for edge-1 with its NoCloud seed, until cloud-init's closing line.
+fn seeded_run(cluster: &Path) -> Vec<&OsStr> {
+    let mut args: Vec<&OsStr> = [
+        "--seed",
+        "edge-1",
+        "--until",
+        "finished at",
+        "--timeout",
+        "600",
+    ]
+    .iter()
+    .map(OsStr::new)
+    .collect();
+    args.extend([OsStr::new("--cluster"), cluster.as_os_str()]);
+    args
 }
 
 fn file_sha(p: &Path) -> String {
@@ -166,23 +184,12 @@ fn registry_image_becomes_raw_and_qcow2_disks_that_boot_with_cloud_init() {
     );
 
     // Boot the RAW with the node's NoCloud seed: cloud-init runs to the end and names the host.
-    let log = dir.path().join("console.log");
-    run(kiln(&cache1)
-        .arg("run")
-        .arg(&raw)
-        .args([
-            "--seed",
-            "edge-1",
-            "--until",
-            "finished at",
-            "--timeout",
-            "600",
-        ])
-        .arg("--cluster")
-        .arg(&cluster)
-        .arg("--log")
-        .arg(&log));
-    let console = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+    let console = boot(
+        &cache1,
+        &raw,
+        &seeded_run(&cluster),
+        &dir.path().join("console.log"),
+    );
     assert!(console.contains("Cloud-init v."), "{console}");
     assert!(
         console.contains("edge-1 login:") || console.contains("root@edge-1"),
@@ -420,16 +427,7 @@ fn a_shim_and_grub_image_boots_through_grub() {
     assert_eq!(stat_in_root(&raw, "/usr/lib/systemd/boot/efi").0, "0755");
 
     // It boots: OVMF starts shim, shim starts GRUB, GRUB the kernel; cloud-init names the host.
-    let log = d.join("console.log");
-    run(kiln(&cache)
-        .arg("run")
-        .arg(&raw)
-        .args(["--seed", "edge-1", "--until", "finished at"])
-        .args(["--timeout", "600", "--cluster"])
-        .arg(&cluster)
-        .arg("--log")
-        .arg(&log));
-    let console = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+    let console = boot(&cache, &raw, &seeded_run(&cluster), &d.join("console.log"));
     assert!(console.contains("Welcome to GRUB"), "{console}");
     assert!(
         console.contains("edge-1 login:") || console.contains("root@edge-1"),
@@ -503,14 +501,16 @@ fn an_arm64_image_becomes_a_disk_that_boots_under_aavmf() {
     assert_fsck_clean("e2fsck", format!("{}?offset={ROOT_OFFSET}", raw.display()));
 
     // AAVMF -> systemd-boot -> the kernel and initramfs with kiln's command line.
-    let log = d.join("console.log");
-    run(kiln(&cache)
-        .arg("run")
-        .arg(&raw)
-        .args(["--arch", "aarch64", "--until", "kiln-arm64-init:"])
-        .args(["--timeout", "600", "--log"])
-        .arg(&log));
-    let console = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+    let args = [
+        "--arch",
+        "aarch64",
+        "--until",
+        "kiln-arm64-init:",
+        "--timeout",
+        "600",
+    ];
+    let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+    let console = boot(&cache, &raw, &args, &d.join("console.log"));
     let line = console
         .lines()
         .find(|l| l.starts_with("kiln-arm64-init:"))

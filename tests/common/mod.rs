@@ -65,6 +65,36 @@ pub fn stdout(cmd: &mut Command) -> String {
     String::from_utf8(run(cmd).stdout).expect("utf-8 output")
 }
 
+/// Boots `image` with `kiln run IMAGE ARGS --log LOG` and returns what the serial console showed;
+/// when kiln run fails (timeout, QEMU error) the panic carries its stderr and the console's last
+/// 60 lines, which is where a boot that went wrong says why.
+pub fn boot(cache: &Path, image: &Path, args: &[&std::ffi::OsStr], log: &Path) -> String {
+    let out = kiln(cache)
+        .arg("run")
+        .arg(image)
+        .args(args)
+        .arg("--log")
+        .arg(log)
+        .output()
+        .unwrap();
+    let console = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
+    assert!(
+        out.status.success(),
+        "kiln run {} failed ({}): {}\nlast console lines:\n{}",
+        image.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        last_lines(&console, 60)
+    );
+    console
+}
+
+/// The last `n` lines of `text`.
+pub fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// Makes the sfdisk + mkfs.vfat + mkfs.ext4 HypriotOS-layout fixture.
 pub fn hypriot_fixture(dir: &Path) -> PathBuf {
     let img = dir.join("hypriot-layout.img");
