@@ -41,17 +41,8 @@ impl Drop for Loop {
 }
 
 fn can_loop() -> bool {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0"))
-        .unwrap_or(false);
-    if !root || !Path::new("/dev/loop-control").exists() {
-        if std::env::var("KILN_REQUIRE_TOOLS").as_deref() == Ok("1") {
-            panic!("flash tests need root and loop devices");
-        }
-        eprintln!("SKIPPED: flash tests need root and loop devices");
-        return false;
+    if !is_root() || !Path::new("/dev/loop-control").exists() {
+        return skip("flash tests need root and loop devices");
     }
     have_tools(&[
         "losetup",

@@ -24,17 +24,9 @@ impl Drop for Sshd {
 }
 
 fn start_sshd(dir: &Path) -> Option<Sshd> {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0"))
-        .unwrap_or(false);
     let sshd = Path::new("/usr/sbin/sshd");
-    if !root || !sshd.exists() || !have_tools(&["ssh", "scp", "ssh-keygen"]) {
-        if std::env::var("KILN_REQUIRE_TOOLS").as_deref() == Ok("1") {
-            panic!("install tests need root, sshd, ssh and scp");
-        }
-        eprintln!("SKIPPED: install tests need root, sshd, ssh and scp");
+    if !is_root() || !sshd.exists() || !have_tools(&["ssh", "scp", "ssh-keygen"]) {
+        skip("install tests need root, sshd, ssh and scp");
         return None;
     }
     for (name, _) in [("host", ()), ("client", ())] {

@@ -196,6 +196,21 @@ fn kiln_with_auth(dir: &Path, auth_file: &Path) -> Command {
     c
 }
 
+/// A registry behind a token server that lets `builder`/`s3cret` in, holding the tiny image as
+/// `edge/tiny:base`; the registry and the image's reference.
+fn token_registry(d: &Path) -> (Registry, String) {
+    let reg = Registry::start_with(
+        d,
+        Some(TokenAuth {
+            user: "builder",
+            password: "s3cret",
+        }),
+    );
+    let lay = layout(d, true);
+    let base = reg.push_layout_as(&lay, "base", "edge/tiny:base", Some("builder:s3cret"));
+    (reg, base)
+}
+
 #[test]
 fn a_token_auth_registry_needs_a_login_then_pulls_and_pushes() {
     if !have_tools(&[
@@ -210,15 +225,7 @@ fn a_token_auth_registry_needs_a_login_then_pulls_and_pushes() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let reg = Registry::start_with(
-        d,
-        Some(TokenAuth {
-            user: "builder",
-            password: "s3cret",
-        }),
-    );
-    let lay = layout(d, true);
-    let base = reg.push_layout_as(&lay, "base", "edge/tiny:base", Some("builder:s3cret"));
+    let (reg, base) = token_registry(d);
     let build_with = |auth: &Path| {
         kiln_with_auth(d, auth)
             .args(["build", "--node", "edge-1", "--insecure", "--cluster"])
@@ -336,15 +343,7 @@ fn docker_credential_helpers_give_the_login() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let reg = Registry::start_with(
-        d,
-        Some(TokenAuth {
-            user: "builder",
-            password: "s3cret",
-        }),
-    );
-    let lay = layout(d, true);
-    let base = reg.push_layout_as(&lay, "base", "edge/tiny:base", Some("builder:s3cret"));
+    let (reg, base) = token_registry(d);
     // `docker login` with a credsStore keeps the password in the helper's store, not the file.
     let env = pass_store(d);
     let mut store = Command::new("docker-credential-pass");

@@ -28,17 +28,8 @@ const TOOLS: &[&str] = &[
 ];
 
 fn ready() -> bool {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0"))
-        .unwrap_or(false);
-    if !root {
-        if std::env::var("KILN_REQUIRE_TOOLS").as_deref() == Ok("1") {
-            panic!("the pmOS fixture needs root (losetup --sector-size 4096)");
-        }
-        eprintln!("SKIPPED: the pmOS fixture needs root");
-        return false;
+    if !is_root() {
+        return skip("the pmOS fixture needs root (losetup --sector-size 4096)");
     }
     have_tools(TOOLS)
 }

@@ -32,11 +32,24 @@ pub fn have_tools(tools: &[&str]) -> bool {
     if missing.is_empty() {
         return true;
     }
+    skip(&format!("missing tools {}", missing.join(", ")))
+}
+
+/// Skips the calling test (returns false) with `why` — or, under KILN_REQUIRE_TOOLS=1, fails it.
+pub fn skip(why: &str) -> bool {
     if std::env::var("KILN_REQUIRE_TOOLS").as_deref() == Ok("1") {
-        panic!("required tools missing: {}", missing.join(", "));
+        panic!("test prerequisites missing: {why}");
     }
-    eprintln!("SKIPPED: missing tools {}", missing.join(", "));
+    eprintln!("SKIPPED: {why}");
     false
+}
+
+/// Whether the tests run as root (loop devices, chroots, mounts need it).
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 pub fn which(tool: &str) -> Option<PathBuf> {
