@@ -337,18 +337,7 @@ fn a_full_disk_is_named_and_what_was_there_stays() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = example_cluster("ceil", dir.path());
     let build = |cache: &Path, out: &Path| {
-        kiln(cache)
-            .args([
-                "build",
-                "--node",
-                "ceil-one",
-                "--base",
-                "sample",
-                "--cluster",
-            ])
-            .arg(&cluster)
-            .arg("--out")
-            .arg(out)
+        build_command(cache, &cluster, "ceil-one", "sample".as_ref(), out)
             .output()
             .unwrap()
     };

@@ -399,18 +399,7 @@ fn quick_start_sample_builds_offline() {
     let cluster = example_cluster("ceil", dir.path());
     let cache = dir.path().join("cache");
     let out = dir.path().join("out");
-    run(kiln(&cache)
-        .args([
-            "build",
-            "--node",
-            "ceil-one",
-            "--base",
-            "sample",
-            "--cluster",
-        ])
-        .arg(&cluster)
-        .arg("--out")
-        .arg(&out));
+    build(&cache, &cluster, "ceil-one", "sample".as_ref(), &out);
     let img = out.join("ceil-one.img");
     let boot = dir.path().join("boot.fat");
     extract(&img, 1 << 20, 64 << 20, &boot);

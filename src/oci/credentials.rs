@@ -2,16 +2,18 @@
 //! auth files (`auths`, base64 `user:password`) and the credential helpers they name
 //! (`credHelpers` per registry, `credsStore` for all), run the way docker runs them.
 
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 
 use base64::Engine;
 use oci_client::secrets::RegistryAuth;
 use serde_json::Value;
 
 /// The auth files in the order podman and skopeo read them, then docker's.
-pub fn auth_files() -> Vec<PathBuf> {
+fn auth_files() -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = Vec::new();
     if let Some(f) = std::env::var_os("REGISTRY_AUTH_FILE") {
         files.push(f.into());
@@ -104,11 +106,19 @@ fn from_helper(name: &str, registry: &str, file: &Path) -> Option<RegistryAuth> 
     let mut child = match child {
         Ok(c) => c,
         Err(e) => {
-            eprintln!(
-                "warning: {} names the credential helper {program}, which cannot run ({e}); \
-                 going on without credentials for {registry}",
-                file.display()
-            );
+            // Once per helper and registry: a build asks again for every node and every push.
+            static WARNED: Mutex<BTreeSet<(String, String)>> = Mutex::new(BTreeSet::new());
+            let first = WARNED
+                .lock()
+                .map(|mut w| w.insert((program.clone(), registry.to_string())))
+                .unwrap_or(true);
+            if first {
+                eprintln!(
+                    "warning: {} names the credential helper {program}, which cannot run ({e}); \
+                     going on without credentials for {registry}",
+                    file.display()
+                );
+            }
             return None;
         }
     };

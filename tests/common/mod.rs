@@ -169,13 +169,25 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// `kiln build --node NODE --cluster CLUSTER --base BASE --out OUT`, which must succeed.
 pub fn build(cache: &Path, cluster: &Path, node: &str, base: &std::ffi::OsStr, out: &Path) {
-    run(kiln(cache)
-        .args(["build", "--node", node, "--cluster"])
+    run(&mut build_command(cache, cluster, node, base, out));
+}
+
+/// `kiln build --node NODE --cluster CLUSTER --base BASE --out OUT`, not yet run.
+pub fn build_command(
+    cache: &Path,
+    cluster: &Path,
+    node: &str,
+    base: &std::ffi::OsStr,
+    out: &Path,
+) -> Command {
+    let mut c = kiln(cache);
+    c.args(["build", "--node", node, "--cluster"])
         .arg(cluster)
         .arg("--base")
         .arg(base)
         .arg("--out")
-        .arg(out));
+        .arg(out);
+    c
 }
 
 /// A small UEFI disk (GPT, FAT32 ESP, ext4 root) made by sgdisk, mkfs.vfat and mkfs.ext4.
