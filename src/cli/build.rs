@@ -72,7 +72,11 @@ pub fn run(
                 eprintln!("error: {}: {e:#}", node.name);
                 full_disk = full_disk.or_else(|| {
                     let cache = kiln::source::cache::Cache::location().unwrap_or_default();
-                    kiln::util::diskfull::hint(&e, &[("output", &opts.out_dir), ("cache", &cache)])
+                    kiln::util::diskfull::hint(
+                        &e,
+                        &[("output", &opts.out_dir), ("cache", &cache)],
+                        true,
+                    )
                 });
                 failed.push(node.name.clone());
             }

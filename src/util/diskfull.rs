@@ -1,12 +1,13 @@
 //! "No space left on device", explained: which of kiln's directories is short, how much is free
-//! there, and where to point kiln instead. Partial files are already gone by the time this prints
-//! (every writer goes through a temporary name and removes it on error).
+//! there, and where to point kiln instead.
 
 use std::path::Path;
 
 /// The hint for an error whose cause is a full disk or an exhausted quota, `None` otherwise.
-/// `dirs` are the places kiln was writing, with what they are ("cache", "output").
-pub fn hint(e: &anyhow::Error, dirs: &[(&str, &Path)]) -> Option<String> {
+/// `dirs` are the places kiln was writing, with what they are ("cache", "output"). `cleaned_up`
+/// says the caller's temporaries are known to be gone (true of `kiln build`, whose writers all go
+/// through a temporary name and remove it on error, and whose tests check it).
+pub fn hint(e: &anyhow::Error, dirs: &[(&str, &Path)], cleaned_up: bool) -> Option<String> {
     let full = e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>().is_some_and(|io| {
             matches!(
@@ -18,7 +19,11 @@ pub fn hint(e: &anyhow::Error, dirs: &[(&str, &Path)]) -> Option<String> {
     if !full {
         return None;
     }
-    let mut text = String::from("a disk filled up; kiln removed what it had half written.");
+    let mut text = String::from(if cleaned_up {
+        "a disk filled up; kiln removed what it had half written."
+    } else {
+        "a disk filled up."
+    });
     for (what, dir) in dirs {
         if let Some(free) = free_bytes(dir) {
             text.push_str(&format!(
@@ -65,14 +70,14 @@ mod tests {
         let full: anyhow::Result<()> =
             Err(std::io::Error::from(std::io::ErrorKind::StorageFull)).context("writing out/x.img");
         let e = full.unwrap_err();
-        let text = hint(&e, &[("output", Path::new("/"))]).unwrap();
+        let text = hint(&e, &[("output", Path::new("/"))], true).unwrap();
         assert!(text.contains("output: / has "), "{text}");
         assert!(text.contains("KILN_CACHE_DIR"), "{text}");
 
         let other: anyhow::Result<()> =
             Err(std::io::Error::from(std::io::ErrorKind::NotFound)).context("reading x");
-        assert!(hint(&other.unwrap_err(), &[]).is_none());
-        assert!(hint(&anyhow::anyhow!("no space in the name only"), &[]).is_none());
+        assert!(hint(&other.unwrap_err(), &[], true).is_none());
+        assert!(hint(&anyhow::anyhow!("no space in the name only"), &[], true).is_none());
     }
 
     #[test]
