@@ -387,3 +387,191 @@ fn a_full_disk_is_named_and_what_was_there_stays() {
     assert!(left.is_empty(), "the cache kept {left:?}");
     only_fixture_files_left(&out);
 }
+
+/// Runs `kiln check` on a cluster file in `dir` with `env`, failing the test if it takes a minute
+/// (a FIFO or /dev/zero once made kiln wait or read forever).
+fn check_in(dir: &Path, text: &str, env: &[(&str, &Path)]) -> (bool, String) {
+    let path = dir.join("cluster.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut cmd = kiln(&dir.join("cache"));
+    cmd.arg("check").arg("--cluster").arg(&path);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("kiln check hung on:\n{text}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "{err}");
+    (out.status.success(), err)
+}
+
+#[test]
+fn files_named_by_a_cluster_file_stay_in_its_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let node_key = |key: &str| {
+        GOOD.replace(
+            "[[node]]\nname = \"one\"\n",
+            &format!("[[node]]\nname = \"one\"\n{key}\n"),
+        )
+    };
+    for (key, line) in [
+        (r#"boot = { config_txt = "/etc/shadow" }"#, "config_txt"),
+        (r#"user_data = "/etc/shadow""#, "user_data"),
+        (r#"user_data = "../../../../../../etc/shadow""#, "user_data"),
+        (r#"user_data = "/dev/zero""#, "user_data"),
+    ] {
+        let (ok, err) = check_in(dir.path(), &node_key(key), &[]);
+        assert!(!ok, "accepted {key}");
+        assert!(
+            err.contains("cluster.toml:10:")
+                && err.contains("outside")
+                && err.contains("KILN_ALLOW_PATHS"),
+            "{key}: {line} not named with the way out:\n{err}"
+        );
+        assert!(
+            !err.contains("root:"),
+            "the host's file leaked into the message:\n{err}"
+        );
+    }
+    let secret = format!(
+        "{GOOD}\n[defaults.wifi]\nssid = \"ceil\"\npsk = {{ file = \"../../../../etc/shadow\" }}\ncountry = \"DE\"\n"
+    );
+    let (ok, err) = check_in(dir.path(), &secret, &[]);
+    assert!(!ok && err.contains("outside"), "{err}");
+
+    // A directory the user allows, outside the cluster's, is read.
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::fs::write(elsewhere.path().join("wifi.psk"), "not-a-real-psk\n").unwrap();
+    let allowed = format!(
+        "{GOOD}\n[defaults.wifi]\nssid = \"ceil\"\npsk = {{ file = \"{}\" }}\ncountry = \"DE\"\n",
+        elsewhere.path().join("wifi.psk").display()
+    );
+    let (ok, err) = check_in(dir.path(), &allowed, &[]);
+    assert!(!ok && err.contains("outside"), "{err}");
+    let (ok, err) = check_in(
+        dir.path(),
+        &allowed,
+        &[("KILN_ALLOW_PATHS", elsewhere.path())],
+    );
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn a_fifo_or_an_oversized_file_is_refused_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    nix::unistd::mkfifo(
+        &dir.path().join("user-data.yaml"),
+        nix::sys::stat::Mode::S_IRWXU,
+    )
+    .unwrap();
+    let with = |key: &str| {
+        GOOD.replace(
+            "[[node]]\nname = \"one\"\n",
+            &format!("[[node]]\nname = \"one\"\n{key}\n"),
+        )
+    };
+    let (ok, err) = check_in(dir.path(), &with(r#"user_data = "user-data.yaml""#), &[]);
+    assert!(
+        !ok && err.contains("a FIFO") && err.contains("cluster.toml:10:"),
+        "{err}"
+    );
+
+    // A secret of 1 MiB is no secret: the cap names the key's file and its size.
+    std::fs::write(dir.path().join("big.psk"), vec![b'x'; 1 << 20]).unwrap();
+    let big = format!(
+        "{GOOD}\n[defaults.wifi]\nssid = \"ceil\"\npsk = {{ file = \"big.psk\" }}\ncountry = \"DE\"\n"
+    );
+    let (ok, err) = check_in(dir.path(), &big, &[]);
+    assert!(
+        !ok && err.contains("1048576 bytes") && err.contains("64 KiB"),
+        "{err}"
+    );
+}
+
+/// A boot partition of 4 GiB (FAT32, sparse) is stamped under a 2 GiB address-space limit: the
+/// partition is edited copy-on-write, never read into memory whole (it once was, and an 8 GiB one
+/// took 8 GiB of RAM).
+#[test]
+fn a_huge_boot_partition_is_stamped_without_reading_it_into_memory() {
+    if !have_tools(&[
+        "sfdisk",
+        "mkfs.vfat",
+        "mcopy",
+        "mtype",
+        "mkfs.ext4",
+        "prlimit",
+    ]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("big.img");
+    let (boot, root) = (4u64 << 30, 64u64 << 20);
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len((1 << 20) + boot + root)
+        .unwrap();
+    let mut sfdisk = Command::new("sfdisk")
+        .arg("--quiet")
+        .arg(&img)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    write!(
+        sfdisk.stdin.take().unwrap(),
+        "label: dos\nlabel-id: 0x5452574f\nstart=2048, size={}, type=c\nstart={}, size={}, type=83\n",
+        boot / 512,
+        2048 + boot / 512,
+        root / 512
+    )
+    .unwrap();
+    assert!(sfdisk.wait().unwrap().success());
+    run(Command::new("mkfs.vfat")
+        .args(["-F", "32", "-n", "HypriotOS", "--offset", "2048"])
+        .arg(&img)
+        .arg((boot / 1024).to_string()));
+    for (name, text) in [
+        ("user-data", "#cloud-config\nhostname: black-pearl\n"),
+        ("meta-data", "instance-id: pirate001\n"),
+        ("config.txt", "enable_uart=0\n"),
+        ("cmdline.txt", "console=tty1 root=/dev/mmcblk0p2 rootwait\n"),
+    ] {
+        std::fs::write(dir.path().join(name), text).unwrap();
+        run(Command::new("mcopy")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-i")
+            .arg(format!("{}@@1M", img.display()))
+            .arg(dir.path().join(name))
+            .arg("::/"));
+    }
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-L", "root", "-E"])
+        .arg(format!("offset={}", (1 << 20) + boot))
+        .arg(&img)
+        .arg("64M"));
+
+    let cluster = example_cluster("ceil", dir.path());
+    let out = dir.path().join("out");
+    let mut cmd = Command::new("prlimit");
+    cmd.arg(format!("--as={}", 2u64 << 30))
+        .arg(kiln_bin())
+        .env("KILN_CACHE_DIR", dir.path().join("cache"))
+        .args(["build", "--node", "ceil-one", "--cluster"])
+        .arg(&cluster)
+        .arg("--base")
+        .arg(&img)
+        .arg("--out")
+        .arg(&out);
+    run(&mut cmd);
+    let user_data =
+        String::from_utf8(mtype(&out.join("ceil-one.img"), 1 << 20, "user-data")).unwrap();
+    assert!(user_data.contains("hostname: ceil-one"), "{user_data}");
+}

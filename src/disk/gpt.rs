@@ -142,7 +142,15 @@ pub fn write<D: Write + Seek>(
     Ok(())
 }
 
+/// The largest entry array kiln reads: the UEFI minimum is 16 KiB (128 × 128 bytes) and every
+/// partitioning tool writes exactly that; 1 MiB leaves room for odd tools without letting a header
+/// make kiln allocate gigabytes.
+const MAX_ENTRY_ARRAY: u64 = 1 << 20;
+
 /// Reads the primary GPT of a disk whose first sector is a protective MBR.
+///
+/// Every number in the header is checked before it is multiplied or used to seek: a header is
+/// data from a download or a card, not a promise.
 pub fn read<D: Read + Seek>(disk: &mut D, sector: u64, size: u64) -> Result<DiskLayout> {
     let mut h = vec![0u8; sector as usize];
     disk.seek(SeekFrom::Start(sector))?;
@@ -165,22 +173,41 @@ pub fn read<D: Read + Seek>(disk: &mut D, sector: u64, size: u64) -> Result<Disk
     }
     let disk_guid = guid_from(&h[56..72]);
     let entries_lba = u64::from_le_bytes(h[72..80].try_into()?);
-    let count = u32::from_le_bytes(h[80..84].try_into()?);
-    let esize = u32::from_le_bytes(h[84..88].try_into()?);
+    let count = u64::from(u32::from_le_bytes(h[80..84].try_into()?));
+    let esize = u64::from(u32::from_le_bytes(h[84..88].try_into()?));
     let entries_crc = u32::from_le_bytes(h[88..92].try_into()?);
-    if esize < 128 || count > 1024 {
-        bail!("GPT entry array of {count} entries of {esize} bytes is not plausible");
+    // UEFI 2.10, 5.3.2: SizeOfPartitionEntry is 128 × 2^n.
+    if esize < 128 || !esize.is_power_of_two() {
+        bail!("GPT entry size {esize} is not 128 × 2^n bytes (UEFI 5.3.2)");
     }
-    let mut entries = vec![0u8; (count * esize) as usize];
-    disk.seek(SeekFrom::Start(entries_lba * sector))?;
+    let array_bytes = count
+        .checked_mul(esize)
+        .filter(|&b| b <= MAX_ENTRY_ARRAY)
+        .with_context(|| {
+            format!(
+                "the GPT header claims {count} entries of {esize} bytes, more than the {} KiB kiln reads",
+                MAX_ENTRY_ARRAY >> 10
+            )
+        })?;
+    let lbas = size / sector;
+    let array_end = entries_lba
+        .checked_mul(sector)
+        .and_then(|o| o.checked_add(array_bytes))
+        .filter(|&end| entries_lba >= 2 && end <= size)
+        .with_context(|| {
+            format!(
+                "the GPT entry array at LBA {entries_lba} lies outside the {size}-byte image (truncated download?)"
+            )
+        })?;
+    let mut entries = vec![0u8; array_bytes as usize];
+    disk.seek(SeekFrom::Start(array_end - array_bytes))?;
     disk.read_exact(&mut entries)
         .context("reading the GPT entries (truncated image?)")?;
     if crc32fast::hash(&entries) != entries_crc {
         bail!("the GPT entry array's CRC32 does not match (a damaged table)");
     }
     let mut partitions = Vec::new();
-    for i in 0..count as usize {
-        let e = &entries[i * esize as usize..(i + 1) * esize as usize];
+    for (i, e) in entries.chunks_exact(esize as usize).enumerate() {
         if e[0..16].iter().all(|&b| b == 0) {
             continue;
         }
@@ -188,6 +215,15 @@ pub fn read<D: Read + Seek>(disk: &mut D, sector: u64, size: u64) -> Result<Disk
         let last = u64::from_le_bytes(e[40..48].try_into()?);
         if last < first {
             bail!("GPT partition {} ends before it starts", i + 1);
+        }
+        // Partitions past the end are reported by the caller as a truncated image; here only
+        // what cannot even be expressed in bytes is refused.
+        let end = last.checked_add(1).and_then(|l| l.checked_mul(sector));
+        if first == 0 || end.is_none() {
+            bail!(
+                "GPT partition {} spans LBA {first}..={last}, impossible on a disk of {lbas} sectors",
+                i + 1
+            );
         }
         let name: Vec<u16> = e[56..128]
             .chunks(2)
@@ -255,5 +291,51 @@ mod tests {
                 .to_string()
                 .contains("CRC32")
         );
+    }
+
+    /// A header with `count` entries of `esize` bytes at `entries_lba`, CRCs valid.
+    fn forged_header(count: u32, esize: u32, entries_lba: u64, entries: &[u8]) -> Vec<u8> {
+        let mut h = vec![0u8; 512];
+        h[0..8].copy_from_slice(SIGNATURE);
+        h[12..16].copy_from_slice(&HEADER_SIZE.to_le_bytes());
+        h[72..80].copy_from_slice(&entries_lba.to_le_bytes());
+        h[80..84].copy_from_slice(&count.to_le_bytes());
+        h[84..88].copy_from_slice(&esize.to_le_bytes());
+        h[88..92].copy_from_slice(&crc32fast::hash(entries).to_le_bytes());
+        let crc = crc32fast::hash(&h[..HEADER_SIZE as usize]);
+        h[16..20].copy_from_slice(&crc.to_le_bytes());
+        h
+    }
+
+    #[test]
+    fn hostile_headers_are_refused_without_overflow_or_huge_allocations() {
+        let size = 1u64 << 20;
+        let disk = |header: Vec<u8>| {
+            let mut d = vec![0u8; size as usize];
+            d[512..1024].copy_from_slice(&header);
+            Cursor::new(d)
+        };
+        // 1024 entries of 4 MiB, CRCs valid for what would be read: refused before reading.
+        let e = read(&mut disk(forged_header(1024, 4 << 20, 2, &[])), 512, size).unwrap_err();
+        assert!(e.to_string().contains("more than the 1024 KiB"), "{e}");
+        // Entry sizes that are not 128 × 2^n, and arrays past the end or at absurd LBAs.
+        for (count, esize, lba) in [
+            (128, 129, 2),
+            (128, 0, 2),
+            (128, 128, u64::MAX / 256),
+            (128, 128, 0),
+        ] {
+            let e = read(&mut disk(forged_header(count, esize, lba, &[])), 512, size).unwrap_err();
+            assert!(!e.to_string().is_empty());
+        }
+        // A valid array whose one partition ends at the last LBA expressible: no overflow.
+        let mut entries = vec![0u8; 128 * 128];
+        entries[0..16].copy_from_slice(&guid_bytes(&TYPE_ESP));
+        entries[32..40].copy_from_slice(&34u64.to_le_bytes());
+        entries[40..48].copy_from_slice(&u64::MAX.to_le_bytes());
+        let mut d = disk(forged_header(128, 128, 2, &entries));
+        d.get_mut()[1024..1024 + entries.len()].copy_from_slice(&entries);
+        let e = read(&mut d, 512, size).unwrap_err();
+        assert!(e.to_string().contains("impossible"), "{e}");
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod assemble;
 pub mod bootloader;
+pub mod cow;
 pub mod gpt;
 pub mod slice;
 
@@ -15,6 +16,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
+pub use cow::CowDevice;
 pub use slice::PartitionSlice;
 
 /// Byte offset of the 32-bit disk signature in an MBR.
@@ -40,7 +42,7 @@ pub struct Partition {
 
 impl Partition {
     pub fn end(&self) -> u64 {
-        self.start + self.size
+        self.start.saturating_add(self.size)
     }
 }
 
@@ -98,6 +100,7 @@ pub fn read_layout<D: Read + Seek>(disk: &mut D, sector_size: u64) -> Result<Dis
     if sector[510..512] != [0x55, 0xaa] {
         bail!("no partition table: the first sector lacks the 0x55AA boot signature");
     }
+    check_mbr_entries(disk, &sector, sector_size, size)?;
     disk.seek(SeekFrom::Start(0))?;
     let mbr = mbrman::MBR::read_from(disk, sector_size as u32).context("reading the MBR")?;
     let mut partitions = Vec::new();
@@ -129,6 +132,79 @@ pub fn read_layout<D: Read + Seek>(disk: &mut D, sector_size: u64) -> Result<Dis
     };
     check_ends(&layout)?;
     Ok(layout)
+}
+
+/// At most this many logical partitions are followed in an extended partition's EBR chain.
+const MAX_LOGICAL: usize = 128;
+
+/// Checks the MBR's entries, and the EBR chain of an extended partition, for what mbrman 0.6
+/// turns into a panic or an overflow: used entries at LBA 0 (its alignment search then has no
+/// candidate), and start sectors whose u32 sums wrap. Sums are done here in u64.
+fn check_mbr_entries<D: Read + Seek>(
+    disk: &mut D,
+    mbr: &[u8; 512],
+    sector_size: u64,
+    size: u64,
+) -> Result<()> {
+    let entry = |s: &[u8], i: usize| {
+        let e = &s[446 + 16 * i..446 + 16 * (i + 1)];
+        let start = u64::from(u32::from_le_bytes([e[8], e[9], e[10], e[11]]));
+        (e[4], start)
+    };
+    let is_extended = |sys: u8| matches!(sys, 0x05 | 0x0f | 0x85 | 0xc5 | 0xd5);
+    let mut extended = None;
+    for i in 0..4 {
+        let (sys, start) = entry(mbr, i);
+        if sys == 0 {
+            continue;
+        }
+        if start == 0 {
+            bail!(
+                "MBR partition {} starts at sector 0, on top of the partition table: a damaged or hand-made table",
+                i + 1
+            );
+        }
+        if is_extended(sys) && extended.is_none() {
+            extended = Some(start);
+        }
+    }
+    let Some(ext_start) = extended else {
+        return Ok(());
+    };
+    let mut relative = 0u64;
+    let mut ebr = [0u8; 512];
+    for _ in 0..MAX_LOGICAL {
+        let at = ext_start + relative;
+        let offset = at.saturating_mul(sector_size);
+        if at > u64::from(u32::MAX) {
+            bail!(
+                "an EBR of the extended partition lies past sector 2^32: a damaged extended partition"
+            );
+        }
+        if offset.saturating_add(512) > size {
+            // mbrman stops (first EBR) or fails (later ones) with an I/O error itself.
+            return Ok(());
+        }
+        disk.seek(SeekFrom::Start(offset))?;
+        disk.read_exact(&mut ebr)?;
+        if ebr[510..512] != [0x55, 0xaa] {
+            return Ok(());
+        }
+        let (_, start) = entry(&ebr, 0);
+        if at + start > u64::from(u32::MAX) {
+            bail!(
+                "logical partition at EBR sector {at} starts past 2 TiB of sectors: a damaged extended partition"
+            );
+        }
+        let (_, next) = entry(&ebr, 1);
+        if next == 0 || next <= relative {
+            return Ok(());
+        }
+        relative = next;
+    }
+    bail!(
+        "the extended partition chains more than {MAX_LOGICAL} logical partitions: a damaged or looping table"
+    )
 }
 
 fn check_ends(layout: &DiskLayout) -> Result<()> {
@@ -213,5 +289,27 @@ mod tests {
             .collect();
         assert_eq!(changed, vec![440, 441, 442, 443]);
         assert_eq!(read_layout(&mut d, 512).unwrap().disk_id, "deadbeef");
+    }
+
+    #[test]
+    fn a_partition_at_sector_zero_is_refused_not_a_panic() {
+        let mut d = disk_with(0, 16, 0x0c, 32 * 512);
+        let e = read_layout(&mut d, 512).unwrap_err().to_string();
+        assert!(e.contains("sector 0"), "{e}");
+    }
+
+    #[test]
+    fn extended_partition_chains_that_wrap_or_loop_are_refused() {
+        // An extended partition at sector 8 whose EBR puts its logical partition past 2^32.
+        let mut d = disk_with(8, 16, 0x05, 64 * 512);
+        let ebr = 8 * 512;
+        let bytes = d.get_mut();
+        bytes[ebr + 446 + 4] = 0x83;
+        bytes[ebr + 446 + 8..ebr + 446 + 12].copy_from_slice(&u32::MAX.to_le_bytes());
+        bytes[ebr + 446 + 12..ebr + 446 + 16].copy_from_slice(&1u32.to_le_bytes());
+        bytes[ebr + 510] = 0x55;
+        bytes[ebr + 511] = 0xaa;
+        let e = read_layout(&mut d, 512).unwrap_err().to_string();
+        assert!(e.contains("damaged extended partition"), "{e}");
     }
 }

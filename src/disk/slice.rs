@@ -28,6 +28,14 @@ impl<T: Seek> PartitionSlice<T> {
     fn remaining(&self) -> u64 {
         self.len.saturating_sub(self.pos)
     }
+
+    /// Where the current position lies in `inner`; only called with bytes remaining, so the sum
+    /// is at most `start + len`, which the caller's layout checked.
+    fn inner_pos(&self) -> io::Result<u64> {
+        self.start.checked_add(self.pos).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "partition offset overflows")
+        })
+    }
 }
 
 impl<T: Read + Seek> Read for PartitionSlice<T> {
@@ -36,7 +44,7 @@ impl<T: Read + Seek> Read for PartitionSlice<T> {
         if n == 0 {
             return Ok(0);
         }
-        self.inner.seek(SeekFrom::Start(self.start + self.pos))?;
+        self.inner.seek(SeekFrom::Start(self.inner_pos()?))?;
         let got = self.inner.read(&mut buf[..n])?;
         self.pos += got as u64;
         Ok(got)
@@ -55,7 +63,7 @@ impl<T: Write + Seek> Write for PartitionSlice<T> {
                 "write past the end of the partition",
             ));
         }
-        self.inner.seek(SeekFrom::Start(self.start + self.pos))?;
+        self.inner.seek(SeekFrom::Start(self.inner_pos()?))?;
         let put = self.inner.write(&buf[..n])?;
         self.pos += put as u64;
         Ok(put)

@@ -1,10 +1,9 @@
 //! hypriot `flash`'s customisations, for users coming from it: `--hostname`, `--userdata`,
 //! `--metadata`, `--bootconf` (config.txt) and `--file`, applied to the image's first partition (the
-//! boot FAT) in memory, as patches the writer applies on the way to the disk. The image file
+//! boot FAT) copy-on-write, as patches the writer applies on the way to the disk. The image file
 //! itself is never changed.
 
 use std::fs::File;
-use std::io::{Cursor, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -33,8 +32,10 @@ impl BootEdits {
     }
 }
 
+/// Reads a file named on the command line for the boot partition: a regular file (a FIFO or
+/// /dev/zero is refused, not waited on), no larger than any boot partition.
 fn read(p: &Path) -> Result<Vec<u8>> {
-    std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+    crate::util::input::read_capped(p, 256 << 20, &p.display().to_string())
 }
 
 /// Sets `key: value` in a YAML mapping document, keeping a leading `#cloud-config` line.
@@ -83,10 +84,10 @@ pub fn patches(raw: &Path, edits: &BootEdits) -> Result<Customized> {
             raw.display()
         );
     }
-    let mut bytes = vec![0u8; part.size as usize];
-    f.seek(SeekFrom::Start(part.start))?;
-    f.read_exact(&mut bytes)?;
-    let mut cur = Cursor::new(bytes);
+    let mut cur = disk::CowDevice::new(
+        disk::PartitionSlice::new(f.try_clone()?, part.start, part.size),
+        part.size,
+    );
     {
         let probe = FatVolume::on(&mut cur, fat::fat_datetime(0))?;
         let when = probe
@@ -145,10 +146,14 @@ pub fn patches(raw: &Path, edits: &BootEdits) -> Result<Customized> {
         .map(|(s, l)| (part.start + s, l))
         .collect();
     Ok(Customized {
-        patches: vec![Patch {
-            offset: part.start,
-            bytes: cur.into_inner(),
-        }],
+        patches: cur
+            .into_runs()
+            .into_iter()
+            .map(|(offset, bytes)| Patch {
+                offset: part.start + offset,
+                bytes,
+            })
+            .collect(),
         used,
     })
 }

@@ -66,6 +66,39 @@ impl Bpb {
         Ok(b)
     }
 
+    /// Checks that the volume the BPB describes fits in `size` bytes (its partition), so that no
+    /// product of its fields can overflow or ask for more memory than the partition holds.
+    pub fn check_fits(&self, size: u64) -> Result<()> {
+        let bytes =
+            |sectors: Option<u64>| sectors.and_then(|s| s.checked_mul(self.bytes_per_sector));
+        let fats = self.fats.checked_mul(self.fat_sectors);
+        let metadata = fats
+            .and_then(|f| f.checked_add(self.reserved_sectors))
+            .and_then(|m| m.checked_add(self.root_dir_sectors()));
+        for (what, value) in [
+            ("total sectors", bytes(Some(self.total_sectors))),
+            ("FAT sectors", bytes(metadata)),
+        ] {
+            match value {
+                Some(b) if b <= size => {}
+                _ => bail!(
+                    "the FAT boot sector's {what} describe more than the {size}-byte partition holds (a damaged boot sector)"
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    /// How many bytes of one FAT describe the volume's clusters (a FAT may be longer).
+    fn fat_bytes_needed(&self) -> u64 {
+        let entries = self.clusters() + 2;
+        match self.bits() {
+            FatBits::Fat12 => (entries * 3).div_ceil(2),
+            FatBits::Fat16 => entries * 2,
+            FatBits::Fat32 => entries * 4,
+        }
+    }
+
     pub fn root_dir_sectors(&self) -> u64 {
         (self.root_entries * 32).div_ceil(self.bytes_per_sector)
     }
@@ -95,8 +128,10 @@ pub fn used_ranges<D: Read + Seek>(image: &mut D, part: &Partition) -> Result<Ve
     image.seek(SeekFrom::Start(part.start))?;
     image.read_exact(&mut sector)?;
     let bpb = Bpb::parse(&sector)?;
+    bpb.check_fits(part.size)?;
     let bps = bpb.bytes_per_sector;
-    let mut fat = vec![0u8; (bpb.fat_sectors * bps) as usize];
+    // Only the part of the FAT that has entries for real clusters: bounded by the partition size.
+    let mut fat = vec![0u8; (bpb.fat_sectors * bps).min(bpb.fat_bytes_needed()) as usize];
     image.seek(SeekFrom::Start(part.start + bpb.reserved_sectors * bps))?;
     image
         .read_exact(&mut fat)
@@ -307,5 +342,35 @@ mod tests {
         let b = Bpb::parse(&disk.get_ref()[..512]).unwrap();
         assert_eq!(b.bits(), FatBits::Fat16);
         assert_eq!(b.total_sectors * b.bytes_per_sector, 64 << 20);
+    }
+
+    #[test]
+    fn a_boot_sector_claiming_more_than_its_partition_is_refused() {
+        let mut disk = std::io::Cursor::new(vec![0u8; 8 << 20]);
+        fatfs::format_volume(
+            &mut disk,
+            fatfs::FormatVolumeOptions::new().fat_type(fatfs::FatType::Fat16),
+        )
+        .unwrap();
+        let part = Partition {
+            index: 1,
+            start: 0,
+            size: 8 << 20,
+            type_code: "0x0c".into(),
+            name: None,
+            guid: None,
+        };
+        assert!(used_ranges(&mut disk, &part).is_ok());
+        // BPB_FATSz16 = 0 and BPB_FATSz32 = 0xFFFFFFFF: once a 2 TiB allocation and an abort.
+        disk.get_mut()[22..24].fill(0);
+        disk.get_mut()[36..40].copy_from_slice(&u32::MAX.to_le_bytes());
+        let e = used_ranges(&mut disk, &part).unwrap_err().to_string();
+        assert!(e.contains("FAT sectors") && e.contains("damaged"), "{e}");
+        // Total sectors past the partition's end.
+        disk.get_mut()[36..40].copy_from_slice(&64u32.to_le_bytes());
+        disk.get_mut()[19..21].fill(0);
+        disk.get_mut()[32..36].copy_from_slice(&u32::MAX.to_le_bytes());
+        let e = used_ranges(&mut disk, &part).unwrap_err().to_string();
+        assert!(e.contains("total sectors"), "{e}");
     }
 }

@@ -1,8 +1,8 @@
 //! Applies a stamp plan to an image file, without mounting anything.
 //!
 //! First the image is checked against its profile (the partitions it promises, their
-//! filesystems, the boot label); then the boot partition is read into memory and the seed files
-//! are written into its FAT in-process; the MBR disk signature is replaced, with `PARTUUID=`
+//! filesystems, the boot label); then the boot partition is opened copy-on-write (`disk::CowDevice`)
+//! and the seed files are written into its FAT in-process; the MBR disk signature is replaced, with `PARTUUID=`
 //! references in `cmdline.txt` following it. The result is a set of patches over the base, which
 //! `format::writer` applies while it copies the base once.
 
@@ -13,7 +13,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 
 use super::plan::StampPlan;
-use crate::disk::{self, DiskLayout};
+use crate::disk::{self, CowDevice, DiskLayout, PartitionSlice};
 use crate::format::writer::Patch;
 use crate::fs::{self, ext4, fat};
 use crate::spec::profile::{PartitionRole, Profile, ProvisionMethod, TableKind};
@@ -117,11 +117,11 @@ pub fn stamp(base: &Path, profile: &Profile, plan: &StampPlan) -> Result<Stamped
         .clone();
 
     let mut file = File::open(base).with_context(|| format!("opening {}", base.display()))?;
-    let mut boot = vec![0u8; seed_part.size as usize];
-    file.seek(SeekFrom::Start(seed_part.start))?;
-    file.read_exact(&mut boot)
-        .context("reading the boot partition")?;
-    let mut boot = Cursor::new(boot);
+    // The boot partition is edited copy-on-write: only the pages the FAT code writes are held.
+    let mut boot = CowDevice::new(
+        PartitionSlice::new(file.try_clone()?, seed_part.start, seed_part.size),
+        seed_part.size,
+    );
 
     // Timestamps: SOURCE_DATE_EPOCH, else the base's own newest root-directory entry, so builds on
     // any day carry the base image's date.
@@ -221,10 +221,10 @@ pub fn stamp(base: &Path, profile: &Profile, plan: &StampPlan) -> Result<Stamped
         };
         used.extend(ranges.into_iter().map(|(s, l)| (p.start + s, l)));
     }
-    patches.push(Patch {
-        offset: seed_part.start,
-        bytes: boot.into_inner(),
-    });
+    patches.extend(boot.into_runs().into_iter().map(|(offset, bytes)| Patch {
+        offset: seed_part.start + offset,
+        bytes,
+    }));
 
     let d = when.date;
     let t = when.time;

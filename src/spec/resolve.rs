@@ -194,6 +194,35 @@ const BMC_SCHEMES: &[&str] = &[
     "irmc",
 ];
 
+/// Secrets are a password, a PSK, a token: a few hundred bytes at most.
+const MAX_SECRET: u64 = 64 << 10;
+/// user-data fragments and boot files: cloud-init documents and config.txt are kilobytes.
+const MAX_INPUT_FILE: u64 = 1 << 20;
+
+/// Whether `full` (after resolving symlinks) lies under `dir` or under a directory in
+/// KILN_ALLOW_PATHS.
+fn confined(dir: &Path, full: &Path) -> Result<()> {
+    let real = full.canonicalize()?;
+    let allowed: Vec<PathBuf> = std::iter::once(dir.to_path_buf())
+        .chain(
+            std::env::var_os("KILN_ALLOW_PATHS")
+                .map(|v| std::env::split_paths(&v).collect::<Vec<_>>())
+                .unwrap_or_default(),
+        )
+        .filter_map(|d| d.canonicalize().ok())
+        .collect();
+    if allowed.iter().any(|d| real.starts_with(d)) {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "it resolves to {}, outside {}",
+        real.display(),
+        dir.canonicalize()
+            .unwrap_or_else(|_| dir.to_path_buf())
+            .display()
+    )
+}
+
 fn valid_ifname(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 15
@@ -206,15 +235,23 @@ impl Resolver<'_> {
         self.errors.push(self.source.error_at(&path, message, hint));
     }
 
-    fn read_file(&mut self, path: KeyPath, rel: &str, what: &str) -> Option<InputFile> {
+    /// Reads a file the cluster file names: a regular file, under the cluster file's directory
+    /// (or a directory the user allowed with KILN_ALLOW_PATHS), at most `cap` bytes. A cluster
+    /// file from elsewhere must not be able to put the host's /etc/shadow on a card.
+    fn read_file(&mut self, path: KeyPath, rel: &str, what: &str, cap: u64) -> Option<InputFile> {
         let full = self.dir.join(rel);
-        match std::fs::read(&full) {
+        let read = confined(self.dir, &full)
+            .and_then(|()| crate::util::input::read_capped(&full, cap, what));
+        match read {
             Ok(bytes) => Some(InputFile::new(full.display().to_string(), bytes)),
             Err(e) => {
                 self.err(
                     path,
-                    format!("cannot read {what} {}: {e}", full.display()),
-                    Some("paths are relative to the cluster file's directory"),
+                    format!("cannot read {what} {}: {e:#}", full.display()),
+                    Some(
+                        "paths are relative to the cluster file's directory and stay inside it; \
+                         to allow another directory, set KILN_ALLOW_PATHS=DIR[:DIR…]",
+                    ),
                 );
                 None
             }
@@ -224,7 +261,7 @@ impl Resolver<'_> {
     fn secret(&mut self, path: KeyPath, r: &SecretRef, what: &str) -> Option<Secret> {
         match (&r.file, &r.env) {
             (Some(file), None) => {
-                let f = self.read_file(path.clone(), file, what)?;
+                let f = self.read_file(path.clone(), file, what, MAX_SECRET)?;
                 match String::from_utf8(f.bytes) {
                     // A trailing newline is how editors save files, never part of the secret.
                     Ok(s) => Some(Secret::new(s.trim_end_matches(['\n', '\r']).to_string())),
@@ -625,7 +662,7 @@ impl Resolver<'_> {
         let user_data_rel = n.user_data.clone().or_else(|| d.user_data.clone());
         let user_data = user_data_rel.and_then(|rel| {
             let path = at("user_data", n.user_data.is_some());
-            let file = self.read_file(path.clone(), &rel, "user-data fragment")?;
+            let file = self.read_file(path.clone(), &rel, "user-data fragment", MAX_INPUT_FILE)?;
             match crate::provision::cloud_init::parse_fragment(&file.bytes) {
                 Ok(_) => Some(file),
                 Err(e) => {
@@ -650,7 +687,7 @@ impl Resolver<'_> {
                     .into_iter()
                     .chain(keypath![key])
                     .collect();
-                if let Some(f) = self.read_file(path, rel, file_name) {
+                if let Some(f) = self.read_file(path, rel, file_name, MAX_INPUT_FILE) {
                     boot_files.insert(file_name.to_string(), f);
                 }
             }

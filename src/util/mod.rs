@@ -3,3 +3,4 @@
 pub mod cmd;
 pub mod diskfull;
 pub mod fsutil;
+pub mod input;
