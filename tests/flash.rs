@@ -180,6 +180,22 @@ fn mapped(bmap: &Path) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// A bmap text with its `<BmapFileChecksum>` recomputed as bmaptool computes it (sha256 of the
+/// file with the checksum's characters zeroed), for tests that edit a bmap on purpose.
+fn with_file_checksum(xml: &str) -> String {
+    let stored = xml
+        .split("<BmapFileChecksum>")
+        .nth(1)
+        .unwrap()
+        .split('<')
+        .next()
+        .unwrap()
+        .trim()
+        .to_string();
+    let zeroed = xml.replacen(&stored, &"0".repeat(stored.len()), 1);
+    zeroed.replacen(&"0".repeat(stored.len()), &sha256_hex(zeroed.as_bytes()), 1)
+}
+
 fn assert_mapped_equal(img: &Path, bmap: &Path, dev: &Path) {
     for (a, b) in mapped(bmap) {
         assert!(
@@ -319,7 +335,12 @@ fn a_bmap_that_does_not_match_is_refused() {
     // Same size, one range's checksum wrong.
     let first = bmap.split("chksum=\"").nth(1).unwrap()[..64].to_string();
     let bad = dir.path().join("bad.bmap");
-    std::fs::write(&bad, bmap.replacen(&first, &"f".repeat(64), 1)).unwrap();
+    // The file's own checksum is made to agree, so that the range check is what refuses it.
+    std::fs::write(
+        &bad,
+        with_file_checksum(&bmap.replacen(&first, &"f".repeat(64), 1)),
+    )
+    .unwrap();
     let lo = Loop::new(dir.path(), "c.img", 256 << 20, &[]);
     let o = flash(
         &dir.path().join("cache"),
@@ -717,4 +738,112 @@ fn a_card_failing_mid_write_leaves_no_partition_table_and_says_where() {
         read_range(&lo.dev, 0, 1 << 20).iter().all(|&b| b == 0),
         "a failed flash left a partition table"
     );
+}
+
+/// Hostile bmaps (issue 20): each once made kiln divide by zero, write nothing while reporting
+/// success, or report a false mismatch. Each is refused before a byte reaches the card, and
+/// `kiln convert` leaves no output.
+#[test]
+fn hostile_bmaps_are_refused_before_writing() {
+    if !can_loop() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = built_image(dir.path());
+    let good = std::fs::read_to_string(img.with_extension("img.bmap")).unwrap();
+    let ranges: Vec<String> = good
+        .lines()
+        .filter(|l| l.trim_start().starts_with("<Range"))
+        .map(str::to_string)
+        .collect();
+    assert!(ranges.len() >= 2, "the fixture maps too few ranges: {good}");
+    let block_map = |rs: &[String]| {
+        let (head, rest) = good.split_once("<BlockMap>").unwrap();
+        let tail = rest.split_once("</BlockMap>").unwrap().1;
+        with_file_checksum(&format!(
+            "{head}<BlockMap>\n{}\n    </BlockMap>{tail}",
+            rs.join("\n")
+        ))
+    };
+    let mut swapped = ranges.clone();
+    swapped.swap(0, 1);
+    let mut doubled = ranges.clone();
+    doubled.insert(1, ranges[0].clone());
+    let cases = [
+        (
+            "block size 0",
+            with_file_checksum(&good.replace(
+                "<BlockSize> 4096 </BlockSize>",
+                "<BlockSize> 0 </BlockSize>",
+            )),
+            "BlockSize",
+        ),
+        (
+            "a wrapping range",
+            block_map(&["        <Range> 0-18446744073709551615 </Range>".to_string()]),
+            "outside",
+        ),
+        ("duplicate ranges", block_map(&doubled), "overlaps"),
+        (
+            "a stale file checksum",
+            good.replacen("<BlockMap>", "<BlockMap><!-- edited -->", 1),
+            "own checksum",
+        ),
+    ];
+    let lo = Loop::new(dir.path(), "c.img", 256 << 20, &[]);
+    for (what, xml, says) in &cases {
+        let bad = dir.path().join("bad.bmap");
+        std::fs::write(&bad, xml).unwrap();
+        let o = flash(
+            &dir.path().join("cache"),
+            &[
+                &img,
+                &lo.dev,
+                &"--yes",
+                &"--allow-non-removable",
+                &"--bmap",
+                &bad,
+            ],
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{what}: {err}");
+        assert!(err.contains(says), "{what}: {err}");
+        assert!(
+            read_range(&lo.dev, 0, 4 << 20).iter().all(|&b| b == 0),
+            "{what}: bytes reached the card"
+        );
+        let out = dir.path().join("out.qcow2");
+        let o = kiln(&dir.path().join("cache"))
+            .args(["convert", "--to", "qcow2", "--bmap"])
+            .arg(&bad)
+            .arg(&img)
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "{what}: convert {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(!out.exists(), "{what}: convert left {}", out.display());
+    }
+
+    // Unsorted ranges with correct checksums are the same map: flashed and verified as bmaptool
+    // would, not reported as a mismatch.
+    let unsorted = dir.path().join("unsorted.bmap");
+    std::fs::write(&unsorted, block_map(&swapped)).unwrap();
+    let o = flash(
+        &dir.path().join("cache"),
+        &[
+            &img,
+            &lo.dev,
+            &"--yes",
+            &"--allow-non-removable",
+            &"--bmap",
+            &unsorted,
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_mapped_equal(&img, &img.with_extension("img.bmap"), &lo.dev);
 }

@@ -209,9 +209,17 @@ impl Bmap {
         if !(version.starts_with("1.") || version.starts_with("2.")) {
             bail!("bmap version {version} is not supported (1.x and 2.x are)");
         }
-        let image_size: u64 = tag("ImageSize")?.parse().context("ImageSize")?;
-        let block_size: u64 = tag("BlockSize")?.parse().context("BlockSize")?;
+        let number = |name: &str| -> Result<u64> {
+            let text = tag(name)?;
+            text.parse()
+                .with_context(|| format!("bmap <{name}> {text:?} is not a number"))
+        };
+        let image_size = number("ImageSize")?;
+        let block_size = number("BlockSize")?;
         let sha256 = tag("ChecksumType").map(|t| t == "sha256").unwrap_or(false);
+        if sha256 && let Ok(stored) = tag("BmapFileChecksum") {
+            check_file_checksum(xml, &stored)?;
+        }
         let map = tag("BlockMap")?;
         let mut ranges = Vec::new();
         for part in map.split("<Range").skip(1) {
@@ -227,30 +235,93 @@ impl Bmap {
                 .and_then(|r| r.split('"').next())
                 .map(str::to_string)
                 .filter(|_| sha256);
-            let (first, last) = match body.split_once('-') {
-                Some((a, b)) => (a.trim().parse()?, b.trim().parse()?),
-                None => {
-                    let v: u64 = body.parse()?;
-                    (v, v)
-                }
+            let block = |t: &str| -> Result<u64> {
+                t.trim()
+                    .parse()
+                    .with_context(|| format!("bmap range {body:?} is not a block number or a-b"))
             };
-            if last < first
-                || (last + 1) * block_size > image_size.div_ceil(block_size) * block_size
-            {
-                bail!("bmap range {body} lies outside the {image_size}-byte image");
-            }
+            let (first, last) = match body.split_once('-') {
+                Some((a, b)) => (block(a)?, block(b)?),
+                None => (block(body)?, block(body)?),
+            };
             ranges.push(BmapRange {
                 first,
                 last,
                 sha256: chksum,
             });
         }
-        Ok(Bmap {
+        let bmap = Bmap {
             image_size,
             block_size,
             ranges,
-        })
+        };
+        let counts = (number("BlocksCount").ok(), number("MappedBlocksCount").ok());
+        bmap.validated(counts)
     }
+
+    /// Checks what bmaptool checks before it writes a byte (block size, counts, ranges inside the
+    /// image), and what it assumes: ranges sorted and disjoint. Ranges are sorted here; overlapping
+    /// or repeated ones are refused, since merging would invalidate their checksums.
+    fn validated(mut self, (blocks, mapped): (Option<u64>, Option<u64>)) -> Result<Bmap> {
+        let bs = self.block_size;
+        if bs < 512 || !bs.is_power_of_two() || bs > 1 << 30 {
+            bail!("bmap <BlockSize> {bs} is not a power of two from 512 bytes to 1 GiB");
+        }
+        if self.image_size > 1 << 62 {
+            bail!("bmap <ImageSize> {} is beyond any disk", self.image_size);
+        }
+        let count = self.blocks_count();
+        if let Some(declared) = blocks
+            && declared != count
+        {
+            bail!(
+                "inconsistent bmap: <BlocksCount> {declared} but a {}-byte image has {count} blocks of {bs} bytes",
+                self.image_size
+            );
+        }
+        self.ranges.sort_by_key(|r| (r.first, r.last));
+        let mut next_free = 0u64;
+        for r in &self.ranges {
+            if r.last < r.first || r.last >= count {
+                bail!(
+                    "bmap range {}-{} lies outside the {}-byte image ({count} blocks)",
+                    r.first,
+                    r.last,
+                    self.image_size
+                );
+            }
+            if r.first < next_free {
+                bail!(
+                    "bmap range {}-{} overlaps an earlier range (a damaged or hand-edited bmap)",
+                    r.first,
+                    r.last
+                );
+            }
+            next_free = r.last + 1;
+        }
+        if let Some(declared) = mapped
+            && declared != self.mapped_blocks()
+        {
+            bail!(
+                "inconsistent bmap: <MappedBlocksCount> {declared} but its ranges map {} blocks",
+                self.mapped_blocks()
+            );
+        }
+        Ok(self)
+    }
+}
+
+/// bmaptool's check of a 2.x file: sha256 over the file with the stored checksum's characters
+/// replaced by zeros.
+fn check_file_checksum(xml: &str, stored: &str) -> Result<()> {
+    let zeroed = xml.replacen(stored, &"0".repeat(stored.len()), 1);
+    let computed = hex::encode(Sha256::digest(zeroed.as_bytes()));
+    if !computed.eq_ignore_ascii_case(stored) {
+        bail!(
+            "the bmap file's own checksum does not match (stored {stored}, computed {computed}): a damaged or edited bmap"
+        );
+    }
+    Ok(())
 }
 
 /// Computes the sha256 of every range of a bmap from the image's bytes, fed in order in chunks of
@@ -367,5 +438,41 @@ mod tests {
             b.ranges[0].sha256.as_deref().unwrap(),
             hex::encode(Sha256::digest(&data[8192..]))
         );
+    }
+
+    /// A 2.0 bmap of a 10-block image with `ranges` and a valid file checksum.
+    fn bmap_text(block_size: &str, ranges: &[&str], mapped: u64) -> String {
+        let body: String = ranges
+            .iter()
+            .map(|r| format!("<Range> {r} </Range>\n"))
+            .collect();
+        let xml = format!(
+            "<?xml version=\"1.0\" ?>\n<bmap version=\"2.0\">\n<ImageSize> 40960 </ImageSize>\n\
+             <BlockSize> {block_size} </BlockSize>\n<BlocksCount> 10 </BlocksCount>\n\
+             <MappedBlocksCount> {mapped} </MappedBlocksCount>\n<ChecksumType> sha256 </ChecksumType>\n\
+             <BmapFileChecksum> {} </BmapFileChecksum>\n<BlockMap>\n{body}</BlockMap>\n</bmap>\n",
+            "0".repeat(64)
+        );
+        let sum = hex::encode(Sha256::digest(xml.as_bytes()));
+        xml.replacen(&"0".repeat(64), &sum, 1)
+    }
+
+    #[test]
+    fn hostile_bmaps_are_refused_or_normalised() {
+        let err = |x: &str| Bmap::parse(x).unwrap_err().to_string();
+        assert!(err(&bmap_text("0", &["0-1"], 2)).contains("BlockSize"));
+        assert!(err(&bmap_text("4000", &["0-1"], 2)).contains("BlockSize"));
+        assert!(err(&bmap_text("4096", &["0-18446744073709551615"], 0)).contains("outside"));
+        assert!(err(&bmap_text("4096", &["3-2"], 0)).contains("outside"));
+        assert!(err(&bmap_text("4096", &["0-3", "2-5"], 10)).contains("overlaps"));
+        assert!(err(&bmap_text("4096", &["1", "1"], 2)).contains("overlaps"));
+        assert!(err(&bmap_text("4096", &["1"], 5)).contains("MappedBlocksCount"));
+        assert!(err(&bmap_text("4096", &["1-x"], 1)).contains("not a block number"));
+        let edited = bmap_text("4096", &["1"], 1).replace("<Range> 1 ", "<Range> 2 ");
+        assert!(err(&edited).contains("own checksum"));
+        // Unsorted but disjoint: the same map, in order.
+        let b = Bmap::parse(&bmap_text("4096", &["7-9", "0-1", "4"], 6)).unwrap();
+        let spans: Vec<_> = b.ranges.iter().map(|r| (r.first, r.last)).collect();
+        assert_eq!(spans, vec![(0, 1), (4, 4), (7, 9)]);
     }
 }
