@@ -72,6 +72,7 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
 
     std::fs::create_dir_all(&opts.out_dir)
         .with_context(|| format!("creating {}", opts.out_dir.display()))?;
+    crate::util::fsutil::sweep_stale_temporaries(&opts.out_dir);
     let ext = match (opts.format, &oci_ref) {
         (OutputFormat::Qcow2, _) => "qcow2",
         (OutputFormat::Raw, Some(_)) => "raw",

@@ -440,3 +440,205 @@ fn bootupd_files_without_a_fallback_loader_are_named() {
     );
     assert_no_image(d);
 }
+
+// Hostile layers and layouts (issue 20): each is refused with its name, promptly, and nothing
+// is left in out/ — or, for a GNU sparse member, unpacked to exactly the bytes tar stored.
+
+/// Stacks `layer_tar` (a tar made by GNU tar or Python, as it is) on the `base` image of `lay`,
+/// tagged `tag`.
+fn stack(lay: &Path, layer_tar: &Path, tag: &str, created: Option<&str>) {
+    let mut c = Command::new("python3");
+    c.arg(repo().join("tests/fixtures/oci-pack.py"))
+        .arg("-")
+        .arg(lay)
+        .arg(tag)
+        .args(["--on", "base", "--layer-tar"])
+        .arg(layer_tar);
+    if let Some(t) = created {
+        c.args(["--created", t]);
+    }
+    run(&mut c);
+}
+
+/// Runs a build that must fail within a minute, and returns its stderr.
+fn refused_promptly(dir: &Path, base: &str) -> String {
+    let mut child = kiln(&dir.join("cache"))
+        .args(["build", "--node", "edge-1", "--cluster"])
+        .arg(bootc_cluster(dir))
+        .args(["--base", base, "--out"])
+        .arg(dir.join("out"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("kiln build of {base} hung for 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(1), "not a clean refusal:\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_no_image(dir);
+    err
+}
+
+/// A file with a hole: 3 MiB of nothing, then data.
+fn sparse_source(dir: &Path) -> PathBuf {
+    let src = dir.join("src");
+    std::fs::create_dir_all(src.join("opt")).unwrap();
+    let f = src.join("opt/sparse.bin");
+    let file = std::fs::File::create(&f).unwrap();
+    use std::os::unix::fs::FileExt;
+    file.write_at(b"head", 0).unwrap();
+    file.write_at(b"data after a 3 MiB hole", 3 << 20).unwrap();
+    src
+}
+
+#[test]
+fn a_gnu_sparse_member_is_expanded_and_a_posix_one_refused_by_name() {
+    if !have_tools(&["python3", "mke2fs", "debugfs", "tar", "sfdisk"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lay = layout(dir.path(), true);
+    let src = sparse_source(dir.path());
+    for (format, tag) in [("gnu", "gnu"), ("posix", "posix")] {
+        let tar = dir.path().join(format!("{format}.tar"));
+        run(Command::new("tar")
+            .args(["--sparse", &format!("--format={format}"), "-cf"])
+            .arg(&tar)
+            .arg("-C")
+            .arg(&src)
+            .arg("opt/sparse.bin"));
+        stack(&lay, &tar, tag, None);
+    }
+
+    let err = refused_promptly(dir.path(), &format!("oci:{}:posix", lay.display()));
+    assert!(
+        err.contains("opt/sparse.bin") && err.contains("POSIX sparse"),
+        "{err}"
+    );
+
+    let o = build(dir.path(), &format!("oci:{}:gnu", lay.display()), &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = dir.path().join("out/edge-1.raw");
+    let table = sfdisk_json(&img);
+    let parts = table["partitiontable"]["partitions"].as_array().unwrap();
+    let root = parts.last().unwrap()["start"].as_u64().unwrap() * 512;
+    let dumped = dir.path().join("dumped.bin");
+    run(Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("dump /opt/sparse.bin {}", dumped.display()))
+        .arg(format!("{}?offset={root}", img.display())));
+    assert_eq!(
+        sha256_hex(&std::fs::read(&dumped).unwrap()),
+        sha256_hex(&std::fs::read(src.join("opt/sparse.bin")).unwrap()),
+        "the unpacked file differs from the one tar stored"
+    );
+}
+
+#[test]
+fn an_empty_whiteout_is_refused_and_deletes_nothing() {
+    if !have_tools(&["python3"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lay = layout(dir.path(), true);
+    let tar = dir.path().join("wh.tar");
+    run(Command::new("python3").arg("-c").arg(format!(
+        "import tarfile\nwith tarfile.open({:?}, 'w') as t:\n    t.addfile(tarfile.TarInfo('.wh.'))\n",
+        tar.display().to_string()
+    )));
+    stack(&lay, &tar, "wh", None);
+    let err = refused_promptly(dir.path(), &format!("oci:{}:wh", lay.display()));
+    assert!(
+        err.contains("whiteout") && err.contains("names no file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_blob_that_is_a_device_or_a_fifo_is_refused_without_hanging() {
+    if !have_tools(&["python3"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lay = layout(dir.path(), true);
+    let blob = std::fs::read_dir(lay.join("blobs/sha256"))
+        .unwrap()
+        .flatten()
+        .max_by_key(|e| e.metadata().unwrap().len())
+        .unwrap()
+        .path();
+    std::fs::remove_file(&blob).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &blob).unwrap();
+    let err = refused_promptly(dir.path(), &format!("oci:{}:base", lay.display()));
+    assert!(err.contains("character device"), "{err}");
+    std::fs::remove_file(&blob).unwrap();
+    nix::unistd::mkfifo(&blob, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let err = refused_promptly(dir.path(), &format!("oci:{}:base", lay.display()));
+    assert!(err.contains("a FIFO"), "{err}");
+}
+
+/// Rewrites the `base` manifest of `lay` with its first layer listed `n` times.
+fn repeat_layers(lay: &Path, n: usize) {
+    run(Command::new("python3").arg("-c").arg(format!(
+        r#"
+import hashlib, json, os
+lay = {lay:?}
+idx = json.load(open(os.path.join(lay, "index.json")))
+entry = idx["manifests"][0]
+blob = lambda d: os.path.join(lay, "blobs", "sha256", d[7:])
+m = json.load(open(blob(entry["digest"])))
+m["layers"] = [m["layers"][0]] * {n}
+data = json.dumps(m).encode()
+digest = "sha256:" + hashlib.sha256(data).hexdigest()
+open(blob(digest), "wb").write(data)
+entry["digest"], entry["size"] = digest, len(data)
+json.dump(idx, open(os.path.join(lay, "index.json"), "w"))
+"#,
+        lay = lay.display().to_string()
+    )));
+}
+
+#[test]
+fn too_many_layers_and_oversized_manifests_are_refused() {
+    if !have_tools(&["python3"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lay = layout(dir.path(), true);
+    repeat_layers(&lay, 5000);
+    let err = refused_promptly(dir.path(), &format!("oci:{}:base", lay.display()));
+    assert!(err.contains("5000 layers"), "{err}");
+    repeat_layers(&lay, 200_000);
+    let err = refused_promptly(dir.path(), &format!("oci:{}:base", lay.display()));
+    assert!(
+        err.contains("the image manifest") && err.contains("4 MiB"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_created_date_past_2106_is_refused_not_wrapped() {
+    if !have_tools(&["python3"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lay = layout(dir.path(), true);
+    let tar = dir.path().join("empty.tar");
+    run(Command::new("python3").arg("-c").arg(format!(
+        "import tarfile\ntarfile.open({:?}, 'w').close()\n",
+        tar.display().to_string()
+    )));
+    stack(&lay, &tar, "future", Some("3000-01-01T00:00:00Z"));
+    let err = refused_promptly(dir.path(), &format!("oci:{}:future", lay.display()));
+    assert!(err.contains("after 2106"), "{err}");
+    stack(&lay, &tar, "nonsense", Some("99999999999-01-01T00:00:00Z"));
+    let err = refused_promptly(dir.path(), &format!("oci:{}:nonsense", lay.display()));
+    assert!(err.contains("not an RFC 3339 time"), "{err}");
+}

@@ -47,7 +47,7 @@ pub fn append(opts: &AppendOptions) -> Result<Appended> {
     // Times come from SOURCE_DATE_EPOCH, else the base image's own creation time.
     let epoch = match crate::provision::stamp::source_date_epoch()? {
         Some(e) => e,
-        None => base.created().unwrap_or(0),
+        None => base.created()?.unwrap_or(0),
     };
     let passwd = file_in_layers(&base, "etc/passwd")?.unwrap_or_default();
     let group = file_in_layers(&base, "etc/group")?.unwrap_or_default();

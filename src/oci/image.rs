@@ -2,12 +2,20 @@
 
 use std::path::PathBuf;
 
+use crate::util::input::read_capped;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 use super::blobs::BlobStore;
 use super::reference::ImageRef;
 use super::{layout, registry};
+
+/// The largest index, manifest or config kiln reads: distribution and containerd refuse manifests
+/// over 4 MiB too, and real ones are a few KiB.
+pub const MAX_DOCUMENT: u64 = 4 << 20;
+/// The most layers an image may have: overlay-based engines stop near 128; a manifest listing
+/// thousands is an attack on the unpacker, not an image.
+pub const MAX_LAYERS: usize = 1000;
 
 pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -101,8 +109,12 @@ impl Image {
             .as_str()
             .context("the manifest has no config digest")?
             .to_string();
-        let config_bytes = std::fs::read(blob(&config_digest)?)?;
+        let config_bytes = read_capped(&blob(&config_digest)?, MAX_DOCUMENT, "the image config")?;
         let config: Value = serde_json::from_slice(&config_bytes).context("parsing the config")?;
+        let listed = manifest["layers"].as_array().map_or(0, Vec::len);
+        if listed > MAX_LAYERS {
+            bail!("the manifest lists {listed} layers, more than the {MAX_LAYERS} kiln unpacks");
+        }
         let mut layers = Vec::new();
         for l in manifest["layers"].as_array().into_iter().flatten() {
             let digest = l["digest"]
@@ -128,8 +140,23 @@ impl Image {
     }
 
     /// The image's creation time (`created` in its config), seconds since the epoch.
-    pub fn created(&self) -> Option<i64> {
-        parse_rfc3339(self.config["created"].as_str()?)
+    ///
+    /// Absent: `None`. Before 1970 (Go's zero time, written by some builders): the epoch. A date
+    /// kiln cannot put in a filesystem (after 2106, where 32-bit times end) or not a date at all
+    /// is refused rather than wrapped.
+    pub fn created(&self) -> Result<Option<i64>> {
+        let Some(text) = self.config["created"].as_str() else {
+            return Ok(None);
+        };
+        match parse_rfc3339(text) {
+            Some(t) if t > i64::from(u32::MAX) => bail!(
+                "the image config's created date {text:?} is after 2106; set SOURCE_DATE_EPOCH to build it"
+            ),
+            Some(t) => Ok(Some(t.max(0))),
+            None => bail!(
+                "the image config's created date {text:?} is not an RFC 3339 time; set SOURCE_DATE_EPOCH to build it"
+            ),
+        }
     }
 
     /// `os/architecture` from the config.
@@ -177,6 +204,10 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
         d.next()?.parse().ok()?,
         d.next()?.parse().ok()?,
     );
+    // Field ranges first: every sum below then stays far inside i64.
+    if !(0..=9999).contains(&y) || !(1..=12).contains(&mo) || !(1..=31).contains(&da) {
+        return None;
+    }
     let tz_at = rest.find(['Z', 'z', '+', '-']).unwrap_or(rest.len());
     let (time, tz) = rest.split_at(tz_at);
     let time = time.split('.').next()?;
@@ -186,10 +217,17 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
         t.next()?.parse().ok()?,
         t.next()?.parse().ok()?,
     );
+    if !(0..24).contains(&h) || !(0..60).contains(&mi) || !(0..=60).contains(&se) {
+        return None;
+    }
     let offset = match tz.chars().next() {
         Some(sign @ ('+' | '-')) => {
             let (oh, om) = tz[1..].split_once(':')?;
-            let o = oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60;
+            let (oh, om) = (oh.parse::<i64>().ok()?, om.parse::<i64>().ok()?);
+            if !(0..24).contains(&oh) || !(0..60).contains(&om) {
+                return None;
+            }
+            let o = oh * 3600 + om * 60;
             if sign == '+' { o } else { -o }
         }
         _ => 0,
@@ -217,6 +255,14 @@ mod tests {
             Some(1_700_000_000)
         );
         assert_eq!(parse_rfc3339("yesterday"), None);
+        // Out-of-range fields are not dates (they used to wrap into one).
+        assert_eq!(parse_rfc3339("99999999999999999-01-01T00:00:00Z"), None);
+        assert_eq!(parse_rfc3339("2024-13-01T00:00:00Z"), None);
+        assert_eq!(parse_rfc3339("2024-01-01T00:00:00+99:00"), None);
+        assert_eq!(
+            parse_rfc3339("0001-01-01T00:00:00Z").map(|t| t < 0),
+            Some(true)
+        );
     }
 
     #[test]

@@ -5,12 +5,12 @@
 use std::io::{BufReader, Read, Write};
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use sha2::{Digest, Sha256};
 
 /// Opens a layer blob, decompressing gzip or zstd by their magic bytes.
 pub fn open_decompressed(blob: &Path) -> Result<Box<dyn Read + Send>> {
-    let mut f = std::fs::File::open(blob).with_context(|| format!("opening {}", blob.display()))?;
+    let mut f = crate::util::input::open_regular(blob)?;
     let mut magic = [0u8; 4];
     let n = f.read(&mut magic)?;
     use std::io::Seek;

@@ -10,18 +10,21 @@ use serde_json::{Value, json};
 
 use super::blobs::{BlobStore, digest_of, hex_of};
 use super::image::{
-    Image, MT_DOCKER_LIST, MT_LAYER_TAR, MT_OCI_CONFIG, MT_OCI_INDEX, MT_OCI_MANIFEST, PullOptions,
-    pick_platform,
+    Image, MAX_DOCUMENT, MT_DOCKER_LIST, MT_LAYER_TAR, MT_OCI_CONFIG, MT_OCI_INDEX,
+    MT_OCI_MANIFEST, PullOptions, pick_platform,
 };
+use crate::util::input::read_capped;
 
 /// Reads an OCI image layout directory, verifying each blob it uses in place.
 pub fn read_layout(dir: &Path, tag: Option<&str>, opts: &PullOptions) -> Result<Image> {
-    let index = std::fs::read(dir.join("index.json")).with_context(|| {
-        format!(
+    let index_path = dir.join("index.json");
+    if !index_path.exists() {
+        bail!(
             "{} is not an OCI image layout (no index.json)",
             dir.display()
-        )
-    })?;
+        );
+    }
+    let index = read_capped(&index_path, MAX_DOCUMENT, "the layout's index.json")?;
     let mut blob = |digest: &str| -> Result<PathBuf> {
         let p = dir.join("blobs/sha256").join(hex_of(digest)?);
         let got = format!("sha256:{}", crate::source::cache::sha256_file(&p)?);
@@ -57,9 +60,7 @@ pub fn read_oci_archive(
             .trim_start_matches("./")
             .to_string();
         if path == "index.json" {
-            let mut b = Vec::new();
-            entry.read_to_end(&mut b)?;
-            index = Some(b);
+            index = Some(read_document(&mut entry, &path)?);
         } else if let Some(hex) = path.strip_prefix("blobs/sha256/") {
             let digest = format!("sha256:{hex}");
             store.put_reader(&mut entry, &digest, &path)?;
@@ -111,11 +112,28 @@ fn resolve(
         if media_type != MT_OCI_INDEX && media_type != MT_DOCKER_LIST {
             break;
         }
-        let inner: Value = serde_json::from_slice(&std::fs::read(blob(&digest)?)?)?;
+        let inner: Value = serde_json::from_slice(&read_capped(
+            &blob(&digest)?,
+            MAX_DOCUMENT,
+            "an image index",
+        )?)?;
         (digest, media_type) = pick_platform(&inner, &opts.arch)?;
     }
-    let manifest = std::fs::read(blob(&digest)?)?;
+    let manifest = read_capped(&blob(&digest)?, MAX_DOCUMENT, "the image manifest")?;
     Image::from_manifest(&manifest, digest, blob)
+}
+
+/// Reads a JSON document out of an archive, refusing one larger than any real manifest.
+fn read_document(entry: &mut impl Read, path: &str) -> Result<Vec<u8>> {
+    let mut b = Vec::new();
+    entry.take(MAX_DOCUMENT + 1).read_to_end(&mut b)?;
+    if b.len() as u64 > MAX_DOCUMENT {
+        bail!(
+            "{path} in the archive is larger than {} MiB; not an image's document",
+            MAX_DOCUMENT >> 20
+        );
+    }
+    Ok(b)
 }
 
 /// Reads a `docker save` tarball (its first image): layers are hashed into the cache and an OCI
@@ -136,8 +154,7 @@ pub fn read_docker_archive(file: &Path, store: &BlobStore) -> Result<Image> {
             .trim_start_matches("./")
             .to_string();
         if path.ends_with(".json") {
-            let mut b = Vec::new();
-            entry.read_to_end(&mut b)?;
+            let b = read_document(&mut entry, &path)?;
             small.insert(path, b);
         } else {
             // Layer tarballs: hash while storing, admit under their own digest.

@@ -213,7 +213,7 @@ impl Tree {
             for k in below {
                 self.entries.remove(&k);
             }
-            make_writable(&host);
+            crate::util::fsutil::make_writable(&host);
             std::fs::remove_dir_all(&host)
                 .with_context(|| format!("removing {}", host.display()))?;
         } else if host.symlink_metadata().is_ok() {
@@ -267,6 +267,10 @@ impl Tree {
                 continue;
             }
             if let Some(hidden) = name.strip_prefix(".wh.") {
+                // `.wh.` alone would name the directory itself (at the top: the whole root).
+                if matches!(hidden, "" | "." | "..") {
+                    bail!("the layer has a whiteout {raw_path:?} that names no file; refused");
+                }
                 let target = if dir.is_empty() {
                     hidden.to_string()
                 } else {
@@ -276,6 +280,7 @@ impl Tree {
                 continue;
             }
             let ty = entry.header().entry_type();
+            refuse_pax_sparse(&mut entry, &raw_path)?;
             let kind = if ty.is_dir() {
                 Kind::Dir
             } else if ty.is_symlink() {
@@ -302,11 +307,20 @@ impl Tree {
                 }
             } else if ty.is_fifo() {
                 Kind::Fifo
-            } else if ty.is_file() || ty == tar::EntryType::Continuous {
+            } else if ty.is_file() || ty.is_contiguous() || ty.is_gnu_sparse() {
+                // The tar reader expands a GNU sparse member: its holes read as zeros.
                 Kind::File
-            } else {
-                // PAX/GNU headers are consumed by the tar reader; anything else is skipped.
+            } else if ty.is_pax_global_extensions() {
+                // Archive-wide comments (git archive writes one); nothing of the tree.
                 continue;
+            } else {
+                // PAX and GNU long-name headers are consumed by the tar reader; what is left
+                // (volume labels, multi-volume continuations, vendor types) would be lost.
+                bail!(
+                    "{raw_path:?} is a tar member of type {:?} ({:?}), which kiln does not unpack; rebuild the layer with plain members",
+                    ty,
+                    ty.as_byte() as char
+                );
             };
             let meta = meta_of(&mut entry, kind.clone())?;
             self.prepare(&rel, &kind)?;
@@ -399,20 +413,6 @@ impl Tree {
     }
 }
 
-/// Gives the owner write and search permission below `p`, so a tree can be deleted.
-pub fn make_writable(p: &Path) {
-    if let Ok(m) = p.symlink_metadata()
-        && m.is_dir()
-    {
-        let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700));
-        if let Ok(rd) = std::fs::read_dir(p) {
-            for e in rd.flatten() {
-                make_writable(&e.path());
-            }
-        }
-    }
-}
-
 /// A root-relative path without `./`, leading or trailing slashes; `None` for the root itself.
 /// `..` components are refused: a layer never writes outside the root.
 fn clean(raw: &str) -> Result<Option<String>> {
@@ -429,6 +429,34 @@ fn clean(raw: &str) -> Result<Option<String>> {
     } else {
         Some(parts.join("/"))
     })
+}
+
+/// A POSIX (PAX) sparse member stores a map and the data without holes under a made-up name
+/// (`GNUSparseFile.N/…`); unpacked as is, the image would hold the wrong file under the wrong
+/// name. GNU's own sparse type is expanded by the tar reader; this form is refused.
+fn refuse_pax_sparse<R: Read>(entry: &mut tar::Entry<R>, raw_path: &str) -> Result<()> {
+    let Some(exts) = entry.pax_extensions()? else {
+        return Ok(());
+    };
+    let mut sparse = false;
+    let mut real_name = None;
+    for ext in exts {
+        let ext = ext?;
+        let Ok(key) = ext.key() else { continue };
+        if key.starts_with("GNU.sparse.") {
+            sparse = true;
+            if key == "GNU.sparse.name" {
+                real_name = ext.value().ok().map(str::to_string);
+            }
+        }
+    }
+    if sparse {
+        bail!(
+            "{} is a POSIX sparse tar member (GNU.sparse.* headers, stored as {raw_path:?}), which kiln does not expand; rebuild the layer without --sparse or with --format=gnu",
+            real_name.as_deref().unwrap_or(raw_path)
+        );
+    }
+    Ok(())
 }
 
 fn meta_of<R: Read>(entry: &mut tar::Entry<R>, kind: Kind) -> Result<Meta> {

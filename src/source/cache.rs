@@ -22,6 +22,10 @@ impl Cache {
             std::fs::create_dir_all(root.join(sub))
                 .with_context(|| format!("creating {}", root.join(sub).display()))?;
         }
+        // What killed runs left (their pid is gone); resumable downloads in partial/ stay.
+        for sub in ["downloads", "images", "oci", "oci/blobs/sha256"] {
+            crate::util::fsutil::sweep_stale_temporaries(&root.join(sub));
+        }
         Ok(Cache { root })
     }
 
@@ -79,7 +83,7 @@ impl Cache {
 
 /// sha256 of a whole file.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut f = crate::util::input::open_regular(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 4 << 20];
     loop {

@@ -24,7 +24,7 @@ pub fn prepare(reference: &str, profile: &Profile, insecure: bool) -> Result<Bas
     )?;
     let epoch = match crate::provision::stamp::source_date_epoch()? {
         Some(e) => e,
-        None => image.created().unwrap_or(0),
+        None => image.created()?.unwrap_or(0),
     };
     let plan = DiskPlan {
         esp_mib: build.esp_mib,
@@ -73,7 +73,7 @@ pub fn prepare(reference: &str, profile: &Profile, insecure: bool) -> Result<Bas
             );
             Ok(())
         })();
-        unpack::make_writable(&staging);
+        crate::util::fsutil::make_writable(&staging);
         let _ = std::fs::remove_dir_all(&staging);
         if let Err(e) = made {
             let _ = std::fs::remove_file(&tmp);

@@ -1,4 +1,5 @@
-//! File-system helpers: atomic writes, so an interrupted kiln never leaves half a file behind.
+//! File-system helpers: atomic writes, so an interrupted kiln never leaves half a file behind,
+//! and the sweep that removes what a killed kiln could not.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,80 @@ pub fn temp_beside(dest: &Path) -> PathBuf {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     dest.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// The process id a temporary of kiln's carries in its name: `.<name>.tmp-<pid>` (`temp_beside`),
+/// `.<digest>.partial-<pid>` (a blob being fetched) or `stage-<pid>` (an OCI unpacking directory).
+fn owner_pid(name: &str) -> Option<i32> {
+    let digits = if name.starts_with('.') {
+        name.rsplit_once(".tmp-")
+            .or_else(|| name.rsplit_once(".partial-"))?
+            .1
+    } else {
+        name.strip_prefix("stage-")?
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Whether process `pid` still exists (signal 0 checks without sending; EPERM means it exists
+/// under another user).
+fn alive(pid: i32) -> bool {
+    if pid == std::process::id() as i32 {
+        return true;
+    }
+    // SAFETY: kill(2) with signal 0 sends nothing; it only checks the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// Removes the temporaries in `dir` left by kiln processes that no longer run (killed builds);
+/// those of running processes, and everything else, are left alone. Returns what was removed.
+pub fn sweep_stale_temporaries(dir: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return removed;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = owner_pid(&name) else {
+            continue;
+        };
+        if pid <= 0 || alive(pid) {
+            continue;
+        }
+        let path = e.path();
+        let gone = match e.file_type() {
+            Ok(t) if t.is_dir() => {
+                make_writable(&path);
+                std::fs::remove_dir_all(&path)
+            }
+            _ => std::fs::remove_file(&path),
+        };
+        if gone.is_ok() {
+            removed.push(path);
+        }
+    }
+    removed
+}
+
+/// Gives the owner write and search permission below `p`, so a tree can be deleted.
+pub fn make_writable(p: &Path) {
+    if let Ok(m) = p.symlink_metadata()
+        && m.is_dir()
+    {
+        let _ = std::fs::set_permissions(
+            p,
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o700),
+        );
+        if let Ok(rd) = std::fs::read_dir(p) {
+            for e in rd.flatten() {
+                make_writable(&e.path());
+            }
+        }
+    }
 }
 
 /// Writes `bytes` to `dest` through a temporary file and a rename.
@@ -94,5 +169,53 @@ impl Writeback {
         #[cfg(not(target_os = "linux"))]
         let _ = file;
         self.flushed = end;
+    }
+}
+
+#[cfg(test)]
+mod sweep_tests {
+    use super::*;
+
+    #[test]
+    fn only_temporaries_of_dead_processes_go() {
+        let dir = tempfile::tempdir().unwrap();
+        // A process that has exited: its pid is free (reuse within this test is not expected).
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let mine = std::process::id();
+        for name in [
+            format!(".a.raw-tmp.tmp-{dead}"),
+            format!(".b.img.tmp-{mine}"),
+            "keep.img".to_string(),
+            ".notes.tmp-x1".to_string(),
+        ] {
+            std::fs::write(dir.path().join(name), "x").unwrap();
+        }
+        std::fs::create_dir_all(dir.path().join(format!("stage-{dead}/etc"))).unwrap();
+        std::fs::create_dir(dir.path().join(format!("stage-{mine}"))).unwrap();
+        let mut removed: Vec<String> = sweep_stale_temporaries(dir.path())
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        removed.sort();
+        assert_eq!(
+            removed,
+            vec![format!(".a.raw-tmp.tmp-{dead}"), format!("stage-{dead}")]
+        );
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            vec![
+                format!(".b.img.tmp-{mine}"),
+                ".notes.tmp-x1".to_string(),
+                "keep.img".to_string(),
+                format!("stage-{mine}"),
+            ]
+        );
     }
 }
