@@ -102,6 +102,27 @@ pub fn boot(cache: &Path, image: &Path, args: &[&std::ffi::OsStr], log: &Path) -
     console
 }
 
+/// Runs `cmd` with stderr captured and fails the test if it has not finished within a minute:
+/// for inputs (a FIFO, /dev/zero) that once made kiln wait or read forever.
+pub fn output_within_a_minute(cmd: &mut Command) -> Output {
+    let mut child = cmd
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("{cmd:?} hung for a minute");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{cmd:?} panicked:\n{err}");
+    out
+}
+
 /// The last `n` lines of `text`.
 pub fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
