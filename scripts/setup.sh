@@ -28,3 +28,10 @@ if command -v rustup >/dev/null; then
 fi
 "$venv/bin/pip" install -q --disable-pip-version-check ziglang==0.17.1
 echo "setup: macOS type-check tools ready"
+
+# Fuzzing (scripts/fuzz.sh, a smoke run in scripts/test.sh): cargo-fuzz drives libFuzzer on the
+# machine's nightly toolchain.
+if ! command -v cargo-fuzz >/dev/null; then
+    cargo install -q --locked cargo-fuzz
+fi
+echo "setup: cargo-fuzz ready"
