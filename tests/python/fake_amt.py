@@ -1,11 +1,17 @@
 """A fake Intel AMT WS-Management endpoint on loopback: HTTP digest authentication (RFC 7616,
 MD5, qop=auth, as AMT does it) and SOAP 1.2 envelopes for the calls a power driver makes —
 Enumerate/Pull of CIM_AssociatedPowerManagementService, RequestPowerStateChange, ChangeBootOrder,
-SetBootConfigRole. Every authenticated call is recorded as (method, details)."""
+SetBootConfigRole. Every authenticated call is recorded as (method, details), details with the
+time it came ("at").
+
+Power as a machine with an operating system has it: a graceful off (12) only starts the OS's
+shutdown, and AMT goes on reporting 2 (on) until ``shutdown_delay`` seconds later; with
+``shutdown_delay=None`` the OS never shuts down. Hard off (8), on (2) and resets act at once."""
 
 import hashlib
 import secrets
 import threading
+import time
 import xml.etree.ElementTree as ET
 
 from loopback import LoopbackPostServer
@@ -22,13 +28,31 @@ def local(tag):
 
 
 class FakeAmt(LoopbackPostServer):
-    def __init__(self, user="admin", password="Amt-Passw0rd!"):
+    def __init__(self, user="admin", password="Amt-Passw0rd!", shutdown_delay=0.0):
         self.user, self.password = user, password
         self.power_state = 8  # off
+        self.shutdown_delay = shutdown_delay
+        self.off_at = None  # when the machine last went off
+        self._shutdown = None
         self.calls = []
         self.nonces = set()
         self.lock = threading.Lock()
         super().__init__()
+
+    def _set_power(self, state):
+        """Under self.lock."""
+        if self._shutdown is not None:
+            self._shutdown.cancel()
+            self._shutdown = None
+        if state == 8 and self.power_state != 8:
+            self.off_at = time.time()
+        self.power_state = state
+
+    def _os_shut_down(self, token):
+        with self.lock:
+            if self._shutdown is token:  # not cancelled meanwhile
+                self._shutdown = None
+                self._set_power(8)
 
     def actions(self):
         with self.lock:
@@ -79,7 +103,7 @@ class FakeAmt(LoopbackPostServer):
         op = action.rsplit("/", 1)[-1]
         cls = resource.rsplit("/", 1)[-1]
         with self.lock:
-            self.calls.append((op, {"class": cls, **values}))
+            self.calls.append((op, {"class": cls, "at": time.time(), **values}))
             if op == "Enumerate":
                 out = ('<g:EnumerateResponse xmlns:g="http://schemas.xmlsoap.org/ws/2004/09/enumeration">'
                        "<g:EnumerationContext>ctx-%s</g:EnumerationContext></g:EnumerateResponse>"
@@ -91,7 +115,14 @@ class FakeAmt(LoopbackPostServer):
                        "</g:Items><g:EndOfSequence/></g:PullResponse>" % (resource, self.power_state))
             elif op == "RequestPowerStateChange":
                 state = int(values["PowerState"])
-                self.power_state = 2 if state in (2, 5, 10) else 8
+                if state == 12:
+                    if self.power_state == 2 and self._shutdown is None and self.shutdown_delay is not None:
+                        timer = threading.Timer(self.shutdown_delay, lambda: self._os_shut_down(timer))
+                        timer.daemon = True
+                        self._shutdown = timer
+                        timer.start()
+                else:
+                    self._set_power(2 if state in (2, 5, 10) else 8)
                 out = '<g:RequestPowerStateChange_OUTPUT xmlns:g="%s"><g:ReturnValue>0</g:ReturnValue></g:RequestPowerStateChange_OUTPUT>' % resource
             elif op in ("ChangeBootOrder", "SetBootConfigRole"):
                 out = '<g:%s_OUTPUT xmlns:g="%s"><g:ReturnValue>0</g:ReturnValue></g:%s_OUTPUT>' % (op, resource, op)

@@ -41,7 +41,7 @@ def free_port():
 
 
 class Emulator:
-    def __init__(self, tmp, plug, amt, interval=30, timeout=3):
+    def __init__(self, tmp, plug, amt, interval=30, timeout=3, shutdown_poll=0.2, shutdown_timeout=30):
         self.tmp = tmp
         self.port = free_port()
         (tmp / "tapo.credentials").write_text("%s\n%s\n" % (plug.user, plug.password))
@@ -60,8 +60,10 @@ class Emulator:
         (tmp / "htpasswd").write_text("metal3:%s\n" % bcrypt.hashpw(b"bmc-secret", bcrypt.gensalt(4)).decode())
         self.conf.write_text(
             "KILN_SYSTEMS = %s\nKILN_POWER_POLL_INTERVAL = %r\nKILN_RESTART_DELAY = 0.2\n"
+            "KILN_SHUTDOWN_POLL_INTERVAL = %r\nKILN_SHUTDOWN_TIMEOUT = %r\n"
             "KILN_STATE_FILE = %r\nSUSHY_EMULATOR_AUTH_FILE = %r\n"
-            % (json.dumps(systems), interval, str(tmp / "state.json"), str(tmp / "htpasswd")))
+            % (json.dumps(systems), interval, shutdown_poll, shutdown_timeout, str(tmp / "state.json"),
+               str(tmp / "htpasswd")))
         self.log = tmp / "emulator.log"
         self.proc = None
 
@@ -218,11 +220,14 @@ def test_systems_power_and_boot_overrides_reach_the_backends(lab):
     emu.system(AMT_UUID).reset_system(sushy.RESET_GRACEFUL_SHUTDOWN)
     offs = [c for c in amt.calls[n:] if c[0] == "RequestPowerStateChange"]
     assert [c[1]["PowerState"] for c in offs] == ["12"]
-    # A graceful restart is a graceful off, a pause, and on.
+    # A graceful restart is a graceful off, a pause, and on (the waiting is tested below).
     n = len(amt.calls)
     emu.system(AMT_UUID).reset_system(sushy.RESET_GRACEFUL_RESTART)
-    steps = [c for c in amt.calls[n:] if c[0] == "RequestPowerStateChange"]
-    assert [c[1]["PowerState"] for c in steps] == ["12", "2"]
+
+    def steps():
+        return [c[1]["PowerState"] for c in amt.calls[n:] if c[0] == "RequestPowerStateChange"]
+
+    assert wait_for(lambda: steps() == ["12", "2"] and amt.power_state == 2, timeout=5)
     assert emu.system(AMT_UUID).power_state == sushy.POWER_STATE_ON
 
 
@@ -242,7 +247,8 @@ def test_polling_ten_times_a_second_for_a_minute_barely_reaches_the_plug(lab):
         assert system.power_state in (sushy.POWER_STATE_ON, sushy.POWER_STATE_OFF)
         reads += 1
         if reads in (200, 400):
-            system.reset_system(sushy.RESET_ON if reads == 200 else sushy.RESET_FORCE_OFF)
+            # A plug's graceful shutdown cuts the power at once: no faster polling follows.
+            system.reset_system(sushy.RESET_ON if reads == 200 else sushy.RESET_GRACEFUL_SHUTDOWN)
             resets += 1
         time.sleep(0.1)
     used = plug.requests - start_requests
@@ -252,6 +258,86 @@ def test_polling_ten_times_a_second_for_a_minute_barely_reaches_the_plug(lab):
     assert reads > 400
     assert used <= allowed
     assert plug.handshakes == 2, "one KLAP session for the whole run"
+
+
+def ironic_waits_for(emu, uuid, state, timeout):
+    """What Ironic does after a reset (conductor utils node_wait_for_power_state): read the power
+    state until it is the one asked for. Returns every read as (time, state)."""
+    reads, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        got = emu.system(uuid).power_state
+        reads.append((time.time(), got))  # when the answer was in
+        if reads[-1][1] == state:
+            return reads
+        time.sleep(0.1)
+    raise AssertionError("still %s after %ss" % (reads[-1][1], timeout))
+
+
+def test_a_graceful_shutdown_reads_on_until_amt_reports_the_machine_off(lab):
+    plug, amt, make = lab
+    amt.shutdown_delay = 2.0  # the operating system takes 2 s to shut down
+    emu = make(shutdown_poll=0.3)
+    system = wait_for(lambda: emu.system(AMT_UUID))
+    system.reset_system(sushy.RESET_ON)
+    asked = time.time()
+    emu.system(AMT_UUID).reset_system(sushy.RESET_GRACEFUL_SHUTDOWN)
+    reads = ironic_waits_for(emu, AMT_UUID, sushy.POWER_STATE_OFF, timeout=10)
+    off = amt.off_at
+    assert off is not None, "read Off while the machine was still shutting down: %r" % reads
+    assert off - asked >= 2.0
+    # Every answer before the machine was off said On; Off came within a poll interval after.
+    before = [st for at, st in reads if at < off]
+    assert len(before) > 10 and set(before) == {sushy.POWER_STATE_ON}, reads
+    assert off <= reads[-1][0] < off + 0.3 + 0.5
+    # The faster polling stops once the machine is off: back to one read per interval (30 s).
+    n = len(amt.calls)
+    time.sleep(1)
+    assert amt.calls[n:] == []
+
+
+def test_a_graceful_restart_powers_on_only_after_the_machine_is_off(lab):
+    plug, amt, make = lab
+    amt.shutdown_delay = 1.5
+    emu = make(shutdown_poll=0.2)
+    system = wait_for(lambda: emu.system(AMT_UUID))
+    system.reset_system(sushy.RESET_ON)
+    system.set_system_boot_options(sushy.BOOT_SOURCE_TARGET_PXE, enabled=sushy.BOOT_SOURCE_ENABLED_ONCE)
+    n = len(amt.calls)
+    emu.system(AMT_UUID).reset_system(sushy.RESET_GRACEFUL_RESTART)
+    # (A power-on while the OS is still shutting down would leave the machine off at the end.)
+    wait_for(lambda: amt.off_at, timeout=10)
+    wait_for(lambda: amt.power_state == 2, timeout=5)
+    calls = [c for c in amt.calls[n:] if c[0] not in ("Enumerate", "Pull")]
+    assert [c[0] for c in calls] == ["RequestPowerStateChange", "ChangeBootOrder", "SetBootConfigRole",
+                                     "RequestPowerStateChange"], calls
+    assert calls[0][1]["PowerState"] == "12" and calls[-1][1]["PowerState"] == "2"
+    # The PXE override and the power-on come after the OS was done, and the restart pause.
+    assert calls[1][1]["at"] >= amt.off_at + 0.2
+    assert emu.system(AMT_UUID).power_state == sushy.POWER_STATE_ON
+
+
+def test_a_graceful_shutdown_that_never_ends_becomes_a_redfish_error(lab):
+    plug, amt, make = lab
+    amt.shutdown_delay = None  # an OS that ignores the ACPI power button
+    emu = make(shutdown_poll=0.2, shutdown_timeout=1.5)
+    system = wait_for(lambda: emu.system(AMT_UUID))
+    system.reset_system(sushy.RESET_ON)
+    emu.system(AMT_UUID).reset_system(sushy.RESET_GRACEFUL_SHUTDOWN)
+    assert emu.system(AMT_UUID).power_state == sushy.POWER_STATE_ON
+
+    def failing():
+        try:
+            emu.system(AMT_UUID, retries=0)
+        except sushy.exceptions.HTTPError as e:
+            return e
+        return None
+
+    err = wait_for(failing, timeout=10)
+    assert err.status_code == 503 and "graceful shutdown of edge-4 did not finish" in str(err)
+    # ForceOff is what is left to do; it clears the error.
+    system.reset_system(sushy.RESET_FORCE_OFF)
+    assert emu.system(AMT_UUID).power_state == sushy.POWER_STATE_OFF
+    assert amt.power_state == 8
 
 
 def test_a_silent_plug_gives_redfish_errors_and_recovers(lab):
@@ -306,8 +392,10 @@ def test_check_mode_validates_the_configuration_without_reaching_devices(tmp_pat
     assert "edge-1" in ok.stdout
     bad = tmp_path / "bad.conf"
     bad.write_text('KILN_SYSTEMS = [{"name": "edge-4", "power": {"type": "amt", "host": "192.0.2.4", '
-                   '"password_file": "/nonexistent/amt.password"}}, {"name": "edge-5", "power": {"type": "ipmi"}}]\n')
+                   '"password_file": "/nonexistent/amt.password"}}, {"name": "edge-5", "power": {"type": "ipmi"}}]\n'
+                   'KILN_SHUTDOWN_TIMEOUT = "5 minutes"\n')
     r = subprocess.run([sys.executable, str(LAUNCHER), "--check", "--config", str(bad)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert "amt.password" in r.stderr and "'ipmi'" in r.stderr
+    assert "KILN_SHUTDOWN_TIMEOUT must be a positive number" in r.stderr

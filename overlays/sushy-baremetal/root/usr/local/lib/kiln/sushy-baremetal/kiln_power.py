@@ -3,6 +3,8 @@
 Each backend answers three questions for one machine: is it on, switch it (on, off hard, off
 graceful), and — where the hardware can — boot from the network next time. A backend raises
 ``PowerError`` with a sentence a human can act on; the driver turns that into a Redfish error.
+``power_off_graceful()`` says whether the machine is off when it returns: a plug cuts the power,
+AMT only asks the operating system to shut down, which takes the time it takes.
 """
 
 import asyncio
@@ -116,6 +118,7 @@ class TapoPlug:
         # A plug can only cut the power; say so, since Ironic asked for more.
         log.warning("%s: a Tapo plug cannot shut down gracefully; switching it off", self.name)
         self.set_on(False)
+        return True  # off now
 
     def set_next_boot_pxe(self):
         # The machine's firmware decides; PXE must come first in its boot order.
@@ -241,7 +244,10 @@ class AmtHost:
         self._request_power(AMT_ON if on else AMT_OFF_HARD)
 
     def power_off_graceful(self):
+        # AMT passes the request to the OS (an ACPI power-button event) and keeps reporting the
+        # machine on until the OS has shut it down.
         self._request_power(AMT_OFF_GRACEFUL)
+        return False  # off once is_on() says so
 
     def set_next_boot_pxe(self):
         resource = CIM + "CIM_BootConfigSetting"
