@@ -21,6 +21,13 @@ venv=${KILN_PY_VENV:-/opt/kiln-test-venv}
 "$venv/bin/pip" install -q --disable-pip-version-check -r "$(dirname "$0")/../tests/python/requirements.txt"
 echo "setup: python test venv ready in $venv"
 
+# Ironic's own code, to judge kiln's OCI artifacts (tests/oci_publish.rs): the conductor's OCI
+# image service and registry client, pinned, in a venv of its own (it brings ~100 packages).
+ironic_venv=${KILN_IRONIC_VENV:-/opt/kiln-ironic-venv}
+[ -x "$ironic_venv/bin/python" ] || /usr/bin/python3 -m venv "$ironic_venv"
+"$ironic_venv/bin/pip" install -q --disable-pip-version-check ironic==39.0.0
+echo "setup: Ironic venv ready in $ironic_venv"
+
 # The macOS type-check (scripts/check-macos.sh): Rust's standard library for x86_64 macOS, and
 # zig, whose C compiler carries macOS's libc headers, for the C in kiln's dependencies.
 if command -v rustup >/dev/null; then

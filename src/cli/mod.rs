@@ -240,9 +240,13 @@ pub enum Command {
         /// Where the builds are.
         #[arg(long, short = 'o', default_value = "out")]
         out: PathBuf,
-        /// The served directory.
+        /// The served directory, or an OCI repository `oci://REGISTRY/REPO[:TAG]` (the image is
+        /// pushed as a disk-image artifact, tagged `<node>-<sha8>` unless TAG is given).
         #[arg(long)]
         to: PathBuf,
+        /// Plain HTTP to the registry (a local one).
+        #[arg(long)]
+        insecure: bool,
     },
     /// Convert an image: Android sparse for fastboot (RAW/FILL/DONT_CARE from its bmap), or QCOW2.
     Convert {
@@ -373,7 +377,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Sample { profile, output } => sample::run(&profile, &output),
         Command::Devices { all, json } => devices::run(all, json),
         Command::Serve { dir, listen, check } => serve::serve(dir, listen, check),
-        Command::Publish { node, out, to } => serve::publish(&node, &out, &to),
+        Command::Publish {
+            node,
+            out,
+            to,
+            insecure,
+        } => serve::publish(&node, &out, &to, insecure),
         Command::Run {
             image,
             seed,

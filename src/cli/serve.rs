@@ -26,7 +26,36 @@ pub fn serve(dir: Option<PathBuf>, listen: SocketAddr, check: Option<String>) ->
     kiln::serve::run(&dir, listen)
 }
 
-pub fn publish(nodes: &[String], out: &Path, to: &Path) -> Result<()> {
+pub fn publish(nodes: &[String], out: &Path, to: &Path, insecure: bool) -> Result<()> {
+    if let Some(target) = to.to_str().filter(|t| t.starts_with("oci://")) {
+        let (repo, tag) = kiln::serve::publish::parse_oci_target(target)?;
+        if tag.is_some() && nodes.len() > 1 {
+            bail!(
+                "{target} names one tag; publish several nodes to oci://REGISTRY/REPO (tags <node>-<sha8>)"
+            );
+        }
+        for node in nodes {
+            let image = kiln::serve::publish::built_image(node, out)?;
+            let (profile, _) = kiln::spec::profile::load(
+                &image.profile,
+                &kiln::spec::resolve::search_dirs(Path::new("."), "images"),
+            )?;
+            let p = kiln::serve::publish::publish_oci(
+                node,
+                out,
+                &repo,
+                tag.as_deref(),
+                insecure,
+                profile.disk.build.oci_arch(),
+            )?;
+            println!(
+                "{} {}",
+                if p.fresh { "pushed" } else { "already pushed" },
+                p.url
+            );
+        }
+        return Ok(());
+    }
     for node in nodes {
         let (path, fresh) = kiln::serve::publish::publish(node, out, to)?;
         println!(

@@ -3,6 +3,7 @@
 //! append`) without a container engine.
 
 pub mod append;
+pub mod artifact;
 pub mod blobs;
 pub mod credentials;
 pub mod image;

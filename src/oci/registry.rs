@@ -181,3 +181,108 @@ pub fn push(
         Ok(digest_of(manifest))
     })
 }
+
+/// Whether a registry error says the tag or repository does not exist (yet).
+fn not_found(e: &oci_client::errors::OciDistributionError) -> bool {
+    use oci_client::errors::{OciDistributionError as E, OciErrorCode as C};
+    match e {
+        E::RegistryError { envelope, .. } => envelope
+            .errors
+            .iter()
+            .any(|x| matches!(x.code, C::ManifestUnknown | C::NameUnknown)),
+        E::ServerError { code: 404, .. } | E::ImageManifestNotFoundError(_) => true,
+        _ => false,
+    }
+}
+
+/// What `r`'s tag names now (index or manifest bytes), or `None` when it names nothing.
+pub fn fetch_tag(r: &str, insecure: bool) -> Result<Option<Vec<u8>>> {
+    let reference = parse_reference(r)?;
+    let client = client(&reference, insecure);
+    let auth = super::credentials::auth_for(reference.resolve_registry());
+    runtime()?.block_on(async {
+        match client
+            .pull_manifest_raw(&reference, &auth, &[MT_OCI_INDEX, MT_OCI_MANIFEST])
+            .await
+        {
+            Ok((bytes, _)) => Ok(Some(bytes.to_vec())),
+            Err(e) if not_found(&e) => Ok(None),
+            Err(e) => Err(hint(e, &format!("looking up {r}"), insecure)),
+        }
+    })
+}
+
+/// Pushes a disk image as an artifact under `r`'s tag: the image streamed from `image` (a 2 GiB
+/// image is never held in memory), the empty config, the manifest by its digest, then the index
+/// under the tag. Blobs the registry has are not sent again.
+pub fn push_disk(
+    r: &str,
+    insecure: bool,
+    image: &std::path::Path,
+    artifact: &super::artifact::DiskArtifact,
+    manifest: &[u8],
+    index: &[u8],
+) -> Result<()> {
+    use super::artifact::EMPTY_CONFIG;
+    let reference = parse_reference(r)?;
+    let client = client(&reference, insecure);
+    let auth = super::credentials::auth_for(reference.resolve_registry());
+    runtime()?.block_on(async {
+        client
+            .auth(&reference, &auth, oci_client::RegistryOperation::Push)
+            .await
+            .map_err(|e| hint(e, "authenticating for push", insecure))?;
+        let has = |digest: String| {
+            let (client, reference) = (&client, &reference);
+            async move {
+                client
+                    .blob_exists(reference, &digest)
+                    .await
+                    .map_err(|e| hint(e, "asking for a blob", insecure))
+            }
+        };
+        if !has(artifact.digest.clone()).await? {
+            let file = tokio::fs::File::open(image)
+                .await
+                .with_context(|| format!("opening {}", image.display()))?;
+            let stream = futures_util::TryStreamExt::map_err(
+                tokio_util::io::ReaderStream::with_capacity(file, 1 << 20),
+                oci_client::errors::OciDistributionError::IoError,
+            );
+            client
+                .push_blob_stream(&reference, stream, &artifact.digest, Some(artifact.size))
+                .await
+                .map_err(|e| hint(e, &format!("pushing {}", image.display()), insecure))?;
+        }
+        let empty = digest_of(EMPTY_CONFIG);
+        if !has(empty.clone()).await? {
+            client
+                .push_blob(&reference, EMPTY_CONFIG.to_vec(), &empty)
+                .await
+                .map_err(|e| hint(e, "pushing the empty config", insecure))?;
+        }
+        let by_digest = parse_reference(&format!(
+            "{}/{}@{}",
+            reference.registry(),
+            reference.repository(),
+            digest_of(manifest)
+        ))?;
+        client
+            .push_manifest_raw(
+                &by_digest,
+                manifest.to_vec(),
+                MT_OCI_MANIFEST.parse().expect("a valid header value"),
+            )
+            .await
+            .map_err(|e| hint(e, "pushing the manifest", insecure))?;
+        client
+            .push_manifest_raw(
+                &reference,
+                index.to_vec(),
+                MT_OCI_INDEX.parse().expect("a valid header value"),
+            )
+            .await
+            .map_err(|e| hint(e, "pushing the index under its tag", insecure))?;
+        Ok(())
+    })
+}

@@ -1,6 +1,8 @@
 //! `kiln publish`: a build's image copied into a served directory under an immutable name,
 //! `<node>-<first 8 hex of sha256>.raw`, with its checksum file — a new build is a new URL, so
-//! Ironic's image cache never serves a stale image under an old name.
+//! Ironic's image cache never serves a stale image under an old name — or pushed to an OCI
+//! registry as an artifact under the immutable tag `<node>-<sha8>` (`oci::artifact`), the
+//! engine that scales past one `kiln serve`.
 
 use std::path::{Path, PathBuf};
 
@@ -23,6 +25,8 @@ pub struct BuiltImage {
     pub size: u64,
     /// `raw` or `qcow2`, from the file's first bytes.
     pub format: &'static str,
+    /// The image profile it was built with.
+    pub profile: String,
 }
 
 impl BuiltImage {
@@ -60,6 +64,7 @@ pub fn built_image(node: &str, out: &Path) -> Result<BuiltImage> {
         sha256: image.sha256.clone(),
         size,
         format,
+        profile: manifest.profile.clone(),
     })
 }
 
@@ -83,4 +88,101 @@ pub fn publish(node: &str, out: &Path, to: &Path) -> Result<(PathBuf, bool)> {
     }
     write_atomic(&sum, sha256sum_line(&image.sha256, &name).as_bytes())?;
     Ok((dest, fresh))
+}
+
+/// `oci://REGISTRY/REPO[:TAG]` as the repository (`REGISTRY/REPO`) and the tag, if one is given.
+pub fn parse_oci_target(to: &str) -> Result<(String, Option<String>)> {
+    let rest = to
+        .strip_prefix("oci://")
+        .with_context(|| format!("{to:?} is not an oci://REGISTRY/REPO[:TAG] URL"))?;
+    let (registry, path) = rest
+        .split_once('/')
+        .with_context(|| format!("{to:?} names no repository (oci://REGISTRY/REPO[:TAG])"))?;
+    let (repo, tag) = match path.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') => (repo, Some(tag.to_string())),
+        _ => (path, None),
+    };
+    if registry.is_empty() || repo.is_empty() || path.contains('@') {
+        bail!("{to:?} is not an oci://REGISTRY/REPO[:TAG] URL (a digest cannot be published to)");
+    }
+    Ok((format!("{registry}/{repo}"), tag))
+}
+
+/// The tag kiln publishes a node's build under: immutable, like the file names above.
+pub fn published_tag(node: &str, sha256: &str) -> String {
+    format!("{node}-{}", &sha256[..8])
+}
+
+/// Where a node's image went in a registry.
+pub struct OciPublished {
+    /// `oci://REGISTRY/REPO:TAG`, the URL Ironic and BMO take.
+    pub url: String,
+    /// False when the tag already named this very image.
+    pub fresh: bool,
+}
+
+/// Pushes `out/<node>`'s image to `repo` as a disk-image artifact under `tag` (default
+/// `<node>-<sha8>`). A tag that names another image is refused: a published URL never changes
+/// what it deploys.
+pub fn publish_oci(
+    node: &str,
+    out: &Path,
+    repo: &str,
+    tag: Option<&str>,
+    insecure: bool,
+    architecture: &str,
+) -> Result<OciPublished> {
+    let image = built_image(node, out)?;
+    let tag = tag.map_or_else(|| published_tag(node, &image.sha256), str::to_string);
+    let valid = |c: char| c.is_ascii_alphanumeric() || "_.-".contains(c);
+    if tag.is_empty() || tag.len() > 128 || tag.starts_with(['.', '-']) || !tag.chars().all(valid) {
+        bail!("{tag:?} is not an OCI tag ([A-Za-z0-9_][A-Za-z0-9._-], at most 128)");
+    }
+    let artifact = crate::oci::artifact::DiskArtifact {
+        digest: format!("sha256:{}", image.sha256),
+        size: image.size,
+        disktype: image.format,
+        architecture: architecture.to_string(),
+        title: image.published_name(node),
+    };
+    let (manifest, index) = crate::oci::artifact::documents(&artifact);
+    let reference = format!("{repo}:{tag}");
+    let url = format!("oci://{reference}");
+    match crate::oci::registry::fetch_tag(&reference, insecure)? {
+        Some(existing) if existing == index => return Ok(OciPublished { url, fresh: false }),
+        Some(_) => bail!(
+            "{url} already names another image; published tags are never moved (publish under another tag, or delete it in the registry)"
+        ),
+        None => {}
+    }
+    crate::oci::registry::push_disk(
+        &reference,
+        insecure,
+        &image.path,
+        &artifact,
+        &manifest,
+        &index,
+    )?;
+    Ok(OciPublished { url, fresh: true })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oci_targets() {
+        let t = |s: &str| parse_oci_target(s).map_err(|e| e.to_string());
+        assert_eq!(
+            t("oci://127.0.0.1:5000/lab/images").unwrap(),
+            ("127.0.0.1:5000/lab/images".into(), None)
+        );
+        assert_eq!(
+            t("oci://quay.io/lab/images:v1").unwrap(),
+            ("quay.io/lab/images".into(), Some("v1".into()))
+        );
+        assert!(t("oci://quay.io").is_err());
+        assert!(t("oci://quay.io/lab@sha256:00").is_err());
+        assert!(t("/srv/images").is_err());
+    }
 }
