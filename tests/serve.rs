@@ -422,3 +422,58 @@ fn publishing_an_unbuilt_node_is_an_error() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("node ceil-two is not built"));
 }
+
+/// A served directory with only `big.raw` (`mib` MiB of random bytes); no build needed.
+fn image_dir(work: &Path, mib: usize) -> PathBuf {
+    let srv = work.join("srv");
+    std::fs::create_dir_all(&srv).unwrap();
+    random_file(&srv.join("big.raw"), mib, 7);
+    srv
+}
+
+#[test]
+fn symlinks_to_hidden_or_partial_files_are_404() {
+    if !have_tools(&["curl"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let srv = image_dir(dir.path(), 1);
+    std::fs::write(srv.join(".hidden.raw"), "hidden").unwrap();
+    std::fs::write(srv.join("upload.raw.part"), "partial").unwrap();
+    std::fs::create_dir(srv.join(".cache")).unwrap();
+    std::fs::write(srv.join(".cache/inner.raw"), "in a hidden directory").unwrap();
+    let link = |target: &Path, name: &str| std::os::unix::fs::symlink(target, srv.join(name));
+    link(Path::new(".hidden.raw"), "to-hidden.raw").unwrap();
+    link(&srv.join(".hidden.raw"), "to-hidden-abs.raw").unwrap();
+    link(Path::new("upload.raw.part"), "to-partial.raw").unwrap();
+    link(Path::new(".cache/inner.raw"), "to-hidden-dir.raw").unwrap();
+    link(Path::new(".cache"), "cache-dir").unwrap();
+    link(Path::new("big.raw"), "to-big.raw").unwrap();
+    let s = kiln_serve(&srv, &dir.path().join("cache"));
+    for path in [
+        "/.hidden.raw",
+        "/to-hidden.raw",
+        "/to-hidden.raw.sha256sum",
+        "/to-hidden-abs.raw",
+        "/to-partial.raw",
+        "/to-partial.raw.sha256sum",
+        "/to-hidden-dir.raw",
+        "/cache-dir/inner.raw",
+    ] {
+        let (code, _, body) = curl(&[&format!("{}{path}", s.base)]);
+        assert_eq!(code, 404, "{path} answered {code}");
+        assert_eq!(body, b"not found\n", "{path}");
+    }
+    // A symlink to a served image is served like it.
+    let (code, _, body) = curl(&[&format!("{}/to-big.raw", s.base)]);
+    assert_eq!(
+        (code, body),
+        (200, std::fs::read(srv.join("big.raw")).unwrap())
+    );
+    let (_, _, index) = curl(&[&format!("{}/index.json", s.base)]);
+    let index = String::from_utf8(index).unwrap();
+    assert!(
+        !index.contains("hidden") && !index.contains("partial"),
+        "{index}"
+    );
+}

@@ -4,9 +4,9 @@
 //! byte range (206, or 416 when unsatisfiable); If-None-Match and If-Modified-Since answer 304;
 //! nothing is compressed. `<image>.sha256sum` exists for every image (computed once, cached in a
 //! hidden file beside it, recomputed when the image changes). Only regular files inside DIR are
-//! served: traversal in any encoding, symlinks leading out, hidden and partial files are 404. A
-//! response streams from the file it opened, so replacing an image by rename does not disturb
-//! downloads in flight.
+//! served: traversal in any encoding, symlinks leading out or to hidden or partial files, hidden
+//! and partial files themselves are 404. A response streams from the file it opened, so replacing
+//! an image by rename does not disturb downloads in flight.
 
 pub mod check;
 pub mod publish;
@@ -137,24 +137,31 @@ pub fn resolve(root: &Path, raw_path: &str) -> Option<PathBuf> {
         let decoded = percent_encoding::percent_decode_str(seg)
             .decode_utf8()
             .ok()?;
-        if decoded == "."
-            || decoded == ".."
-            || decoded.starts_with('.')
-            || decoded.contains(['/', '\\', '\0'])
-            || decoded.ends_with(".tmp")
-            || decoded.ends_with(".part")
-            || decoded.ends_with(".partial")
-        {
+        if !servable_name(&decoded) || decoded.contains(['/', '\\', '\0']) {
             return None;
         }
         rel.push(decoded.as_ref());
     }
     let full = root.join(&rel).canonicalize().ok()?;
-    // A symlink may point anywhere; only what resolves inside the root is served.
-    if !full.starts_with(root) {
+    // A symlink may point anywhere; only what resolves inside the root is served, and only when
+    // the names it resolves to would be served themselves: a link to a hidden or partial file is
+    // that file.
+    let inside = full.strip_prefix(root).ok()?;
+    if !inside
+        .components()
+        .all(|c| c.as_os_str().to_str().is_some_and(servable_name))
+    {
         return None;
     }
     Some(full)
+}
+
+/// Whether a name (one path segment) may be served: not `.`/`..`, not hidden, not partial.
+fn servable_name(name: &str) -> bool {
+    !(name.starts_with('.')
+        || name.ends_with(".tmp")
+        || name.ends_with(".part")
+        || name.ends_with(".partial"))
 }
 
 async fn handle(
@@ -458,6 +465,11 @@ mod tests {
         std::fs::write(root.join("b.raw.tmp"), "x").unwrap();
         std::os::unix::fs::symlink("/etc/passwd", root.join("out.raw")).unwrap();
         std::os::unix::fs::symlink(root.join("a.raw"), root.join("in.raw")).unwrap();
+        std::os::unix::fs::symlink(".hidden", root.join("to-hidden.raw")).unwrap();
+        std::os::unix::fs::symlink("b.raw.tmp", root.join("to-tmp.raw")).unwrap();
+        std::fs::create_dir(root.join(".dir")).unwrap();
+        std::fs::write(root.join(".dir/c.raw"), "x").unwrap();
+        std::os::unix::fs::symlink(".dir", root.join("dir")).unwrap();
         assert!(resolve(&root, "/a.raw").is_some());
         assert!(resolve(&root, "/in.raw").is_some());
         for bad in [
@@ -471,6 +483,9 @@ mod tests {
             "/out.raw",
             "//etc/passwd",
             "/%5c..%5cetc",
+            "/to-hidden.raw",
+            "/to-tmp.raw",
+            "/dir/c.raw",
         ] {
             assert!(resolve(&root, bad).is_none(), "{bad} resolved");
         }
