@@ -16,11 +16,20 @@ struct Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        // SIGTERM: kiln serve shuts down gracefully, nginx's master takes its workers with it.
+        // SIGTERM: kiln serve shuts down gracefully, nginx's master takes its workers with it. A
+        // server that does not stop within a minute (one stuck on a FIFO) is killed, so a failing
+        // test fails instead of hanging.
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(self.child.id().to_string())
             .status();
+        for _ in 0..600 {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
@@ -431,6 +440,61 @@ fn image_dir(work: &Path, mib: usize) -> PathBuf {
     srv
 }
 
+/// Downloads `url` with curl into `to` and returns the sha256 of what arrived.
+fn download_sha256(url: &str, to: &Path, extra: &[&str]) -> String {
+    run(Command::new("curl")
+        .args(["-sf", "--max-time", "120", "-o"])
+        .arg(to)
+        .args(extra)
+        .arg(url));
+    sha256_hex(&std::fs::read(to).unwrap())
+}
+
+#[test]
+fn fifo_is_404_at_once_and_downloads_go_on() {
+    if !have_tools(&["curl", "mkfifo"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let srv = image_dir(dir.path(), 16);
+    let want = sha256_hex(&std::fs::read(srv.join("big.raw")).unwrap());
+    run(Command::new("mkfifo").arg(srv.join("pipe.raw")));
+    let s = kiln_serve(&srv, &dir.path().join("cache"));
+    // Opening a FIFO for reading waits for a writer; a server that opens it parks a thread per
+    // request. Each of these must be answered 404 (curl gives up after 20 s and reports 000).
+    let fifo = |path: &str| {
+        Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "20",
+            ])
+            .arg(format!("{}{path}", s.base))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut kids: Vec<Child> = (0..8).map(|_| fifo("/pipe.raw")).collect();
+    kids.push(fifo("/pipe.raw.sha256sum"));
+    kids.push(fifo("/index.json"));
+    let got = download_sha256(&format!("{}/big.raw", s.base), &dir.path().join("dl"), &[]);
+    assert_eq!(got, want);
+    let codes: Vec<String> = kids
+        .into_iter()
+        .map(|k| String::from_utf8_lossy(&k.wait_with_output().unwrap().stdout).into_owned())
+        .collect();
+    assert_eq!(codes[..9], ["404"; 9], "FIFO requests answered {codes:?}");
+    assert_eq!(
+        codes[9], "200",
+        "index.json beside a FIFO answered {}",
+        codes[9]
+    );
+}
+
 #[test]
 fn symlinks_to_hidden_or_partial_files_are_404() {
     if !have_tools(&["curl"]) {
@@ -475,5 +539,61 @@ fn symlinks_to_hidden_or_partial_files_are_404() {
     assert!(
         !index.contains("hidden") && !index.contains("partial"),
         "{index}"
+    );
+}
+
+/// Bytes the process has read with read(2) and its kin, files and sockets alike.
+fn bytes_read_by(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn concurrent_checksum_requests_read_the_image_once() {
+    if !have_tools(&["curl"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mib = 32;
+    let srv = image_dir(dir.path(), mib);
+    let want = format!(
+        "{}  big.raw\n",
+        sha256_hex(&std::fs::read(srv.join("big.raw")).unwrap())
+    );
+    // The on-disk cache of the checksum cannot be written (a directory holds its name), as in a
+    // read-only directory: without a shared computation every request would hash again, however
+    // the requests interleave.
+    std::fs::create_dir(srv.join(".big.raw.sha256")).unwrap();
+    let s = kiln_serve(&srv, &dir.path().join("cache"));
+    let before = bytes_read_by(s.child.id());
+    let url = format!("{}/big.raw.sha256sum", s.base);
+    let kids: Vec<_> = (0..16)
+        .map(|_| {
+            Command::new("curl")
+                .args(["-sf", "--max-time", "120"])
+                .arg(&url)
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for k in kids {
+        let out = k.wait_with_output().unwrap();
+        assert!(out.status.success());
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), want);
+    }
+    // Once more, after all finished: the result is remembered.
+    let (code, _, body) = curl(&[&url]);
+    assert_eq!((code, String::from_utf8(body).unwrap()), (200, want));
+    let read = bytes_read_by(s.child.id()) - before;
+    let image = (mib as u64) << 20;
+    assert!(
+        read < 2 * image,
+        "17 checksum requests read {read} bytes: the {image}-byte image {:.1} times",
+        read as f64 / image as f64
     );
 }
