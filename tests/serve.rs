@@ -45,11 +45,28 @@ fn wait_port(p: u16) {
 }
 
 fn kiln_serve(dir: &Path, cache: &Path) -> Server {
+    kiln_serve_with(dir, cache, &[], None)
+}
+
+/// `kiln serve dir` with extra environment and, when `nofile` is given, that many descriptors
+/// (soft and hard limit, set by prlimit, which then execs kiln: the child is the server).
+fn kiln_serve_with(dir: &Path, cache: &Path, env: &[(&str, &str)], nofile: Option<u32>) -> Server {
     let p = free_port();
-    let child = kiln(cache)
+    let serve = kiln(cache);
+    let mut cmd = match nofile {
+        Some(n) => {
+            let mut c = Command::new("prlimit");
+            c.arg(format!("--nofile={n}:{n}")).arg(serve.get_program());
+            c.envs(serve.get_envs().filter_map(|(k, v)| Some((k, v?))));
+            c
+        }
+        None => serve,
+    };
+    let child = cmd
         .arg("serve")
         .arg(dir)
         .args(["--listen", &format!("127.0.0.1:{p}")])
+        .envs(env.iter().copied())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -596,4 +613,101 @@ fn concurrent_checksum_requests_read_the_image_once() {
         "17 checksum requests read {read} bytes: the {image}-byte image {:.1} times",
         read as f64 / image as f64
     );
+}
+
+/// Raises this test process's descriptor limit to `n` (prlimit on our own pid), or says why not.
+fn raise_own_nofile(n: u32) -> bool {
+    let me = std::process::id().to_string();
+    for limits in [format!("{n}:"), format!("{n}:{n}")] {
+        let ok = Command::new("prlimit")
+            .args(["--pid", &me, &format!("--nofile={limits}")])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return true;
+        }
+    }
+    skip(&format!("cannot raise the descriptor limit to {n}"))
+}
+
+/// True when the server closed `conn` (EOF or reset) before `deadline`.
+fn closed_by_server(conn: &std::net::TcpStream, deadline: std::time::Instant) -> bool {
+    use std::io::Read;
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    conn.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let mut reader = conn;
+    match reader.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+#[test]
+fn idle_connections_neither_exhaust_nor_block_the_server() {
+    if !have_tools(&["curl", "prlimit"]) || !raise_own_nofile(4096) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let srv = image_dir(dir.path(), 16);
+    let want = sha256_hex(&std::fs::read(srv.join("big.raw")).unwrap());
+    // 256 descriptors: 2000 silent connections are far more than the server can hold open.
+    let timeout_secs = 3;
+    let s = kiln_serve_with(
+        &srv,
+        &dir.path().join("cache"),
+        &[("KILN_SERVE_HEADER_TIMEOUT", &timeout_secs.to_string())],
+        Some(256),
+    );
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let sock: std::net::SocketAddr = addr.parse().unwrap();
+    let opened = std::time::Instant::now();
+    let mut idle = Vec::new();
+    for i in 0..2000 {
+        match std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(5)) {
+            Ok(c) => idle.push(c),
+            Err(e) => panic!(
+                "connection {i} not accepted while {} are idle: {e}",
+                idle.len()
+            ),
+        }
+    }
+    // While they are held: a plain download, and a slow one that takes longer than the header
+    // timeout (16 MiB at 4 MB/s), both complete and intact.
+    let url = format!("{}/big.raw", s.base);
+    let slow = Command::new("curl")
+        .args(["-sf", "--max-time", "120", "--limit-rate", "4M", "-o"])
+        .arg(dir.path().join("slow"))
+        .arg(&url)
+        .spawn()
+        .unwrap();
+    assert_eq!(download_sha256(&url, &dir.path().join("dl"), &[]), want);
+    assert!(slow.wait_with_output().unwrap().status.success());
+    assert_eq!(
+        sha256_hex(&std::fs::read(dir.path().join("slow")).unwrap()),
+        want
+    );
+    // Every silent connection is closed by the server: evicted for newer ones, or at the header
+    // timeout (generous bound: the timeout plus 30 s).
+    let deadline = opened + Duration::from_secs(timeout_secs + 30);
+    let open: Vec<usize> = idle
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| !closed_by_server(c, deadline))
+        .map(|(i, _)| i)
+        .take(5)
+        .collect();
+    assert!(open.is_empty(), "silent connections still open: {open:?}…");
+    drop(idle);
+    // Recovered: served again, and a new silent connection is closed too.
+    assert_eq!(download_sha256(&url, &dir.path().join("dl2"), &[]), want);
+    let c = std::net::TcpStream::connect(sock).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(timeout_secs + 30);
+    assert!(closed_by_server(&c, deadline));
 }

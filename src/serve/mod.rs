@@ -10,6 +10,7 @@
 
 pub mod check;
 pub mod checksum;
+pub mod connections;
 pub mod publish;
 
 use std::net::SocketAddr;
@@ -34,14 +35,17 @@ struct Served {
     checksums: checksum::Checksums,
 }
 
-/// Serves `dir` on `listen` until SIGINT or SIGTERM.
-pub fn run(dir: &Path, listen: SocketAddr) -> Result<()> {
+pub use connections::Limits;
+
+/// Serves `dir` on `listen` within `limits` until SIGINT or SIGTERM.
+pub fn run(dir: &Path, listen: SocketAddr, limits: Limits) -> Result<()> {
     let root = dir
         .canonicalize()
         .with_context(|| format!("serving {}", dir.display()))?;
     if !root.is_dir() {
         anyhow::bail!("{} is not a directory", dir.display());
     }
+    let limits = limits.fit_descriptors()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -58,17 +62,13 @@ pub fn run(dir: &Path, listen: SocketAddr) -> Result<()> {
             .await
             .with_context(|| format!("listening on {listen}"))?;
         eprintln!(
-            "serving {} on http://{}",
+            "serving {} on http://{} (at most {} connections; {} s to send a request)",
             root.display(),
-            listener.local_addr()?
+            listener.local_addr()?,
+            limits.max_connections,
+            limits.header_timeout.as_secs_f64()
         );
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown())
-        .await
-        .context("serving")?;
+        connections::serve(listener, app, limits, shutdown()).await;
         eprintln!("stopped");
         Ok(())
     })
