@@ -14,8 +14,8 @@
 //! - **Connection cap.** At most `max_connections` are open. A new connection beyond the cap
 //!   closes the oldest connection that has no request in progress (idle keep-alive, or not yet a
 //!   complete request: what nginx does with its "reusable" connections when it runs out); only
-//!   when every open connection has a request in progress does accepting wait for one to end,
-//!   new connections waiting in the kernel's queue meanwhile. Silent connections can then
+//!   when every open connection has a request in progress does the newcomer wait for one to end,
+//!   and accepting with it: later ones wait in the kernel's queue. Silent connections can then
 //!   neither exhaust descriptors nor keep a download out, and a download is never cut for them.
 //! - **Graceful stop** (SIGINT/SIGTERM): no new connections; requests in flight finish
 //!   (hyper-util's `GracefulShutdown`).
@@ -119,15 +119,15 @@ pub async fn serve(
     graceful.shutdown().await;
 }
 
-/// The next connection, once there is room for it.
+/// The next connection, once there is room for it. Room is made after accepting, not before:
+/// an idle connection is closed only for a connection that has arrived.
 async fn accept(
     listener: &TcpListener,
     slots: &Arc<Slots>,
 ) -> (tokio::net::TcpStream, SocketAddr, Arc<Connection>) {
-    let conn = slots.acquire().await;
     loop {
         match listener.accept().await {
-            Ok((stream, peer)) => return (stream, peer, conn),
+            Ok((stream, peer)) => return (stream, peer, slots.acquire().await),
             // Out of descriptors or memory despite the cap (files being hashed count too): the
             // connection waits in the kernel's queue; try again shortly, as hyper 0.14 did.
             Err(e) if is_resource_error(&e) => {
