@@ -711,3 +711,57 @@ fn idle_connections_neither_exhaust_nor_block_the_server() {
     let deadline = std::time::Instant::now() + Duration::from_secs(timeout_secs + 30);
     assert!(closed_by_server(&c, deadline));
 }
+
+#[test]
+fn a_download_nobody_reads_is_dropped_and_frees_its_place() {
+    use std::io::{Read, Write};
+    if !have_tools(&["curl"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let srv = image_dir(dir.path(), 32);
+    let want = sha256_hex(&std::fs::read(srv.join("big.raw")).unwrap());
+    // Two places, both taken by downloads whose clients read the status line and then nothing.
+    let s = kiln_serve_with(
+        &srv,
+        &dir.path().join("cache"),
+        &[
+            ("KILN_SERVE_MAX_CONNECTIONS", "2"),
+            ("KILN_SERVE_STALL_TIMEOUT", "3"),
+        ],
+        None,
+    );
+    let sock: std::net::SocketAddr = s.base.trim_start_matches("http://").parse().unwrap();
+    let stalled: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(sock).unwrap();
+            c.write_all(b"GET /big.raw HTTP/1.1\r\nHost: kiln\r\n\r\n")
+                .unwrap();
+            let mut status = [0u8; 12];
+            c.read_exact(&mut status).unwrap();
+            assert_eq!(&status, b"HTTP/1.1 200");
+            c
+        })
+        .collect();
+    // A third download gets a place once the stalled ones are dropped, and completes; so does a
+    // slow one that takes longer than the stall timeout but always progresses (256 KiB every
+    // 50 ms: about 6 s for 32 MiB; curl's --limit-rate reads in bursts with pauses of seconds).
+    let url = format!("{}/big.raw", s.base);
+    assert_eq!(download_sha256(&url, &dir.path().join("dl"), &[]), want);
+    let mut c = std::net::TcpStream::connect(sock).unwrap();
+    c.write_all(b"GET /big.raw HTTP/1.1\r\nHost: kiln\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = vec![0u8; 256 << 10];
+    loop {
+        let n = c.read(&mut chunk).unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&chunk[..n]);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let body = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(sha256_hex(&got[body..]), want);
+    drop(stalled);
+}

@@ -243,6 +243,12 @@ pub enum Command {
               default_value_t = kiln::serve::connections::DEFAULT_HEADER_TIMEOUT.as_secs_f64(),
               value_parser = positive_seconds)]
         header_timeout: f64,
+        /// Seconds a download may go without the client acknowledging any data before it is
+        /// dropped. A slow download that progresses is never cut.
+        #[arg(long, value_name = "SECS", env = "KILN_SERVE_STALL_TIMEOUT",
+              default_value_t = kiln::serve::connections::DEFAULT_STALL_TIMEOUT.as_secs_f64(),
+              value_parser = positive_seconds)]
+        stall_timeout: f64,
     },
     /// Copy built images into a served directory under immutable names (<node>-<sha8>.raw).
     Publish {
@@ -390,6 +396,7 @@ pub fn run(cli: Cli) -> Result<()> {
             check,
             max_connections,
             header_timeout,
+            stall_timeout,
         } => serve::serve(
             dir,
             listen,
@@ -397,6 +404,7 @@ pub fn run(cli: Cli) -> Result<()> {
             kiln::serve::Limits {
                 max_connections: max_connections as usize,
                 header_timeout: std::time::Duration::from_secs_f64(header_timeout),
+                stall_timeout: std::time::Duration::from_secs_f64(stall_timeout),
             },
         ),
         Command::Publish { node, out, to } => serve::publish(&node, &out, &to),

@@ -9,14 +9,21 @@
 //! - **Header timeout.** hyper's `header_read_timeout` (with hyper-util's `TokioTimer`) closes a
 //!   connection that has not sent a complete request head within the timeout. hyper starts that
 //!   clock whenever it waits for a head: on a new connection, and on a keep-alive connection
-//!   after its response, so it also bounds idle keep-alive. Nothing times out while a response is
-//!   sent: a slow download that progresses runs to its end.
+//!   after its response, so it also bounds idle keep-alive.
+//! - **Stall timeout.** The kernel's TCP_USER_TIMEOUT drops a connection whose client has
+//!   acknowledged nothing for the stall timeout: sent data left unacknowledged (a node powered
+//!   off mid-download), or a receive window kept shut (a client that stopped reading: Linux
+//!   counts zero-window probing against the timeout since 5.11). A slow download that
+//!   progresses is never cut, however long it takes (the tests read 256 KiB every 50 ms for
+//!   twice the timeout); a client that reads in bursts must not pause longer than the timeout
+//!   (curl's --limit-rate pauses for seconds after a burst).
 //! - **Connection cap.** At most `max_connections` are open. A new connection beyond the cap
 //!   closes the oldest connection that has no request in progress (idle keep-alive, or not yet a
 //!   complete request: what nginx does with its "reusable" connections when it runs out); only
-//!   when every open connection has a request in progress does the newcomer wait for one to end,
-//!   and accepting with it: later ones wait in the kernel's queue. Silent connections can then
-//!   neither exhaust descriptors nor keep a download out, and a download is never cut for them.
+//!   when every open connection has a request in progress does the newcomer wait for one to end
+//!   (which the stall timeout bounds), and accepting with it: later ones wait in the kernel's
+//!   queue. Silent connections can then neither exhaust descriptors nor keep a download out,
+//!   and a download is never cut for them.
 //! - **Graceful stop** (SIGINT/SIGTERM): no new connections; requests in flight finish
 //!   (hyper-util's `GracefulShutdown`).
 
@@ -44,6 +51,10 @@ use tower::ServiceExt;
 /// stay idle). IPA and Ironic send their request as soon as they are connected.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How long a download may go without the client acknowledging any data. IPA itself gives up
+/// after 60 s without data; twice that leaves room for a client whose disk stalls for a while.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Connections open at once. A lab's nodes each download with one GET; a few dozen nodes, their
 /// conductor's HEADs and checksum requests, and a browser fit many times over.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 256;
@@ -57,6 +68,7 @@ const RESERVED_DESCRIPTORS: u64 = 64;
 pub struct Limits {
     pub max_connections: usize,
     pub header_timeout: Duration,
+    pub stall_timeout: Duration,
 }
 
 impl Limits {
@@ -106,6 +118,9 @@ pub async fn serve(
             let (router, conn) = (router.clone(), conn.clone());
             move |req| handle(router.clone(), peer, conn.clone(), req)
         });
+        if let Err(e) = set_stall_timeout(&stream, limits.stall_timeout) {
+            eprintln!("{peer}: setting TCP_USER_TIMEOUT: {e}; a stalled download keeps its place");
+        }
         let http_conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             tokio::select! {
@@ -117,6 +132,12 @@ pub async fn serve(
         });
     }
     graceful.shutdown().await;
+}
+
+/// Lets the kernel drop the connection when its client acknowledges nothing for `timeout`.
+fn set_stall_timeout(stream: &tokio::net::TcpStream, timeout: Duration) -> nix::Result<()> {
+    let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+    nix::sys::socket::setsockopt(stream, nix::sys::socket::sockopt::TcpUserTimeout, &ms)
 }
 
 /// The next connection, once there is room for it. Room is made after accepting, not before:

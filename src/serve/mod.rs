@@ -62,11 +62,13 @@ pub fn run(dir: &Path, listen: SocketAddr, limits: Limits) -> Result<()> {
             .await
             .with_context(|| format!("listening on {listen}"))?;
         eprintln!(
-            "serving {} on http://{} (at most {} connections; {} s to send a request)",
+            "serving {} on http://{} (at most {} connections; {} s to send a request, \
+             {} s without progress ends a download)",
             root.display(),
             listener.local_addr()?,
             limits.max_connections,
-            limits.header_timeout.as_secs_f64()
+            limits.header_timeout.as_secs_f64(),
+            limits.stall_timeout.as_secs_f64()
         );
         connections::serve(listener, app, limits, shutdown()).await;
         eprintln!("stopped");
