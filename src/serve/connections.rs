@@ -125,7 +125,9 @@ pub async fn serve(
         tokio::spawn(async move {
             tokio::select! {
                 _ = http_conn => {}
-                // Only a connection without a request in progress is told to close.
+                // Only a connection without a request in progress is told to close. A request
+                // arriving in the instant between is cut, as in any keep-alive close race;
+                // clients retry such requests.
                 () = conn.close.notified() => {}
             }
             drop(conn);
