@@ -23,7 +23,9 @@
 //!   when every open connection has a request in progress does the newcomer wait for one to end
 //!   (which the stall timeout bounds), and accepting with it: later ones wait in the kernel's
 //!   queue. Silent connections can then neither exhaust descriptors nor keep a download out,
-//!   and a download is never cut for them.
+//!   and a download is never cut for them. The slots are kiln's own: a tokio `Semaphore` around
+//!   accept would make newcomers wait behind silent connections, and tower's `ConcurrencyLimit`
+//!   counts requests, not connections; neither can close an idle connection to make room.
 //! - **Graceful stop** (SIGINT/SIGTERM): no new connections; requests in flight finish
 //!   (hyper-util's `GracefulShutdown`).
 
