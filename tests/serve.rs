@@ -16,11 +16,20 @@ struct Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        // SIGTERM: kiln serve shuts down gracefully, nginx's master takes its workers with it.
+        // SIGTERM: kiln serve shuts down gracefully, nginx's master takes its workers with it. A
+        // server that does not stop within a minute (one stuck on a FIFO) is killed, so a failing
+        // test fails instead of hanging.
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(self.child.id().to_string())
             .status();
+        for _ in 0..600 {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
@@ -36,11 +45,28 @@ fn wait_port(p: u16) {
 }
 
 fn kiln_serve(dir: &Path, cache: &Path) -> Server {
+    kiln_serve_with(dir, cache, &[], None)
+}
+
+/// `kiln serve dir` with extra environment and, when `nofile` is given, that many descriptors
+/// (soft and hard limit, set by prlimit, which then execs kiln: the child is the server).
+fn kiln_serve_with(dir: &Path, cache: &Path, env: &[(&str, &str)], nofile: Option<u32>) -> Server {
     let p = free_port();
-    let child = kiln(cache)
+    let serve = kiln(cache);
+    let mut cmd = match nofile {
+        Some(n) => {
+            let mut c = Command::new("prlimit");
+            c.arg(format!("--nofile={n}:{n}")).arg(serve.get_program());
+            c.envs(serve.get_envs().filter_map(|(k, v)| Some((k, v?))));
+            c
+        }
+        None => serve,
+    };
+    let child = cmd
         .arg("serve")
         .arg(dir)
         .args(["--listen", &format!("127.0.0.1:{p}")])
+        .envs(env.iter().copied())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -421,4 +447,341 @@ fn publishing_an_unbuilt_node_is_an_error() {
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("node ceil-two is not built"));
+}
+
+/// A served directory with only `big.raw` (`mib` MiB of random bytes); no build needed.
+fn image_dir(work: &Path, mib: usize) -> PathBuf {
+    let srv = work.join("srv");
+    std::fs::create_dir_all(&srv).unwrap();
+    random_file(&srv.join("big.raw"), mib, 7);
+    srv
+}
+
+/// Downloads `url` with curl into `to` and returns the sha256 of what arrived.
+fn download_sha256(url: &str, to: &Path, extra: &[&str]) -> String {
+    run(Command::new("curl")
+        .args(["-sf", "--max-time", "120", "-o"])
+        .arg(to)
+        .args(extra)
+        .arg(url));
+    sha256_hex(&std::fs::read(to).unwrap())
+}
+
+#[test]
+fn fifo_is_404_at_once_and_downloads_go_on() {
+    if !have_tools(&["curl", "mkfifo"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let srv = image_dir(dir.path(), 16);
+    let want = sha256_hex(&std::fs::read(srv.join("big.raw")).unwrap());
+    run(Command::new("mkfifo").arg(srv.join("pipe.raw")));
+    let s = kiln_serve(&srv, &dir.path().join("cache"));
+    // Opening a FIFO for reading waits for a writer; a server that opens it parks a thread per
+    // request. Each of these must be answered 404 (curl gives up after 20 s and reports 000).
+    let fifo = |path: &str| {
+        Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "20",
+            ])
+            .arg(format!("{}{path}", s.base))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut kids: Vec<Child> = (0..8).map(|_| fifo("/pipe.raw")).collect();
+    kids.push(fifo("/pipe.raw.sha256sum"));
+    kids.push(fifo("/index.json"));
+    let got = download_sha256(&format!("{}/big.raw", s.base), &dir.path().join("dl"), &[]);
+    assert_eq!(got, want);
+    let codes: Vec<String> = kids
+        .into_iter()
+        .map(|k| String::from_utf8_lossy(&k.wait_with_output().unwrap().stdout).into_owned())
+        .collect();
+    assert_eq!(codes[..9], ["404"; 9], "FIFO requests answered {codes:?}");
+    assert_eq!(
+        codes[9], "200",
+        "index.json beside a FIFO answered {}",
+        codes[9]
+    );
+}
+
+#[test]
+fn symlinks_to_hidden_or_partial_files_are_404() {
+    if !have_tools(&["curl"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let srv = image_dir(dir.path(), 1);
+    std::fs::write(srv.join(".hidden.raw"), "hidden").unwrap();
+    std::fs::write(srv.join("upload.raw.part"), "partial").unwrap();
+    std::fs::create_dir(srv.join(".cache")).unwrap();
+    std::fs::write(srv.join(".cache/inner.raw"), "in a hidden directory").unwrap();
+    let link = |target: &Path, name: &str| std::os::unix::fs::symlink(target, srv.join(name));
+    link(Path::new(".hidden.raw"), "to-hidden.raw").unwrap();
+    link(&srv.join(".hidden.raw"), "to-hidden-abs.raw").unwrap();
+    link(Path::new("upload.raw.part"), "to-partial.raw").unwrap();
+    link(Path::new(".cache/inner.raw"), "to-hidden-dir.raw").unwrap();
+    link(Path::new(".cache"), "cache-dir").unwrap();
+    link(Path::new("big.raw"), "to-big.raw").unwrap();
+    let s = kiln_serve(&srv, &dir.path().join("cache"));
+    for path in [
+        "/.hidden.raw",
+        "/to-hidden.raw",
+        "/to-hidden.raw.sha256sum",
+        "/to-hidden-abs.raw",
+        "/to-partial.raw",
+        "/to-partial.raw.sha256sum",
+        "/to-hidden-dir.raw",
+        "/cache-dir/inner.raw",
+    ] {
+        let (code, _, body) = curl(&[&format!("{}{path}", s.base)]);
+        assert_eq!(code, 404, "{path} answered {code}");
+        assert_eq!(body, b"not found\n", "{path}");
+    }
+    // A symlink to a served image is served like it.
+    let (code, _, body) = curl(&[&format!("{}/to-big.raw", s.base)]);
+    assert_eq!(
+        (code, body),
+        (200, std::fs::read(srv.join("big.raw")).unwrap())
+    );
+    let (_, _, index) = curl(&[&format!("{}/index.json", s.base)]);
+    let index = String::from_utf8(index).unwrap();
+    assert!(
+        !index.contains("hidden") && !index.contains("partial"),
+        "{index}"
+    );
+}
+
+/// Bytes the process has read with read(2) and its kin, files and sockets alike.
+fn bytes_read_by(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn concurrent_checksum_requests_read_the_image_once() {
+    if !have_tools(&["curl"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mib = 32;
+    let srv = image_dir(dir.path(), mib);
+    let want = format!(
+        "{}  big.raw\n",
+        sha256_hex(&std::fs::read(srv.join("big.raw")).unwrap())
+    );
+    // The on-disk cache of the checksum cannot be written (a directory holds its name), as in a
+    // read-only directory: without a shared computation every request would hash again, however
+    // the requests interleave.
+    std::fs::create_dir(srv.join(".big.raw.sha256")).unwrap();
+    let s = kiln_serve(&srv, &dir.path().join("cache"));
+    let before = bytes_read_by(s.child.id());
+    let url = format!("{}/big.raw.sha256sum", s.base);
+    let kids: Vec<_> = (0..16)
+        .map(|_| {
+            Command::new("curl")
+                .args(["-sf", "--max-time", "120"])
+                .arg(&url)
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for k in kids {
+        let out = k.wait_with_output().unwrap();
+        assert!(out.status.success());
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), want);
+    }
+    // Once more, after all finished: the result is remembered.
+    let (code, _, body) = curl(&[&url]);
+    assert_eq!((code, String::from_utf8(body).unwrap()), (200, want));
+    let read = bytes_read_by(s.child.id()) - before;
+    let image = (mib as u64) << 20;
+    assert!(
+        read < 2 * image,
+        "17 checksum requests read {read} bytes: the {image}-byte image {:.1} times",
+        read as f64 / image as f64
+    );
+}
+
+/// Raises this test process's descriptor limit to `n` (prlimit on our own pid), or says why not.
+fn raise_own_nofile(n: u32) -> bool {
+    let me = std::process::id().to_string();
+    for limits in [format!("{n}:"), format!("{n}:{n}")] {
+        let ok = Command::new("prlimit")
+            .args(["--pid", &me, &format!("--nofile={limits}")])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return true;
+        }
+    }
+    skip(&format!("cannot raise the descriptor limit to {n}"))
+}
+
+/// True when the server closed `conn` (EOF or reset) before `deadline`.
+fn closed_by_server(conn: &std::net::TcpStream, deadline: std::time::Instant) -> bool {
+    use std::io::Read;
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    conn.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let mut reader = conn;
+    match reader.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+#[test]
+fn idle_connections_neither_exhaust_nor_block_the_server() {
+    use std::io::{Read, Write};
+    if !have_tools(&["curl", "prlimit"]) || !raise_own_nofile(4096) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let srv = image_dir(dir.path(), 16);
+    let want = sha256_hex(&std::fs::read(srv.join("big.raw")).unwrap());
+    // 256 descriptors: 2000 silent connections are far more than the server can hold open.
+    let timeout_secs = 3;
+    let s = kiln_serve_with(
+        &srv,
+        &dir.path().join("cache"),
+        &[("KILN_SERVE_HEADER_TIMEOUT", &timeout_secs.to_string())],
+        Some(256),
+    );
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let sock: std::net::SocketAddr = addr.parse().unwrap();
+    let opened = std::time::Instant::now();
+    let mut idle = Vec::new();
+    for i in 0..2000 {
+        match std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(5)) {
+            Ok(c) => idle.push(c),
+            Err(e) => panic!(
+                "connection {i} not accepted while {} are idle: {e}",
+                idle.len()
+            ),
+        }
+    }
+    // While they are held: a plain download, and a slow one that takes longer than the header
+    // timeout (16 MiB at 4 MB/s), both complete and intact.
+    let url = format!("{}/big.raw", s.base);
+    let slow = Command::new("curl")
+        .args(["-sf", "--max-time", "120", "--limit-rate", "4M", "-o"])
+        .arg(dir.path().join("slow"))
+        .arg(&url)
+        .spawn()
+        .unwrap();
+    assert_eq!(download_sha256(&url, &dir.path().join("dl"), &[]), want);
+    assert!(slow.wait_with_output().unwrap().status.success());
+    assert_eq!(
+        sha256_hex(&std::fs::read(dir.path().join("slow")).unwrap()),
+        want
+    );
+    // Every silent connection is closed by the server: evicted for newer ones, or at the header
+    // timeout (generous bound: the timeout plus 30 s).
+    let deadline = opened + Duration::from_secs(timeout_secs + 30);
+    let open: Vec<usize> = idle
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| !closed_by_server(c, deadline))
+        .map(|(i, _)| i)
+        .take(5)
+        .collect();
+    assert!(open.is_empty(), "silent connections still open: {open:?}…");
+    drop(idle);
+    // Recovered: served again; and a new silent connection, one that sends half a request head,
+    // and a keep-alive connection idle after its response are all closed by the server.
+    assert_eq!(download_sha256(&url, &dir.path().join("dl2"), &[]), want);
+    let silent = std::net::TcpStream::connect(sock).unwrap();
+    let mut half = std::net::TcpStream::connect(sock).unwrap();
+    half.write_all(b"GET /big.raw HTTP/1.1\r\nHost: kil")
+        .unwrap();
+    let mut kept = std::net::TcpStream::connect(sock).unwrap();
+    kept.write_all(b"HEAD /big.raw HTTP/1.1\r\nHost: kiln\r\n\r\n")
+        .unwrap();
+    let mut status = [0u8; 15];
+    kept.read_exact(&mut status).unwrap();
+    assert_eq!(&status, b"HTTP/1.1 200 OK");
+    let deadline = std::time::Instant::now() + Duration::from_secs(timeout_secs + 30);
+    for (what, c) in [
+        ("silent", &silent),
+        ("half a head", &half),
+        ("kept alive", &kept),
+    ] {
+        // Drain what the server sent (the HEAD response), then wait for the close.
+        while !closed_by_server(c, deadline) {
+            assert!(std::time::Instant::now() < deadline, "{what}: still open");
+        }
+    }
+}
+
+#[test]
+fn a_download_nobody_reads_is_dropped_and_frees_its_place() {
+    use std::io::{Read, Write};
+    if !have_tools(&["curl"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let srv = image_dir(dir.path(), 32);
+    let want = sha256_hex(&std::fs::read(srv.join("big.raw")).unwrap());
+    // Two places, both taken by downloads whose clients read the status line and then nothing.
+    let s = kiln_serve_with(
+        &srv,
+        &dir.path().join("cache"),
+        &[
+            ("KILN_SERVE_MAX_CONNECTIONS", "2"),
+            ("KILN_SERVE_STALL_TIMEOUT", "3"),
+        ],
+        None,
+    );
+    let sock: std::net::SocketAddr = s.base.trim_start_matches("http://").parse().unwrap();
+    let stalled: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(sock).unwrap();
+            c.write_all(b"GET /big.raw HTTP/1.1\r\nHost: kiln\r\n\r\n")
+                .unwrap();
+            let mut status = [0u8; 12];
+            c.read_exact(&mut status).unwrap();
+            assert_eq!(&status, b"HTTP/1.1 200");
+            c
+        })
+        .collect();
+    // A third download gets a place once the stalled ones are dropped, and completes; so does a
+    // slow one that takes longer than the stall timeout but always progresses (256 KiB every
+    // 50 ms: about 6 s for 32 MiB; curl's --limit-rate reads in bursts with pauses of seconds).
+    let url = format!("{}/big.raw", s.base);
+    assert_eq!(download_sha256(&url, &dir.path().join("dl"), &[]), want);
+    let mut c = std::net::TcpStream::connect(sock).unwrap();
+    c.write_all(b"GET /big.raw HTTP/1.1\r\nHost: kiln\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = vec![0u8; 256 << 10];
+    loop {
+        let n = c.read(&mut chunk).unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&chunk[..n]);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let body = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(sha256_hex(&got[body..]), want);
+    drop(stalled);
 }

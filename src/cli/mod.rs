@@ -231,6 +231,24 @@ pub enum Command {
         /// Instead of serving: replay what Ironic and IPA do with this image URL.
         #[arg(long, value_name = "URL", conflicts_with = "dir")]
         check: Option<String>,
+        /// Connections open at once (lowered to fit the descriptor limit); beyond it a new
+        /// connection closes the oldest one that has no request in progress.
+        #[arg(long, value_name = "N", env = "KILN_SERVE_MAX_CONNECTIONS",
+              default_value_t = kiln::serve::connections::DEFAULT_MAX_CONNECTIONS,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        max_connections: u32,
+        /// Seconds a client may take to send a request head; also how long a keep-alive
+        /// connection may stay idle. Never limits a download in progress.
+        #[arg(long, value_name = "SECS", env = "KILN_SERVE_HEADER_TIMEOUT",
+              default_value_t = kiln::serve::connections::DEFAULT_HEADER_TIMEOUT.as_secs_f64(),
+              value_parser = positive_seconds)]
+        header_timeout: f64,
+        /// Seconds a download may go without the client acknowledging any data before it is
+        /// dropped. A slow download that progresses is never cut.
+        #[arg(long, value_name = "SECS", env = "KILN_SERVE_STALL_TIMEOUT",
+              default_value_t = kiln::serve::connections::DEFAULT_STALL_TIMEOUT.as_secs_f64(),
+              value_parser = positive_seconds)]
+        stall_timeout: f64,
     },
     /// Copy built images into a served directory under immutable names (<node>-<sha8>.raw).
     Publish {
@@ -376,7 +394,23 @@ pub fn run(cli: Cli) -> Result<()> {
         }) => build::oci_append(from, overlay, to, insecure, arch),
         Command::Sample { profile, output } => sample::run(&profile, &output),
         Command::Devices { all, json } => devices::run(all, json),
-        Command::Serve { dir, listen, check } => serve::serve(dir, listen, check),
+        Command::Serve {
+            dir,
+            listen,
+            check,
+            max_connections,
+            header_timeout,
+            stall_timeout,
+        } => serve::serve(
+            dir,
+            listen,
+            check,
+            kiln::serve::Limits {
+                max_connections: max_connections as usize,
+                header_timeout: std::time::Duration::from_secs_f64(header_timeout),
+                stall_timeout: std::time::Duration::from_secs_f64(stall_timeout),
+            },
+        ),
         Command::Publish {
             node,
             out,
@@ -484,5 +518,15 @@ pub fn run(cli: Cli) -> Result<()> {
         }),
         Command::Completions { shell } => docs::completions(shell),
         Command::Manpage => docs::manpage(),
+    }
+}
+
+/// A number of seconds above zero and at most a day (a `Duration` can hold it).
+fn positive_seconds(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(secs) if secs > 0.0 && secs <= 86_400.0 => Ok(secs),
+        _ => Err(format!(
+            "{s}: not a number of seconds above 0 and at most 86400"
+        )),
     }
 }

@@ -5,7 +5,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
-pub fn serve(dir: Option<PathBuf>, listen: SocketAddr, check: Option<String>) -> Result<()> {
+pub fn serve(
+    dir: Option<PathBuf>,
+    listen: SocketAddr,
+    check: Option<String>,
+    limits: kiln::serve::Limits,
+) -> Result<()> {
     if let Some(url) = check {
         let problems = kiln::serve::check::check(&url)?;
         if problems.is_empty() {
@@ -23,7 +28,7 @@ pub fn serve(dir: Option<PathBuf>, listen: SocketAddr, check: Option<String>) ->
     let Some(dir) = dir else {
         bail!("usage: kiln serve DIR [--listen ADDR], or kiln serve --check URL");
     };
-    kiln::serve::run(&dir, listen)
+    kiln::serve::run(&dir, listen, limits)
 }
 
 pub fn publish(nodes: &[String], out: &Path, to: &Path, insecure: bool) -> Result<()> {

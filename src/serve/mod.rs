@@ -2,13 +2,15 @@
 //!
 //! HEAD answers with Content-Length, Last-Modified and an ETag; GET streams whole files or one
 //! byte range (206, or 416 when unsatisfiable); If-None-Match and If-Modified-Since answer 304;
-//! nothing is compressed. `<image>.sha256sum` exists for every image (computed once, cached in a
-//! hidden file beside it, recomputed when the image changes). Only regular files inside DIR are
-//! served: traversal in any encoding, symlinks leading out, hidden and partial files are 404. A
+//! nothing is compressed. `<image>.sha256sum` exists for every image (see [`checksum`]). Only
+//! regular files inside DIR are served: traversal in any encoding, symlinks leading out or to
+//! hidden or partial files, hidden and partial files themselves, FIFOs and devices are 404. A
 //! response streams from the file it opened, so replacing an image by rename does not disturb
 //! downloads in flight.
 
 pub mod check;
+pub mod checksum;
+pub mod connections;
 pub mod publish;
 
 use std::net::SocketAddr;
@@ -30,21 +32,28 @@ const IMAGE_EXTENSIONS: &[&str] = &["raw", "img", "qcow2"];
 
 struct Served {
     root: PathBuf,
+    checksums: checksum::Checksums,
 }
 
-/// Serves `dir` on `listen` until SIGINT or SIGTERM.
-pub fn run(dir: &Path, listen: SocketAddr) -> Result<()> {
+pub use connections::Limits;
+
+/// Serves `dir` on `listen` within `limits` until SIGINT or SIGTERM.
+pub fn run(dir: &Path, listen: SocketAddr, limits: Limits) -> Result<()> {
     let root = dir
         .canonicalize()
         .with_context(|| format!("serving {}", dir.display()))?;
     if !root.is_dir() {
         anyhow::bail!("{} is not a directory", dir.display());
     }
+    let limits = limits.fit_descriptors()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let state = Arc::new(Served { root: root.clone() });
+        let state = Arc::new(Served {
+            root: root.clone(),
+            checksums: checksum::Checksums::default(),
+        });
         let app = axum::Router::new()
             .fallback(handle)
             .with_state(state)
@@ -53,17 +62,15 @@ pub fn run(dir: &Path, listen: SocketAddr) -> Result<()> {
             .await
             .with_context(|| format!("listening on {listen}"))?;
         eprintln!(
-            "serving {} on http://{}",
+            "serving {} on http://{} (at most {} connections; {} s to send a request, \
+             {} s without progress ends a download)",
             root.display(),
-            listener.local_addr()?
+            listener.local_addr()?,
+            limits.max_connections,
+            limits.header_timeout.as_secs_f64(),
+            limits.stall_timeout.as_secs_f64()
         );
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown())
-        .await
-        .context("serving")?;
+        connections::serve(listener, app, limits, shutdown()).await;
         eprintln!("stopped");
         Ok(())
     })
@@ -137,24 +144,31 @@ pub fn resolve(root: &Path, raw_path: &str) -> Option<PathBuf> {
         let decoded = percent_encoding::percent_decode_str(seg)
             .decode_utf8()
             .ok()?;
-        if decoded == "."
-            || decoded == ".."
-            || decoded.starts_with('.')
-            || decoded.contains(['/', '\\', '\0'])
-            || decoded.ends_with(".tmp")
-            || decoded.ends_with(".part")
-            || decoded.ends_with(".partial")
-        {
+        if !servable_name(&decoded) || decoded.contains(['/', '\\', '\0']) {
             return None;
         }
         rel.push(decoded.as_ref());
     }
     let full = root.join(&rel).canonicalize().ok()?;
-    // A symlink may point anywhere; only what resolves inside the root is served.
-    if !full.starts_with(root) {
+    // A symlink may point anywhere; only what resolves inside the root is served, and only when
+    // the names it resolves to would be served themselves: a link to a hidden or partial file is
+    // that file.
+    let inside = full.strip_prefix(root).ok()?;
+    if !inside
+        .components()
+        .all(|c| c.as_os_str().to_str().is_some_and(servable_name))
+    {
         return None;
     }
     Some(full)
+}
+
+/// Whether a name (one path segment) may be served: not `.`/`..`, not hidden, not partial.
+fn servable_name(name: &str) -> bool {
+    !(name.starts_with('.')
+        || name.ends_with(".tmp")
+        || name.ends_with(".part")
+        || name.ends_with(".partial"))
 }
 
 async fn handle(
@@ -172,30 +186,62 @@ async fn handle(
     }
     let path = uri.path();
     if path == "/" || path == "/index.json" {
-        return index(&s.root).await;
+        return index(&s).await;
     }
-    if let Some(image_path) = path.strip_suffix(".sha256sum")
-        && let Some(img) = resolve(&s.root, image_path)
-        && is_image(&img)
-        && resolve(&s.root, path).is_none()
-    {
-        // No checksum file on disk: kiln computes (and caches) it.
-        return match checksum_of(img.clone()).await {
-            Ok(hex) => {
-                let name = img
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let body = crate::format::manifest::sha256sum_line(&hex, &name);
-                ([(header::CONTENT_TYPE, "text/plain")], body).into_response()
-            }
-            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response(),
-        };
+    if let Some(resp) = checksum_file::<sha2::Sha256>(&s, path).await {
+        return resp;
     }
     let Some(file_path) = resolve(&s.root, path) else {
         return not_found();
     };
     serve_file(&file_path, &method, &headers).await
+}
+
+/// `<image>.<algorithm>sum` for an image that has no such file on disk: kiln computes it. `None`
+/// when `path` is not such a request.
+async fn checksum_file<A: checksum::Algorithm>(s: &Served, path: &str) -> Option<Response> {
+    let image_path = path.strip_suffix(&format!(".{}sum", A::NAME))?;
+    let img = resolve(&s.root, image_path)?;
+    if !is_image(&img) || resolve(&s.root, path).is_some() {
+        return None;
+    }
+    let Some((file, meta)) = open_regular(img.clone()).await else {
+        return Some(not_found());
+    };
+    Some(match s.checksums.of::<A>(&img, file, &meta).await {
+        Ok(hex) => {
+            let name = img
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            // `<hex>  <name>`: the coreutils format Ironic parses, for any algorithm.
+            let body = crate::format::manifest::sha256sum_line(&hex, &name);
+            ([(header::CONTENT_TYPE, "text/plain")], body).into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response(),
+    })
+}
+
+/// Opens `path` for reading when, and only when, it is a regular file: checked on the name
+/// before opening and again on the opened descriptor (the name may be replaced in between).
+/// O_NONBLOCK makes opening a FIFO return at once instead of waiting for a writer (which parked
+/// one blocking thread per request until every download stalled); it changes nothing for regular
+/// files. `None` (404) for anything else, or when the file cannot be opened.
+async fn open_regular(path: PathBuf) -> Option<(std::fs::File, std::fs::Metadata)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = move || {
+        if !std::fs::metadata(&path).ok()?.is_file() {
+            return None;
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(&path)
+            .ok()?;
+        let meta = file.metadata().ok().filter(|m| m.is_file())?;
+        Some((file, meta))
+    };
+    tokio::task::spawn_blocking(open).await.ok().flatten()
 }
 
 fn is_image(p: &Path) -> bool {
@@ -248,16 +294,11 @@ fn parse_range(value: &str, size: u64) -> Range {
 }
 
 async fn serve_file(path: &Path, method: &Method, headers: &HeaderMap) -> Response {
-    let Ok(mut file) = tokio::fs::File::open(path).await else {
-        return not_found();
-    };
     // Metadata of the opened file: a rename replacing the name does not change what we send.
-    let Ok(meta) = file.metadata().await else {
+    let Some((file, meta)) = open_regular(path.to_path_buf()).await else {
         return not_found();
     };
-    if !meta.is_file() {
-        return not_found();
-    }
+    let mut file = tokio::fs::File::from_std(file);
     let size = meta.len();
     let tag = etag(&meta);
     let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
@@ -339,34 +380,6 @@ async fn serve_file(path: &Path, method: &Method, headers: &HeaderMap) -> Respon
     resp
 }
 
-/// The sha256 of an image, cached in `.<name>.sha256` beside it together with the size and
-/// modification time it was computed for.
-pub async fn checksum_of(path: PathBuf) -> Result<String> {
-    tokio::task::spawn_blocking(move || cached_checksum(&path)).await?
-}
-
-fn cached_checksum(path: &Path) -> Result<String> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path)?;
-    let key = format!("{} {}.{}", meta.len(), meta.mtime(), meta.mtime_nsec());
-    let name = path
-        .file_name()
-        .context("image has a name")?
-        .to_string_lossy()
-        .into_owned();
-    let cache = path.with_file_name(format!(".{name}.sha256"));
-    if let Ok(text) = std::fs::read_to_string(&cache)
-        && let Some((k, hex)) = text.trim().rsplit_once(' ')
-        && k == key
-    {
-        return Ok(hex.to_string());
-    }
-    let hex = crate::source::cache::sha256_file(path)?;
-    // Best effort: a read-only directory only costs the next request a rehash.
-    let _ = crate::util::fsutil::write_atomic(&cache, format!("{key} {hex}\n").as_bytes());
-    Ok(hex)
-}
-
 #[derive(Serialize)]
 struct Entry {
     name: String,
@@ -376,47 +389,54 @@ struct Entry {
     modified: String,
 }
 
-async fn index(root: &Path) -> Response {
-    let root = root.to_path_buf();
-    let listing = tokio::task::spawn_blocking(move || -> Result<Vec<Entry>> {
-        let mut v = Vec::new();
-        let mut names: Vec<_> = std::fs::read_dir(&root)?.filter_map(|e| e.ok()).collect();
-        names.sort_by_key(|e| e.file_name());
-        for e in names {
-            let p = e.path();
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.')
-                || !is_image(&p)
-                || resolve(&root, &format!("/{name}")).is_none()
-            {
-                continue;
-            }
-            let meta = std::fs::metadata(&p)?;
-            if !meta.is_file() {
-                continue;
-            }
-            v.push(Entry {
-                format: check::sniff_format(&p)
-                    .map(|f| f.name())
-                    .unwrap_or("unknown"),
-                sha256: cached_checksum(&p)?,
-                size: meta.len(),
-                modified: httpdate::fmt_http_date(meta.modified()?),
-                name,
-            });
-        }
-        Ok(v)
-    })
-    .await;
-    match listing {
-        Ok(Ok(v)) => (
+async fn index(s: &Served) -> Response {
+    match listing(s).await {
+        Ok(v) => (
             [(header::CONTENT_TYPE, "application/json")],
             serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
         )
             .into_response(),
-        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response(),
     }
+}
+
+/// The served images, by name, each opened like a download (so a FIFO is skipped, not waited on).
+async fn listing(s: &Served) -> Result<Vec<Entry>> {
+    use std::os::unix::fs::FileExt;
+    let root = s.root.clone();
+    let names = tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
+        let mut names: Vec<String> = std::fs::read_dir(&root)
+            .with_context(|| format!("listing {}", root.display()))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        Ok(names)
+    })
+    .await
+    .context("listing task")??;
+    let mut v = Vec::new();
+    for name in names {
+        let Some(p) = resolve(&s.root, &format!("/{name}")).filter(|p| is_image(p)) else {
+            continue;
+        };
+        let Some((file, meta)) = open_regular(p.clone()).await else {
+            continue;
+        };
+        let mut head = vec![0u8; 512];
+        let n = file
+            .read_at(&mut head, 0)
+            .with_context(|| format!("reading {}", p.display()))?;
+        head.truncate(n);
+        v.push(Entry {
+            format: check::classify(&head).name(),
+            sha256: s.checksums.of::<sha2::Sha256>(&p, file, &meta).await?,
+            size: meta.len(),
+            modified: httpdate::fmt_http_date(meta.modified()?),
+            name,
+        });
+    }
+    Ok(v)
 }
 
 #[cfg(test)]
@@ -458,6 +478,11 @@ mod tests {
         std::fs::write(root.join("b.raw.tmp"), "x").unwrap();
         std::os::unix::fs::symlink("/etc/passwd", root.join("out.raw")).unwrap();
         std::os::unix::fs::symlink(root.join("a.raw"), root.join("in.raw")).unwrap();
+        std::os::unix::fs::symlink(".hidden", root.join("to-hidden.raw")).unwrap();
+        std::os::unix::fs::symlink("b.raw.tmp", root.join("to-tmp.raw")).unwrap();
+        std::fs::create_dir(root.join(".dir")).unwrap();
+        std::fs::write(root.join(".dir/c.raw"), "x").unwrap();
+        std::os::unix::fs::symlink(".dir", root.join("dir")).unwrap();
         assert!(resolve(&root, "/a.raw").is_some());
         assert!(resolve(&root, "/in.raw").is_some());
         for bad in [
@@ -471,6 +496,9 @@ mod tests {
             "/out.raw",
             "//etc/passwd",
             "/%5c..%5cetc",
+            "/to-hidden.raw",
+            "/to-tmp.raw",
+            "/dir/c.raw",
         ] {
             assert!(resolve(&root, bad).is_none(), "{bad} resolved");
         }
