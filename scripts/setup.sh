@@ -10,6 +10,7 @@ apt-get install -y -q --allow-downgrades --no-install-recommends \
     e2fsprogs dosfstools mtools fdisk gdisk bmap-tools android-sdk-libsparse-utils \
     debootstrap cloud-init xz-utils zstd unzip hyperfine \
     mosquitto mosquitto-clients openssh-server openssh-client python3-paho-mqtt python3-pytest python3-venv \
+    python3-yaml python3-jsonschema \
     curl wget nginx-light fastboot network-manager openssl docker-registry skopeo util-linux \
     golang-docker-credential-helpers pass gnupg >/dev/null
 echo "setup: tools installed"

@@ -115,7 +115,7 @@ pub fn node_documents(cluster: &Cluster, node: &NodeConfig, opts: &Options) -> R
             "bmc": {
                 "address": bm.bmc_address,
                 "credentialsName": bmc_secret,
-                "disableCertificateValidation": bm.disable_certificate_validation,
+                "disableCertificateVerification": bm.disable_certificate_verification,
             },
             "rootDeviceHints": root_device_hints(&bm.root_device_hints)?,
             "image": {

@@ -80,7 +80,7 @@ pub struct BareMetal {
     pub bmc_address: String,
     pub bmc_username: String,
     pub bmc_password: Secret,
-    pub disable_certificate_validation: bool,
+    pub disable_certificate_verification: bool,
     /// Lower-case, colon-separated.
     pub boot_mac: String,
     pub root_device_hints: RootDeviceHints,

@@ -788,7 +788,7 @@ impl Resolver<'_> {
             bmc_address: address,
             bmc_username: bmc.username.clone(),
             bmc_password: password?,
-            disable_certificate_validation: bmc.disable_certificate_validation,
+            disable_certificate_verification: bmc.disable_certificate_verification,
             boot_mac: boot_mac?,
             root_device_hints: hints,
             online: n.online.or(d.online).unwrap_or(true),
