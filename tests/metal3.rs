@@ -345,7 +345,20 @@ fn bare_metal_settings_are_checked_with_their_line() {
         // A BMC scheme Ironic has no driver for.
         (
             text.replacen("redfish+http://", "redfsh://", 1),
-            "not a BMC address Ironic understands",
+            "not a BMC address Metal3 accepts: Unknown BMC type 'redfsh'",
+        ),
+        // A driver BMO no longer registers, and a host name its checkDNSValid refuses.
+        (
+            text.replacen("redfish+http://10.20.0.2:8000", "idrac://10.20.0.2:8000", 1),
+            "Unknown BMC type 'idrac'",
+        ),
+        (
+            text.replacen(
+                "redfish+http://10.20.0.2:8000",
+                "redfish+http://bmc_1.lab:8000",
+                1,
+            ),
+            "[bmc_1.lab] is invalid",
         ),
         // A misspelt hint.
         (
