@@ -22,6 +22,13 @@ venv=${KILN_PY_VENV:-/opt/kiln-test-venv}
 "$venv/bin/pip" install -q --disable-pip-version-check -r "$(dirname "$0")/../tests/python/requirements.txt"
 echo "setup: python test venv ready in $venv"
 
+# ironic-python-agent and oslo.utils, the judges of `kiln serve --check`, in a venv of their own
+# (their oslo pins are not sushy-tools'); tests/serve.rs finds it at $KILN_IRONIC_VENV.
+ivenv=${KILN_IRONIC_VENV:-/opt/kiln-ironic-venv}
+[ -x "$ivenv/bin/python" ] || /usr/bin/python3 -m venv "$ivenv"
+"$ivenv/bin/pip" install -q --disable-pip-version-check -r "$(dirname "$0")/../tests/python/requirements-ironic.txt"
+echo "setup: ironic-python-agent venv ready in $ivenv"
+
 # The macOS type-check (scripts/check-macos.sh): Rust's standard library for x86_64 macOS, and
 # zig, whose C compiler carries macOS's libc headers, for the C in kiln's dependencies.
 if command -v rustup >/dev/null; then
