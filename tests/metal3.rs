@@ -92,6 +92,15 @@ fn edgelab_manifests_carry_what_metal3_needs() {
     let t = tempfile::tempdir().unwrap();
     let cache = t.path().join("cache");
     let cluster = example_cluster("edgelab", t.path());
+    // edge-2's NIC carries jumbo frames; the others say nothing and get Ethernet's 1500.
+    let text = std::fs::read_to_string(&cluster).unwrap();
+    let jumbo = text.replacen(
+        "network.eno1 = { address = \"10.20.0.12/24\",",
+        "network.eno1 = { mtu = 9000, address = \"10.20.0.12/24\",",
+        1,
+    );
+    assert_ne!(jumbo, text);
+    std::fs::write(&cluster, jumbo).unwrap();
     let base = uefi_fixture(t.path());
     let base_sha = sha256_hex(&std::fs::read(&base).unwrap());
     let out = t.path().join("out");
@@ -173,6 +182,9 @@ fn edgelab_manifests_carry_what_metal3_needs() {
             .to_string();
         let nd_json: Value = serde_json::from_str(&nd).unwrap();
         assert_eq!(nd_json["links"][0]["ethernet_mac_address"], mac);
+        // Ironic's flat and neutron network interfaces keep only what networkData says.
+        let mtu = if node == "edge-2" { 9000 } else { 1500 };
+        assert_eq!(nd_json["links"][0]["mtu"], mtu, "{nd}");
         let nd_file = t.path().join(format!("{node}.network_data.json"));
         std::fs::write(&nd_file, &nd).unwrap();
         let conv = t.path().join(format!("{node}-netplan"));
@@ -197,6 +209,7 @@ fn edgelab_manifests_carry_what_metal3_needs() {
         );
         assert!(netplan.contains("via: 10.20.0.1"), "{netplan}");
         assert!(netplan.contains(&format!("macaddress: {mac}")), "{netplan}");
+        assert!(netplan.contains(&format!("mtu: {mtu}")), "{netplan}");
     }
 
     // The build's image is a GPT disk sgdisk finds nothing wrong with.

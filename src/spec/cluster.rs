@@ -139,6 +139,8 @@ pub struct InterfaceSpec {
     pub gateway: Option<String>,
     #[serde(default)]
     pub dns: Vec<String>,
+    /// The link MTU (networkData always carries one: 1500 unless given here).
+    pub mtu: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

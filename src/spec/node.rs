@@ -68,6 +68,9 @@ pub struct NodeConfig {
     /// MAC addresses the cluster file gives for interfaces, by interface name.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub macs: BTreeMap<String, String>,
+    /// MTUs the cluster file gives for interfaces, by interface name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub mtus: BTreeMap<String, u32>,
     /// What Metal3 needs to manage the machine, for bare-metal nodes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bare_metal: Option<BareMetal>,

@@ -637,7 +637,20 @@ impl Resolver<'_> {
         }
 
         let mut macs = BTreeMap::new();
+        let mut mtus = BTreeMap::new();
         for (ifname, (spec, base)) in &specs {
+            match spec.mtu {
+                // 68: the least an IPv4 link may carry (RFC 791); 65535: the Linux maximum.
+                Some(m) if (68..=65535).contains(&m) => {
+                    mtus.insert(ifname.clone(), m);
+                }
+                Some(m) => self.err(
+                    base.iter().cloned().chain(keypath!["mtu"]).collect(),
+                    format!("mtu {m} is outside 68..65535"),
+                    Some("1500 for plain Ethernet, 9000 for jumbo frames"),
+                ),
+                None => {}
+            }
             if let Some(m) = &spec.mac {
                 match normalize_mac(m) {
                     Some(mac) => {
@@ -677,6 +690,7 @@ impl Resolver<'_> {
             boot_files,
             serial: n.serial.clone(),
             macs,
+            mtus,
             bare_metal,
         })
     }
