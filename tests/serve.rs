@@ -155,7 +155,15 @@ fn served_dir(work: &Path) -> (PathBuf, PathBuf) {
 
 #[test]
 fn real_clients_get_what_ironic_needs() {
-    if !have_tools(&["curl", "wget", "mke2fs", "debugfs", "dumpe2fs"]) {
+    if !have_tools(&[
+        "curl",
+        "wget",
+        "mke2fs",
+        "debugfs",
+        "dumpe2fs",
+        "sha256sum",
+        "sha512sum",
+    ]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -238,6 +246,32 @@ fn real_clients_get_what_ironic_needs() {
         String::from_utf8(sum).unwrap(),
         format!("{}  {name}\n", sha256_hex(&bytes))
     );
+    // Both digests, for the published image (its .sha256sum is on disk) and for one without
+    // checksum files; coreutils' own `sha256sum -c`/`sha512sum -c` judge them in the directory.
+    for file in [name.as_str(), "big.raw"] {
+        for tool in ["sha256sum", "sha512sum"] {
+            let (code, h, sum) = curl(&[&format!("{}/{file}.{tool}", s.base)]);
+            assert_eq!(code, 200, "{file}.{tool}");
+            assert!(h.contains("content-type: text/plain"), "{h}");
+            let mut c = Command::new(tool)
+                .args(["-c", "--strict", "-"])
+                .current_dir(&srv)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(&sum).unwrap();
+            }
+            let o = c.wait_with_output().unwrap();
+            assert!(
+                o.status.success(),
+                "{tool} -c: {}",
+                String::from_utf8_lossy(&o.stdout)
+            );
+        }
+    }
     let (code, _, index) = curl(&[&format!("{}/index.json", s.base)]);
     assert_eq!(code, 200);
     let index: serde_json::Value = serde_json::from_slice(&index).unwrap();

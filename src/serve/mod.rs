@@ -2,8 +2,8 @@
 //!
 //! HEAD answers with Content-Length, Last-Modified and an ETag; GET streams whole files or one
 //! byte range (206, or 416 when unsatisfiable); If-None-Match and If-Modified-Since answer 304;
-//! nothing is compressed. `<image>.sha256sum` exists for every image (computed once, cached in a
-//! hidden file beside it, recomputed when the image changes). Only regular files inside DIR are
+//! nothing is compressed. `<image>.sha256sum` and `<image>.sha512sum` exist for every image
+//! (computed once, cached in a hidden file beside it, recomputed when the image changes). Only regular files inside DIR are
 //! served: traversal in any encoding, symlinks leading out, hidden and partial files are 404. A
 //! response streams from the file it opened, so replacing an image by rename does not disturb
 //! downloads in flight.
@@ -24,6 +24,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use crate::format::manifest::ChecksumType;
 
 /// Image formats IPA accepts, by extension.
 const IMAGE_EXTENSIONS: &[&str] = &["raw", "img", "qcow2"];
@@ -174,13 +176,15 @@ async fn handle(
     if path == "/" || path == "/index.json" {
         return index(&s.root).await;
     }
-    if let Some(image_path) = path.strip_suffix(".sha256sum")
-        && let Some(img) = resolve(&s.root, image_path)
+    if let Some((image_path, kind)) = ChecksumType::ALL.iter().find_map(|&k| {
+        path.strip_suffix(&format!(".{}sum", k.name()))
+            .map(|p| (p, k))
+    }) && let Some(img) = resolve(&s.root, image_path)
         && is_image(&img)
         && resolve(&s.root, path).is_none()
     {
         // No checksum file on disk: kiln computes (and caches) it.
-        return match checksum_of(img.clone()).await {
+        return match checksum_of(img.clone(), kind).await {
             Ok(hex) => {
                 let name = img
                     .file_name()
@@ -274,7 +278,7 @@ async fn serve_file(path: &Path, method: &Method, headers: &HeaderMap) -> Respon
     base.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     let content_type = if path
         .extension()
-        .is_some_and(|e| e == "sha256sum" || e == "json")
+        .is_some_and(|e| e == "sha256sum" || e == "sha512sum" || e == "json")
     {
         "text/plain"
     } else {
@@ -339,13 +343,13 @@ async fn serve_file(path: &Path, method: &Method, headers: &HeaderMap) -> Respon
     resp
 }
 
-/// The sha256 of an image, cached in `.<name>.sha256` beside it together with the size and
-/// modification time it was computed for.
-pub async fn checksum_of(path: PathBuf) -> Result<String> {
-    tokio::task::spawn_blocking(move || cached_checksum(&path)).await?
+/// The sha256 or sha512 of an image, cached in `.<name>.sha256` (`.sha512`) beside it together
+/// with the size and modification time it was computed for.
+pub async fn checksum_of(path: PathBuf, kind: ChecksumType) -> Result<String> {
+    tokio::task::spawn_blocking(move || cached_checksum(&path, kind)).await?
 }
 
-fn cached_checksum(path: &Path) -> Result<String> {
+fn cached_checksum(path: &Path, kind: ChecksumType) -> Result<String> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path)?;
     let key = format!("{} {}.{}", meta.len(), meta.mtime(), meta.mtime_nsec());
@@ -354,14 +358,14 @@ fn cached_checksum(path: &Path) -> Result<String> {
         .context("image has a name")?
         .to_string_lossy()
         .into_owned();
-    let cache = path.with_file_name(format!(".{name}.sha256"));
+    let cache = path.with_file_name(format!(".{name}.{}", kind.name()));
     if let Ok(text) = std::fs::read_to_string(&cache)
         && let Some((k, hex)) = text.trim().rsplit_once(' ')
         && k == key
     {
         return Ok(hex.to_string());
     }
-    let hex = crate::source::cache::sha256_file(path)?;
+    let hex = kind.digest_file(path)?;
     // Best effort: a read-only directory only costs the next request a rehash.
     let _ = crate::util::fsutil::write_atomic(&cache, format!("{key} {hex}\n").as_bytes());
     Ok(hex)
@@ -399,7 +403,7 @@ async fn index(root: &Path) -> Response {
                 format: check::sniff_format(&p)
                     .map(|f| f.name())
                     .unwrap_or("unknown"),
-                sha256: cached_checksum(&p)?,
+                sha256: cached_checksum(&p, ChecksumType::Sha256)?,
                 size: meta.len(),
                 modified: httpdate::fmt_http_date(meta.modified()?),
                 name,
