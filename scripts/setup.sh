@@ -23,11 +23,11 @@ venv=${KILN_PY_VENV:-/opt/kiln-test-venv}
 echo "setup: python test venv ready in $venv"
 
 # ironic-python-agent and oslo.utils, the judges of `kiln serve --check`, in a venv of their own
-# (their oslo pins are not sushy-tools'); tests/serve.rs finds it at $KILN_IRONIC_VENV.
-ivenv=${KILN_IRONIC_VENV:-/opt/kiln-ironic-venv}
-[ -x "$ivenv/bin/python" ] || /usr/bin/python3 -m venv "$ivenv"
-"$ivenv/bin/pip" install -q --disable-pip-version-check -r "$(dirname "$0")/../tests/python/requirements-ironic.txt"
-echo "setup: ironic-python-agent venv ready in $ivenv"
+# (their oslo pins are not sushy-tools'); tests/serve.rs finds it at $KILN_IPA_VENV.
+ipavenv=${KILN_IPA_VENV:-/opt/kiln-ipa-venv}
+[ -x "$ipavenv/bin/python" ] || /usr/bin/python3 -m venv "$ipavenv"
+"$ipavenv/bin/pip" install -q --disable-pip-version-check -r "$(dirname "$0")/../tests/python/requirements-ipa.txt"
+echo "setup: ironic-python-agent venv ready in $ipavenv"
 
 # The macOS type-check (scripts/check-macos.sh): Rust's standard library for x86_64 macOS, and
 # zig, whose C compiler carries macOS's libc headers, for the C in kiln's dependencies.

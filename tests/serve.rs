@@ -444,9 +444,9 @@ fn check_accepts_kiln_and_nginx_and_names_what_is_wrong() {
 }
 
 /// The Python of the venv scripts/setup.sh makes with ironic-python-agent (and the oslo.utils it
-/// pins) from tests/python/requirements-ironic.txt.
+/// pins) from tests/python/requirements-ipa.txt.
 fn ipa_python() -> Option<PathBuf> {
-    let venv = std::env::var_os("KILN_IRONIC_VENV").unwrap_or("/opt/kiln-ironic-venv".into());
+    let venv = std::env::var_os("KILN_IPA_VENV").unwrap_or("/opt/kiln-ipa-venv".into());
     let py = PathBuf::from(venv).join("bin/python");
     let ok = Command::new(&py)
         .args(["-c", "import ironic_python_agent, oslo_utils.imageutils"])
