@@ -10,6 +10,7 @@ apt-get install -y -q --allow-downgrades --no-install-recommends \
     e2fsprogs dosfstools mtools fdisk gdisk bmap-tools android-sdk-libsparse-utils \
     debootstrap cloud-init xz-utils zstd unzip hyperfine \
     mosquitto mosquitto-clients openssh-server openssh-client python3-paho-mqtt python3-pytest python3-venv \
+    python3-yaml python3-jsonschema \
     curl wget nginx-light fastboot network-manager openssl docker-registry skopeo util-linux \
     golang-docker-credential-helpers pass gnupg >/dev/null
 echo "setup: tools installed"
@@ -27,6 +28,13 @@ ironic_venv=${KILN_IRONIC_VENV:-/opt/kiln-ironic-venv}
 [ -x "$ironic_venv/bin/python" ] || /usr/bin/python3 -m venv "$ironic_venv"
 "$ironic_venv/bin/pip" install -q --disable-pip-version-check ironic==39.0.0
 echo "setup: Ironic venv ready in $ironic_venv"
+
+# ironic-python-agent and oslo.utils, the judges of `kiln serve --check`, in a venv of their own
+# (their oslo pins are not sushy-tools'); tests/serve.rs finds it at $KILN_IPA_VENV.
+ipavenv=${KILN_IPA_VENV:-/opt/kiln-ipa-venv}
+[ -x "$ipavenv/bin/python" ] || /usr/bin/python3 -m venv "$ipavenv"
+"$ipavenv/bin/pip" install -q --disable-pip-version-check -r "$(dirname "$0")/../tests/python/requirements-ipa.txt"
+echo "setup: ironic-python-agent venv ready in $ipavenv"
 
 # The macOS type-check (scripts/check-macos.sh): Rust's standard library for x86_64 macOS, and
 # zig, whose C compiler carries macOS's libc headers, for the C in kiln's dependencies.

@@ -82,3 +82,60 @@ fn qcow2_of_a_built_node_and_of_odd_images() {
     convert(&cache, &raw, &q3);
     judged_by_qemu_img(&raw, &q3);
 }
+
+/// Without a bmap, the file's data extents (SEEK_DATA/SEEK_HOLE) decide what is read and
+/// written: a 4 GiB file with 3 MiB of data is read for its data only. The bytes kiln read are
+/// what the kernel counted for it (`rchar` in /proc/<shell>/io, which includes reaped children).
+#[test]
+fn qcow2_without_a_bmap_reads_only_the_data_extents() {
+    if !have_tools(&["qemu-img", "bash"]) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let raw = t.path().join("sparse.img");
+    {
+        let mut f = std::fs::File::create(&raw).unwrap();
+        f.set_len(4 << 30).unwrap();
+        // Data extents with zeros inside them, one across a 512 MiB L2 boundary, one at the end.
+        for (off, len) in [
+            (0u64, 1 << 20),
+            ((512 << 20) - 4096, 1 << 20),
+            ((4 << 30) - (1 << 20), 1 << 20),
+        ] {
+            let mut data = vec![0u8; len];
+            data[..100].fill(7);
+            data[len - 100..].fill(9);
+            f.seek(SeekFrom::Start(off)).unwrap();
+            f.write_all(&data).unwrap();
+        }
+    }
+    let q = t.path().join("sparse.qcow2");
+    let o = Command::new("bash")
+        .arg("-c")
+        .arg(r#""$1" convert "$2" --to qcow2 "$3" 2>&1; grep '^rchar:' /proc/$$/io"#)
+        .arg("bash")
+        .arg(kiln_bin())
+        .arg(&raw)
+        .arg(&q)
+        .env("KILN_CACHE_DIR", t.path().join("cache"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{text}");
+    assert!(
+        !text.contains("Android") && !text.contains("FILL"),
+        "{text}"
+    );
+    let rchar: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("rchar:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        rchar < 64 << 20,
+        "kiln read {rchar} bytes of a 4 GiB file with 3 MiB of data"
+    );
+    judged_by_qemu_img(&raw, &q);
+}

@@ -181,7 +181,15 @@ fn served_dir(work: &Path) -> (PathBuf, PathBuf) {
 
 #[test]
 fn real_clients_get_what_ironic_needs() {
-    if !have_tools(&["curl", "wget", "mke2fs", "debugfs", "dumpe2fs"]) {
+    if !have_tools(&[
+        "curl",
+        "wget",
+        "mke2fs",
+        "debugfs",
+        "dumpe2fs",
+        "sha256sum",
+        "sha512sum",
+    ]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -264,6 +272,32 @@ fn real_clients_get_what_ironic_needs() {
         String::from_utf8(sum).unwrap(),
         format!("{}  {name}\n", sha256_hex(&bytes))
     );
+    // Both digests, for the published image (its .sha256sum is on disk) and for one without
+    // checksum files; coreutils' own `sha256sum -c`/`sha512sum -c` judge them in the directory.
+    for file in [name.as_str(), "big.raw"] {
+        for tool in ["sha256sum", "sha512sum"] {
+            let (code, h, sum) = curl(&[&format!("{}/{file}.{tool}", s.base)]);
+            assert_eq!(code, 200, "{file}.{tool}");
+            assert!(h.contains("content-type: text/plain"), "{h}");
+            let mut c = Command::new(tool)
+                .args(["-c", "--strict", "-"])
+                .current_dir(&srv)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(&sum).unwrap();
+            }
+            let o = c.wait_with_output().unwrap();
+            assert!(
+                o.status.success(),
+                "{tool} -c: {}",
+                String::from_utf8_lossy(&o.stdout)
+            );
+        }
+    }
     let (code, _, index) = curl(&[&format!("{}/index.json", s.base)]);
     assert_eq!(code, 200);
     let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
@@ -433,6 +467,298 @@ fn check_accepts_kiln_and_nginx_and_names_what_is_wrong() {
         .arg(&plain));
     let o = check(format!("{}/plain.qcow2", k.base));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+}
+
+/// The Python of the venv scripts/setup.sh makes with ironic-python-agent (and the oslo.utils it
+/// pins) from tests/python/requirements-ipa.txt.
+fn ipa_python() -> Option<PathBuf> {
+    let venv = std::env::var_os("KILN_IPA_VENV").unwrap_or("/opt/kiln-ipa-venv".into());
+    let py = PathBuf::from(venv).join("bin/python");
+    let ok = Command::new(&py)
+        .args(["-c", "import ironic_python_agent, oslo_utils.imageutils"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        skip(&format!(
+            "no ironic-python-agent at {} (scripts/setup.sh installs it)",
+            py.display()
+        ));
+        return None;
+    }
+    Some(py)
+}
+
+/// Images and checksum files with known quirks, made by real tools where one exists (sgdisk,
+/// sfdisk, mkfs.vfat, qemu-img) and patched where IPA's rules turn on one field. Returns
+/// (case name, image file name, checksum file text); every image is in `dir`.
+fn ipa_cases(dir: &Path) -> Vec<(String, String, String)> {
+    let mut cases = Vec::new();
+    let patch = |file: &Path, at: u64, bytes: &[u8]| {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(bytes).unwrap();
+    };
+    let blank = |name: &str| {
+        let p = dir.join(name);
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(4 << 20).unwrap();
+        p
+    };
+    let qemu = |name: &str, args: &[&str]| {
+        let p = dir.join(name);
+        run(Command::new("qemu-img")
+            .args(["create", "-q"])
+            .args(args)
+            .arg(&p)
+            .arg("16M"));
+        p
+    };
+    let sum_of = |p: &Path| sha256_hex(&std::fs::read(p).unwrap());
+
+    // Formats, each with a well-formed checksum file.
+    let mut images: Vec<PathBuf> = Vec::new();
+    let gpt = blank("gpt.raw");
+    run(Command::new("sgdisk")
+        .args(["-n", "1:2048:0", "-t", "1:8300"])
+        .arg(&gpt));
+    images.push(gpt.clone());
+    let hybrid = blank("hybrid.raw");
+    run(Command::new("sgdisk")
+        .args(["-n", "1:2048:0", "-h", "1"])
+        .arg(&hybrid));
+    images.push(hybrid);
+    let mbr = blank("mbr.raw");
+    let mut sf = Command::new("sfdisk")
+        .arg("-q")
+        .arg(&mbr)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        sf.stdin
+            .take()
+            .unwrap()
+            .write_all(b"label: dos\nstart=2048, type=83, bootable\n")
+            .unwrap();
+    }
+    assert!(sf.wait().unwrap().success());
+    images.push(mbr.clone());
+    let bad_flag = dir.join("bootflag.raw");
+    std::fs::copy(&mbr, &bad_flag).unwrap();
+    patch(&bad_flag, 446, &[0x81]);
+    images.push(bad_flag);
+    let empty_mbr = blank("empty-mbr.raw");
+    patch(&empty_mbr, 510, &[0x55, 0xAA]);
+    images.push(empty_mbr);
+    let fat = blank("fat.raw");
+    run(Command::new("mkfs.vfat").arg(&fat));
+    images.push(fat);
+    let iso = blank("iso.raw");
+    patch(&iso, 32768, b"\x01CD001\x01");
+    images.push(iso);
+    images.push(blank("zeros.raw"));
+    images.push(qemu("v3.qcow2", &["-f", "qcow2"]));
+    images.push(qemu("v2.qcow2", &["-f", "qcow2", "-o", "compat=0.10"]));
+    images.push(qemu(
+        "zstd.qcow2",
+        &["-f", "qcow2", "-o", "compression_type=zstd"],
+    ));
+    images.push(qemu(
+        "extl2.qcow2",
+        &["-f", "qcow2", "-o", "extended_l2=on"],
+    ));
+    let data_file = dir.join("ext.data");
+    let data_file_opt = format!("data_file={}", data_file.display());
+    images.push(qemu(
+        "datafile.qcow2",
+        &["-f", "qcow2", "-o", &data_file_opt],
+    ));
+    let backing = format!("{}", gpt.display());
+    images.push(qemu(
+        "backing.qcow2",
+        &["-f", "qcow2", "-F", "raw", "-b", &backing],
+    ));
+    for (name, at, bytes) in [
+        ("version1.qcow2", 4, &[0u8, 0, 0, 1][..]),
+        ("version4.qcow2", 4, &[0, 0, 0, 4][..]),
+        ("dirty.qcow2", 79, &[0x01][..]),
+        ("unknownbit.qcow2", 79, &[0x20][..]),
+    ] {
+        let p = dir.join(name);
+        std::fs::copy(dir.join("v3.qcow2"), &p).unwrap();
+        patch(&p, at, bytes);
+        images.push(p);
+    }
+    images.push(qemu("disk.vmdk", &["-f", "vmdk"]));
+    images.push(qemu("disk.vdi", &["-f", "vdi"]));
+    images.push(qemu("disk.qed", &["-f", "qed"]));
+    images.push(qemu("disk.vhdx", &["-f", "vhdx"]));
+    images.push(qemu("disk.vhd", &["-f", "vpc"]));
+    for p in &images {
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        cases.push((
+            name.clone(),
+            name.clone(),
+            format!("{}  {name}\n", sum_of(p)),
+        ));
+    }
+
+    // Checksum files, each beside its own copy of one raw image.
+    let data = dir.join("data.bin");
+    let mut bytes = vec![0u8; 1 << 20];
+    bytes[4096..4200].fill(0x5a);
+    std::fs::write(&data, &bytes).unwrap();
+    let h = sha256_hex(&bytes);
+    let upper = h.to_ascii_uppercase();
+    let sha512 = {
+        let o = Command::new("sha512sum").arg(&data).output().unwrap();
+        String::from_utf8(o.stdout).unwrap()[..128].to_string()
+    };
+    let md5 = {
+        let o = Command::new("md5sum").arg(&data).output().unwrap();
+        String::from_utf8(o.stdout).unwrap()[..32].to_string()
+    };
+    let sums: Vec<(&str, String)> = vec![
+        ("two-spaces", format!("{h}  NAME\n")),
+        ("upper", format!("{upper}  NAME\n")),
+        ("bare", format!("{h}\n")),
+        ("bare-upper", format!("{upper}\n")),
+        ("tab-one-line", format!("{h}\tNAME\n")),
+        ("tab-among-lines", format!("# kiln\n{h}\tNAME\n")),
+        ("star", format!("{h} *NAME\n")),
+        ("bsd", format!("SHA256 (NAME) = {h}\n")),
+        ("sha512", format!("{sha512}  NAME\n")),
+        ("md5", format!("{md5}  NAME\n")),
+        ("other-name", format!("{h}  NAME.bak\n")),
+        ("dot-slash", format!("{h}  ./NAME\n")),
+        ("comment-only", "# nothing\n".to_string()),
+        ("crlf", format!("{h}  NAME\r\n")),
+    ];
+    for (case, text) in sums {
+        let name = format!("sum-{case}.img");
+        std::fs::copy(&data, dir.join(&name)).unwrap();
+        cases.push((
+            format!("sum-{case}"),
+            name.clone(),
+            text.replace("NAME", &name),
+        ));
+    }
+    // IPA formats the name into a regex unescaped: "x.img" matches a line for "xAimg".
+    let name = "sum-dot.img".to_string();
+    std::fs::copy(&data, dir.join(&name)).unwrap();
+    cases.push((
+        "sum-dot-wildcard".into(),
+        name,
+        format!("{h}  sum-dotXimg\n"),
+    ));
+    cases
+}
+
+#[test]
+fn check_agrees_with_ipa_on_checksum_files_and_formats() {
+    if !have_tools(&[
+        "qemu-img",
+        "sgdisk",
+        "sfdisk",
+        "mkfs.vfat",
+        "sha512sum",
+        "md5sum",
+    ]) {
+        return;
+    }
+    let Some(py) = ipa_python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let srv = dir.path().join("srv");
+    std::fs::create_dir(&srv).unwrap();
+    let cases = ipa_cases(&srv);
+    let cache = dir.path().join("cache");
+    let k = kiln_serve(&srv, &cache);
+
+    let mut judge_input = Vec::new();
+    let mut kiln_verdicts = Vec::new();
+    for (case, image, sums) in &cases {
+        let sum_file = srv.join(format!("{image}.sha256sum"));
+        std::fs::write(&sum_file, sums).unwrap();
+        let url = format!("{}/{image}", k.base);
+        judge_input.push(serde_json::json!({
+            "name": case, "url": url, "image": srv.join(image), "sums": sum_file,
+        }));
+        let o = kiln(&cache)
+            .args(["serve", "--check", &url])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        let format = err
+            .lines()
+            .find_map(|l| l.strip_prefix("ok   format "))
+            .and_then(|l| l.split_whitespace().next())
+            .map(str::to_string);
+        let said = String::from_utf8_lossy(&o.stdout).into_owned();
+        kiln_verdicts.push((o.status.success(), format, said));
+    }
+    let input = dir.path().join("cases.json");
+    std::fs::write(&input, serde_json::to_vec(&judge_input).unwrap()).unwrap();
+    let o = Command::new(&py)
+        .arg(repo().join("tests/python/ipa_judge.py"))
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ipa: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+
+    let mut disagree = Vec::new();
+    let (mut accepted, mut refused) = (0, 0);
+    for ((case, ..), (ok, format, said), j) in zip3(&cases, &kiln_verdicts, &ipa) {
+        let ipa_ok = j["accepted"].as_bool().unwrap();
+        let ipa_format = j["format"].as_str().map(str::to_string);
+        if ipa_ok {
+            accepted += 1
+        } else {
+            refused += 1
+        }
+        eprintln!(
+            "{case:<22} kiln {:<7} IPA {:<7} {:?} {}",
+            if *ok { "accepts" } else { "refuses" },
+            if ipa_ok { "accepts" } else { "refuses" },
+            ipa_format,
+            j["why"]
+                .as_str()
+                .unwrap_or_default()
+                .lines()
+                .last()
+                .unwrap_or_default()
+        );
+        if *ok != ipa_ok || (ipa_ok && *format != ipa_format) {
+            disagree.push(format!(
+                "{case}: kiln {} ({format:?}) {said}  IPA {} ({ipa_format:?}) {}",
+                if *ok { "accepts" } else { "refuses" },
+                if ipa_ok { "accepts" } else { "refuses" },
+                j["why"]
+            ));
+        }
+    }
+    assert!(
+        disagree.is_empty(),
+        "kiln serve --check and IPA disagree:\n{}",
+        disagree.join("\n")
+    );
+    // The set has both kinds, so agreement is not all-yes or all-no.
+    assert!(
+        accepted >= 8 && refused >= 8,
+        "{accepted} accepted, {refused} refused"
+    );
+}
+
+fn zip3<'a, A, B, C>(
+    a: &'a [A],
+    b: &'a [B],
+    c: &'a [C],
+) -> impl Iterator<Item = (&'a A, &'a B, &'a C)> {
+    assert!(a.len() == b.len() && b.len() == c.len());
+    a.iter().zip(b).zip(c).map(|((a, b), c)| (a, b, c))
 }
 
 #[test]

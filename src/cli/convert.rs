@@ -78,7 +78,8 @@ pub fn run(
         let size = std::fs::metadata(f)?.len();
         println!("{}  {} bytes", f.display(), size);
     }
-    if map.is_none() {
+    // QCOW2 reads the file's data extents instead (SEEK_DATA), so the note is Android sparse's.
+    if map.is_none() && matches!(to, Target::AndroidSparse) {
         eprintln!(
             "note: no bmap for {}; every block was mapped (zero blocks become FILL chunks)",
             image.display()

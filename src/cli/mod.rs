@@ -351,7 +351,26 @@ pub enum Metal3Command {
         /// The namespace of the BareMetalHosts and Secrets.
         #[arg(long)]
         namespace: Option<String>,
+        /// The digest written as `image.checksum` (with `image.checksumType`).
+        #[arg(long, value_enum, default_value_t = ChecksumArg::Sha256)]
+        checksum_type: ChecksumArg,
     },
+}
+
+/// A digest Ironic verifies images with.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ChecksumArg {
+    Sha256,
+    Sha512,
+}
+
+impl From<ChecksumArg> for kiln::format::manifest::ChecksumType {
+    fn from(a: ChecksumArg) -> Self {
+        match a {
+            ChecksumArg::Sha256 => Self::Sha256,
+            ChecksumArg::Sha512 => Self::Sha512,
+        }
+    }
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -454,7 +473,14 @@ pub fn run(cli: Cli) -> Result<()> {
             out,
             image_url,
             namespace,
-        }) => serve::metal3_manifests(&cluster.cluster, &out, &image_url, namespace.as_deref()),
+            checksum_type,
+        }) => serve::metal3_manifests(
+            &cluster.cluster,
+            &out,
+            &image_url,
+            namespace.as_deref(),
+            checksum_type.into(),
+        ),
         Command::Install {
             overlay,
             target,

@@ -81,6 +81,7 @@ pub fn metal3_manifests(
     out: &Path,
     image_url: &str,
     namespace: Option<&str>,
+    checksum: kiln::format::manifest::ChecksumType,
 ) -> Result<()> {
     if !(image_url.starts_with("http://") || image_url.starts_with("https://")) {
         bail!("--image-url {image_url:?} must be an http:// or https:// URL");
@@ -92,6 +93,7 @@ pub fn metal3_manifests(
             out,
             image_url,
             namespace,
+            checksum,
         },
     )?;
     print!("{text}");

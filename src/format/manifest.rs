@@ -27,6 +27,33 @@ pub struct Entry {
     pub size: Option<u64>,
 }
 
+/// The digests kiln gives images by: Ironic and IPA take both (IPA tells them apart by length).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChecksumType {
+    Sha256,
+    Sha512,
+}
+
+impl ChecksumType {
+    pub const ALL: [ChecksumType; 2] = [ChecksumType::Sha256, ChecksumType::Sha512];
+
+    /// The name a BareMetalHost's `image.checksumType` and the tools (`sha512sum`) use.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChecksumType::Sha256 => "sha256",
+            ChecksumType::Sha512 => "sha512",
+        }
+    }
+
+    /// The hex digest of a file.
+    pub fn digest_file(self, path: &std::path::Path) -> anyhow::Result<String> {
+        match self {
+            ChecksumType::Sha256 => crate::source::cache::digest_file::<sha2::Sha256>(path),
+            ChecksumType::Sha512 => crate::source::cache::digest_file::<sha2::Sha512>(path),
+        }
+    }
+}
+
 /// `<hex>  <basename>\n`, the format of `sha256sum` and of Ironic's checksum files.
 pub fn sha256sum_line(hex: &str, basename: &str) -> String {
     format!("{hex}  {basename}\n")

@@ -27,24 +27,18 @@ fn clusters_for(bytes: u64) -> u64 {
     bytes.div_ceil(CLUSTER)
 }
 
-/// Guest clusters that may hold data: those touching a mapped range (all without a bmap).
-fn candidate_clusters(size: u64, bmap: Option<&Bmap>) -> Vec<(u64, u64)> {
-    let total = clusters_for(size);
-    match bmap {
-        None => vec![(0, total)],
-        Some(b) => {
-            let mut out: Vec<(u64, u64)> = Vec::new();
-            for r in &b.ranges {
-                let (s, e) = r.byte_span(b.block_size, size);
-                let (a, z) = (s / CLUSTER, e.div_ceil(CLUSTER));
-                match out.last_mut() {
-                    Some(last) if last.1 >= a => last.1 = last.1.max(z),
-                    _ => out.push((a, z)),
-                }
-            }
-            out
+/// Guest clusters that may hold data: those touching a byte span `[start, end)` that holds data
+/// (the bmap's mapped ranges, or without a bmap the file's data extents).
+fn candidate_clusters(spans: impl IntoIterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in spans {
+        let (a, z) = (s / CLUSTER, e.div_ceil(CLUSTER));
+        match out.last_mut() {
+            Some(last) if last.1 >= a => last.1 = last.1.max(z),
+            _ => out.push((a, z)),
         }
     }
+    out
 }
 
 /// Writes `image` as QCOW2 to `dest`; returns the number of data clusters allocated.
@@ -54,7 +48,11 @@ pub fn convert(image: &Path, bmap: Option<&Bmap>, dest: &Path) -> Result<u64> {
     if let Some(b) = bmap {
         b.check_image_size(size, image)?;
     }
-    let candidates = candidate_clusters(size, bmap);
+    // Without a bmap, the file's holes are zeros: only its data extents are read.
+    let candidates = match bmap {
+        Some(b) => candidate_clusters(b.ranges.iter().map(|r| r.byte_span(b.block_size, size))),
+        None => candidate_clusters(super::sparse::data_ranges(&src, size)),
+    };
     let max_data: u64 = candidates.iter().map(|(a, b)| b - a).sum();
     let l1_entries = clusters_for(size).div_ceil(L2_ENTRIES).max(1);
     let l1_clusters = clusters_for(l1_entries * 8);

@@ -26,23 +26,37 @@ pub fn copy(src: &Path, dst: &Path) -> Result<()> {
         return Ok(());
     }
     output.set_len(len)?;
-    let mut pos = 0u64;
-    while pos < len {
-        let data = match nix::unistd::lseek(&input, pos as i64, nix::unistd::Whence::SeekData) {
-            Ok(d) => d as u64,
-            Err(nix::errno::Errno::ENXIO) => break, // only a hole remains
-            Err(_) => pos,                          // no SEEK_DATA: treat the rest as data
-        };
-        let hole = nix::unistd::lseek(&input, data as i64, nix::unistd::Whence::SeekHole)
-            .map(|h| h as u64)
-            .unwrap_or(len);
+    for (data, hole) in data_ranges(&input, len) {
         input.seek(SeekFrom::Start(data))?;
         output.seek(SeekFrom::Start(data))?;
         write_sparse(&mut (&mut input).take(hole - data), &mut output)
             .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
-        pos = hole;
     }
     Ok(())
+}
+
+/// The byte ranges `[start, end)` of `file` (of length `len`) that hold data, from
+/// SEEK_DATA/SEEK_HOLE: holes are zeros nobody needs to read. Where the filesystem cannot say
+/// (no SEEK_DATA), the rest of the file is one range.
+pub fn data_ranges(file: &File, len: u64) -> Vec<(u64, u64)> {
+    let mut ranges = Vec::new();
+    let mut pos = 0u64;
+    while pos < len {
+        let data = match nix::unistd::lseek(file, pos as i64, nix::unistd::Whence::SeekData) {
+            Ok(d) => d as u64,
+            Err(nix::errno::Errno::ENXIO) => break, // only a hole remains
+            Err(_) => pos,                          // no SEEK_DATA: treat the rest as data
+        };
+        let hole = nix::unistd::lseek(file, data as i64, nix::unistd::Whence::SeekHole)
+            .map(|h| h as u64)
+            .unwrap_or(len)
+            .min(len);
+        if hole > data {
+            ranges.push((data, hole));
+        }
+        pos = hole.max(pos + 1);
+    }
+    ranges
 }
 
 fn is_zero(b: &[u8]) -> bool {

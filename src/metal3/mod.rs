@@ -2,15 +2,16 @@
 //!
 //! What a Metal3 user writes by hand, derived from the cluster file and the builds: the BMC
 //! address and credentials, the boot MAC, root device hints, the image as `kiln publish` names it
-//! with its sha256, and the node's cloud-init user-data and OpenStack `network_data.json`, which
-//! Ironic puts on the config drive. Secrets carry their values base64-encoded under `data`, as
-//! `kubectl get -o yaml` shows them.
+//! with its sha256 (or sha512, `--checksum-type`), and the node's cloud-init user-data and
+//! OpenStack `network_data.json`, which Ironic puts on the config drive. Secrets carry their
+//! values base64-encoded under `data`, as `kubectl get -o yaml` shows them.
 
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
+use crate::format::manifest::ChecksumType;
 use crate::provision::{network_data, plan};
 use crate::serve::publish;
 use crate::spec::Cluster;
@@ -23,6 +24,8 @@ pub struct Options<'a> {
     /// The base URL `kiln serve` (or nginx) serves the published images under.
     pub image_url: &'a str,
     pub namespace: Option<&'a str>,
+    /// The digest written as `image.checksum`.
+    pub checksum: ChecksumType,
 }
 
 /// The nodes Metal3 provisions: those with a BMC, and every node whose profile is delivered
@@ -93,6 +96,13 @@ pub fn node_documents(cluster: &Cluster, node: &NodeConfig, opts: &Options) -> R
         opts.image_url.trim_end_matches('/'),
         image.published_name(&node.name)
     );
+    // The build manifest records the sha256; any other digest is computed from the image.
+    let checksum = match opts.checksum {
+        ChecksumType::Sha256 => image.sha256.clone(),
+        other => other.digest_file(&image.path).with_context(|| {
+            format!("computing the {} of {}", other.name(), image.path.display())
+        })?,
+    };
     let ns = opts.namespace;
     let bmc_secret = format!("{}-bmc-secret", node.name);
     let user_data = format!("{}-user-data", node.name);
@@ -115,13 +125,13 @@ pub fn node_documents(cluster: &Cluster, node: &NodeConfig, opts: &Options) -> R
             "bmc": {
                 "address": bm.bmc_address,
                 "credentialsName": bmc_secret,
-                "disableCertificateValidation": bm.disable_certificate_validation,
+                "disableCertificateVerification": bm.disable_certificate_verification,
             },
             "rootDeviceHints": root_device_hints(&bm.root_device_hints)?,
             "image": {
                 "url": url,
-                "checksum": image.sha256,
-                "checksumType": "sha256",
+                "checksum": checksum,
+                "checksumType": opts.checksum.name(),
                 "format": image.format,
             },
             "userData": reference(&user_data),

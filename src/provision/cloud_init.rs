@@ -124,6 +124,8 @@ pub struct PhysicalInterface {
     #[serde(rename = "type")]
     pub kind: String,
     pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
     pub subnets: Vec<Subnet>,
 }
 
@@ -147,6 +149,7 @@ impl NetworkConfigV1 {
             .map(|(name, iface)| PhysicalInterface {
                 kind: "physical".into(),
                 name: name.clone(),
+                mtu: node.mtus.get(name).copied(),
                 subnets: vec![match iface {
                     Interface::Dhcp => Subnet {
                         kind: "dhcp".into(),

@@ -53,6 +53,10 @@ pub fn link_macs(node: &NodeConfig) -> Result<Vec<(String, String)>> {
         .collect())
 }
 
+/// The MTU of a link the cluster file says nothing about. Ironic's flat and neutron network
+/// interfaces put only what networkData says on the config drive, so every link carries one.
+pub const DEFAULT_MTU: u32 = 1500;
+
 fn netmask(net: &IpNet) -> String {
     net.netmask().to_string()
 }
@@ -67,6 +71,7 @@ pub fn render(node: &NodeConfig) -> Result<String> {
             "id": name,
             "type": "phy",
             "ethernet_mac_address": mac,
+            "mtu": node.mtus.get(&name).copied().unwrap_or(DEFAULT_MTU),
         }));
         match &node.network[&name] {
             Interface::Dhcp => networks.push(json!({
@@ -117,4 +122,76 @@ pub fn render(node: &NodeConfig) -> Result<String> {
             .collect::<Vec<Value>>(),
     });
     Ok(serde_json::to_string_pretty(&doc)? + "\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(eth0: &str) -> (tempfile::TempDir, crate::spec::Cluster) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "x\n").unwrap();
+        let path = dir.path().join("cluster.toml");
+        let text = format!(
+            r#"
+[cluster]
+name = "c"
+seed = "c"
+[defaults]
+image = "bootc-uefi-x86"
+bmc = {{ address = "redfish+http://127.0.0.1:8000/redfish/v1/Systems/{{name}}", username = "u", password = {{ file = "pw" }} }}
+[[node]]
+name = "edge-1"
+boot_mac = "52:54:00:00:00:01"
+network.eth0 = {{ {eth0} }}
+network.eth1 = {{ dhcp = true, mac = "52:54:00:00:00:02" }}
+"#
+        );
+        std::fs::write(&path, text).unwrap();
+        let c = crate::spec::load(&path);
+        (dir, c.unwrap())
+    }
+
+    /// The MTU the cluster file gives reaches networkData, cloud-init's network-config v1 and
+    /// NetworkManager's keyfile; networkData gives every other link Ethernet's 1500.
+    #[test]
+    fn mtu_reaches_every_network_document() {
+        let (_dir, c) = cluster(r#"mtu = 9000, address = "10.0.0.2/24""#);
+        let node = c.node("edge-1").unwrap();
+        let nd: Value = serde_json::from_str(&render(node).unwrap()).unwrap();
+        let mtus: Vec<&Value> = nd["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| &l["mtu"])
+            .collect();
+        assert_eq!(mtus, [&json!(9000), &json!(1500)]);
+        let v1 = serde_yaml_ng::to_string(
+            &crate::provision::cloud_init::NetworkConfigV1::for_node(node),
+        )
+        .unwrap();
+        assert!(v1.contains("name: eth0\n  mtu: 9000\n"), "{v1}");
+        assert_eq!(v1.matches("mtu").count(), 1, "{v1}");
+        let (_, keyfile) =
+            crate::provision::rootfs::keyfile(&c, node, "eth0", &node.network["eth0"]);
+        assert!(keyfile.contains("[ethernet]\nmtu=9000\n"), "{keyfile}");
+        let (_, keyfile) =
+            crate::provision::rootfs::keyfile(&c, node, "eth1", &node.network["eth1"]);
+        assert!(!keyfile.contains("mtu"), "{keyfile}");
+    }
+
+    #[test]
+    fn an_mtu_no_link_carries_is_refused() {
+        for bad in ["mtu = 10, dhcp = true", "mtu = 70000, dhcp = true"] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("pw"), "x\n").unwrap();
+            let path = dir.path().join("cluster.toml");
+            let text = format!(
+                "[cluster]\nname = \"c\"\nseed = \"c\"\n[defaults]\nimage = \"bootc-uefi-x86\"\n[[node]]\nname = \"n\"\nnetwork.eth0 = {{ {bad} }}\n"
+            );
+            std::fs::write(&path, text).unwrap();
+            let e = format!("{:#}", crate::spec::load(&path).unwrap_err());
+            assert!(e.contains("outside 68..65535"), "{e}");
+        }
+    }
 }

@@ -487,13 +487,20 @@ pub fn keyfile(
         if w.hidden {
             let _ = writeln!(t, "hidden=true");
         }
+        if let Some(mtu) = node.mtus.get(ifname) {
+            let _ = writeln!(t, "mtu={mtu}");
+        }
         let _ = writeln!(
             t,
             "\n[wifi-security]\nkey-mgmt=wpa-psk\npsk={}\n",
             w.psk.expose()
         );
     } else {
-        let _ = writeln!(t, "[ethernet]\n");
+        let _ = writeln!(t, "[ethernet]");
+        if let Some(mtu) = node.mtus.get(ifname) {
+            let _ = writeln!(t, "mtu={mtu}");
+        }
+        let _ = writeln!(t);
     }
     match iface {
         Interface::Dhcp => {

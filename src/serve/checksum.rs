@@ -1,4 +1,4 @@
-//! The checksum files `kiln serve` makes for images: `<image>.sha256sum`, computed once per
+//! The checksum files `kiln serve` makes for images: `<image>.sha256sum` and `.sha512sum`, computed once per
 //! version of an image and shared by every request for it.
 //!
 //! A version is the opened file's identity (device, inode, size, modification time): concurrent
@@ -28,6 +28,10 @@ pub trait Algorithm: Digest + Send + 'static {
 
 impl Algorithm for sha2::Sha256 {
     const NAME: &'static str = "sha256";
+}
+
+impl Algorithm for sha2::Sha512 {
+    const NAME: &'static str = "sha512";
 }
 
 /// One version of one file: what a checksum is valid for.

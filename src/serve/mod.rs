@@ -2,7 +2,7 @@
 //!
 //! HEAD answers with Content-Length, Last-Modified and an ETag; GET streams whole files or one
 //! byte range (206, or 416 when unsatisfiable); If-None-Match and If-Modified-Since answer 304;
-//! nothing is compressed. `<image>.sha256sum` exists for every image (see [`checksum`]). Only
+//! nothing is compressed. `<image>.sha256sum` and `<image>.sha512sum` exist for every image (see [`checksum`]). Only
 //! regular files inside DIR are served: traversal in any encoding, symlinks leading out or to
 //! hidden or partial files, hidden and partial files themselves, FIFOs and devices are 404. A
 //! response streams from the file it opened, so replacing an image by rename does not disturb
@@ -191,6 +191,9 @@ async fn handle(
     if let Some(resp) = checksum_file::<sha2::Sha256>(&s, path).await {
         return resp;
     }
+    if let Some(resp) = checksum_file::<sha2::Sha512>(&s, path).await {
+        return resp;
+    }
     let Some(file_path) = resolve(&s.root, path) else {
         return not_found();
     };
@@ -315,7 +318,7 @@ async fn serve_file(path: &Path, method: &Method, headers: &HeaderMap) -> Respon
     base.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     let content_type = if path
         .extension()
-        .is_some_and(|e| e == "sha256sum" || e == "json")
+        .is_some_and(|e| e == "sha256sum" || e == "sha512sum" || e == "json")
     {
         "text/plain"
     } else {

@@ -83,8 +83,13 @@ impl Cache {
 
 /// sha256 of a whole file.
 pub fn sha256_file(path: &Path) -> Result<String> {
+    digest_file::<Sha256>(path)
+}
+
+/// The hex digest of a file with any of the sha2 digests.
+pub fn digest_file<D: Digest>(path: &Path) -> Result<String> {
     let mut f = crate::util::input::open_regular(path)?;
-    let mut h = Sha256::new();
+    let mut h = D::new();
     let mut buf = vec![0u8; 4 << 20];
     loop {
         let n = std::io::Read::read(&mut f, &mut buf)

@@ -100,8 +100,10 @@ pub struct BmcSpec {
     pub address: String,
     pub username: String,
     pub password: SecretRef,
-    #[serde(default)]
-    pub disable_certificate_validation: bool,
+    /// BMO's `spec.bmc.disableCertificateVerification`: Ironic then accepts the BMC's
+    /// self-signed certificate. The old kiln spelling `disable_certificate_validation` is read too.
+    #[serde(default, alias = "disable_certificate_validation")]
+    pub disable_certificate_verification: bool,
 }
 
 /// Ironic's root device hints; every hint given must match the disk.
@@ -137,6 +139,8 @@ pub struct InterfaceSpec {
     pub gateway: Option<String>,
     #[serde(default)]
     pub dns: Vec<String>,
+    /// The link MTU (networkData always carries one: 1500 unless given here).
+    pub mtu: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

@@ -1,5 +1,6 @@
 //! Cluster files and image profiles: parse, validate, resolve, derive ids.
 
+pub mod bmc_address;
 pub mod cluster;
 pub mod diag;
 pub mod ids;

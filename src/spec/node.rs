@@ -68,6 +68,9 @@ pub struct NodeConfig {
     /// MAC addresses the cluster file gives for interfaces, by interface name.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub macs: BTreeMap<String, String>,
+    /// MTUs the cluster file gives for interfaces, by interface name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub mtus: BTreeMap<String, u32>,
     /// What Metal3 needs to manage the machine, for bare-metal nodes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bare_metal: Option<BareMetal>,
@@ -80,7 +83,7 @@ pub struct BareMetal {
     pub bmc_address: String,
     pub bmc_username: String,
     pub bmc_password: Secret,
-    pub disable_certificate_validation: bool,
+    pub disable_certificate_verification: bool,
     /// Lower-case, colon-separated.
     pub boot_mac: String,
     pub root_device_hints: RootDeviceHints,

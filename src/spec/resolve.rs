@@ -174,26 +174,6 @@ pub fn normalize_mac(s: &str) -> Option<String> {
     .then(|| parts.join(":").to_ascii_lowercase())
 }
 
-/// The BMC URL schemes Ironic's drivers (as Metal3's baremetal-operator names them) accept.
-const BMC_SCHEMES: &[&str] = &[
-    "redfish",
-    "redfish+http",
-    "redfish+https",
-    "redfish-virtualmedia",
-    "redfish-virtualmedia+http",
-    "redfish-virtualmedia+https",
-    "redfish-uefihttp",
-    "ipmi",
-    "idrac",
-    "idrac-redfish",
-    "idrac-virtualmedia",
-    "ilo4",
-    "ilo5",
-    "ilo5-redfish",
-    "ilo5-virtualmedia",
-    "irmc",
-];
-
 /// Secrets are a password, a PSK, a token: a few hundred bytes at most.
 const MAX_SECRET: u64 = 64 << 10;
 /// user-data fragments and boot files: cloud-init documents and config.txt are kilobytes.
@@ -694,7 +674,20 @@ impl Resolver<'_> {
         }
 
         let mut macs = BTreeMap::new();
+        let mut mtus = BTreeMap::new();
         for (ifname, (spec, base)) in &specs {
+            match spec.mtu {
+                // 68: the least an IPv4 link may carry (RFC 791); 65535: the Linux maximum.
+                Some(m) if (68..=65535).contains(&m) => {
+                    mtus.insert(ifname.clone(), m);
+                }
+                Some(m) => self.err(
+                    base.iter().cloned().chain(keypath!["mtu"]).collect(),
+                    format!("mtu {m} is outside 68..65535"),
+                    Some("1500 for plain Ethernet, 9000 for jumbo frames"),
+                ),
+                None => {}
+            }
             if let Some(m) = &spec.mac {
                 match normalize_mac(m) {
                     Some(mac) => {
@@ -734,6 +727,7 @@ impl Resolver<'_> {
             boot_files,
             serial: n.serial.clone(),
             macs,
+            mtus,
             bare_metal,
         })
     }
@@ -771,13 +765,13 @@ impl Resolver<'_> {
                 .collect::<KeyPath>()
         };
         let address = bmc.address.replace("{name}", name);
-        match address.split_once("://") {
-            Some((scheme, rest)) if BMC_SCHEMES.contains(&scheme) && !rest.is_empty() => {}
-            _ => self.err(
+        // Metal3's baremetal-operator is the judge: its webhook refuses the host otherwise.
+        if let Err(e) = super::bmc_address::parse(&address) {
+            self.err(
                 bmc_at("address"),
-                format!("{address:?} is not a BMC address Ironic understands"),
+                format!("{address:?} is not a BMC address Metal3 accepts: {e}"),
                 Some("for a sushy-tools emulator: redfish+http://<host>:8000/redfish/v1/Systems/{name}"),
-            ),
+            );
         }
         if bmc.username.is_empty() {
             self.err(bmc_at("username"), "the BMC username is empty", None);
@@ -825,7 +819,7 @@ impl Resolver<'_> {
             bmc_address: address,
             bmc_username: bmc.username.clone(),
             bmc_password: password?,
-            disable_certificate_validation: bmc.disable_certificate_validation,
+            disable_certificate_verification: bmc.disable_certificate_verification,
             boot_mac: boot_mac?,
             root_device_hints: hints,
             online: n.online.or(d.online).unwrap_or(true),
