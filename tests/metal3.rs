@@ -5,9 +5,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
+use common::bmo::*;
 use common::*;
 use serde_json::Value;
 
@@ -20,35 +21,6 @@ const TOOLS: &[&str] = &[
     "cloud-init",
     "/usr/bin/python3",
 ];
-
-/// Parses a YAML stream with PyYAML and decodes every Secret's data, so the test reads the
-/// manifests the way kubectl would, not through kiln's own serde.
-fn parse_yaml_stream(text: &str) -> Vec<Value> {
-    let script = r#"
-import base64, json, sys, yaml
-docs = list(yaml.safe_load_all(sys.stdin))
-for d in docs:
-    if d.get("kind") == "Secret":
-        d["decoded"] = {k: base64.b64decode(v).decode() for k, v in d["data"].items()}
-print(json.dumps(docs))
-"#;
-    let mut child = Command::new("/usr/bin/python3")
-        .args(["-c", script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "PyYAML could not parse the manifests");
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 fn tools_present() -> bool {
     let names: Vec<&str> = TOOLS
@@ -215,50 +187,6 @@ fn edgelab_manifests_carry_what_metal3_needs() {
     // The build's image is a GPT disk sgdisk finds nothing wrong with.
     let verify = stdout(Command::new("sgdisk").arg("-v").arg(out.join("edge-1.img")));
     assert!(verify.contains("No problems found"), "{verify}");
-}
-
-/// BMO's BareMetalHost CRD, read where it sits beside the clone (`../shared`), never copied into
-/// the project. None (test skipped, or failed under KILN_REQUIRE_TOOLS=1) when it or the Python
-/// judge's libraries are absent.
-fn bmo_crd() -> Option<PathBuf> {
-    let crd = repo().join("../shared/fixtures/metal3/metal3.io_baremetalhosts.yaml");
-    if !crd.is_file() {
-        skip(&format!("BMO's CRD is not at {}", crd.display()));
-        return None;
-    }
-    let libs = Command::new("/usr/bin/python3")
-        .args(["-c", "import jsonschema, yaml"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !libs {
-        skip("python3-jsonschema and python3-yaml are not installed");
-        return None;
-    }
-    Some(crd)
-}
-
-/// Runs tests/python/bmo_schema.py (strict structural validation against the CRD, Secrets as
-/// core/v1 defines them, the references BMO follows) on a manifest stream.
-fn bmo_judge(crd: &Path, manifests: &str) -> (bool, String) {
-    let mut child = Command::new("/usr/bin/python3")
-        .arg(repo().join("tests/python/bmo_schema.py"))
-        .arg(crd)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(manifests.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
 }
 
 #[test]

@@ -128,3 +128,134 @@ fn a_published_artifact_is_what_ironic_deploys() {
         "{err}"
     );
 }
+
+/// `kiln metal3 manifests --image-url oci://…`: hosts that name the pushed tags, without a
+/// checksum (BMO refuses one for oci://), with an `ociAuthSecretName` Secret when kiln has the
+/// registry's credentials; BMO's CRD accepts them.
+#[test]
+fn metal3_hosts_name_the_pushed_artifacts() {
+    if !have_tools(&["mke2fs", "debugfs"]) {
+        return;
+    }
+    let Some(crd) = common::bmo::bmo_crd() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = bootc_cluster(dir.path());
+    // edge-2 is deployed by Ironic from a bootc container image: nothing of kiln's is built.
+    let mut text = std::fs::read_to_string(&cluster).unwrap();
+    text.push_str(
+        "\n[[node]]\nname = \"edge-2\"\nboot_mac = \"52:54:00:0e:d9:02\"\nbootc_image = \"registry.lab:5000/edge/node:v1\"\n",
+    );
+    std::fs::write(&cluster, &text).unwrap();
+    let out = dir.path().join("out");
+    build(
+        &dir.path().join("cache"),
+        &cluster,
+        "edge-1",
+        "sample".as_ref(),
+        &out,
+    );
+    let check = stdout(
+        kiln(&dir.path().join("cache"))
+            .arg("check")
+            .arg("--cluster")
+            .arg(&cluster),
+    );
+    assert!(
+        check.contains("bootc image oci://registry.lab:5000/edge/node:v1")
+            && check.contains("Ironic 35"),
+        "{check}"
+    );
+    let sha = sha256_of(&out.join("edge-1.img.sha256sum"));
+    let manifests = |auth_file: Option<&Path>| {
+        let mut c = kiln(&dir.path().join("cache"));
+        c.args(["metal3", "manifests", "--cluster"])
+            .arg(&cluster)
+            .arg("--out")
+            .arg(&out)
+            .args(["--image-url", "oci://registry.lab:5000/lab/images"])
+            .env("HOME", dir.path())
+            .env_remove("DOCKER_CONFIG")
+            .env_remove("XDG_RUNTIME_DIR");
+        match auth_file {
+            Some(f) => c.env("REGISTRY_AUTH_FILE", f),
+            None => c.env_remove("REGISTRY_AUTH_FILE"),
+        };
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+
+    let anonymous = manifests(None);
+    let docs = common::bmo::parse_yaml_stream(&anonymous);
+    let image = &docs[0]["spec"]["image"];
+    assert_eq!(
+        image["url"],
+        format!("oci://registry.lab:5000/lab/images:edge-1-{}", &sha[..8])
+    );
+    assert!(
+        image.get("checksum").is_none() && image.get("ociAuthSecretName").is_none(),
+        "{image}"
+    );
+    let bootc = docs
+        .iter()
+        .find(|d| d["kind"] == "BareMetalHost" && d["metadata"]["name"] == "edge-2")
+        .unwrap();
+    assert_eq!(
+        bootc["spec"]["image"],
+        serde_json::json!({"url": "oci://registry.lab:5000/edge/node:v1"})
+    );
+    let (ok, said) = common::bmo::bmo_judge(&crd, &anonymous);
+    assert!(ok, "BMO's CRD refuses the oci:// hosts:\n{said}");
+
+    // Not a registry reference: refused at its line.
+    std::fs::write(
+        &cluster,
+        text.replace("registry.lab:5000/edge/node:v1", "node v1"),
+    )
+    .unwrap();
+    let o = kiln(&dir.path().join("cache"))
+        .arg("check")
+        .arg("--cluster")
+        .arg(&cluster)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("not a registry image reference"),
+        "{err}"
+    );
+    std::fs::write(&cluster, &text).unwrap();
+
+    // With credentials for that registry (as `skopeo login` writes them), a dockerconfigjson
+    // Secret BMO can read them from.
+    let auth = dir.path().join("auth.json");
+    std::fs::write(
+        &auth,
+        r#"{"auths": {"registry.lab:5000": {"auth": "bGFiOnMzY3JldA=="}}}"#,
+    )
+    .unwrap();
+    let with_auth = manifests(Some(&auth));
+    let docs = common::bmo::parse_yaml_stream(&with_auth);
+    assert_eq!(
+        docs[0]["spec"]["image"]["ociAuthSecretName"],
+        "edge-1-registry-secret"
+    );
+    let secret = docs
+        .iter()
+        .find(|d| d["metadata"]["name"] == "edge-1-registry-secret")
+        .unwrap();
+    assert_eq!(secret["type"], "kubernetes.io/dockerconfigjson");
+    let config: serde_json::Value =
+        serde_json::from_str(secret["decoded"][".dockerconfigjson"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        config["auths"]["registry.lab:5000"]["auth"],
+        "bGFiOnMzY3JldA=="
+    );
+    let (ok, said) = common::bmo::bmo_judge(&crd, &with_auth);
+    assert!(
+        ok,
+        "BMO's CRD refuses the host with its registry Secret:\n{said}"
+    );
+}

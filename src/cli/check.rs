@@ -72,6 +72,14 @@ pub fn run(cluster_path: &Path, json: bool) -> Result<()> {
                     .map(|d| format!("; installs to {d}"))
                     .unwrap_or_default()
             );
+            if let Some(image) = &bm.bootc_image {
+                println!(
+                    "  {:<14} deployed by Ironic from the bootc image {image} (`bootc install` in the \
+                     ramdisk): needs Ironic 35 or newer and baremetal-operator v0.12 or newer \
+                     (v0.13 for registry credentials)",
+                    ""
+                );
+            }
         }
     }
     Ok(())

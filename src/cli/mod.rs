@@ -345,7 +345,8 @@ pub enum Metal3Command {
         /// Where the builds are.
         #[arg(long, short = 'o', default_value = "out")]
         out: PathBuf,
-        /// The URL the published images are served under (`kiln serve`), e.g. http://infra:8080.
+        /// The URL the published images are served under (`kiln serve`), e.g. http://infra:8080,
+        /// or the OCI repository `kiln publish --to` pushed them to, e.g. oci://registry/lab/images.
         #[arg(long)]
         image_url: String,
         /// The namespace of the BareMetalHosts and Secrets.

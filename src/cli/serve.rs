@@ -83,8 +83,11 @@ pub fn metal3_manifests(
     namespace: Option<&str>,
     checksum: kiln::format::manifest::ChecksumType,
 ) -> Result<()> {
-    if !(image_url.starts_with("http://") || image_url.starts_with("https://")) {
-        bail!("--image-url {image_url:?} must be an http:// or https:// URL");
+    if !["http://", "https://", "oci://"]
+        .iter()
+        .any(|s| image_url.starts_with(s))
+    {
+        bail!("--image-url {image_url:?} must be an http://, https:// or oci:// URL");
     }
     let cluster = kiln::spec::load(cluster)?;
     let text = kiln::metal3::manifests(

@@ -5,6 +5,11 @@
 //! with its sha256 (or sha512, `--checksum-type`), and the node's cloud-init user-data and
 //! OpenStack `network_data.json`, which Ironic puts on the config drive. Secrets carry their
 //! values base64-encoded under `data`, as `kubectl get -o yaml` shows them.
+//!
+//! With an `oci://REGISTRY/REPO` image URL the hosts name the artifacts `kiln publish --to oci://`
+//! pushed (tag `<node>-<sha8>`), with no checksum (BMO v0.14+ refuses one: the registry's digests
+//! verify the image) and, when kiln has credentials for that registry, an `ociAuthSecretName`
+//! naming a `kubernetes.io/dockerconfigjson` Secret (BMO v0.13+).
 
 use std::path::Path;
 
@@ -21,7 +26,8 @@ use crate::spec::profile::DeliverMethod;
 pub struct Options<'a> {
     /// Where the builds are (`out/`).
     pub out: &'a Path,
-    /// The base URL `kiln serve` (or nginx) serves the published images under.
+    /// The base URL `kiln serve` (or nginx) serves the published images under, or the
+    /// `oci://REGISTRY/REPO` they were pushed to.
     pub image_url: &'a str,
     pub namespace: Option<&'a str>,
     /// The digest written as `image.checksum`.
@@ -78,30 +84,28 @@ pub fn node_documents(cluster: &Cluster, node: &NodeConfig, opts: &Options) -> R
         .bare_metal
         .as_ref()
         .with_context(|| format!("node {} has no bmc", node.name))?;
-    let image = publish::built_image(&node.name, opts.out).with_context(|| {
-        format!(
-            "node {} has no build in {} — run `kiln build --node {}` first",
-            node.name,
-            opts.out.display(),
-            node.name
-        )
-    })?;
     let plan = plan::plan(cluster, node).with_context(|| format!("planning node {}", node.name))?;
     let network_data = match &plan.network_data {
         Some(n) => n.clone(),
         None => network_data::render(node)?,
     };
-    let url = format!(
-        "{}/{}",
-        opts.image_url.trim_end_matches('/'),
-        image.published_name(&node.name)
-    );
-    // The build manifest records the sha256; any other digest is computed from the image.
-    let checksum = match opts.checksum {
-        ChecksumType::Sha256 => image.sha256.clone(),
-        other => other.digest_file(&image.path).with_context(|| {
-            format!("computing the {} of {}", other.name(), image.path.display())
-        })?,
+    let image_spec = match &bm.bootc_image {
+        // Ironic deploys the container itself: there is nothing of kiln's to point at.
+        Some(url) => ImageSpec {
+            spec: json!({ "url": url }),
+            registry_auth: registry_auth(node, url),
+        },
+        None => {
+            let image = publish::built_image(&node.name, opts.out).with_context(|| {
+                format!(
+                    "node {} has no build in {} — run `kiln build --node {}` first",
+                    node.name,
+                    opts.out.display(),
+                    node.name
+                )
+            })?;
+            image_spec(node, &image, opts)?
+        }
     };
     let ns = opts.namespace;
     let bmc_secret = format!("{}-bmc-secret", node.name);
@@ -128,12 +132,7 @@ pub fn node_documents(cluster: &Cluster, node: &NodeConfig, opts: &Options) -> R
                 "disableCertificateVerification": bm.disable_certificate_verification,
             },
             "rootDeviceHints": root_device_hints(&bm.root_device_hints)?,
-            "image": {
-                "url": url,
-                "checksum": checksum,
-                "checksumType": opts.checksum.name(),
-                "format": image.format,
-            },
+            "image": image_spec.spec,
             "userData": reference(&user_data),
             "networkData": reference(&net_data),
         },
@@ -147,8 +146,17 @@ pub fn node_documents(cluster: &Cluster, node: &NodeConfig, opts: &Options) -> R
             "data": data,
         })
     };
-    Ok(vec![
-        host,
+    let mut host = host;
+    if let Some((name, _)) = &image_spec.registry_auth {
+        host["spec"]["image"]["ociAuthSecretName"] = json!(name);
+    }
+    let mut docs = vec![host];
+    if let Some((name, config)) = &image_spec.registry_auth {
+        let mut s = secret(name, json!({ ".dockerconfigjson": b64(config) }));
+        s["type"] = json!("kubernetes.io/dockerconfigjson");
+        docs.push(s);
+    }
+    docs.extend([
         secret(
             &bmc_secret,
             json!({
@@ -158,7 +166,75 @@ pub fn node_documents(cluster: &Cluster, node: &NodeConfig, opts: &Options) -> R
         ),
         secret(&user_data, json!({ "userData": b64(&plan.user_data) })),
         secret(&net_data, json!({ "networkData": b64(&network_data) })),
-    ])
+    ]);
+    Ok(docs)
+}
+
+/// A host's `spec.image`, and the registry credentials Secret (name, docker config JSON) it
+/// names, if any.
+struct ImageSpec {
+    spec: Value,
+    registry_auth: Option<(String, String)>,
+}
+
+/// The dockerconfigjson Secret for an `oci://` image, when kiln has basic credentials for its
+/// registry (the auth files `skopeo login` / `docker login` write): BMO reads them through
+/// `ociAuthSecretName` and hands Ironic `user:password`.
+fn registry_auth(node: &NodeConfig, url: &str) -> Option<(String, String)> {
+    let registry = url
+        .trim_start_matches("oci://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    match crate::oci::credentials::auth_for(&registry) {
+        oci_client::secrets::RegistryAuth::Basic(user, password) => {
+            let config = json!({"auths": {registry: {"auth": b64(&format!("{user}:{password}"))}}});
+            Some((format!("{}-registry-secret", node.name), config.to_string()))
+        }
+        _ => None,
+    }
+}
+
+fn image_spec(node: &NodeConfig, image: &publish::BuiltImage, opts: &Options) -> Result<ImageSpec> {
+    if opts.image_url.starts_with("oci://") {
+        let (repo, tag) = publish::parse_oci_target(opts.image_url)?;
+        if tag.is_some() {
+            bail!(
+                "--image-url {} names a tag; give the repository (oci://REGISTRY/REPO): each node's tag is <node>-<sha8>, as `kiln publish --to oci://` pushes it",
+                opts.image_url
+            );
+        }
+        let url = format!(
+            "oci://{repo}:{}",
+            publish::published_tag(&node.name, &image.sha256)
+        );
+        return Ok(ImageSpec {
+            spec: json!({ "url": url, "format": image.format }),
+            registry_auth: registry_auth(node, &url),
+        });
+    }
+    let url = format!(
+        "{}/{}",
+        opts.image_url.trim_end_matches('/'),
+        image.published_name(&node.name)
+    );
+    // The build manifest records the sha256; any other digest is computed from the image.
+    let checksum = match opts.checksum {
+        ChecksumType::Sha256 => image.sha256.clone(),
+        other => other.digest_file(&image.path).with_context(|| {
+            format!("computing the {} of {}", other.name(), image.path.display())
+        })?,
+    };
+    Ok(ImageSpec {
+        spec: json!({
+            "url": url,
+            "checksum": checksum,
+            "checksumType": opts.checksum.name(),
+            "format": image.format,
+        }),
+        registry_auth: None,
+    })
 }
 
 /// Ironic's hint names are camelCase in a BareMetalHost.

@@ -89,6 +89,10 @@ pub struct NodeSettings {
     pub root_device_hints: Option<RootDeviceHints>,
     /// Whether Metal3 keeps the machine powered on (default: yes).
     pub online: Option<bool>,
+    /// A bootc container image (`registry/repo:tag`, e.g. after `kiln oci append`) that Ironic
+    /// (35+) installs itself with `bootc install` in its deploy ramdisk, instead of a disk image
+    /// kiln builds.
+    pub bootc_image: Option<String>,
 }
 
 /// A BMC as Ironic addresses it, e.g. a sushy-tools emulator in front of plugs and AMT.

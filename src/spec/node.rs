@@ -88,6 +88,8 @@ pub struct BareMetal {
     pub boot_mac: String,
     pub root_device_hints: RootDeviceHints,
     pub online: bool,
+    /// `oci://registry/repo:tag` of a bootc container image Ironic deploys as it is.
+    pub bootc_image: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]

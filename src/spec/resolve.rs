@@ -749,7 +749,11 @@ impl Resolver<'_> {
             }
         };
         let Some(bmc) = n.bmc.clone().or_else(|| d.bmc.clone()) else {
-            if n.boot_mac.is_some() || n.root_device_hints.is_some() || n.online.is_some() {
+            if n.boot_mac.is_some()
+                || n.root_device_hints.is_some()
+                || n.online.is_some()
+                || n.bootc_image.is_some()
+            {
                 self.err(
                     keypath!["node", i],
                     format!("node {name} has bare-metal settings but no bmc"),
@@ -815,7 +819,26 @@ impl Resolver<'_> {
                 Some("for example /dev/nvme0n1 or /dev/disk/by-path/…"),
             );
         }
+        let bootc_image = n
+            .bootc_image
+            .as_ref()
+            .or(d.bootc_image.as_ref())
+            .and_then(|r| {
+                let bare = r.trim_start_matches("oci://").trim_start_matches("docker://");
+                match crate::oci::registry::parse_reference(bare) {
+                    Ok(_) if bare.contains('/') => Some(format!("oci://{bare}")),
+                    _ => {
+                        self.err(
+                            at("bootc_image", n.bootc_image.is_some()),
+                            format!("{r:?} is not a registry image reference"),
+                            Some("registry/repository:tag, e.g. bootc_image = \"registry.lab:5000/edge/node:v1\""),
+                        );
+                        None
+                    }
+                }
+            });
         Some(BareMetal {
+            bootc_image,
             bmc_address: address,
             bmc_username: bmc.username.clone(),
             bmc_password: password?,

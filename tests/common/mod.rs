@@ -2,6 +2,8 @@
 //! with KILN_REQUIRE_TOOLS=1 as in CI, fail) when a tool is missing.
 #![allow(dead_code)]
 
+pub mod bmo;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
