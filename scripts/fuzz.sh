@@ -25,7 +25,7 @@ fi
 # (a fuzzer rarely guesses a valid FAT boot sector or GPT CRC by itself).
 seeds=tests/fuzz/seeds
 rm -rf "$seeds"
-mkdir -p "$seeds"/{partition_table,fat,bmap,layer,oci_document,cluster_file,image_writers}
+mkdir -p "$seeds"/{partition_table,fat,bmap,layer,oci_document,cluster_file,image_writers,http_range}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 truncate -s 1M "$seeds/partition_table/mbr"
@@ -73,6 +73,8 @@ index = {"schemaVersion": 2, "manifests": [{"digest": "sha256:" + "3" * 64, "pla
 json.dump(index, open(seeds + "/oci_document/index.json", "w"))
 open(seeds + "/oci_document/ref", "w").write("docker://registry.example:5000/edge/node:1.0")
 open(seeds + "/image_writers/seed", "wb").write(bytes([0x83, 7, 40, 200]) + b"kiln" * 1024)
+for i, r in enumerate(["bytes=0-1023", "bytes=-512", "bytes=100-", "bytes=5-2", "bytes=0-1,4-5"]):
+    open(seeds + "/http_range/r%d" % i, "wb").write((1 << 20).to_bytes(8, "little") + r.encode())
 PY
 for c in examples/*/cluster.toml; do
     cp "$c" "$seeds/cluster_file/$(basename "$(dirname "$c")").toml"

@@ -475,6 +475,16 @@ fn refused_promptly(dir: &Path, base: &str) -> String {
     err
 }
 
+/// A tar made by Python's tarfile: `body` runs with the open archive as `t`.
+fn python_tar(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let tar = dir.join(name);
+    run(Command::new("python3").arg("-c").arg(format!(
+        "import tarfile\nwith tarfile.open({:?}, 'w') as t:\n    {body}\n",
+        tar.display().to_string()
+    )));
+    tar
+}
+
 /// A file with a hole: 3 MiB of nothing, then data.
 fn sparse_source(dir: &Path) -> PathBuf {
     let src = dir.join("src");
@@ -537,11 +547,7 @@ fn an_empty_whiteout_is_refused_and_deletes_nothing() {
     }
     let dir = tempfile::tempdir().unwrap();
     let lay = layout(dir.path(), true);
-    let tar = dir.path().join("wh.tar");
-    run(Command::new("python3").arg("-c").arg(format!(
-        "import tarfile\nwith tarfile.open({:?}, 'w') as t:\n    t.addfile(tarfile.TarInfo('.wh.'))\n",
-        tar.display().to_string()
-    )));
+    let tar = python_tar(dir.path(), "wh.tar", "t.addfile(tarfile.TarInfo('.wh.'))");
     stack(&lay, &tar, "wh", None);
     let err = refused_promptly(dir.path(), &format!("oci:{}:wh", lay.display()));
     assert!(
@@ -619,11 +625,7 @@ fn a_created_date_past_2106_is_refused_not_wrapped() {
     }
     let dir = tempfile::tempdir().unwrap();
     let lay = layout(dir.path(), true);
-    let tar = dir.path().join("empty.tar");
-    run(Command::new("python3").arg("-c").arg(format!(
-        "import tarfile\ntarfile.open({:?}, 'w').close()\n",
-        tar.display().to_string()
-    )));
+    let tar = python_tar(dir.path(), "empty.tar", "pass");
     stack(&lay, &tar, "future", Some("3000-01-01T00:00:00Z"));
     let err = refused_promptly(dir.path(), &format!("oci:{}:future", lay.display()));
     assert!(err.contains("after 2106"), "{err}");

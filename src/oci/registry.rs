@@ -174,14 +174,7 @@ pub fn push(
                 .await
                 .map_err(|e| hint(e, &format!("pushing blob {digest}"), insecure))?;
         }
-        client
-            .push_manifest_raw(
-                &reference,
-                manifest.to_vec(),
-                MT_OCI_MANIFEST.parse().expect("a valid header value"),
-            )
-            .await
-            .map_err(|e| hint(e, "pushing the manifest", insecure))?;
+        push_manifest(&client, &reference, manifest, MT_OCI_MANIFEST, insecure).await?;
         Ok(digest_of(manifest))
     })
 }
@@ -276,22 +269,28 @@ pub fn push_disk(
             reference.repository(),
             digest_of(manifest)
         ))?;
-        client
-            .push_manifest_raw(
-                &by_digest,
-                manifest.to_vec(),
-                MT_OCI_MANIFEST.parse().expect("a valid header value"),
-            )
-            .await
-            .map_err(|e| hint(e, "pushing the manifest", insecure))?;
-        client
-            .push_manifest_raw(
-                &reference,
-                index.to_vec(),
-                MT_OCI_INDEX.parse().expect("a valid header value"),
-            )
-            .await
-            .map_err(|e| hint(e, "pushing the index under its tag", insecure))?;
-        Ok(())
+        push_manifest(&client, &by_digest, manifest, MT_OCI_MANIFEST, insecure).await?;
+        push_manifest(&client, &reference, index, MT_OCI_INDEX, insecure).await
     })
+}
+
+/// Pushes a manifest or index of `media_type` under `reference` (a tag or a digest).
+async fn push_manifest(
+    client: &Client,
+    reference: &Reference,
+    bytes: &[u8],
+    media_type: &str,
+    insecure: bool,
+) -> Result<()> {
+    client
+        .push_manifest_raw(
+            reference,
+            bytes.to_vec(),
+            media_type
+                .parse()
+                .expect("media types are valid header values"),
+        )
+        .await
+        .map_err(|e| hint(e, &format!("pushing {media_type} to {reference}"), insecure))?;
+    Ok(())
 }

@@ -48,7 +48,8 @@ fn free_bytes(dir: &Path) -> Option<u64> {
     Some(st.blocks_available() as u64 * st.fragment_size() as u64)
 }
 
-fn human(bytes: u64) -> String {
+/// A size as `df -h` would say it.
+pub fn human(bytes: u64) -> String {
     if bytes >= 10 << 30 {
         format!("{} GiB", bytes >> 30)
     } else if bytes >= 1 << 30 {

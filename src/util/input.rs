@@ -61,7 +61,7 @@ pub fn read_capped(path: &Path, cap: u64, what: &str) -> Result<Vec<u8>> {
         anyhow::anyhow!(
             "{what} ({}) is {len} bytes, more than the {} kiln accepts for it",
             path.display(),
-            human(cap)
+            super::diskfull::human(cap)
         )
     };
     if len > cap {
@@ -76,14 +76,6 @@ pub fn read_capped(path: &Path, cap: u64, what: &str) -> Result<Vec<u8>> {
         return Err(too_big());
     }
     Ok(bytes)
-}
-
-fn human(bytes: u64) -> String {
-    if bytes >= 1 << 20 {
-        format!("{} MiB", bytes >> 20)
-    } else {
-        format!("{} KiB", bytes >> 10)
-    }
 }
 
 #[cfg(test)]

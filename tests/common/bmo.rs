@@ -19,20 +19,7 @@ for d in docs:
         d["decoded"] = {k: base64.b64decode(v).decode() for k, v in d["data"].items()}
 print(json.dumps(docs))
 "#;
-    let mut child = Command::new("/usr/bin/python3")
-        .args(["-c", script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = python_with_stdin(Command::new("/usr/bin/python3").args(["-c", script]), text);
     assert!(out.status.success(), "PyYAML could not parse the manifests");
     serde_json::from_slice(&out.stdout).unwrap()
 }
@@ -60,23 +47,31 @@ pub fn bmo_crd() -> Option<PathBuf> {
 /// Runs tests/python/bmo_schema.py (strict structural validation against the CRD, Secrets as
 /// core/v1 defines them, the references BMO follows) on a manifest stream.
 pub fn bmo_judge(crd: &Path, manifests: &str) -> (bool, String) {
-    let mut child = Command::new("/usr/bin/python3")
-        .arg(repo().join("tests/python/bmo_schema.py"))
-        .arg(crd)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(manifests.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = python_with_stdin(
+        Command::new("/usr/bin/python3")
+            .arg(repo().join("tests/python/bmo_schema.py"))
+            .arg(crd),
+        manifests,
+    );
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
     )
+}
+
+/// Runs `cmd` with `input` on its stdin and its stdout captured.
+fn python_with_stdin(cmd: &mut Command, input: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
 }
