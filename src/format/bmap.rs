@@ -186,55 +186,38 @@ impl Bmap {
     }
 
     /// Parses a bmap file (versions 1.x and 2.x; sha1, sha256 or md5 range checksums are kept
-    /// only when sha256).
+    /// only when sha256) with quick-xml's reader, then validates it (`validated`). Not the
+    /// `bmap-parser` crate: its 0.2 parser panics on a malformed range (`parse().unwrap()`,
+    /// `unimplemented!`) and refuses maps without per-range sha256, which `bmaptool create -c
+    /// none` and version 1 files are.
     pub fn parse(xml: &str) -> Result<Bmap> {
-        let tag = |name: &str| -> Result<String> {
-            let open = format!("<{name}>");
-            let close = format!("</{name}>");
-            let a = xml
-                .find(&open)
-                .with_context(|| format!("bmap has no <{name}>"))?
-                + open.len();
-            let b = xml[a..]
-                .find(&close)
-                .with_context(|| format!("bmap <{name}> is not closed"))?
-                + a;
-            Ok(xml[a..b].trim().to_string())
-        };
-        let version = xml
-            .split("<bmap version=\"")
-            .nth(1)
-            .and_then(|r| r.split('"').next())
+        let doc = BmapDocument::read(xml)?;
+        let version = doc
+            .version
+            .as_deref()
             .context("not a bmap file (no <bmap version=…>)")?;
         if !(version.starts_with("1.") || version.starts_with("2.")) {
             bail!("bmap version {version} is not supported (1.x and 2.x are)");
         }
+        let text = |name: &str| -> Result<&str> {
+            doc.fields
+                .get(name)
+                .map(String::as_str)
+                .with_context(|| format!("bmap has no <{name}>"))
+        };
         let number = |name: &str| -> Result<u64> {
-            let text = tag(name)?;
-            text.parse()
-                .with_context(|| format!("bmap <{name}> {text:?} is not a number"))
+            let t = text(name)?;
+            t.parse()
+                .with_context(|| format!("bmap <{name}> {t:?} is not a number"))
         };
         let image_size = number("ImageSize")?;
         let block_size = number("BlockSize")?;
-        let sha256 = tag("ChecksumType").map(|t| t == "sha256").unwrap_or(false);
-        if sha256 && let Ok(stored) = tag("BmapFileChecksum") {
-            check_file_checksum(xml, &stored)?;
+        let sha256 = text("ChecksumType").is_ok_and(|t| t == "sha256");
+        if sha256 && let Ok(stored) = text("BmapFileChecksum") {
+            check_file_checksum(xml, stored)?;
         }
-        let map = tag("BlockMap")?;
         let mut ranges = Vec::new();
-        for part in map.split("<Range").skip(1) {
-            let (attrs, rest) = part.split_once('>').context("malformed <Range>")?;
-            let body = rest
-                .split("</Range>")
-                .next()
-                .context("unclosed <Range>")?
-                .trim();
-            let chksum = attrs
-                .split("chksum=\"")
-                .nth(1)
-                .and_then(|r| r.split('"').next())
-                .map(str::to_string)
-                .filter(|_| sha256);
+        for (attr, body) in &doc.ranges {
             let block = |t: &str| -> Result<u64> {
                 t.trim()
                     .parse()
@@ -244,10 +227,19 @@ impl Bmap {
                 Some((a, b)) => (block(a)?, block(b)?),
                 None => (block(body)?, block(body)?),
             };
+            let sha256 = match attr {
+                Some(c) if sha256 => {
+                    if c.len() != 64 || !c.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        bail!("bmap range {body} has a chksum {c:?} that is not a sha256");
+                    }
+                    Some(c.to_ascii_lowercase())
+                }
+                _ => None,
+            };
             ranges.push(BmapRange {
                 first,
                 last,
-                sha256: chksum,
+                sha256,
             });
         }
         let bmap = Bmap {
@@ -308,6 +300,79 @@ impl Bmap {
             );
         }
         Ok(self)
+    }
+}
+
+/// What a bmap file says, as text: the `version` attribute, the top-level fields, and each
+/// `<Range>`'s `chksum` attribute and body.
+#[derive(Default)]
+struct BmapDocument {
+    version: Option<String>,
+    fields: BTreeMap<String, String>,
+    ranges: Vec<(Option<String>, String)>,
+}
+
+impl BmapDocument {
+    fn read(xml: &str) -> Result<BmapDocument> {
+        use quick_xml::events::Event;
+        let mut reader = quick_xml::Reader::from_str(xml);
+        let mut doc = BmapDocument::default();
+        let mut path: Vec<String> = Vec::new();
+        let mut chksum = None;
+        loop {
+            let event = reader.read_event().with_context(|| {
+                format!(
+                    "the bmap is not well-formed XML (at byte {})",
+                    reader.buffer_position()
+                )
+            })?;
+            match event {
+                Event::Start(e) => {
+                    let name = e.local_name().as_ref().to_string();
+                    let attr = |key: &str| -> Result<Option<String>> {
+                        Ok(match e.try_get_attribute(key)? {
+                            Some(a) => Some(
+                                a.normalized_value(quick_xml::XmlVersion::Implicit1_0)?
+                                    .into_owned(),
+                            ),
+                            None => None,
+                        })
+                    };
+                    match (path.len(), name.as_str()) {
+                        (0, "bmap") => doc.version = attr("version")?,
+                        (0, other) => bail!("not a bmap file (its root element is <{other}>)"),
+                        (2, "Range") => chksum = attr("chksum")?,
+                        _ => {}
+                    }
+                    path.push(name);
+                }
+                Event::Text(t) => {
+                    let text = t.xml10_content().trim().to_string();
+                    match path
+                        .iter()
+                        .map(String::as_str)
+                        .collect::<Vec<_>>()
+                        .as_slice()
+                    {
+                        ["bmap", "BlockMap", "Range"] => doc.ranges.push((chksum.take(), text)),
+                        // The guard records the field; it matches only a repeat.
+                        ["bmap", field]
+                            if !text.is_empty()
+                                && doc.fields.insert(field.to_string(), text).is_some() =>
+                        {
+                            bail!("bmap has <{field}> twice");
+                        }
+                        _ => {}
+                    }
+                }
+                Event::End(_) => {
+                    path.pop();
+                }
+                Event::Eof => break,
+                _ => {}
+            }
+        }
+        Ok(doc)
     }
 }
 
@@ -474,5 +539,49 @@ mod tests {
         let b = Bmap::parse(&bmap_text("4096", &["7-9", "0-1", "4"], 6)).unwrap();
         let spans: Vec<_> = b.ranges.iter().map(|r| (r.first, r.last)).collect();
         assert_eq!(spans, vec![(0, 1), (4, 4), (7, 9)]);
+    }
+
+    /// Found by the `bmap` fuzz target: a `chksum` that is not a sha256 (and another `chksum="`
+    /// inside it) was taken as one; what kiln wrote back read differently.
+    #[test]
+    fn range_checksums_must_be_sha256() {
+        let xml = bmap_text("4096", &["1"], 1);
+        let bad = xml.replacen(
+            "<Range> 1 </Range>",
+            "<Range chksum=\"ababagechksum=\"> 1 </Range>",
+            1,
+        );
+        let sum = |x: &str| {
+            let zeroed = x.replacen(
+                &x[x.find("<BmapFileChecksum> ").unwrap() + 19..][..64],
+                &"0".repeat(64),
+                1,
+            );
+            zeroed.replacen(
+                &"0".repeat(64),
+                &hex::encode(Sha256::digest(zeroed.as_bytes())),
+                1,
+            )
+        };
+        let e = Bmap::parse(&sum(&bad)).unwrap_err().to_string();
+        assert!(e.contains("not a sha256"), "{e}");
+        let good = xml.replacen(
+            "<Range> 1 </Range>",
+            &format!("<Range chksum=\"{}\"> 1 </Range>", "AB".repeat(32)),
+            1,
+        );
+        let b = Bmap::parse(&sum(&good)).unwrap();
+        assert_eq!(
+            b.ranges[0].sha256.as_deref(),
+            Some("ab".repeat(32).as_str())
+        );
+        assert_eq!(Bmap::parse(&b.to_xml()).unwrap(), b);
+        assert!(Bmap::parse("<bmap version=\"2.0\"><ImageSize>1</ImageSize>").is_err());
+        assert!(
+            Bmap::parse("<html/>")
+                .unwrap_err()
+                .to_string()
+                .contains("not a bmap")
+        );
     }
 }
