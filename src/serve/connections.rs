@@ -139,9 +139,17 @@ pub async fn serve(
 }
 
 /// Lets the kernel drop the connection when its client acknowledges nothing for `timeout`.
+#[cfg(target_os = "linux")]
 fn set_stall_timeout(stream: &tokio::net::TcpStream, timeout: Duration) -> nix::Result<()> {
     let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
     nix::sys::socket::setsockopt(stream, nix::sys::socket::sockopt::TcpUserTimeout, &ms)
+}
+
+/// TCP_USER_TIMEOUT is Linux's; elsewhere (a Mac serving a lab) a stalled download keeps its
+/// connection until the client goes, as before.
+#[cfg(not(target_os = "linux"))]
+fn set_stall_timeout(_stream: &tokio::net::TcpStream, _timeout: Duration) -> nix::Result<()> {
+    Ok(())
 }
 
 /// The next connection, once there is room for it. Room is made after accepting, not before:
