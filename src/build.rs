@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use crate::format::manifest::{Entry, Manifest, sha256sum_line};
 use crate::format::writer;
 use crate::fs::ext4_write;
-use crate::provision::{plan, rootfs, stamp};
+use crate::provision::{plan, rootfs, seed_scrub, stamp};
 use crate::source::cache::Cache;
 use crate::source::{self, BaseRef};
 use crate::spec::Cluster;
@@ -201,11 +201,33 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
             size: Some(f.bytes.len() as u64),
         });
     }
-    for (name, text) in [
-        ("scripts/kiln-swarm.sh", plan::SWARM_SCRIPT),
-        ("scripts/kiln-swarm.service", plan::SWARM_UNIT),
+    let scrubs_seed = plan
+        .first_boot_files
+        .iter()
+        .any(|f| f.path == seed_scrub::CLEAN_USER_DATA);
+    for (name, text, used) in [
+        (
+            "scripts/kiln-swarm.sh",
+            plan::SWARM_SCRIPT,
+            node.swarm.is_some(),
+        ),
+        (
+            "scripts/kiln-swarm.service",
+            plan::SWARM_UNIT,
+            node.swarm.is_some(),
+        ),
+        (
+            "scripts/kiln-seed-scrub.sh",
+            seed_scrub::SCRUB_SCRIPT,
+            scrubs_seed,
+        ),
+        (
+            "scripts/kiln-seed-scrub.service",
+            seed_scrub::SCRUB_UNIT,
+            scrubs_seed,
+        ),
     ] {
-        if node.swarm.is_some() {
+        if used {
             inputs.push(Entry {
                 role: "script".into(),
                 path: name.into(),

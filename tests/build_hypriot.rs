@@ -475,3 +475,78 @@ fn overlays_can_go_into_the_ext4_root() {
     assert!(!ud.contains("/etc/docker/daemon.json"), "{ud}");
     assert!(ud.contains("kiln-dash-handler.service"), "{ud}");
 }
+
+/// Issue 18: the secrets a seed carries (wifi passphrase and its PSK, swarm token, password and
+/// its hash) reach the image's user-data and nothing else kiln prints or keeps: not `kiln check`,
+/// not `kiln plan` (text or JSON), not the build's output, not the manifest.
+#[test]
+fn secrets_stay_out_of_plan_output_logs_and_manifest() {
+    if !have_tools(TOOLS) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = hypriot_fixture(dir.path());
+    let cluster = repo().join("tests/boot/cluster.toml");
+    let out = dir.path().join("out");
+    let cache = dir.path().join("cache");
+    let node = "pirate-probe";
+    let built = run(&mut build_command(
+        &cache,
+        &cluster,
+        node,
+        base.as_os_str(),
+        &out,
+    ));
+    let img = out.join(format!("{node}.img"));
+    let user_data = String::from_utf8(mtype(&img, 1 << 20, "user-data")).unwrap();
+    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&user_data).unwrap();
+    let secret_file = |name: &str| {
+        std::fs::read_to_string(repo().join("tests/boot/secrets").join(name))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let psk_hex = user_data
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("psk="))
+        .expect("a psk= line in user-data")
+        .to_string();
+    let secrets = [
+        secret_file("wifi.psk"),
+        psk_hex,
+        secret_file("swarm-worker.token"),
+        secret_file("ops.password"),
+        doc["users"][0]["passwd"].as_str().unwrap().to_string(),
+    ];
+    // The card does carry them (until first boot), so their absence below means something.
+    for s in &secrets[1..3] {
+        assert!(user_data.contains(s.as_str()), "{s} not in user-data");
+    }
+    let mut said = vec![
+        ("kiln build stdout", built.stdout),
+        ("kiln build stderr", built.stderr),
+        (
+            "manifest",
+            std::fs::read(out.join(format!("{node}.manifest.json"))).unwrap(),
+        ),
+    ];
+    for args in [
+        vec!["check", "--cluster"],
+        vec!["check", "--json", "--cluster"],
+        vec!["plan", "--node", node, "--cluster"],
+        vec!["plan", "--node", node, "--json", "--cluster"],
+    ] {
+        let o = run(kiln(&cache).args(&args).arg(&cluster));
+        said.push(("kiln check/plan stdout", o.stdout));
+        said.push(("kiln check/plan stderr", o.stderr));
+    }
+    for (what, bytes) in &said {
+        let text = String::from_utf8_lossy(bytes);
+        for s in &secrets {
+            assert!(
+                !text.contains(s.as_str()),
+                "{what} shows a secret ({s}):\n{text}"
+            );
+        }
+    }
+}

@@ -5,5 +5,6 @@ pub mod network_data;
 pub mod password;
 pub mod plan;
 pub mod rootfs;
+pub mod seed_scrub;
 pub mod stamp;
 pub mod wifi;

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::cloud_init::{self, CloudConfig, CloudUser, MetaData, NetworkConfigV1, WriteFile};
-use super::{network_data, wifi};
+use super::{network_data, seed_scrub, wifi};
 use crate::spec::node::{InputFile, NodeConfig, SwarmRole};
 use crate::spec::overlay::{self, Overlay};
 use crate::spec::profile::{DiskIdentity, OverlayTarget, PartitionRole, Profile, ProvisionMethod};
@@ -152,7 +152,9 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
     let mut inputs = Vec::new();
     let mut write_files: Vec<(WriteFile, String)> = Vec::new();
     let mut runcmd: Vec<Vec<String>> = Vec::new();
-    let mut units_written = false;
+    // A NoCloud seed sits on the boot FAT, readable by all: it is scrubbed after first boot.
+    let scrub_seed = profile.provision.method == ProvisionMethod::CloudInitNocloud;
+    let mut units_written = scrub_seed;
 
     if let Some(w) = &node.wifi {
         write_files.push((
@@ -282,6 +284,16 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
             "kiln-swarm.service",
         ]));
     }
+    if scrub_seed {
+        // --no-block: the unit is ordered after cloud-final, which is running this command.
+        runcmd.push(argv(&[
+            "systemctl",
+            "enable",
+            "--now",
+            "--no-block",
+            seed_scrub::SCRUB_UNIT_NAME,
+        ]));
+    }
 
     let users: Vec<CloudUser> = node
         .users
@@ -296,7 +308,7 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
             ssh_authorized_keys: u.ssh_authorized_keys.clone(),
         })
         .collect();
-    let config = CloudConfig {
+    let mut config = CloudConfig {
         hostname: node.hostname.clone(),
         manage_etc_hosts: true,
         preserve_hostname: false,
@@ -316,6 +328,13 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
         }
         None => None,
     };
+    if scrub_seed {
+        let clean = seed_scrub::clean_user_data(&config, fragment.as_ref())?;
+        for w in seed_scrub::first_boot_files(&clean) {
+            config.write_files.push(w.clone());
+            write_files.push((w, "seed scrub (no secrets left on the boot FAT)".into()));
+        }
+    }
     let user_data = cloud_init::render_user_data(&config, fragment)?;
     let network_config = cloud_init::render_yaml(&NetworkConfigV1::for_node(node))?;
 

@@ -99,9 +99,20 @@ pub struct User {
     pub sudo: bool,
     pub shell: String,
     pub ssh_authorized_keys: Vec<String>,
-    /// A crypt(3) hash; `None` locks the password (ssh keys only).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// A crypt(3) hash; `None` locks the password (ssh keys only). Serialised as a digest, like
+    /// a [`Secret`]: a hash is an offline guessing target, so `kiln check --json` never shows it.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "password_hash_digest"
+    )]
     pub password_hash: Option<String>,
+}
+
+fn password_hash_digest<S: Serializer>(hash: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match hash {
+        Some(h) => Secret::new(h.clone()).serialize(s),
+        None => s.serialize_none(),
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
