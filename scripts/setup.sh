@@ -12,7 +12,7 @@ apt-get install -y -q --allow-downgrades --no-install-recommends \
     mosquitto mosquitto-clients openssh-server openssh-client python3-paho-mqtt python3-pytest python3-venv \
     python3-yaml python3-jsonschema \
     curl wget nginx-light fastboot network-manager openssl docker-registry skopeo util-linux \
-    golang-docker-credential-helpers pass gnupg >/dev/null
+    golang-docker-credential-helpers pass gnupg chromium >/dev/null
 echo "setup: tools installed"
 
 # Python peers the tests drive (sushy-tools, sushy, plugp100), pinned, in a venv that also sees

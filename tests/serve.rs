@@ -1111,3 +1111,136 @@ fn a_download_nobody_reads_is_dropped_and_frees_its_place() {
     assert_eq!(sha256_hex(&got[body..]), want);
     drop(stalled);
 }
+
+/// Chromium as root, headless, with nothing but the page: no network of its own, a fresh profile.
+fn chromium(profile: &Path) -> Command {
+    let mut c = Command::new("timeout");
+    c.args([
+        "120",
+        "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()));
+    c
+}
+
+/// The `href` values in a serialized DOM, as the browser resolves them against `base`.
+fn links(dom: &str, base: &str) -> Vec<String> {
+    dom.split("href=\"")
+        .skip(1)
+        .filter_map(|rest| rest.split_once('"'))
+        .map(|(href, _)| {
+            assert!(!href.contains('&'), "an href needing entities: {href}");
+            format!("{base}/{}", href.trim_start_matches("./"))
+        })
+        .collect()
+}
+
+#[test]
+fn a_browser_sees_an_html_index_whose_links_resolve() {
+    if !have_tools(&["chromium", "curl", "timeout"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let srv = image_dir(dir.path(), 2);
+    // Names a browser must show as text and link as one path segment each.
+    let odd = "a&b <b>x \"q\" 'p' #1?%20.img";
+    let unicode = "nœud ~ é.qcow2";
+    random_file(&srv.join(odd), 1, 11);
+    random_file(&srv.join(unicode), 1, 13);
+    // What must not appear: a file outside (through a symlink), hidden and partial files.
+    std::fs::write(dir.path().join("outside.raw"), "outside").unwrap();
+    std::os::unix::fs::symlink(dir.path().join("outside.raw"), srv.join("leak.raw")).unwrap();
+    std::os::unix::fs::symlink("../outside.raw", srv.join("leak-relative.raw")).unwrap();
+    std::fs::write(srv.join(".secret.raw"), "secret").unwrap();
+    std::fs::write(srv.join("half.raw.part"), "partial").unwrap();
+    let s = kiln_serve(&srv, &dir.path().join("cache"));
+
+    let profile = dir.path().join("profile");
+    std::fs::create_dir(&profile).unwrap();
+    let out = run(chromium(&profile)
+        .arg("--dump-dom")
+        .arg(format!("{}/", s.base)));
+    let dom = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        dom.contains("<table>") && dom.contains("<th>sha256</th>"),
+        "{dom}"
+    );
+    // The odd name is text, not markup: no <b> element was made of it.
+    assert!(
+        dom.contains("a&amp;b &lt;b&gt;x \"q\" 'p' #1?%20.img</a>"),
+        "{dom}"
+    );
+    assert!(!dom.contains("<b>"), "{dom}");
+    assert!(dom.contains(&format!("{unicode}</a>")), "{dom}");
+    for absent in ["outside", "leak", "secret", "half.raw"] {
+        assert!(!dom.contains(absent), "{absent} listed: {dom}");
+    }
+
+    // Every link resolves: each image link to that image's bytes, each checksum link to its
+    // sha256 in coreutils form, and the JSON link to the index.
+    let served = ["big.raw", odd, unicode];
+    let digests: Vec<String> = served
+        .iter()
+        .map(|n| sha256_hex(&std::fs::read(srv.join(n)).unwrap()))
+        .collect();
+    let (mut images, mut sums) = (Vec::new(), Vec::new());
+    for url in links(&dom, &s.base) {
+        let (code, _, body) = curl(&[&url]);
+        assert_eq!(code, 200, "{url}");
+        if url.ends_with("/index.json") {
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v.as_array().map(Vec::len), Some(served.len()), "{v}");
+        } else if url.ends_with(".sha256sum") {
+            let line = String::from_utf8(body).unwrap();
+            let (hex, name) = line.trim_end().split_once("  ").unwrap();
+            let i = served.iter().position(|n| *n == name).expect(&line);
+            assert_eq!(hex, digests[i], "{url}");
+            sums.push(name.to_string());
+        } else {
+            let i = digests
+                .iter()
+                .position(|d| *d == sha256_hex(&body))
+                .unwrap_or_else(|| panic!("{url} is none of the images"));
+            images.push(served[i].to_string());
+        }
+    }
+    images.sort();
+    sums.sort();
+    let mut want: Vec<String> = served.iter().map(|n| n.to_string()).collect();
+    want.sort();
+    assert_eq!((images, sums), (want.clone(), want));
+
+    // A program still gets the JSON at `/`, as before.
+    let (_, headers, body) = curl(&["-H", "Accept: application/json", &format!("{}/", s.base)]);
+    assert!(
+        headers.contains("content-type: application/json"),
+        "{headers}"
+    );
+    assert!(headers.contains("vary: accept"), "{headers}");
+    serde_json::from_slice::<serde_json::Value>(&body).unwrap();
+
+    // The page renders: a PNG screenshot with something on it.
+    let png = dir.path().join("index.png");
+    run(chromium(&profile)
+        .arg(format!("--screenshot={}", png.display()))
+        .arg("--window-size=1400,500")
+        .arg(format!("{}/", s.base)));
+    let shot = std::fs::read(&png).unwrap();
+    assert!(shot.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+    assert!(
+        shot.len() > 10_000,
+        "a {}-byte screenshot is blank",
+        shot.len()
+    );
+    if let Some(keep) = std::env::var_os("KILN_KEEP_SCREENSHOT") {
+        std::fs::copy(&png, keep).unwrap();
+    }
+}

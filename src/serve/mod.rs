@@ -6,11 +6,13 @@
 //! regular files inside DIR are served: traversal in any encoding, symlinks leading out or to
 //! hidden or partial files, hidden and partial files themselves, FIFOs and devices are 404. A
 //! response streams from the file it opened, so replacing an image by rename does not disturb
-//! downloads in flight.
+//! downloads in flight. `/` lists the images: JSON for programs (as `/index.json`), an HTML table
+//! for a browser (see [`index_page`]).
 
 pub mod check;
 pub mod checksum;
 pub mod connections;
+mod index_page;
 pub mod publish;
 
 use std::net::SocketAddr;
@@ -149,7 +151,21 @@ pub fn resolve(root: &Path, raw_path: &str) -> Option<PathBuf> {
         }
         rel.push(decoded.as_ref());
     }
-    let full = root.join(&rel).canonicalize().ok()?;
+    resolve_relative(root, &rel)
+}
+
+/// Maps one name found in `root` (not a URL: nothing is decoded, so a `%20` in it stays) to the
+/// file it serves, or `None` when it is not served.
+fn resolve_name(root: &Path, name: &str) -> Option<PathBuf> {
+    if !servable_name(name) || name.contains(['/', '\\', '\0']) {
+        return None;
+    }
+    resolve_relative(root, Path::new(name))
+}
+
+/// `rel` (made of servable names) inside `root`, when it resolves to a servable file there.
+fn resolve_relative(root: &Path, rel: &Path) -> Option<PathBuf> {
+    let full = root.join(rel).canonicalize().ok()?;
     // A symlink may point anywhere; only what resolves inside the root is served, and only when
     // the names it resolves to would be served themselves: a link to a hidden or partial file is
     // that file.
@@ -185,8 +201,16 @@ async fn handle(
             .into_response();
     }
     let path = uri.path();
-    if path == "/" || path == "/index.json" {
-        return index(&s).await;
+    if path == "/index.json" {
+        return index(&s, false).await;
+    }
+    if path == "/" {
+        let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+        let mut resp = index(&s, index_page::prefers_html(accept)).await;
+        // `/` answers HTML or JSON by `Accept`: a cache must not hand a browser's page to a program.
+        resp.headers_mut()
+            .insert(header::VARY, HeaderValue::from_static("Accept"));
+        return resp;
     }
     if let Some(resp) = checksum_file::<sha2::Sha256>(&s, path).await {
         return resp;
@@ -401,8 +425,14 @@ struct Entry {
     modified: String,
 }
 
-async fn index(s: &Served) -> Response {
+/// The index as JSON, or as an HTML page for a browser (`html`).
+async fn index(s: &Served, html: bool) -> Response {
     match listing(s).await {
+        Ok(v) if html => (
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            index_page::render(&v),
+        )
+            .into_response(),
         Ok(v) => (
             [(header::CONTENT_TYPE, "application/json")],
             serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
@@ -429,7 +459,8 @@ async fn listing(s: &Served) -> Result<Vec<Entry>> {
     .context("listing task")??;
     let mut v = Vec::new();
     for name in names {
-        let Some(p) = resolve(&s.root, &format!("/{name}")).filter(|p| is_image(p)) else {
+        // The name as it is on disk: a URL's decoding would make `a%20b.raw` of `a b.raw`.
+        let Some(p) = resolve_name(&s.root, &name).filter(|p| is_image(p)) else {
             continue;
         };
         let Some((file, meta)) = open_regular(p.clone()).await else {
@@ -497,6 +528,21 @@ mod tests {
         std::os::unix::fs::symlink(".dir", root.join("dir")).unwrap();
         assert!(resolve(&root, "/a.raw").is_some());
         assert!(resolve(&root, "/in.raw").is_some());
+        // A listed name is taken as it is on disk, never URL-decoded.
+        std::fs::write(root.join("a%20b.raw"), "x").unwrap();
+        assert!(resolve_name(&root, "a%20b.raw").is_some());
+        assert!(resolve(&root, "/a%20b.raw").is_none());
+        assert!(resolve(&root, "/a%2520b.raw").is_some());
+        for bad in [
+            ".hidden",
+            "b.raw.tmp",
+            "out.raw",
+            "to-hidden.raw",
+            "..",
+            "dir/c.raw",
+        ] {
+            assert!(resolve_name(&root, bad).is_none(), "{bad} resolved");
+        }
         for bad in [
             "/../etc/passwd",
             "/%2e%2e/etc/passwd",
