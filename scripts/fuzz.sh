@@ -5,7 +5,8 @@
 #   bash scripts/fuzz.sh 600
 # A crash leaves its input in tests/fuzz/artifacts/TARGET/; replay it with
 #   cargo +nightly fuzz run --fuzz-dir tests/fuzz TARGET tests/fuzz/artifacts/TARGET/crash-…
-# and turn it into a regression test beside the code it broke.
+# copy it to tests/fuzz/regressions/TARGET/ (every run replays those) and turn it into a unit
+# test beside the code it broke.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-30}
@@ -84,7 +85,10 @@ status=0
 for t in "${targets[@]}"; do
     corpus=tests/fuzz/corpus/$t
     mkdir -p "$corpus"
-    if "${fuzz[@]}" run "${opts[@]}" "$t" "$corpus" "$seeds/$t" -- \
+    # Inputs that once crashed a target stay in tests/fuzz/regressions/TARGET and run every time.
+    extra=("$seeds/$t")
+    [ -d "tests/fuzz/regressions/$t" ] && extra+=("tests/fuzz/regressions/$t")
+    if "${fuzz[@]}" run "${opts[@]}" "$t" "$corpus" "${extra[@]}" -- \
         -max_total_time="$seconds" -timeout=20 -rss_limit_mb=2048 -max_len=1048576 \
         >"tests/fuzz/$t.log" 2>&1; then
         echo "fuzz: $t: $(grep -Eo 'Done [0-9]+ runs' "tests/fuzz/$t.log" | tail -1) in ${seconds} s, no crash"

@@ -240,6 +240,20 @@ impl FatVolume<PartitionSlice<File>> {
 impl<T: fatfs::ReadWriteSeek> FatVolume<T> {
     /// Opens the FAT filesystem that fills `device`.
     pub fn on(mut device: T, when: fatfs::DateTime) -> Result<Self> {
+        // fatfs 0.3.6 multiplies and adds BPB fields in u32 without checks (found by the `fat`
+        // fuzz target: `fats * sectors_per_fat` overflowed): a boot sector that does not fit its
+        // device is refused here first, with checked arithmetic.
+        let size = device.seek(SeekFrom::End(0))?;
+        let mut sector = [0u8; 512];
+        device.seek(SeekFrom::Start(0))?;
+        device
+            .read_exact(&mut sector)
+            .context("reading the FAT boot sector")?;
+        let bpb = Bpb::parse(&sector)?;
+        bpb.check_fits(size)?;
+        if bpb.first_data_sector() > u64::from(u32::MAX) {
+            bail!("the FAT boot sector's metadata spans more than 2^32 sectors (a damaged boot sector)");
+        }
         // fatfs expects the device positioned at its start.
         device.seek(SeekFrom::Start(0))?;
         // fatfs wants a &'static clock; one small leak per opened volume.
@@ -372,5 +386,20 @@ mod tests {
         disk.get_mut()[32..36].copy_from_slice(&u32::MAX.to_le_bytes());
         let e = used_ranges(&mut disk, &part).unwrap_err().to_string();
         assert!(e.contains("total sectors"), "{e}");
+    }
+
+    /// Found by the `fat` fuzz target: fatfs overflowed multiplying the FAT count by a FAT size
+    /// of 0xFFF80000 sectors on an 833-byte device; kiln refuses the boot sector before fatfs.
+    #[test]
+    fn fuzz_regression_fat_size_overflow_in_fatfs() {
+        let input: &[u8] = include_bytes!(
+            "../../tests/fuzz/regressions/fat/crash-330135805c6972bf42233e9e5bfbc965a4c58368"
+        );
+        let mut dev = std::io::Cursor::new(input.to_vec());
+        let e = match FatVolume::on(&mut dev, fat_datetime(0)) {
+            Ok(_) => panic!("a damaged boot sector was opened"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("damaged boot sector"), "{e}");
     }
 }
