@@ -252,7 +252,9 @@ impl<T: fatfs::ReadWriteSeek> FatVolume<T> {
         let bpb = Bpb::parse(&sector)?;
         bpb.check_fits(size)?;
         if bpb.first_data_sector() > u64::from(u32::MAX) {
-            bail!("the FAT boot sector's metadata spans more than 2^32 sectors (a damaged boot sector)");
+            bail!(
+                "the FAT boot sector's metadata spans more than 2^32 sectors (a damaged boot sector)"
+            );
         }
         // fatfs expects the device positioned at its start.
         device.seek(SeekFrom::Start(0))?;
