@@ -309,8 +309,13 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
         write_atomic(&bmap_path, bmap_xml.as_bytes())?;
     }
     write_atomic(&sum_path, sum_line.as_bytes())?;
-    for (_, path, text) in &side_files {
-        write_atomic(path, text.as_bytes())?;
+    for (role, path, text) in &side_files {
+        // user-data holds password hashes and tokens: readable by its owner only.
+        if *role == "user-data" {
+            crate::util::fsutil::write_private(path, text.as_bytes())?;
+        } else {
+            write_atomic(path, text.as_bytes())?;
+        }
     }
     write_atomic(&manifest_path, &serde_json::to_vec_pretty(&manifest)?)?;
     Ok(Artifact {

@@ -137,6 +137,13 @@ fn edgelab_manifests_carry_what_metal3_needs() {
             .to_string();
         let built = std::fs::read_to_string(out.join(format!("{node}.user-data"))).unwrap();
         assert_eq!(ud, built);
+        // It carries password hashes and tokens: its owner's only.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(out.join(format!("{node}.user-data")))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{node}.user-data is {mode:o}");
         let ud_file = t.path().join(format!("{node}.ud"));
         std::fs::write(&ud_file, &ud).unwrap();
         let schema = stdout(

@@ -92,10 +92,25 @@ pub fn make_writable(p: &Path) {
 
 /// Writes `bytes` to `dest` through a temporary file and a rename.
 pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_mode(dest, bytes, 0o666)
+}
+
+/// `write_atomic` for a file only its owner may read (it holds secrets: a node's user-data).
+pub fn write_private(dest: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_mode(dest, bytes, 0o600)
+}
+
+fn write_atomic_mode(dest: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = temp_beside(dest);
     let result = (|| -> Result<()> {
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
         f.write_all(bytes)
             .with_context(|| format!("writing {}", tmp.display()))?;
         f.sync_all()
