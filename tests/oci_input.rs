@@ -34,6 +34,16 @@ fn layout(dir: &Path, with_kernel: bool) -> PathBuf {
     out
 }
 
+/// The layer of a one-layer layout: its largest blob.
+fn layer_blob(lay: &Path) -> PathBuf {
+    std::fs::read_dir(lay.join("blobs/sha256"))
+        .unwrap()
+        .flatten()
+        .max_by_key(|e| e.metadata().unwrap().len())
+        .unwrap()
+        .path()
+}
+
 fn build(dir: &Path, base: &str, extra: &[&str]) -> std::process::Output {
     kiln(&dir.join("cache"))
         .args(["build", "--node", "edge-1", "--cluster"])
@@ -60,12 +70,7 @@ fn a_corrupt_layer_blob_is_refused_by_digest() {
     let dir = tempfile::tempdir().unwrap();
     let lay = layout(dir.path(), true);
     // Flip a byte in the (largest) blob: the layer.
-    let blob = std::fs::read_dir(lay.join("blobs/sha256"))
-        .unwrap()
-        .flatten()
-        .max_by_key(|e| e.metadata().unwrap().len())
-        .unwrap()
-        .path();
+    let blob = layer_blob(&lay);
     let mut bytes = std::fs::read(&blob).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
@@ -563,12 +568,7 @@ fn a_blob_that_is_a_device_or_a_fifo_is_refused_without_hanging() {
     }
     let dir = tempfile::tempdir().unwrap();
     let lay = layout(dir.path(), true);
-    let blob = std::fs::read_dir(lay.join("blobs/sha256"))
-        .unwrap()
-        .flatten()
-        .max_by_key(|e| e.metadata().unwrap().len())
-        .unwrap()
-        .path();
+    let blob = layer_blob(&lay);
     std::fs::remove_file(&blob).unwrap();
     std::os::unix::fs::symlink("/dev/zero", &blob).unwrap();
     let err = refused_promptly(dir.path(), &format!("oci:{}:base", lay.display()));
