@@ -10,15 +10,16 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::format::manifest::{Entry, Manifest, sha256sum_line};
-use crate::format::writer;
+use crate::artifact::manifest::{Entry, Manifest, sha256sum_line};
+use crate::artifact::writer;
+use crate::base::cache::Cache;
+use crate::base::{self, BaseRef};
 use crate::fs::ext4_write;
-use crate::provision::{plan, rootfs, seed_scrub, stamp};
-use crate::source::cache::Cache;
-use crate::source::{self, BaseRef};
-use crate::spec::Cluster;
-use crate::spec::node::NodeConfig;
-use crate::spec::profile::{OverlayTarget, PartitionRole, ProvisionMethod};
+use crate::plan::Cluster;
+use crate::plan::node::NodeConfig;
+use crate::plan::profile::{OverlayTarget, PartitionRole, ProvisionMethod};
+use crate::plan::stamp_plan as plan;
+use crate::stamp::{apply, rootfs, seed_scrub};
 use crate::util::fsutil::{TempGuard, temp_beside, write_atomic};
 
 pub struct BuildOptions {
@@ -63,12 +64,12 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
         _ => None,
     };
     let base = match &oci_ref {
-        Some(r) => source::oci_base::prepare(r, profile, opts.insecure),
-        None => source::prepare(&opts.base, profile, opts.base_sha256.as_deref()),
+        Some(r) => base::oci_base::prepare(r, profile, opts.insecure),
+        None => base::prepare(&opts.base, profile, opts.base_sha256.as_deref()),
     }
     .with_context(|| format!("preparing the base image for node {}", node.name))?;
     // Refuse a base that is not what the profile promises before copying anything.
-    stamp::check_layout(&base.raw, profile)?;
+    apply::check_layout(&base.raw, profile)?;
 
     std::fs::create_dir_all(&opts.out_dir)
         .with_context(|| format!("creating {}", opts.out_dir.display()))?;
@@ -106,14 +107,14 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
         ext4_write::apply(&work, root.start, &entries, epoch)
             .with_context(|| format!("writing node {}'s files into its root", node.name))?;
         let stamped = if rootfs {
-            stamp::unstamped(&work, layout)?
+            apply::unstamped(&work, layout)?
         } else {
-            stamp::stamp(&work, profile, &plan)
+            apply::stamp(&work, profile, &plan)
                 .with_context(|| format!("stamping node {}", node.name))?
         };
         (work, stamped)
     } else {
-        let stamped = stamp::stamp(&base.raw, profile, &plan)
+        let stamped = apply::stamp(&base.raw, profile, &plan)
             .with_context(|| format!("stamping node {}", node.name))?;
         (base.raw.clone(), stamped)
     };
@@ -160,10 +161,10 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
     // QCOW2: the raw image converted (only what the bmap maps is read); the raw goes away.
     let final_tmp = if qcow2 {
         let q = guard.track(temp_beside(&image));
-        crate::format::qcow2::convert(&tmp_image, Some(&bmap), &q)
+        crate::artifact::qcow2::convert(&tmp_image, Some(&bmap), &q)
             .with_context(|| format!("writing {}", q.display()))?;
         let _ = std::fs::remove_file(&tmp_image);
-        sha256 = crate::source::cache::sha256_file(&q)?;
+        sha256 = crate::base::cache::sha256_file(&q)?;
         image_size = std::fs::metadata(&q)?.len();
         q
     } else {
@@ -291,7 +292,7 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
         kiln_version: env!("CARGO_PKG_VERSION").into(),
         node: node.name.clone(),
         profile: profile.name.clone(),
-        source_date_epoch: stamp::source_date_epoch()?,
+        source_date_epoch: apply::source_date_epoch()?,
         fat_timestamp: report.fat_timestamp.clone(),
         disk_signature: report.disk_signature.clone(),
         instance_id: plan.instance_id.clone(),
@@ -359,11 +360,11 @@ fn store_sums(path: &Path, sums: &BTreeMap<(u64, u64), String>) {
 fn work_copy(
     base: &Path,
     work: &Path,
-    profile: &crate::spec::profile::Profile,
+    profile: &crate::plan::profile::Profile,
 ) -> Result<(crate::disk::DiskLayout, crate::disk::Partition, i64)> {
-    crate::format::sparse::copy(base, work)
+    crate::artifact::sparse::copy(base, work)
         .with_context(|| format!("copying the base to {}", work.display()))?;
-    let layout = stamp::check_layout(work, profile)?;
+    let layout = apply::check_layout(work, profile)?;
     let root_index = profile
         .partition(PartitionRole::Root)
         .context("the profile writes into the root but names no root partition")?
@@ -372,7 +373,7 @@ fn work_copy(
         .partition(root_index)
         .context("root partition vanished")?
         .clone();
-    let epoch = match stamp::source_date_epoch()? {
+    let epoch = match apply::source_date_epoch()? {
         Some(e) => e,
         None => ext4_created(work, root.start)?,
     };

@@ -9,7 +9,7 @@ fn main() {
     if let Err(e) = cli::run(args) {
         eprintln!("error: {e:#}");
         // Other verbs than build: where the cache stands, but no promise about their temporaries.
-        let cache = kiln::source::cache::Cache::location().unwrap_or_default();
+        let cache = kiln::base::cache::Cache::location().unwrap_or_default();
         if let Some(h) = kiln::util::diskfull::hint(&e, &[("cache", &cache)], false) {
             eprintln!("hint: {h}");
         }

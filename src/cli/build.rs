@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 
+use kiln::base::BaseRef;
 use kiln::build::{BuildOptions, OutputFormat, build_node};
-use kiln::source::BaseRef;
 
 /// Who makes the disk from an OCI image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -34,7 +34,7 @@ pub fn run(
     out: PathBuf,
     src: Source,
 ) -> Result<()> {
-    let cluster = kiln::spec::load(cluster_path)?;
+    let cluster = kiln::plan::load(cluster_path)?;
     let selected: Vec<_> = if all {
         cluster.nodes.iter().collect()
     } else {
@@ -71,7 +71,7 @@ pub fn run(
             Err(e) => {
                 eprintln!("error: {}: {e:#}", node.name);
                 full_disk = full_disk.or_else(|| {
-                    let cache = kiln::source::cache::Cache::location().unwrap_or_default();
+                    let cache = kiln::base::cache::Cache::location().unwrap_or_default();
                     kiln::util::diskfull::hint(
                         &e,
                         &[("output", &opts.out_dir), ("cache", &cache)],
@@ -92,8 +92,8 @@ pub fn run(
 }
 
 fn run_bib(
-    cluster: &kiln::spec::Cluster,
-    nodes: &[&kiln::spec::node::NodeConfig],
+    cluster: &kiln::plan::Cluster,
+    nodes: &[&kiln::plan::node::NodeConfig],
     opts: &BuildOptions,
 ) -> Result<()> {
     std::fs::create_dir_all(&opts.out_dir)?;
@@ -111,7 +111,7 @@ fn run_bib(
             },
             _ => bail!("--engine bootc-image-builder needs an OCI image as --base (docker://…)"),
         };
-        let made = kiln::bib::build(cluster, node, &reference, &opts.out_dir, opts.format)?;
+        let made = kiln::base::bib::build(cluster, node, &reference, &opts.out_dir, opts.format)?;
         println!("{:<14} {}", node.name, made.display());
     }
     Ok(())
@@ -125,15 +125,15 @@ pub fn oci_append(
     insecure: bool,
     arch: String,
 ) -> Result<()> {
-    let opts = kiln::oci::append::AppendOptions {
+    let opts = kiln::stamp::oci_append::AppendOptions {
         from,
         to: to.clone(),
         overlays,
-        overlay_dirs: kiln::spec::resolve::search_dirs(Path::new("."), "overlays"),
+        overlay_dirs: kiln::plan::resolve::search_dirs(Path::new("."), "overlays"),
         insecure,
         arch,
     };
-    let a = kiln::oci::append::append(&opts)?;
+    let a = kiln::stamp::oci_append::append(&opts)?;
     println!(
         "{to}  manifest {}  new layer {} ({} files)",
         a.manifest_digest, a.layer_digest, a.files

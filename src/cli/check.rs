@@ -4,10 +4,10 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use kiln::spec::node::{Interface, SwarmRole};
+use kiln::plan::node::{Interface, SwarmRole};
 
 pub fn run(cluster_path: &Path, json: bool) -> Result<()> {
-    let cluster = kiln::spec::load(cluster_path)?;
+    let cluster = kiln::plan::load(cluster_path)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&cluster.nodes)?);
         return Ok(());

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use kiln::format::{android_sparse, bmap::Bmap};
+use kiln::artifact::{android_sparse, bmap::Bmap};
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum Target {
@@ -70,7 +70,7 @@ pub fn run(
             if max.is_some() {
                 bail!("--max-size splits Android sparse images only");
             }
-            kiln::format::qcow2::convert(image, map.as_ref(), output)?;
+            kiln::artifact::qcow2::convert(image, map.as_ref(), output)?;
             vec![output.to_path_buf()]
         }
     };

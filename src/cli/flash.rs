@@ -5,14 +5,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
+use kiln::base::BaseRef;
 use kiln::blockdev::{self, BlockDevice, Target};
 use kiln::build::{BuildOptions, build_node};
-use kiln::flash::customize::{self, BootEdits};
-use kiln::flash::events::{Events, ProgressMode};
-use kiln::flash::image::FlashImage;
-use kiln::flash::{self, FlashOptions, OpenTarget, Outcome};
-use kiln::source::BaseRef;
-use kiln::spec::profile::DeliverMethod;
+use kiln::deliver::flash::events::{Events, ProgressMode};
+use kiln::deliver::flash::image::FlashImage;
+use kiln::deliver::flash::{self, FlashOptions, OpenTarget, Outcome};
+use kiln::plan::profile::DeliverMethod;
+use kiln::stamp::customize::{self, BootEdits};
 
 pub struct Args {
     pub positional: Vec<PathBuf>,
@@ -60,7 +60,7 @@ pub fn run(a: Args) -> Result<()> {
         if !a.edits.is_empty() {
             // The boot FAT is edited in memory: a compressed image is decompressed once into the
             // cache, and the edits travel with the stream as patches.
-            let raw = kiln::source::prepare_raw(&job.image)?;
+            let raw = kiln::base::prepare_raw(&job.image)?;
             let c = customize::patches(&raw, &a.edits)?;
             let bmap = img.bmap_path.clone();
             img = FlashImage::open(&raw, bmap.as_deref())?.with_patches(c.patches, &c.used);
@@ -184,7 +184,7 @@ fn plan_jobs(a: &Args) -> Result<Vec<Job>> {
             a.positional.len()
         );
     }
-    let cluster = kiln::spec::load(&a.cluster)?;
+    let cluster = kiln::plan::load(&a.cluster)?;
     let opts = BuildOptions {
         out_dir: a.out.clone(),
         base: BaseRef::parse(a.base.as_deref()),
@@ -287,7 +287,7 @@ fn nodes_deliver_by_fastboot(a: &Args) -> Result<bool> {
     if a.nodes.is_empty() {
         return Ok(false);
     }
-    let cluster = kiln::spec::load(&a.cluster)?;
+    let cluster = kiln::plan::load(&a.cluster)?;
     let mut kinds = Vec::new();
     for node in &a.nodes {
         let n = cluster.node(node)?;
@@ -322,18 +322,18 @@ fn run_fastboot(a: &Args) -> Result<()> {
                 "usage: kiln flash IMAGE --fastboot SERIAL [--partition userdata] [--product NAME]"
             );
         };
-        let (files, raw_size) = match kiln::fastboot::sparse_expanded_size(image)? {
+        let (files, raw_size) = match kiln::deliver::fastboot::sparse_expanded_size(image)? {
             Some(size) => (vec![image.clone()], size),
             None => {
-                let raw = kiln::source::prepare_raw(image)?;
+                let raw = kiln::base::prepare_raw(image)?;
                 let size = std::fs::metadata(&raw)?.len();
-                let dest = kiln::source::cache::Cache::open()?
+                let dest = kiln::base::cache::Cache::open()?
                     .root
                     .join("images")
-                    .join(format!("{}.simg", kiln::source::cache::sha256_file(&raw)?));
+                    .join(format!("{}.simg", kiln::base::cache::sha256_file(&raw)?));
                 let bmap = FlashImage::open(image, a.bmap.as_deref())?.bmap;
                 let files =
-                    kiln::format::android_sparse::convert(&raw, bmap.as_ref(), &dest, None)?;
+                    kiln::artifact::android_sparse::convert(&raw, bmap.as_ref(), &dest, None)?;
                 (files, size)
             }
         };
@@ -349,7 +349,7 @@ fn run_fastboot(a: &Args) -> Result<()> {
         if a.positional.len() > a.nodes.len() {
             bail!("more phones than --node: give at most one serial per node, in the same order");
         }
-        let cluster = kiln::spec::load(&a.cluster)?;
+        let cluster = kiln::plan::load(&a.cluster)?;
         let opts = BuildOptions {
             out_dir: a.out.clone(),
             base: BaseRef::parse(a.base.as_deref()),
@@ -362,10 +362,11 @@ fn run_fastboot(a: &Args) -> Result<()> {
             let (profile, _) = cluster.profile_of(n);
             let artifact =
                 build_node(&cluster, n, &opts).with_context(|| format!("building node {node}"))?;
-            let bmap = kiln::format::bmap::Bmap::parse(&std::fs::read_to_string(&artifact.bmap)?)?;
+            let bmap =
+                kiln::artifact::bmap::Bmap::parse(&std::fs::read_to_string(&artifact.bmap)?)?;
             let simg = a.out.join(format!("{node}.simg"));
             let files =
-                kiln::format::android_sparse::convert(&artifact.image, Some(&bmap), &simg, None)?;
+                kiln::artifact::android_sparse::convert(&artifact.image, Some(&bmap), &simg, None)?;
             eprintln!(
                 "built {} ({}) and {}",
                 artifact.image.display(),
@@ -404,7 +405,7 @@ fn run_fastboot(a: &Args) -> Result<()> {
     // Every phone is found and checked before the first byte goes to any of them.
     let mut phones = Vec::new();
     for job in &jobs {
-        let phone = kiln::fastboot::find(job.serial.as_deref())?;
+        let phone = kiln::deliver::fastboot::find(job.serial.as_deref())?;
         phone.check(job.product.as_deref(), &job.partition, job.raw_size)?;
         phones.push(phone);
     }

@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use kiln::remote::{self, Facts, ssh::Ssh};
-use kiln::spec::node::InputFile;
-use kiln::spec::overlay;
+use kiln::deliver::remote::{self, Facts, ssh::Ssh};
+use kiln::plan::node::InputFile;
+use kiln::plan::overlay;
 
 pub struct Args {
     pub overlay: Option<String>,
@@ -20,7 +20,7 @@ pub struct Args {
 }
 
 fn dirs() -> Vec<PathBuf> {
-    kiln::spec::resolve::search_dirs(Path::new("."), "overlays")
+    kiln::plan::resolve::search_dirs(Path::new("."), "overlays")
 }
 
 pub fn run(a: Args) -> Result<()> {

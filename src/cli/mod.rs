@@ -168,7 +168,7 @@ pub enum Command {
         allow_non_removable: bool,
         /// How to show progress.
         #[arg(long, value_enum, default_value = "auto")]
-        progress: kiln::flash::events::ProgressMode,
+        progress: kiln::deliver::flash::events::ProgressMode,
         /// The image's block map (default: IMAGE.bmap beside the image, if present).
         #[arg(long)]
         bmap: Option<PathBuf>,
@@ -234,19 +234,19 @@ pub enum Command {
         /// Connections open at once (lowered to fit the descriptor limit); beyond it a new
         /// connection closes the oldest one that has no request in progress.
         #[arg(long, value_name = "N", env = "KILN_SERVE_MAX_CONNECTIONS",
-              default_value_t = kiln::serve::connections::DEFAULT_MAX_CONNECTIONS,
+              default_value_t = kiln::deliver::serve::connections::DEFAULT_MAX_CONNECTIONS,
               value_parser = clap::value_parser!(u32).range(1..))]
         max_connections: u32,
         /// Seconds a client may take to send a request head; also how long a keep-alive
         /// connection may stay idle. Never limits a download in progress.
         #[arg(long, value_name = "SECS", env = "KILN_SERVE_HEADER_TIMEOUT",
-              default_value_t = kiln::serve::connections::DEFAULT_HEADER_TIMEOUT.as_secs_f64(),
+              default_value_t = kiln::deliver::serve::connections::DEFAULT_HEADER_TIMEOUT.as_secs_f64(),
               value_parser = positive_seconds)]
         header_timeout: f64,
         /// Seconds a download may go without the client acknowledging any data before it is
         /// dropped. A slow download that progresses is never cut.
         #[arg(long, value_name = "SECS", env = "KILN_SERVE_STALL_TIMEOUT",
-              default_value_t = kiln::serve::connections::DEFAULT_STALL_TIMEOUT.as_secs_f64(),
+              default_value_t = kiln::deliver::serve::connections::DEFAULT_STALL_TIMEOUT.as_secs_f64(),
               value_parser = positive_seconds)]
         stall_timeout: f64,
     },
@@ -305,7 +305,7 @@ pub enum Command {
         #[arg(long)]
         log: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "x86-64")]
-        arch: kiln::run::Arch,
+        arch: kiln::deliver::run::Arch,
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 1536)]
         memory: u32,
@@ -365,7 +365,7 @@ pub enum ChecksumArg {
     Sha512,
 }
 
-impl From<ChecksumArg> for kiln::format::manifest::ChecksumType {
+impl From<ChecksumArg> for kiln::artifact::manifest::ChecksumType {
     fn from(a: ChecksumArg) -> Self {
         match a {
             ChecksumArg::Sha256 => Self::Sha256,
@@ -425,7 +425,7 @@ pub fn run(cli: Cli) -> Result<()> {
             dir,
             listen,
             check,
-            kiln::serve::Limits {
+            kiln::deliver::serve::Limits {
                 max_connections: max_connections as usize,
                 header_timeout: std::time::Duration::from_secs_f64(header_timeout),
                 stall_timeout: std::time::Duration::from_secs_f64(stall_timeout),
@@ -532,7 +532,7 @@ pub fn run(cli: Cli) -> Result<()> {
             allow_non_removable,
             progress,
             bmap,
-            edits: kiln::flash::customize::BootEdits {
+            edits: kiln::stamp::customize::BootEdits {
                 hostname,
                 userdata,
                 metadata,

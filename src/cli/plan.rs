@@ -4,16 +4,16 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use kiln::provision::plan;
+use kiln::plan::stamp_plan;
 
 pub fn run(cluster_path: &Path, node: &str, json: bool) -> Result<()> {
-    let cluster = kiln::spec::load(cluster_path)?;
+    let cluster = kiln::plan::load(cluster_path)?;
     let n = cluster.node(node)?;
-    let p = plan::plan(&cluster, n)?;
+    let p = stamp_plan::plan(&cluster, n)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&p)?);
     } else {
-        print!("{}", plan::describe(&p));
+        print!("{}", stamp_plan::describe(&p));
     }
     Ok(())
 }

@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use kiln::provision::cloud_init::{self, MetaData, NetworkConfigV1};
-use kiln::provision::plan;
-use kiln::run::{Arch, RunOptions};
-use kiln::spec::profile::ProvisionMethod;
+use kiln::deliver::run::{Arch, RunOptions};
+use kiln::plan::profile::ProvisionMethod;
+use kiln::plan::stamp_plan;
+use kiln::stamp::cloud_init::{self, MetaData, NetworkConfigV1};
 
 pub struct Args {
     pub image: PathBuf,
@@ -29,7 +29,7 @@ pub fn run(a: Args) -> Result<()> {
     let seed = match &a.seed {
         None => None,
         Some(node) => {
-            let cluster = kiln::spec::load(&a.cluster)?;
+            let cluster = kiln::plan::load(&a.cluster)?;
             let n = cluster.node(node)?;
             let (profile, _) = cluster.profile_of(n);
             if profile.provision.method == ProvisionMethod::Rootfs {
@@ -38,14 +38,15 @@ pub fn run(a: Args) -> Result<()> {
                     profile.name
                 );
             }
-            let p = plan::plan(&cluster, n).with_context(|| format!("planning node {node}"))?;
+            let p =
+                stamp_plan::plan(&cluster, n).with_context(|| format!("planning node {node}"))?;
             let meta = cloud_init::render_yaml(&MetaData {
                 instance_id: p.instance_id.clone(),
                 local_hostname: n.hostname.clone(),
             })?;
             let net = cloud_init::render_yaml(&NetworkConfigV1::for_node(n))?;
             let path = tmp.path().join("seed.img");
-            kiln::run::make_seed(
+            kiln::deliver::run::make_seed(
                 &path,
                 &[
                     ("user-data", p.user_data.as_bytes()),
@@ -56,7 +57,7 @@ pub fn run(a: Args) -> Result<()> {
             Some(path)
         }
     };
-    kiln::run::run(&RunOptions {
+    kiln::deliver::run::run(&RunOptions {
         image: a.image,
         arch: a.arch,
         seed,

@@ -5,11 +5,11 @@ use std::path::Path;
 use anyhow::Result;
 
 pub fn run(profile: &str, output: &Path) -> Result<()> {
-    let (p, _) = kiln::spec::profile::load(
+    let (p, _) = kiln::plan::profile::load(
         profile,
-        &kiln::spec::resolve::search_dirs(Path::new("."), "images"),
+        &kiln::plan::resolve::search_dirs(Path::new("."), "images"),
     )?;
-    kiln::source::sample::make(&p, output)?;
+    kiln::base::sample::make(&p, output)?;
     println!(
         "{}: sample base with the {} layout",
         output.display(),

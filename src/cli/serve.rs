@@ -9,10 +9,10 @@ pub fn serve(
     dir: Option<PathBuf>,
     listen: SocketAddr,
     check: Option<String>,
-    limits: kiln::serve::Limits,
+    limits: kiln::deliver::serve::Limits,
 ) -> Result<()> {
     if let Some(url) = check {
-        let problems = kiln::serve::check::check(&url)?;
+        let problems = kiln::deliver::serve::check::check(&url)?;
         if problems.is_empty() {
             println!("{url}: Ironic and IPA would accept this image");
             return Ok(());
@@ -28,24 +28,24 @@ pub fn serve(
     let Some(dir) = dir else {
         bail!("usage: kiln serve DIR [--listen ADDR], or kiln serve --check URL");
     };
-    kiln::serve::run(&dir, listen, limits)
+    kiln::deliver::serve::run(&dir, listen, limits)
 }
 
 pub fn publish(nodes: &[String], out: &Path, to: &Path, insecure: bool) -> Result<()> {
     if let Some(target) = to.to_str().filter(|t| t.starts_with("oci://")) {
-        let (repo, tag) = kiln::serve::publish::parse_oci_target(target)?;
+        let (repo, tag) = kiln::deliver::publish::parse_oci_target(target)?;
         if tag.is_some() && nodes.len() > 1 {
             bail!(
                 "{target} names one tag; publish several nodes to oci://REGISTRY/REPO (tags <node>-<sha8>)"
             );
         }
         for node in nodes {
-            let image = kiln::serve::publish::built_image(node, out)?;
-            let (profile, _) = kiln::spec::profile::load(
+            let image = kiln::deliver::publish::built_image(node, out)?;
+            let (profile, _) = kiln::plan::profile::load(
                 &image.profile,
-                &kiln::spec::resolve::search_dirs(Path::new("."), "images"),
+                &kiln::plan::resolve::search_dirs(Path::new("."), "images"),
             )?;
-            let p = kiln::serve::publish::publish_oci(
+            let p = kiln::deliver::publish::publish_oci(
                 node,
                 out,
                 &repo,
@@ -62,7 +62,7 @@ pub fn publish(nodes: &[String], out: &Path, to: &Path, insecure: bool) -> Resul
         return Ok(());
     }
     for node in nodes {
-        let (path, fresh) = kiln::serve::publish::publish(node, out, to)?;
+        let (path, fresh) = kiln::deliver::publish::publish(node, out, to)?;
         println!(
             "{} {}",
             if fresh {
@@ -81,7 +81,7 @@ pub fn metal3_manifests(
     out: &Path,
     image_url: &str,
     namespace: Option<&str>,
-    checksum: kiln::format::manifest::ChecksumType,
+    checksum: kiln::artifact::manifest::ChecksumType,
 ) -> Result<()> {
     if !["http://", "https://", "oci://"]
         .iter()
@@ -89,10 +89,10 @@ pub fn metal3_manifests(
     {
         bail!("--image-url {image_url:?} must be an http://, https:// or oci:// URL");
     }
-    let cluster = kiln::spec::load(cluster)?;
-    let text = kiln::metal3::manifests(
+    let cluster = kiln::plan::load(cluster)?;
+    let text = kiln::deliver::metal3::manifests(
         &cluster,
-        &kiln::metal3::Options {
+        &kiln::deliver::metal3::Options {
             out,
             image_url,
             namespace,

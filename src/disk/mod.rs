@@ -5,8 +5,6 @@
 //! to an existing table is the MBR disk signature, four bytes written by `set_disk_signature`;
 //! `gpt::write` writes whole tables for disks kiln lays out itself.
 
-pub mod assemble;
-pub mod bootloader;
 pub mod cow;
 pub mod gpt;
 pub mod slice;

@@ -17,7 +17,7 @@ use std::path::Path;
 use anyhow::Result;
 
 use crate::disk::Partition;
-use crate::spec::profile::FsKind;
+use crate::plan::profile::FsKind;
 
 /// Sniffs a partition's filesystem from its superblock.
 pub fn detect(image: &mut File, part: &Partition) -> Result<Option<FsKind>> {

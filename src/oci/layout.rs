@@ -27,7 +27,7 @@ pub fn read_layout(dir: &Path, tag: Option<&str>, opts: &PullOptions) -> Result<
     let index = read_capped(&index_path, MAX_DOCUMENT, "the layout's index.json")?;
     let mut blob = |digest: &str| -> Result<PathBuf> {
         let p = dir.join("blobs/sha256").join(hex_of(digest)?);
-        let got = format!("sha256:{}", crate::source::cache::sha256_file(&p)?);
+        let got = format!("sha256:{}", crate::base::cache::sha256_file(&p)?);
         if got != digest {
             bail!(
                 "{}: content does not match its digest {digest}; the layout is corrupt",
@@ -163,7 +163,7 @@ pub fn read_docker_archive(file: &Path, store: &BlobStore) -> Result<Image> {
                 let mut out = std::fs::File::create(&tmp)?;
                 std::io::copy(&mut entry, &mut out)?
             };
-            let digest = format!("sha256:{}", crate::source::cache::sha256_file(&tmp)?);
+            let digest = format!("sha256:{}", crate::base::cache::sha256_file(&tmp)?);
             store.admit(&tmp, &digest, &path)?;
             stored.insert(path, (digest, size));
         }
@@ -214,7 +214,7 @@ pub fn write_layout(
     for (digest, path) in blobs {
         let dest = blob_dir.join(hex_of(digest)?);
         if !dest.exists() {
-            crate::format::sparse::copy(path, &dest)?;
+            crate::artifact::sparse::copy(path, &dest)?;
         }
     }
     let digest = digest_of(manifest);

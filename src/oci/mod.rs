@@ -2,7 +2,6 @@
 //! verified by digest, unpacked into a root tree, and extended with an overlay layer (`kiln oci
 //! append`) without a container engine.
 
-pub mod append;
 pub mod artifact;
 pub mod blobs;
 pub mod credentials;
@@ -11,7 +10,6 @@ pub mod layer;
 pub mod layout;
 pub mod reference;
 pub mod registry;
-pub mod unpack;
 
 pub use image::{Image, PullOptions, pull};
 pub use reference::ImageRef;

@@ -2,7 +2,7 @@
 //! survives its own round trip.
 #![no_main]
 
-use kiln::format::bmap::Bmap;
+use kiln::artifact::bmap::Bmap;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -18,7 +18,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         let (a, b) = r.byte_span(map.block_size, map.image_size);
         assert!(a <= b && b <= map.image_size);
     }
-    if map.block_size == kiln::format::bmap::BLOCK_SIZE {
+    if map.block_size == kiln::artifact::bmap::BLOCK_SIZE {
         let again = Bmap::parse(&map.to_xml()).expect("kiln reads what it writes");
         assert_eq!(again, map);
     }

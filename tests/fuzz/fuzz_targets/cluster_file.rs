@@ -11,5 +11,5 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     std::fs::write(&path, text).expect("writing the cluster file");
     // SAFETY (of set_var): fuzz targets run one input at a time on one thread.
     unsafe { std::env::set_var("KILN_HOME", concat!(env!("CARGO_MANIFEST_DIR"), "/../..")) };
-    let _ = kiln::spec::resolve::load(&path);
+    let _ = kiln::plan::resolve::load(&path);
 });

@@ -9,7 +9,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let Ok(value) = std::str::from_utf8(&data[8..]) else {
         return;
     };
-    if let Some((start, end)) = kiln::serve::satisfiable_range(value, size) {
+    if let Some((start, end)) = kiln::deliver::serve::satisfiable_range(value, size) {
         assert!(
             start <= end && end < size,
             "{value:?} on {size} bytes gave {start}..={end}"

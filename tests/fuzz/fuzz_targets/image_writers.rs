@@ -3,7 +3,7 @@
 //! judges in the integration tests; here the invariant is no panic and no overflow).
 #![no_main]
 
-use kiln::format::bmap::Bmap;
+use kiln::artifact::bmap::Bmap;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     if data.len() < 4 {
@@ -30,6 +30,6 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     } else {
         None
     };
-    let _ = kiln::format::android_sparse::convert(&raw, bmap, &dir.path().join("out.simg"), None);
-    let _ = kiln::format::qcow2::convert(&raw, bmap, &dir.path().join("out.qcow2"));
+    let _ = kiln::artifact::android_sparse::convert(&raw, bmap, &dir.path().join("out.simg"), None);
+    let _ = kiln::artifact::qcow2::convert(&raw, bmap, &dir.path().join("out.qcow2"));
 });

@@ -7,7 +7,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let blob = dir.path().join("layer");
     std::fs::write(&blob, data).expect("writing the layer");
     let staging = dir.path().join("stage");
-    let _ = kiln::oci::unpack::unpack(&[blob], &staging, 0);
+    let _ = kiln::base::unpack::unpack(&[blob], &staging, 0);
     // Only the layer and the staging tree may exist beside each other.
     let names: Vec<_> = std::fs::read_dir(dir.path())
         .expect("listing")

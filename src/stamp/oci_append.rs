@@ -1,0 +1,234 @@
+//! `kiln oci append`: overlays added to an image as one new layer, the bootc way to customise an
+//! image, with no container engine. The layer is deterministic (sorted, root-owned unless the
+//! overlay says otherwise, fixed times), so appending the same overlay twice gives the same digest.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::oci::blobs::BlobStore;
+use crate::oci::image::{Image, MT_LAYER_GZIP, MT_OCI_CONFIG, MT_OCI_MANIFEST, PullOptions};
+use crate::oci::layer::{self, LayerFile};
+use crate::oci::reference::ImageRef;
+use crate::oci::{layout, registry};
+use crate::plan::overlay;
+
+pub struct AppendOptions {
+    pub from: String,
+    pub to: String,
+    pub overlays: Vec<String>,
+    pub overlay_dirs: Vec<PathBuf>,
+    pub insecure: bool,
+    pub arch: String,
+}
+
+pub struct Appended {
+    pub manifest_digest: String,
+    pub layer_digest: String,
+    pub files: usize,
+}
+
+pub fn append(opts: &AppendOptions) -> Result<Appended> {
+    let to = ImageRef::parse(&opts.to)?;
+    if !matches!(to, ImageRef::Registry(_) | ImageRef::Layout { .. }) {
+        bail!("--to must be a registry (docker://…) or an image layout (oci:DIR[:TAG])");
+    }
+    let from = ImageRef::parse(&opts.from)?;
+    let base = crate::oci::pull(
+        &from,
+        &PullOptions {
+            insecure: opts.insecure,
+            arch: opts.arch.clone(),
+        },
+    )?;
+    // Times come from SOURCE_DATE_EPOCH, else the base image's own creation time.
+    let epoch = match crate::stamp::apply::source_date_epoch()? {
+        Some(e) => e,
+        None => base.created()?.unwrap_or(0),
+    };
+    let passwd = file_in_layers(&base, "etc/passwd")?.unwrap_or_default();
+    let group = file_in_layers(&base, "etc/group")?.unwrap_or_default();
+    let mut files: BTreeMap<String, LayerFile> = BTreeMap::new();
+    let mut owners: BTreeMap<String, (u32, u32)> = BTreeMap::new();
+    for name in &opts.overlays {
+        let o = overlay::load(name, &opts.overlay_dirs)?;
+        for f in &o.files {
+            let path = f.target.trim_start_matches('/').to_string();
+            let uid = id_in(&passwd, &f.owner)
+                .with_context(|| format!("overlay {name}: the image has no user {}", f.owner))?;
+            let gid = id_in(&group, &f.group)
+                .with_context(|| format!("overlay {name}: the image has no group {}", f.group))?;
+            owners.insert(path.clone(), (uid, gid));
+            files.insert(
+                path.clone(),
+                LayerFile {
+                    path,
+                    mode: f.mode,
+                    contents: Some(f.content.bytes.clone()),
+                    link: None,
+                },
+            );
+        }
+        // Services are enabled as `systemctl enable` would: a link in multi-user.target.wants.
+        for svc in &o.manifest.services {
+            let shipped = format!("etc/systemd/system/{svc}");
+            let target = if files.contains_key(&shipped) {
+                format!("/{shipped}")
+            } else {
+                format!("/usr/lib/systemd/system/{svc}")
+            };
+            let link = format!("etc/systemd/system/multi-user.target.wants/{svc}");
+            files.insert(
+                link.clone(),
+                LayerFile {
+                    path: link,
+                    mode: 0o777,
+                    contents: None,
+                    link: Some(target),
+                },
+            );
+        }
+    }
+    if files.is_empty() {
+        bail!("the overlays add no files");
+    }
+    let list: Vec<LayerFile> = files.into_values().collect();
+    let new = layer::build_owned(&list, &owners, epoch)?;
+    let store = BlobStore::open()?;
+    let (layer_digest, layer_path) = store.put_bytes(&new.blob)?;
+
+    let mut config = base.config.clone();
+    if !config["rootfs"]["diff_ids"].is_array() {
+        bail!("the base image's config has no rootfs.diff_ids");
+    }
+    config["rootfs"]["diff_ids"]
+        .as_array_mut()
+        .expect("checked")
+        .push(json!(new.diff_id));
+    let created = rfc3339(epoch);
+    config["created"] = json!(created);
+    let history = json!({
+        "created": created,
+        "created_by": format!("kiln oci append --overlay {}", opts.overlays.join(" --overlay ")),
+        "comment": format!("kiln {}", env!("CARGO_PKG_VERSION")),
+    });
+    match config["history"].as_array_mut() {
+        Some(h) => h.push(history),
+        None => config["history"] = json!([history]),
+    }
+    let config_bytes = serde_json::to_vec(&config)?;
+    let (config_digest, config_path) = store.put_bytes(&config_bytes)?;
+
+    let mut layers: Vec<Value> = base
+        .layers
+        .iter()
+        .map(|l| {
+            json!({
+                "mediaType": oci_layer_type(&l.media_type),
+                "digest": l.digest,
+                "size": std::fs::metadata(&l.path).map(|m| m.len()).unwrap_or(l.size),
+            })
+        })
+        .collect();
+    layers
+        .push(json!({"mediaType": MT_LAYER_GZIP, "digest": layer_digest, "size": new.blob.len()}));
+    let mut manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": MT_OCI_MANIFEST,
+        "config": {"mediaType": MT_OCI_CONFIG, "digest": config_digest, "size": config_bytes.len()},
+        "layers": layers,
+    });
+    if let Some(a) = base.manifest.get("annotations") {
+        manifest["annotations"] = a.clone();
+    }
+    let manifest_bytes = serde_json::to_vec(&manifest)?;
+    let mut blobs: Vec<(String, PathBuf)> = vec![(config_digest, config_path)];
+    for l in &base.layers {
+        blobs.push((l.digest.clone(), l.path.clone()));
+    }
+    blobs.push((layer_digest.clone(), layer_path));
+    let manifest_digest = match &to {
+        ImageRef::Registry(r) => registry::push(r, opts.insecure, &blobs, &manifest_bytes)?,
+        ImageRef::Layout { dir, tag } => {
+            let refs: Vec<(&str, &Path)> = blobs
+                .iter()
+                .map(|(d, p)| (d.as_str(), p.as_path()))
+                .collect();
+            layout::write_layout(dir, tag.as_deref(), &manifest_bytes, &refs)?
+        }
+        _ => unreachable!("checked above"),
+    };
+    Ok(Appended {
+        manifest_digest,
+        layer_digest,
+        files: list.len(),
+    })
+}
+
+/// Docker media types of layers mapped to their OCI names (the new manifest is OCI).
+fn oci_layer_type(mt: &str) -> &str {
+    match mt {
+        "application/vnd.docker.image.rootfs.diff.tar.gzip" => MT_LAYER_GZIP,
+        "application/vnd.docker.image.rootfs.diff.tar" => crate::oci::image::MT_LAYER_TAR,
+        other => other,
+    }
+}
+
+/// The last version of `path` the layers write (whiteouts respected for the file itself).
+pub fn file_in_layers(image: &Image, path: &str) -> Result<Option<Vec<u8>>> {
+    let mut found = None;
+    let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+    let whiteout = if dir.is_empty() {
+        format!(".wh.{name}")
+    } else {
+        format!("{dir}/.wh.{name}")
+    };
+    for l in &image.layers {
+        let mut ar = tar::Archive::new(layer::open_decompressed(&l.path)?);
+        for e in ar.entries()? {
+            let mut e = e?;
+            let p = e
+                .path()?
+                .to_string_lossy()
+                .trim_start_matches("./")
+                .to_string();
+            if p == path && e.header().entry_type().is_file() {
+                let mut b = Vec::new();
+                e.read_to_end(&mut b)?;
+                found = Some(b);
+            } else if p == whiteout {
+                found = None;
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// A user's or group's id from passwd/group text; numbers are taken as they are.
+fn id_in(db: &[u8], name: &str) -> Option<u32> {
+    if let Ok(n) = name.parse() {
+        return Some(n);
+    }
+    if name == "root" {
+        return Some(0);
+    }
+    String::from_utf8_lossy(db).lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.first() == Some(&name)).then(|| f.get(2)?.parse().ok())?
+    })
+}
+
+/// `1970-01-01T00:00:00Z` for an epoch.
+pub fn rfc3339(epoch: i64) -> String {
+    let d = crate::fs::fat::fat_datetime(epoch.max(315_532_800));
+    if epoch < 315_532_800 {
+        return "1970-01-01T00:00:00Z".into();
+    }
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        d.date.year, d.date.month, d.date.day, d.time.hour, d.time.min, d.time.sec
+    )
+}

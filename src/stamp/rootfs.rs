@@ -1,0 +1,590 @@
+//! Configuring a node by writing straight into its ext4 root: for images without cloud-init
+//! (postmarketOS phones), everything a node is becomes files, links and account entries before
+//! the image is flashed.
+//!
+//! What the image already is decides the details, and is read from it rather than assumed: OpenRC
+//! or systemd (which symlink enables a service), the accounts in /etc/passwd, /etc/group and
+//! /etc/shadow (uids, groups, whether a user still has a release's well-known password), and which
+//! services are installed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+
+use super::password;
+use crate::fs::ext4_write::{self, Entry};
+use crate::plan::node::{Interface, NodeConfig, SwarmRole};
+use crate::plan::overlay;
+use crate::plan::profile::Profile;
+use crate::plan::stamp_plan::{SWARM_SCRIPT, SWARM_UNIT};
+use crate::plan::{Cluster, ids};
+
+/// How services are enabled in the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Init {
+    OpenRc,
+    Systemd,
+}
+
+/// The parts of the image the plan depends on.
+struct ImageFacts {
+    init: Init,
+    present: BTreeSet<String>,
+    passwd: String,
+    group: String,
+    shadow: String,
+}
+
+const PROBES: &[&str] = &[
+    "/sbin/openrc",
+    "/usr/lib/systemd/systemd",
+    "/lib/systemd/systemd",
+    "/etc/init.d/sshd",
+    "/etc/init.d/docker",
+    "/etc/init.d/local",
+    "/usr/lib/systemd/system/sshd.service",
+    "/usr/lib/systemd/system/ssh.service",
+    "/lib/systemd/system/ssh.service",
+    "/usr/lib/systemd/system/docker.service",
+    "/lib/systemd/system/docker.service",
+    "/bin/bash",
+    "/bin/ash",
+    "/bin/sh",
+    "/etc/NetworkManager",
+];
+
+fn facts(image: &Path, offset: u64) -> Result<ImageFacts> {
+    let st = ext4_write::stat_all(image, offset, PROBES)?;
+    let present: BTreeSet<String> = st.keys().cloned().collect();
+    let init = if present.contains("/sbin/openrc") {
+        Init::OpenRc
+    } else if present.contains("/usr/lib/systemd/systemd")
+        || present.contains("/lib/systemd/systemd")
+    {
+        Init::Systemd
+    } else {
+        bail!(
+            "the image's root has neither OpenRC (/sbin/openrc) nor systemd; kiln cannot enable services in it"
+        );
+    };
+    let text = |p: &str| -> Result<String> {
+        let b =
+            ext4_write::read(image, offset, p)?.with_context(|| format!("the image has no {p}"))?;
+        String::from_utf8(b).with_context(|| format!("{p} in the image is not text"))
+    };
+    Ok(ImageFacts {
+        init,
+        present,
+        passwd: text("/etc/passwd")?,
+        group: text("/etc/group")?,
+        shadow: text("/etc/shadow")?,
+    })
+}
+
+fn file(path: &str, bytes: impl Into<Vec<u8>>, meta: Option<(u32, u32, u32)>) -> Entry {
+    Entry::File {
+        path: path.into(),
+        bytes: bytes.into(),
+        meta,
+    }
+}
+
+/// `name:…` lines of a colon-separated database, by name.
+fn by_name(db: &str) -> BTreeMap<String, Vec<String>> {
+    db.lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let f: Vec<String> = l.split(':').map(str::to_string).collect();
+            (f[0].clone(), f)
+        })
+        .collect()
+}
+
+fn join_db(order: &[String], rows: &BTreeMap<String, Vec<String>>) -> String {
+    order
+        .iter()
+        .filter_map(|n| rows.get(n))
+        .map(|f| f.join(":") + "\n")
+        .collect()
+}
+
+fn names_in_order(db: &str) -> Vec<String> {
+    db.lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split(':').next().map(str::to_string))
+        .collect()
+}
+
+/// The entries that make `node` out of the image at `root_offset` in `image`.
+pub fn entries(
+    cluster: &Cluster,
+    node: &NodeConfig,
+    profile: &Profile,
+    image: &Path,
+    root_offset: u64,
+) -> Result<Vec<Entry>> {
+    if node.user_data.is_some() {
+        bail!(
+            "node {}: user_data is a cloud-init fragment, and {} images have no cloud-init",
+            node.name,
+            profile.name
+        );
+    }
+    if !node.boot_files.is_empty() {
+        bail!(
+            "node {}: boot files (config.txt, cmdline.txt) are for Raspberry Pi images",
+            node.name
+        );
+    }
+    let f = facts(image, root_offset)?;
+    let mut out = Vec::new();
+
+    // Identity.
+    out.push(file("/etc/hostname", format!("{}\n", node.hostname), None));
+    let mut hosts = format!(
+        "127.0.0.1\tlocalhost localhost.localdomain\n::1\t\tlocalhost localhost.localdomain\n127.0.1.1\t{}\n",
+        node.hostname
+    );
+    for iface in node.network.values() {
+        if let Some(ip) = iface.static_ip() {
+            writeln!(hosts, "{ip}\t{}", node.hostname)?;
+        }
+    }
+    out.push(file("/etc/hosts", hosts, None));
+    if let Some(tz) = &node.timezone {
+        out.push(file("/etc/timezone", format!("{tz}\n"), None));
+        out.push(Entry::Symlink {
+            path: "/etc/localtime".into(),
+            target: format!("/usr/share/zoneinfo/{tz}"),
+        });
+    }
+
+    // Accounts.
+    let (accounts, homes) = accounts(node, profile, &f)?;
+    out.extend(accounts);
+    out.extend(homes);
+
+    // Services: sshd always (keys are the way in), docker when asked.
+    let enable = |svc: &str, unit_names: &[&str]| -> Result<Entry> {
+        match f.init {
+            Init::OpenRc => {
+                let script = format!("/etc/init.d/{svc}");
+                if !f.present.contains(&script) {
+                    bail!(
+                        "the image has no {script}; install {svc} in it (pmbootstrap install --add …)"
+                    );
+                }
+                Ok(Entry::Symlink {
+                    path: format!("/etc/runlevels/default/{svc}"),
+                    target: script,
+                })
+            }
+            Init::Systemd => {
+                for unit in unit_names {
+                    for dir in ["/usr/lib/systemd/system", "/lib/systemd/system"] {
+                        let p = format!("{dir}/{unit}");
+                        if f.present.contains(&p) {
+                            return Ok(Entry::Symlink {
+                                path: format!("/etc/systemd/system/multi-user.target.wants/{unit}"),
+                                target: p,
+                            });
+                        }
+                    }
+                }
+                bail!("the image has no {} unit", unit_names.join(" or "))
+            }
+        }
+    };
+    out.push(enable("sshd", &["sshd.service", "ssh.service"])?);
+    if node.docker {
+        out.push(enable("docker", &["docker.service"])?);
+    }
+
+    // Networks, as NetworkManager keyfiles.
+    if f.present.contains("/etc/NetworkManager") {
+        out.push(Entry::Dir {
+            path: "/etc/NetworkManager/system-connections".into(),
+            mode: 0o700,
+            uid: 0,
+            gid: 0,
+        });
+        for (ifname, iface) in &node.network {
+            let (name, text) = keyfile(cluster, node, ifname, iface);
+            out.push(file(
+                &format!("/etc/NetworkManager/system-connections/{name}.nmconnection"),
+                text,
+                Some((0o600, 0, 0)),
+            ));
+        }
+    } else if node.wifi.is_some() || node.network.values().any(|i| i.static_ip().is_some()) {
+        bail!(
+            "the image has no NetworkManager (/etc/NetworkManager), so kiln cannot configure its network"
+        );
+    }
+
+    // The swarm, as a first-boot job.
+    if let Some(role) = &node.swarm {
+        out.extend(swarm(role, &f)?);
+    }
+
+    // Overlays, written into the root with their modes and owners, their services enabled.
+    out.extend(overlay_files(cluster, node, &f.passwd, &f.group)?);
+    for name in &node.overlays {
+        let o = overlay::load(name, &cluster.overlay_dirs())?;
+        for svc in &o.manifest.services {
+            let base = svc.trim_end_matches(".service");
+            out.push(enable(base, &[svc.as_str()])?);
+        }
+    }
+    Ok(out)
+}
+
+/// The node's overlay files as entries, owners resolved through the image's own accounts.
+fn overlay_files(
+    cluster: &Cluster,
+    node: &NodeConfig,
+    passwd: &str,
+    group: &str,
+) -> Result<Vec<Entry>> {
+    let dirs = cluster.overlay_dirs();
+    let pw = by_name(passwd);
+    let gr = by_name(group);
+    let mut out = Vec::new();
+    for name in &node.overlays {
+        let o = overlay::load(name, &dirs)?;
+        for of in &o.files {
+            let uid = id_of(&pw, &of.owner, 2)
+                .with_context(|| format!("overlay {name}: no user {} in the image", of.owner))?;
+            let gid = id_of(&gr, &of.group, 2)
+                .with_context(|| format!("overlay {name}: no group {} in the image", of.group))?;
+            out.push(file(
+                &of.target,
+                of.content.bytes.clone(),
+                Some((of.mode, uid, gid)),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Overlay files for a cloud-init image whose profile puts overlays into the root (services are
+/// still enabled by cloud-init on first boot).
+pub fn overlay_entries(
+    cluster: &Cluster,
+    node: &NodeConfig,
+    image: &Path,
+    root_offset: u64,
+) -> Result<Vec<Entry>> {
+    // A root without account files still has root (uid 0), which is all most overlays need.
+    let text = |p: &str| -> Result<String> {
+        Ok(
+            String::from_utf8_lossy(&ext4_write::read(image, root_offset, p)?.unwrap_or_default())
+                .into_owned(),
+        )
+    };
+    overlay_files(cluster, node, &text("/etc/passwd")?, &text("/etc/group")?)
+}
+
+fn id_of(db: &BTreeMap<String, Vec<String>>, name: &str, field: usize) -> Option<u32> {
+    if let Ok(n) = name.parse() {
+        return Some(n);
+    }
+    match db.get(name) {
+        Some(row) => row.get(field)?.parse().ok(),
+        None if name == "root" => Some(0),
+        None => None,
+    }
+}
+
+/// /etc/passwd, /etc/group and /etc/shadow with the node's users, and their homes and keys.
+fn accounts(
+    node: &NodeConfig,
+    profile: &Profile,
+    f: &ImageFacts,
+) -> Result<(Vec<Entry>, Vec<Entry>)> {
+    let mut pw = by_name(&f.passwd);
+    let mut gr = by_name(&f.group);
+    let mut sh = by_name(&f.shadow);
+    let mut pw_order = names_in_order(&f.passwd);
+    let mut gr_order = names_in_order(&f.group);
+    let mut sh_order = names_in_order(&f.shadow);
+    let mut homes = Vec::new();
+    let listed: BTreeSet<&str> = node.users.iter().map(|u| u.name.as_str()).collect();
+
+    let used_ids: BTreeSet<u32> = pw
+        .values()
+        .filter_map(|r| r.get(2)?.parse().ok())
+        .chain(gr.values().filter_map(|r| r.get(2)?.parse().ok()))
+        .collect();
+    let mut next_id = (10000..)
+        .find(|i| !used_ids.contains(i))
+        .expect("a free id");
+
+    for u in &node.users {
+        let (uid, gid, home) = match pw.get(&u.name) {
+            Some(r) => (
+                r[2].parse::<u32>()?,
+                r[3].parse::<u32>()?,
+                r.get(5)
+                    .cloned()
+                    .unwrap_or_else(|| format!("/home/{}", u.name)),
+            ),
+            None => {
+                let id = next_id;
+                next_id = (id + 1..)
+                    .find(|i| !used_ids.contains(i))
+                    .expect("a free id");
+                let shell = [u.shell.as_str(), "/bin/ash", "/bin/sh"]
+                    .into_iter()
+                    .find(|s| f.present.contains(*s))
+                    .unwrap_or("/bin/sh")
+                    .to_string();
+                let home = format!("/home/{}", u.name);
+                pw.insert(
+                    u.name.clone(),
+                    vec![
+                        u.name.clone(),
+                        "x".into(),
+                        id.to_string(),
+                        id.to_string(),
+                        u.name.clone(),
+                        home.clone(),
+                        shell,
+                    ],
+                );
+                pw_order.push(u.name.clone());
+                if !gr.contains_key(&u.name) {
+                    gr.insert(
+                        u.name.clone(),
+                        vec![u.name.clone(), "x".into(), id.to_string(), String::new()],
+                    );
+                    gr_order.push(u.name.clone());
+                }
+                homes.push(Entry::Dir {
+                    path: home.clone(),
+                    mode: 0o700,
+                    uid: id,
+                    gid: id,
+                });
+                (id, id, home)
+            }
+        };
+        // Groups: the listed ones that exist, wheel for sudo (doas on postmarketOS), docker.
+        let mut want: Vec<&str> = u.groups.iter().map(String::as_str).collect();
+        if u.sudo {
+            want.push("wheel");
+        }
+        if node.docker {
+            want.push("docker");
+        }
+        for g in want {
+            if let Some(row) = gr.get_mut(g) {
+                while row.len() < 4 {
+                    row.push(String::new());
+                }
+                let mut members: Vec<String> = row[3]
+                    .split(',')
+                    .filter(|m| !m.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                if !members.contains(&u.name) {
+                    members.push(u.name.clone());
+                }
+                row[3] = members.join(",");
+            }
+        }
+        // Password: the cluster's hash, or locked (keys only).
+        let hash = u.password_hash.clone().unwrap_or_else(|| "!".into());
+        let row = sh.entry(u.name.clone()).or_insert_with(|| {
+            sh_order.push(u.name.clone());
+            vec![
+                u.name.clone(),
+                String::new(),
+                "0".into(),
+                "0".into(),
+                "99999".into(),
+                "7".into(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]
+        });
+        row[1] = hash;
+        if !u.ssh_authorized_keys.is_empty() {
+            homes.push(Entry::Dir {
+                path: format!("{home}/.ssh"),
+                mode: 0o700,
+                uid,
+                gid,
+            });
+            homes.push(file(
+                &format!("{home}/.ssh/authorized_keys"),
+                u.ssh_authorized_keys.join("\n") + "\n",
+                Some((0o600, uid, gid)),
+            ));
+        }
+    }
+
+    // A release's well-known password must not survive on a user the cluster file leaves alone.
+    for (name, row) in &sh {
+        if listed.contains(name.as_str()) {
+            continue;
+        }
+        let Some(hash) = row.get(1) else { continue };
+        for known in &profile.provision.known_default_passwords {
+            if password::matches(known, hash) == Some(true) {
+                bail!(
+                    "the image's user {name:?} still has the {} default password {known:?}; kiln will not build a node \
+                     with a well-known password. Add it to the cluster file with a password: \
+                     [[users]] name = \"{name}\", password_hash = \"$6$…\" (or password = {{ file = … }})",
+                    profile.name
+                );
+            }
+        }
+    }
+
+    let accounts = vec![
+        file("/etc/passwd", join_db(&pw_order, &pw), None),
+        file("/etc/group", join_db(&gr_order, &gr), None),
+        file("/etc/shadow", join_db(&sh_order, &sh), None),
+    ];
+    Ok((accounts, homes))
+}
+
+/// A NetworkManager keyfile for one interface: wifi (wlan0, with the node's wifi) or ethernet.
+pub fn keyfile(
+    cluster: &Cluster,
+    node: &NodeConfig,
+    ifname: &str,
+    iface: &Interface,
+) -> (String, String) {
+    let uuid = ids::uuid(
+        &cluster.seed,
+        &node.name,
+        &format!("nm-connection-{ifname}"),
+    );
+    let mut t = String::new();
+    let wifi = node.wifi.as_ref().filter(|_| ifname == "wlan0");
+    let name = match wifi {
+        Some(w) => w.ssid.clone(),
+        None => format!("kiln-{ifname}"),
+    };
+    let _ = writeln!(t, "[connection]\nid={name}\nuuid={uuid}");
+    let _ = writeln!(
+        t,
+        "type={}",
+        if wifi.is_some() { "wifi" } else { "ethernet" }
+    );
+    // Prefer kiln's connection over any the image ships for the same device.
+    let _ = writeln!(
+        t,
+        "interface-name={ifname}\nautoconnect=true\nautoconnect-priority=10\n"
+    );
+    if let Some(w) = wifi {
+        let _ = writeln!(t, "[wifi]\nmode=infrastructure\nssid={}", w.ssid);
+        if w.hidden {
+            let _ = writeln!(t, "hidden=true");
+        }
+        if let Some(mtu) = node.mtus.get(ifname) {
+            let _ = writeln!(t, "mtu={mtu}");
+        }
+        let _ = writeln!(
+            t,
+            "\n[wifi-security]\nkey-mgmt=wpa-psk\npsk={}\n",
+            w.psk.expose()
+        );
+    } else {
+        let _ = writeln!(t, "[ethernet]");
+        if let Some(mtu) = node.mtus.get(ifname) {
+            let _ = writeln!(t, "mtu={mtu}");
+        }
+        let _ = writeln!(t);
+    }
+    match iface {
+        Interface::Dhcp => {
+            let _ = writeln!(t, "[ipv4]\nmethod=auto\n");
+        }
+        Interface::Static {
+            address,
+            gateway,
+            dns,
+        } => {
+            let v6 = address.addr().is_ipv6();
+            let sect = if v6 { "ipv6" } else { "ipv4" };
+            let _ = write!(t, "[{sect}]\nmethod=manual\naddress1={address}");
+            if let Some(gw) = gateway {
+                let _ = write!(t, ",{gw}");
+            }
+            let _ = writeln!(t);
+            if !dns.is_empty() {
+                let list: String = dns.iter().map(|d| format!("{d};")).collect();
+                let _ = writeln!(t, "dns={list}");
+            }
+            let _ = writeln!(t);
+            if v6 {
+                let _ = writeln!(t, "[ipv4]\nmethod=disabled\n");
+            }
+        }
+    }
+    if !matches!(iface, Interface::Static { address, .. } if address.addr().is_ipv6()) {
+        let _ = writeln!(t, "[ipv6]\naddr-gen-mode=default\nmethod=auto\n");
+    }
+    (name, t.trim_end().to_string() + "\n")
+}
+
+fn swarm(role: &SwarmRole, f: &ImageFacts) -> Result<Vec<Entry>> {
+    let (env, token) = crate::plan::stamp_plan::swarm_env(role);
+    let mut out = Vec::new();
+    if let Some(token) = token {
+        out.push(file("/etc/kiln/swarm.token", token, Some((0o600, 0, 0))));
+    }
+    out.insert(
+        0,
+        Entry::Dir {
+            path: "/etc/kiln".into(),
+            mode: 0o700,
+            uid: 0,
+            gid: 0,
+        },
+    );
+    out.push(file("/etc/kiln/swarm.env", env, Some((0o600, 0, 0))));
+    out.push(file(
+        "/usr/local/sbin/kiln-swarm",
+        SWARM_SCRIPT,
+        Some((0o755, 0, 0)),
+    ));
+    match f.init {
+        Init::OpenRc => {
+            // local.d runs at the end of boot; the job goes to the background so boot finishes.
+            out.push(file(
+                "/etc/local.d/kiln-swarm.start",
+                "#!/bin/sh\n# Written by kiln: join the Docker swarm (once; see /usr/local/sbin/kiln-swarm).\n\
+                 /usr/local/sbin/kiln-swarm >>/var/log/kiln-swarm.log 2>&1 &\n",
+                Some((0o755, 0, 0)),
+            ));
+            if !f.present.contains("/etc/init.d/local") {
+                bail!(
+                    "the image has no /etc/init.d/local (OpenRC's local service) for the swarm job"
+                );
+            }
+            out.push(Entry::Symlink {
+                path: "/etc/runlevels/default/local".into(),
+                target: "/etc/init.d/local".into(),
+            });
+        }
+        Init::Systemd => {
+            out.push(file(
+                "/etc/systemd/system/kiln-swarm.service",
+                SWARM_UNIT,
+                Some((0o644, 0, 0)),
+            ));
+            out.push(Entry::Symlink {
+                path: "/etc/systemd/system/multi-user.target.wants/kiln-swarm.service".into(),
+                target: "/etc/systemd/system/kiln-swarm.service".into(),
+            });
+        }
+    }
+    Ok(out)
+}
