@@ -192,7 +192,7 @@ impl SourceText {
         };
         let message = err.message().trim().to_string();
         let hint = if message.contains("unknown field") {
-            Some("check the spelling; the README's cluster-file reference lists every key".into())
+            Some("check the spelling; examples/README.md lists every key of the cluster file".into())
         } else {
             None
         };
