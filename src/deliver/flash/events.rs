@@ -1,5 +1,6 @@
 //! Progress of a flash: bars on a terminal, one JSON object per line with `--progress json`, or
-//! nothing. The pipeline emits events; this decides how they are drawn.
+//! nothing. The pipeline emits events — stage progress, notes, fastboot's own lines, each target's
+//! result — and this alone decides how they are drawn, for disks and phones alike.
 
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
@@ -46,6 +47,8 @@ pub struct Events {
     bars: Mutex<HashMap<(String, &'static str), ProgressBar>>,
     last: Mutex<HashMap<(String, &'static str), Instant>>,
     total: Option<u64>,
+    /// The bar over fastboot's steps for the phone being flashed.
+    phone_bar: Mutex<Option<ProgressBar>>,
 }
 
 impl Events {
@@ -57,6 +60,7 @@ impl Events {
             bars: Mutex::new(HashMap::new()),
             last: Mutex::new(HashMap::new()),
             total,
+            phone_bar: Mutex::new(None),
         }
     }
 
@@ -128,6 +132,70 @@ impl Events {
         }
     }
 
+    /// One target's result, as a JSON line (human output has the summary table instead).
+    pub fn result(&self, o: &super::Outcome) {
+        if self.mode != ProgressMode::Json {
+            return;
+        }
+        let target = o.path.display().to_string();
+        let line = match &o.result {
+            Ok(d) => {
+                serde_json::json!({"event": "result", "target": target, "ok": true, "written": d.written, "verified": d.verified})
+            }
+            Err(e) => {
+                serde_json::json!({"event": "result", "target": target, "ok": false, "error": e})
+            }
+        };
+        println!("{line}");
+    }
+
+    /// A phone is about to be flashed: on a terminal, a bar over fastboot's own steps.
+    pub fn fastboot_begin(&self, serial: &str) {
+        if self.mode != ProgressMode::Auto || !self.tty {
+            return;
+        }
+        let b = ProgressBar::new(1);
+        b.set_style(
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        b.set_prefix(serial.to_string());
+        *self.phone_bar.lock().expect("phone bar lock") = Some(b);
+    }
+
+    /// One line of fastboot's output: "Sending sparse 'userdata' 2/5 (…)", "Writing …".
+    pub fn fastboot_line(&self, serial: &str, line: &str) {
+        if line.is_empty() {
+            return;
+        }
+        let bar = self.phone_bar.lock().expect("phone bar lock");
+        if self.mode == ProgressMode::Json {
+            println!(
+                "{}",
+                serde_json::json!({"event": "fastboot", "target": serial, "line": line})
+            );
+        } else if let Some(b) = bar.as_ref() {
+            if let Some((i, n)) = sparse_step(line) {
+                b.set_length(n);
+                b.set_position(i - 1);
+            }
+            if line.starts_with("Writing") && line.contains("OKAY") {
+                b.inc(1);
+            }
+            b.set_message(line.split("  ").next().unwrap_or(line).to_string());
+        } else if self.mode != ProgressMode::None {
+            eprintln!("  {serial}: {line}");
+        }
+    }
+
+    /// The phone is flashed: its bar goes away.
+    pub fn fastboot_end(&self) {
+        if let Some(b) = self.phone_bar.lock().expect("phone bar lock").take() {
+            b.finish_and_clear();
+        }
+    }
+
     fn due(&self, key: &(String, &'static str), ms: u64) -> bool {
         let mut last = self.last.lock().expect("last lock");
         let now = Instant::now();
@@ -139,4 +207,12 @@ impl Events {
             }
         }
     }
+}
+
+/// `i/n` from fastboot's "Sending sparse 'userdata' 2/5 (1024 KB)".
+fn sparse_step(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("Sending sparse ")?;
+    let frac = rest.split_whitespace().nth(1)?;
+    let (i, n) = frac.split_once('/')?;
+    Some((i.parse().ok()?, n.parse().ok()?))
 }

@@ -10,13 +10,20 @@
 //! written. The decoder thread hashes the stream (the whole image against its `.sha256sum`, each
 //! bmap range against the bmap) and fans chunks out to one writer thread per target; a failing
 //! target does not stop the others.
+//!
+//! The loop is generic over `target::FlashTarget` (a device or file in `device.rs`, memory with
+//! injected faults in tests). What a `kiln flash` asks for — jobs, refusals, the one question —
+//! is `request.rs`; phones (fastboot) are `phones.rs`.
 
 pub mod buffer;
+mod confirm;
 pub mod device;
 pub mod events;
 pub mod image;
 #[cfg(test)]
 mod memory;
+mod phones;
+pub mod request;
 pub mod target;
 
 use std::io::Read;
@@ -33,6 +40,7 @@ use buffer::AlignedBuf;
 pub use device::OpenTarget;
 use events::{Events, Stage};
 use image::FlashImage;
+pub use request::{Request, run};
 use target::{FlashTarget, flush, read_hash, write_all_at};
 
 /// Bytes written last: the partition table and everything before the first partition.
