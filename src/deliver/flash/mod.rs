@@ -29,12 +29,14 @@ pub mod target;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use sha2::{Digest, Sha256};
 
+use crate::artifact::bmap::{Bmap, RangeHasher};
+use crate::artifact::hash_pipeline::{self, Feed};
 use crate::blockdev;
 use buffer::AlignedBuf;
 pub use device::OpenTarget;
@@ -197,8 +199,8 @@ fn zero_head_and_tail(t: &impl FlashTarget, image_size: Option<u64>) -> Result<(
     flush(t)
 }
 
-/// A decoded chunk on its way to a writer: image offset, buffer, valid length.
-type Chunk = (u64, Arc<AlignedBuf>, usize);
+/// A decoded chunk on its way to the writers and the hash thread.
+type Chunk = hash_pipeline::Chunk<AlignedBuf>;
 
 /// Per-segment sha256 of the bytes written (computed from the stream), for verification.
 type Digests = Vec<(Segment, String)>;
@@ -212,58 +214,17 @@ fn fan_out<T: FlashTarget>(
     states: &mut [TargetState<T>],
     events: &Events,
 ) -> Result<(Vec<u8>, Digests, u64)> {
-    let n = states.len();
-    let mut senders = Vec::new();
-    let mut receivers: Vec<Option<Receiver<Chunk>>> = Vec::new();
-    for _ in 0..n {
-        let (tx, rx) = sync_channel(4);
-        senders.push(tx);
-        receivers.push(Some(rx));
-    }
     let (decoded, failures) = std::thread::scope(|scope| {
+        let mut senders = Vec::new();
         let mut writers = Vec::new();
         for (i, state) in states.iter().enumerate() {
-            let rx = receivers[i].take().expect("one receiver per target");
-            let TargetState::Writing(t) = state else {
-                drop(rx);
-                continue;
-            };
-            writers.push((
-                i,
-                scope.spawn(move || -> Result<u64> {
-                    let mut failed: Option<anyhow::Error> = None;
-                    let mut written = 0u64;
-                    let mut since_sync = 0u64;
-                    for (pos, buf, len) in rx {
-                        if failed.is_some() {
-                            continue; // keep draining so the decoder never blocks on us
-                        }
-                        let data = &buf.as_slice()[..len];
-                        let r = write_segments(t, pos, data, segments).and_then(|w| {
-                            written += w;
-                            since_sync += w;
-                            events.emit(Stage::Write, t.path(), written, None);
-                            if since_sync >= SYNC_EVERY {
-                                since_sync = 0;
-                                flush(t)?;
-                            }
-                            Ok(())
-                        });
-                        if let Err(e) = r {
-                            failed = Some(e);
-                        }
-                    }
-                    match failed {
-                        Some(e) => Err(e),
-                        None => {
-                            flush(t)?;
-                            Ok(written)
-                        }
-                    }
-                }),
-            ));
+            // A target that already failed gets no writer; its sender finds no receiver.
+            let (tx, rx) = sync_channel::<Chunk>(hash_pipeline::DEPTH);
+            senders.push(tx);
+            if let TargetState::Writing(t) = state {
+                writers.push((i, scope.spawn(move || write_body(t, rx, segments, events))));
+            }
         }
-
         // The decoder runs here, on this thread.
         let decoded = decode(img, segments, hash_segments, &senders, events);
         drop(senders);
@@ -281,6 +242,44 @@ fn fan_out<T: FlashTarget>(
         }
     }
     decoded
+}
+
+/// One target's writer thread: writes the segments of every chunk it receives, flushing every
+/// `SYNC_EVERY` bytes and at the end; returns the bytes written.
+fn write_body(
+    t: &impl FlashTarget,
+    rx: Receiver<Chunk>,
+    segments: &[Segment],
+    events: &Events,
+) -> Result<u64> {
+    let mut failed: Option<anyhow::Error> = None;
+    let mut written = 0u64;
+    let mut since_sync = 0u64;
+    for chunk in rx {
+        if failed.is_some() {
+            continue; // keep draining so the decoder never blocks on us
+        }
+        let r = write_segments(t, chunk.pos, chunk.data(), segments).and_then(|w| {
+            written += w;
+            since_sync += w;
+            events.emit(Stage::Write, t.path(), written, None);
+            if since_sync >= SYNC_EVERY {
+                since_sync = 0;
+                flush(t)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            failed = Some(e);
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => {
+            flush(t)?;
+            Ok(written)
+        }
+    }
 }
 
 /// Writes the parts of `data` (at image offset `pos`) that fall in `segments`; returns bytes written.
@@ -306,6 +305,81 @@ fn write_segments(
     Ok(written)
 }
 
+/// What the hash thread learns from the stream: the whole image's sha256 (for the checksum
+/// file), the bmap's range digests (to check the bmap) and each segment's digest (for the
+/// read-back).
+struct StreamChecks<'a> {
+    whole: Option<Sha256>,
+    bmap: Option<(Bmap, RangeHasher)>,
+    segments: &'a [Segment],
+    /// A full SHA-256 pass over the written data: skipped when nothing reads back.
+    hash_segments: bool,
+    per_segment: Vec<Option<Sha256>>,
+    end: u64,
+}
+
+impl<'a> StreamChecks<'a> {
+    fn new(img: &FlashImage, segments: &'a [Segment], hash_segments: bool, whole: bool) -> Self {
+        StreamChecks {
+            whole: whole.then(Sha256::new),
+            bmap: img
+                .bmap
+                .as_ref()
+                .map(|b| (b.clone(), RangeHasher::new(b, &Default::default()))),
+            segments,
+            hash_segments,
+            per_segment: vec![None; segments.len()],
+            end: 0,
+        }
+    }
+
+    /// The whole image's sha256 (if taken), each segment's digest, and the bmap as the stream
+    /// hashes it.
+    fn finish(self) -> (Option<String>, Digests, Option<Bmap>) {
+        let mut digests: Digests = Vec::new();
+        for (i, h) in self.per_segment.into_iter().enumerate() {
+            let (a, b) = self.segments[i];
+            let b = b.min(self.end);
+            if b > a {
+                let digest = h.map(|h| hex::encode(h.finalize())).unwrap_or_default();
+                digests.push(((a, b), digest));
+            }
+        }
+        let checked = self.bmap.map(|(mut b, rh)| {
+            rh.finish(&mut b);
+            b
+        });
+        (
+            self.whole.map(|w| hex::encode(w.finalize())),
+            digests,
+            checked,
+        )
+    }
+}
+
+impl Feed for StreamChecks<'_> {
+    fn feed(&mut self, pos: u64, data: &[u8]) {
+        if let Some(w) = self.whole.as_mut() {
+            w.update(data);
+        }
+        if let Some((_, rh)) = self.bmap.as_mut() {
+            rh.feed(pos, data);
+        }
+        let end = pos + data.len() as u64;
+        if self.hash_segments {
+            for (i, &(a, b)) in self.segments.iter().enumerate() {
+                let (s, e) = (a.max(pos), b.min(end));
+                if e > s {
+                    self.per_segment[i]
+                        .get_or_insert_with(Sha256::new)
+                        .update(&data[(s - pos) as usize..(e - pos) as usize]);
+                }
+            }
+        }
+        self.end = end;
+    }
+}
+
 /// Streams the decompressed image: checks it against its sha256 and bmap, keeps the head,
 /// digests every segment (for the read-back; only its extent without one), and sends each chunk
 /// to every writer.
@@ -313,7 +387,7 @@ fn decode(
     img: &FlashImage,
     segments: &[Segment],
     hash_segments: bool,
-    senders: &[std::sync::mpsc::SyncSender<Chunk>],
+    senders: &[SyncSender<Chunk>],
     events: &Events,
 ) -> Result<(Vec<u8>, Digests, u64)> {
     let mut head = Vec::with_capacity(HEAD as usize);
@@ -323,98 +397,57 @@ fn decode(
     let check_whole = img.sha256.is_some();
     let patched = !img.patches.is_empty();
     // Unpatched: the hash thread takes the whole-image digest. Patched: this thread does, first.
-    let hasher_whole = (check_whole && !patched).then(Sha256::new);
+    let checks = StreamChecks::new(img, segments, hash_segments, check_whole && !patched);
     let mut whole = (check_whole && patched).then(Sha256::new);
-    let (hash_tx, hash_rx) = sync_channel::<Chunk>(4);
-    let hashed = std::thread::scope(
-        |scope| -> Result<(Option<String>, Digests, Option<crate::artifact::bmap::Bmap>)> {
-            // Hashing runs beside decompression: the whole image (unpatched ones), the bmap's
-            // ranges (to check the bmap) and the segments to write (for the read-back).
-            let hasher = scope.spawn(move || {
-                let mut whole_here = hasher_whole;
-                let mut seg_hashers: Vec<Option<Sha256>> = vec![None; segments.len()];
-                let mut bmap_check = img.bmap.as_ref().map(|b| {
-                    (
-                        b.clone(),
-                        crate::artifact::bmap::RangeHasher::new(b, &Default::default()),
-                    )
-                });
-                let mut end_pos = 0u64;
-                for (pos, buf, n) in hash_rx {
-                    let data = &buf.as_slice()[..n];
-                    if let Some(w) = whole_here.as_mut() {
-                        w.update(data);
-                    }
-                    if let Some((_, rh)) = bmap_check.as_mut() {
-                        rh.feed(pos, data);
-                    }
-                    let end = pos + n as u64;
-                    // A full SHA-256 pass over the written data: skipped when nothing reads back.
-                    for (i, &(a, b)) in segments.iter().enumerate().filter(|_| hash_segments) {
-                        let (s, e) = (a.max(pos), b.min(end));
-                        if e > s {
-                            seg_hashers[i]
-                                .get_or_insert_with(Sha256::new)
-                                .update(&data[(s - pos) as usize..(e - pos) as usize]);
-                        }
-                    }
-                    end_pos = end;
+    let (whole_sha, digests, checked) = std::thread::scope(|scope| -> Result<_> {
+        let (hash_tx, hasher) = hash_pipeline::spawn(scope, checks, None);
+        let decoded = img.with_reader(|r: &mut dyn Read| {
+            loop {
+                let mut buf = AlignedBuf::new(CHUNK);
+                let n = fill(r, buf.slice_mut(CHUNK)).context("reading the image stream")?;
+                if n == 0 {
+                    break;
                 }
-                let mut digests: Digests = Vec::new();
-                for (i, h) in seg_hashers.into_iter().enumerate() {
-                    let (a, b) = segments[i];
-                    let b = b.min(end_pos);
-                    if b > a {
-                        let digest = h.map(|h| hex::encode(h.finalize())).unwrap_or_default();
-                        digests.push(((a, b), digest));
+                if patched {
+                    if let Some(w) = whole.as_mut() {
+                        w.update(&buf.as_slice()[..n]);
                     }
+                    crate::artifact::writer::apply_patches(buf.slice_mut(n), pos, &img.patches);
                 }
-                let checked = bmap_check.map(|(mut b, rh)| {
-                    rh.finish(&mut b);
-                    b
-                });
-                (
-                    whole_here.map(|w| hex::encode(w.finalize())),
-                    digests,
-                    checked,
-                )
-            });
-            let decoded = img.with_reader(|r: &mut dyn Read| {
-                loop {
-                    let mut buf = AlignedBuf::new(CHUNK);
-                    let n = fill(r, buf.slice_mut(CHUNK)).context("reading the image stream")?;
-                    if n == 0 {
-                        break;
-                    }
-                    if patched {
-                        if let Some(w) = whole.as_mut() {
-                            w.update(&buf.as_slice()[..n]);
-                        }
-                        crate::artifact::writer::apply_patches(buf.slice_mut(n), pos, &img.patches);
-                    }
-                    if pos < HEAD {
-                        let take = ((HEAD - pos) as usize).min(n);
-                        head.extend_from_slice(&buf.as_slice()[..take]);
-                    }
-                    let buf = Arc::new(buf);
-                    for tx in senders {
-                        // A writer that failed early has dropped its receiver; the others carry on.
-                        let _ = tx.send((pos, buf.clone(), n));
-                    }
-                    let _ = hash_tx.send((pos, buf, n));
-                    pos += n as u64;
-                    events.emit(Stage::Decode, Path::new("-"), pos, img.size);
+                if pos < HEAD {
+                    let take = ((HEAD - pos) as usize).min(n);
+                    head.extend_from_slice(&buf.as_slice()[..take]);
                 }
-                Ok(())
-            });
-            drop(hash_tx);
-            let (whole_sha, digests, checked) = hasher.join().expect("hash thread panicked");
-            decoded?;
-            let whole_sha = whole_sha.or_else(|| whole.take().map(|w| hex::encode(w.finalize())));
-            Ok((whole_sha, digests, checked))
-        },
-    );
-    let (whole_sha, digests, checked) = hashed?;
+                let buf = Arc::new(buf);
+                let chunk = |buf| Chunk { pos, buf, len: n };
+                for tx in senders {
+                    // A writer that failed early has dropped its receiver; the others carry on.
+                    let _ = tx.send(chunk(buf.clone()));
+                }
+                let _ = hash_tx.send(chunk(buf));
+                pos += n as u64;
+                events.emit(Stage::Decode, Path::new("-"), pos, img.size);
+            }
+            Ok(())
+        });
+        drop(hash_tx);
+        let (whole_sha, digests, checked) = hasher.join().expect("hash thread panicked").finish();
+        decoded?;
+        let whole_sha = whole_sha.or_else(|| whole.take().map(|w| hex::encode(w.finalize())));
+        Ok((whole_sha, digests, checked))
+    })?;
+    check_stream(img, pos, whole_sha.as_deref(), checked.as_ref())?;
+    Ok((head, digests, pos))
+}
+
+/// Refuses a stream that is not the image it claims to be: short, another checksum, or ranges
+/// that do not match its bmap.
+fn check_stream(
+    img: &FlashImage,
+    pos: u64,
+    sha: Option<&str>,
+    checked: Option<&Bmap>,
+) -> Result<()> {
     if let Some(expected) = img.size
         && pos != expected
     {
@@ -422,12 +455,12 @@ fn decode(
             "the image stream ended at byte {pos}, but the image is {expected} bytes (truncated?)"
         );
     }
-    if let (Some(expected), Some(sha)) = (&img.sha256, &whole_sha)
+    if let (Some(expected), Some(sha)) = (&img.sha256, sha)
         && !expected.eq_ignore_ascii_case(sha)
     {
         bail!("checksum mismatch: the image's sha256 is {sha}, its checksum file says {expected}");
     }
-    if let (Some(got), Some(want)) = (&checked, &img.bmap) {
+    if let (Some(got), Some(want)) = (checked, &img.bmap) {
         for (g, e) in got.ranges.iter().zip(&want.ranges) {
             if let (Some(gs), Some(es)) = (&g.sha256, &e.sha256)
                 && gs != es
@@ -441,7 +474,7 @@ fn decode(
             }
         }
     }
-    Ok((head, digests, pos))
+    Ok(())
 }
 
 fn fill(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
