@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use kiln::deliver::flash::events::ProgressMode;
 use kiln::deliver::flash::{self, Request};
+use kiln::io::progress::ProgressMode;
 use kiln::stamp::customize::BootEdits;
 
 use super::ClusterArg;

@@ -18,7 +18,6 @@
 pub mod buffer;
 mod confirm;
 pub mod device;
-pub mod events;
 pub mod image;
 #[cfg(test)]
 mod memory;
@@ -38,9 +37,9 @@ use sha2::{Digest, Sha256};
 use crate::artifact::bmap::{Bmap, RangeHasher};
 use crate::artifact::hash_pipeline::{self, Feed};
 use crate::blockdev;
+use crate::io::progress::{Events, Stage};
 use buffer::AlignedBuf;
 pub use device::OpenTarget;
-use events::{Events, Stage};
 use image::FlashImage;
 pub use request::{Request, run};
 use target::{FlashTarget, flush, read_hash, write_all_at};
@@ -597,9 +596,9 @@ pub fn summary(outcomes: &[Outcome]) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::events::ProgressMode;
     use super::memory::{Faults, MemoryTarget, Op};
     use super::*;
+    use crate::io::progress::ProgressMode;
 
     const MIB: u64 = 1 << 20;
 

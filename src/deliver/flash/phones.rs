@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 
 use super::confirm::confirm;
-use super::events::Events;
 use super::image::FlashImage;
 use super::request::Request;
 use crate::build::build_node;
 use crate::deliver::fastboot;
+use crate::io::progress::Events;
 use crate::plan::Cluster;
 
 /// One image going to one phone.

@@ -8,12 +8,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use super::confirm::confirm;
-use super::events::{Events, ProgressMode};
 use super::image::FlashImage;
 use super::{FlashOptions, OpenTarget, Outcome};
 use crate::base::BaseRef;
 use crate::blockdev::{self, BlockDevice, Target};
 use crate::build::{BuildOptions, build_node};
+use crate::io::progress::{Events, ProgressMode};
 use crate::plan::Cluster;
 use crate::plan::profile::DeliverMethod;
 use crate::stamp::customize::{self, BootEdits};
@@ -87,7 +87,11 @@ pub fn run(req: &Request) -> Result<()> {
     let outcomes = flash_fleet(req, &images, opened);
     let events = Events::new(req.progress, None);
     for o in &outcomes {
-        events.result(o);
+        let result = match &o.result {
+            Ok(d) => Ok((d.written, d.verified)),
+            Err(e) => Err(e.as_str()),
+        };
+        events.result(&o.path, result);
     }
     super::summary(&outcomes)
 }
