@@ -750,6 +750,34 @@ mod tests {
     }
 
     #[test]
+    fn an_image_that_fails_its_checksum_fails_every_disk_uncommitted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, data) = image(dir.path());
+        let wrong = hex::encode(Sha256::digest(b"another image"));
+        std::fs::write(
+            dir.path().join("test.img.sha256sum"),
+            format!("{wrong}  test.img\n"),
+        )
+        .unwrap();
+        let img = FlashImage::open(&dir.path().join("test.img"), None).unwrap();
+        assert_eq!(img.size, Some(data.len() as u64));
+        let disks = [
+            MemoryTarget::new("a", 8 * MIB, Faults::default()),
+            MemoryTarget::new("b", 8 * MIB, Faults::default()),
+        ];
+        let opts = FlashOptions {
+            verify: true,
+            no_eject: true,
+        };
+        let events = Events::new(ProgressMode::None, None);
+        let out = flash(&img, disks.iter().collect(), &opts, &events);
+        for (o, disk) in out.iter().zip(&disks) {
+            assert!(error(o).starts_with("checksum mismatch"), "{}", error(o));
+            assert!(head_is_zeroed(disk));
+        }
+    }
+
+    #[test]
     fn one_failing_disk_in_a_fleet_does_not_stop_the_others() {
         let bad = Faults {
             eio_at: Some(3 * MIB),
