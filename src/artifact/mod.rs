@@ -2,6 +2,7 @@
 
 pub mod android_sparse;
 pub mod bmap;
+pub mod hash_pipeline;
 pub mod inspect;
 pub mod manifest;
 pub mod qcow2;

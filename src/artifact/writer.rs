@@ -17,11 +17,12 @@ use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
 use super::bmap::{Bmap, RangeHasher};
+use super::hash_pipeline;
 use super::sparse::BLOCK;
 
 const CHUNK: usize = 4 << 20;
 /// Buffers in flight between the reader and the two hashing threads.
-const POOL: usize = 4;
+const POOL: usize = hash_pipeline::DEPTH;
 
 /// Bytes that replace the base's at `offset`.
 #[derive(Debug, Clone)]
@@ -54,30 +55,14 @@ pub fn write_image(
         .filter(|(r, _)| !touches_patch(&bmap, **r, patches))
         .map(|(k, v)| (*k, v.clone()))
         .collect();
-    let mut ranges = RangeHasher::new(&bmap, &known);
+    let ranges = RangeHasher::new(&bmap, &known);
 
-    let (whole_tx, whole_rx) = sync_channel::<Arc<Vec<u8>>>(POOL);
-    let (range_tx, range_rx) = sync_channel::<(u64, Arc<Vec<u8>>)>(POOL);
     // Buffers come back from the hashing threads and are reused: fresh 4 MiB allocations would
     // cost a page fault per 4 KiB on every chunk.
     let (back_tx, back_rx) = sync_channel::<Arc<Vec<u8>>>(2 * POOL);
-    let back_range = back_tx.clone();
     let sha = std::thread::scope(|scope| -> Result<String> {
-        let whole = scope.spawn(move || {
-            let mut h = Sha256::new();
-            for buf in whole_rx {
-                h.update(&buf[..]);
-                let _ = back_tx.send(buf);
-            }
-            hex::encode(h.finalize())
-        });
-        let ranges_done = scope.spawn(move || {
-            for (start, buf) in range_rx {
-                ranges.feed(start, &buf);
-                let _ = back_range.send(buf);
-            }
-            ranges
-        });
+        let (whole_tx, whole) = hash_pipeline::spawn(scope, Sha256::new(), Some(back_tx.clone()));
+        let (range_tx, ranges_done) = hash_pipeline::spawn(scope, ranges, Some(back_tx));
         let mut free: Vec<Vec<u8>> = (0..POOL).map(|_| vec![0u8; CHUNK]).collect();
         let mut pos = 0u64;
         while pos < len {
@@ -99,14 +84,15 @@ pub fn write_image(
             apply_patches(&mut buf, pos, patches);
             write_nonzero(&output, pos, &buf).with_context(|| format!("at byte {pos}"))?;
             let buf = Arc::new(buf);
-            if whole_tx.send(buf.clone()).is_err() || range_tx.send((pos, buf)).is_err() {
+            let chunk = |buf| hash_pipeline::Chunk { pos, buf, len: n };
+            if whole_tx.send(chunk(buf.clone())).is_err() || range_tx.send(chunk(buf)).is_err() {
                 break;
             }
             pos += n as u64;
         }
         drop(whole_tx);
         drop(range_tx);
-        let sha = whole.join().expect("hash thread panicked");
+        let sha = hex::encode(whole.join().expect("hash thread panicked").finalize());
         ranges_done
             .join()
             .expect("hash thread panicked")

@@ -136,68 +136,7 @@ pub enum Command {
     /// kiln flash --node PHONE           a phone node: build, then fastboot flash (pinned or only phone)
     /// kiln flash IMAGE --fastboot SERIAL  an image (raw or Android sparse) to a phone's partition
     #[command(verbatim_doc_comment)]
-    Flash {
-        /// IMAGE then DEVICE…, or only DEVICE… with --node. Plain files are valid targets.
-        /// Phones: IMAGE with --fastboot SERIAL, or --node alone (or with its serial).
-        args: Vec<PathBuf>,
-        /// Build and flash this node (repeatable; one device per node, in order).
-        #[arg(long)]
-        node: Vec<String>,
-        #[command(flatten)]
-        cluster: ClusterArg,
-        /// Where --node builds go.
-        #[arg(long, short = 'o', default_value = "out")]
-        out: PathBuf,
-        /// Base image for --node builds (path, URL or `sample`).
-        #[arg(long)]
-        base: Option<String>,
-        /// Do not ask for confirmation (mounted partitions of the targets are unmounted).
-        #[arg(long, short = 'y')]
-        yes: bool,
-        /// Read back and compare what was written (the default).
-        #[arg(long, overrides_with = "no_verify")]
-        verify: bool,
-        /// Skip the read-back.
-        #[arg(long)]
-        no_verify: bool,
-        /// Leave cards and USB disks attached after the write (by default they are ejected).
-        #[arg(long)]
-        no_eject: bool,
-        /// Allow disks the kernel does not call removable (USB SSDs, NVMe, loop devices).
-        #[arg(long)]
-        allow_non_removable: bool,
-        /// How to show progress.
-        #[arg(long, value_enum, default_value = "auto")]
-        progress: kiln::deliver::flash::events::ProgressMode,
-        /// The image's block map (default: IMAGE.bmap beside the image, if present).
-        #[arg(long)]
-        bmap: Option<PathBuf>,
-        /// hypriot flash: set the hostname in the boot partition's user-data (and meta-data).
-        #[arg(long)]
-        hostname: Option<String>,
-        /// hypriot flash: copy this file to the boot partition as user-data.
-        #[arg(long, short = 'u')]
-        userdata: Option<PathBuf>,
-        /// hypriot flash: copy this file to the boot partition as meta-data.
-        #[arg(long, short = 'm')]
-        metadata: Option<PathBuf>,
-        /// hypriot flash: copy this file to the boot partition as config.txt.
-        #[arg(long, short = 'C')]
-        bootconf: Option<PathBuf>,
-        /// hypriot flash: copy this file to the boot partition (repeatable).
-        #[arg(long, short = 'F')]
-        file: Vec<PathBuf>,
-        /// Flash a phone over fastboot: its serial (`tcp:host:port` for network fastboot).
-        /// Phone nodes (fastboot profiles) use this, their pinned serial, or the one phone found.
-        #[arg(long, value_name = "SERIAL")]
-        fastboot: Option<String>,
-        /// fastboot: the partition to flash (default: the profile's, else userdata).
-        #[arg(long)]
-        partition: Option<String>,
-        /// fastboot: the product the phone must report (default: the profile's).
-        #[arg(long)]
-        product: Option<String>,
-    },
+    Flash(flash::Args),
     /// Install an overlay onto a live host over ssh (idempotent; --dry-run shows the steps).
     Install {
         /// The overlay (see --list).
@@ -499,50 +438,7 @@ pub fn run(cli: Cli) -> Result<()> {
             ssh_options: ssh_option,
             root,
         }),
-        Command::Flash {
-            args,
-            node,
-            cluster,
-            out,
-            base,
-            yes,
-            verify: _,
-            no_verify,
-            no_eject,
-            allow_non_removable,
-            progress,
-            bmap,
-            hostname,
-            userdata,
-            metadata,
-            bootconf,
-            file,
-            fastboot,
-            partition,
-            product,
-        } => flash::run(flash::Args {
-            positional: args,
-            nodes: node,
-            cluster: cluster.cluster,
-            out,
-            base,
-            yes,
-            verify: !no_verify,
-            no_eject,
-            allow_non_removable,
-            progress,
-            bmap,
-            edits: kiln::stamp::customize::BootEdits {
-                hostname,
-                userdata,
-                metadata,
-                bootconf,
-                files: file,
-            },
-            fastboot,
-            partition,
-            product,
-        }),
+        Command::Flash(a) => flash::run(a),
         Command::Completions { shell } => docs::completions(shell),
         Command::Manpage => docs::manpage(),
     }

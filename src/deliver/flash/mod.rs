@@ -10,222 +10,45 @@
 //! written. The decoder thread hashes the stream (the whole image against its `.sha256sum`, each
 //! bmap range against the bmap) and fans chunks out to one writer thread per target; a failing
 //! target does not stop the others.
+//!
+//! The loop is generic over `target::FlashTarget` (a device or file in `device.rs`, memory with
+//! injected faults in tests). What a `kiln flash` asks for — jobs, refusals, the one question —
+//! is `request.rs`; phones (fastboot) are `phones.rs`.
 
 pub mod buffer;
-pub mod events;
+mod confirm;
+pub mod device;
 pub mod image;
+#[cfg(test)]
+mod memory;
+mod phones;
+pub mod request;
+pub mod target;
 
-use std::fs::{File, OpenOptions};
 use std::io::Read;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use sha2::{Digest, Sha256};
 
-use crate::blockdev::{self, Target};
+use crate::artifact::bmap::{Bmap, RangeHasher};
+use crate::artifact::hash_pipeline::{self, Feed};
+use crate::blockdev;
+use crate::io::progress::{Events, Stage};
 use buffer::AlignedBuf;
-use events::{Events, Stage};
+pub use device::OpenTarget;
 use image::FlashImage;
+pub use request::{Request, run};
+use target::{FlashTarget, flush, read_hash, write_all_at};
 
 /// Bytes written last: the partition table and everything before the first partition.
 pub const HEAD: u64 = 1 << 20;
 const CHUNK: usize = 4 << 20;
 /// fdatasync this often, so a dying card fails early instead of at the end.
 const SYNC_EVERY: u64 = 256 << 20;
-
-/// One target opened for writing.
-pub struct OpenTarget {
-    pub target: Target,
-    pub path: PathBuf,
-    /// O_DIRECT descriptor for aligned I/O (block devices), else the plain one.
-    direct: File,
-    /// Buffered descriptor for the rare unaligned tail.
-    plain: File,
-    pub block_size: u64,
-    pub size: Option<u64>,
-    is_device: bool,
-}
-
-/// The buffered descriptor of a disk, for the unaligned tail and the commit's reads.
-fn open_buffered(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))
-}
-
-/// The two descriptors of a disk: one for aligned, uncached I/O and one for the rest.
-#[cfg(target_os = "linux")]
-fn open_device(path: &Path) -> Result<(File, File)> {
-    let direct = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(nix::libc::O_EXCL | nix::libc::O_DIRECT)
-        .open(path)
-        .with_context(|| {
-            format!(
-                "opening {} exclusively (is it mounted or in use?)",
-                path.display()
-            )
-        })?;
-    Ok((direct, open_buffered(path)?))
-}
-
-/// macOS: the raw node (`/dev/rdiskN`) bypasses the buffer cache and is several times faster
-/// than `/dev/diskN`; F_NOCACHE keeps reads for the verify off the cache too. O_EXLOCK fails
-/// while another program holds the disk.
-#[cfg(target_os = "macos")]
-fn open_device(path: &Path) -> Result<(File, File)> {
-    use std::os::fd::AsRawFd;
-    let raw = crate::blockdev::diskutil::raw_path(&path.to_string_lossy());
-    let direct = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(nix::libc::O_EXLOCK | nix::libc::O_NONBLOCK)
-        .open(&raw)
-        .with_context(|| format!("opening {raw} exclusively (is it mounted or in use?)"))?;
-    // SAFETY: fcntl on a descriptor we own; F_NOCACHE takes an int flag.
-    unsafe { nix::libc::fcntl(direct.as_raw_fd(), nix::libc::F_NOCACHE, 1) };
-    Ok((direct, open_buffered(path)?))
-}
-
-impl OpenTarget {
-    /// Opens `target` exclusively (O_EXCL on a block device fails while anything has it open or
-    /// mounted) and, for devices, with O_DIRECT.
-    pub fn open(target: Target) -> Result<OpenTarget> {
-        let path = target.path();
-        match &target {
-            Target::Device(dev) => {
-                let (direct, plain) = open_device(&path)?;
-                Ok(OpenTarget {
-                    block_size: dev.logical_block_size.max(512),
-                    size: Some(dev.size),
-                    target: target.clone(),
-                    path,
-                    direct,
-                    plain,
-                    is_device: true,
-                })
-            }
-            Target::File(_) => {
-                let f = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(&path)
-                    .with_context(|| format!("opening {}", path.display()))?;
-                Ok(OpenTarget {
-                    plain: f.try_clone()?,
-                    direct: f,
-                    block_size: 512,
-                    size: None,
-                    target: target.clone(),
-                    path,
-                    is_device: false,
-                })
-            }
-        }
-    }
-
-    /// Writes `data` at `offset`: aligned parts through O_DIRECT, the rest buffered.
-    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
-        if let Some(size) = self.size
-            && offset + data.len() as u64 > size
-        {
-            bail!(
-                "the image does not fit: writing byte {} of a {} disk",
-                offset + data.len() as u64,
-                blockdev::human_size(size)
-            );
-        }
-        let bs = self.block_size as usize;
-        let aligned_len = data.len() / bs * bs;
-        let ptr_ok = (data.as_ptr() as usize).is_multiple_of(buffer::ALIGN);
-        if self.is_device && offset.is_multiple_of(bs as u64) && ptr_ok && aligned_len > 0 {
-            self.direct
-                .write_all_at(&data[..aligned_len], offset)
-                .with_context(|| format!("writing {} at byte {offset}", self.path.display()))?;
-            if aligned_len < data.len() {
-                self.plain
-                    .write_all_at(&data[aligned_len..], offset + aligned_len as u64)
-                    .with_context(|| {
-                        format!(
-                            "writing {} at byte {}",
-                            self.path.display(),
-                            offset + aligned_len as u64
-                        )
-                    })?;
-            }
-        } else {
-            self.plain
-                .write_all_at(data, offset)
-                .with_context(|| format!("writing {} at byte {offset}", self.path.display()))?;
-        }
-        Ok(())
-    }
-
-    fn sync(&self) -> Result<()> {
-        self.plain
-            .sync_data()
-            .with_context(|| format!("flushing {}", self.path.display()))?;
-        self.direct
-            .sync_data()
-            .with_context(|| format!("flushing {}", self.path.display()))?;
-        Ok(())
-    }
-
-    /// Reads `len` bytes at `offset` from the medium (O_DIRECT for devices, after dropping the
-    /// device's buffer cache), hashing them.
-    fn read_hash(&self, offset: u64, len: u64, buf: &mut AlignedBuf) -> Result<String> {
-        let mut h = Sha256::new();
-        let mut pos = offset;
-        let end = offset + len;
-        let bs = self.block_size;
-        while pos < end {
-            // Read whole aligned blocks and hash the part inside [pos, end).
-            let start = pos / bs * bs;
-            let want = ((end - start).min(buf.capacity() as u64)).div_ceil(bs) * bs;
-            let slice = buf.slice_mut(want as usize);
-            let got = if self.is_device {
-                read_full(&self.direct, slice, start)
-            } else {
-                read_full(&self.plain, slice, start)
-            }
-            .with_context(|| format!("reading back {} at byte {start}", self.path.display()))?;
-            let from = (pos - start) as usize;
-            let to = ((end - start) as usize).min(got);
-            if to <= from {
-                bail!(
-                    "{} ended at byte {} while verifying",
-                    self.path.display(),
-                    start + got as u64
-                );
-            }
-            h.update(&slice[from..to]);
-            pos = start + to as u64;
-        }
-        Ok(hex::encode(h.finalize()))
-    }
-}
-
-fn read_full(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match f.read_at(&mut buf[got..], offset + got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
-}
 
 /// What happened to one target.
 #[derive(Debug, Clone)]
@@ -266,192 +89,205 @@ fn body_segments(img: &FlashImage, size: Option<u64>) -> Vec<Segment> {
         .collect()
 }
 
+/// Where one target stands while the image is written.
+enum TargetState<T> {
+    /// Nothing has gone wrong so far.
+    Writing(T),
+    /// A step failed; later steps skip the target, and its head stays zeroed.
+    Failed { path: PathBuf, error: String },
+}
+
+impl<T: FlashTarget> TargetState<T> {
+    fn failed(t: &T, e: &anyhow::Error) -> TargetState<T> {
+        TargetState::Failed {
+            path: t.path().to_path_buf(),
+            error: format!("{e:#}"),
+        }
+    }
+
+    /// The outcome of a target that failed, or of a live one that `e` stopped.
+    fn stopped_by(&self, e: &anyhow::Error) -> Outcome {
+        match self {
+            TargetState::Writing(t) => Outcome {
+                path: t.path().to_path_buf(),
+                result: Err(format!("{e:#}")),
+            },
+            TargetState::Failed { path, error } => Outcome {
+                path: path.clone(),
+                result: Err(error.clone()),
+            },
+        }
+    }
+}
+
 /// Writes `img` to every target; one outcome per target, in order.
-pub fn flash(
+pub fn flash<T: FlashTarget>(
     img: &FlashImage,
-    targets: Vec<OpenTarget>,
+    targets: Vec<T>,
     opts: &FlashOptions,
     events: &Events,
 ) -> Vec<Outcome> {
     let started = Instant::now();
-    let mut live: Vec<Option<OpenTarget>> = Vec::new();
-    let mut outcomes: Vec<Outcome> = Vec::new();
     // 1. Zero the head (and the tail of devices, where a stale backup GPT would live).
-    for t in targets {
-        events.emit(Stage::Prepare, &t.path, 0, None);
-        match zero_head_and_tail(&t, img.size) {
-            Ok(()) => {
-                outcomes.push(Outcome {
-                    path: t.path.clone(),
-                    result: Err("not finished".into()),
-                });
-                live.push(Some(t));
+    let mut states: Vec<TargetState<T>> = targets
+        .into_iter()
+        .map(|t| {
+            events.emit(Stage::Prepare, t.path(), 0, None);
+            match zero_head_and_tail(&t, img.size) {
+                Ok(()) => TargetState::Writing(t),
+                Err(e) => TargetState::failed(&t, &e),
             }
-            Err(e) => {
-                outcomes.push(Outcome {
-                    path: t.path.clone(),
-                    result: Err(format!("{e:#}")),
-                });
-                live.push(None);
-            }
-        }
-    }
+        })
+        .collect();
 
     // 2. Decode once, write the body everywhere.
     let segments = body_segments(img, img.size);
-    let written_body = fan_out(
-        img,
-        &segments,
-        opts.verify,
-        &mut live,
-        &mut outcomes,
-        events,
-    );
-    let (head, digests, total) = match written_body {
+    let (head, digests, total) = match fan_out(img, &segments, opts.verify, &mut states, events) {
         Ok(v) => v,
-        Err(e) => {
-            for o in outcomes.iter_mut().filter(|o| o.result.is_err()) {
-                o.result = Err(match &o.result {
-                    Err(prev) if prev != "not finished" => prev.clone(),
-                    _ => format!("{e:#}"),
-                });
-            }
-            return outcomes;
-        }
+        // The image itself failed (truncated, checksum): every target still writing fails.
+        Err(e) => return states.iter().map(|s| s.stopped_by(&e)).collect(),
     };
 
     // 3. Verify, 4. commit the head — per target, in parallel.
     std::thread::scope(|scope| {
-        let handles: Vec<_> = live
+        let pending: Vec<_> = states
             .iter()
-            .map(|t| {
-                let head = &head;
-                let digests = &digests;
-                scope.spawn(move || -> Option<Result<Done>> {
-                    let t = t.as_ref()?;
-                    Some(finish_target(
-                        t, head, digests, total, opts, events, started,
+            .map(|s| match s {
+                TargetState::Writing(t) => {
+                    let (head, digests) = (&head, &digests);
+                    Ok((
+                        t.path(),
+                        scope.spawn(move || {
+                            finish_target(t, head, digests, total, opts, events, started)
+                        }),
                     ))
-                })
+                }
+                TargetState::Failed { path, error } => Err(Outcome {
+                    path: path.clone(),
+                    result: Err(error.clone()),
+                }),
             })
             .collect();
-        for (i, h) in handles.into_iter().enumerate() {
-            if let Some(r) = h.join().expect("target thread panicked")
-                && outcomes[i].result.as_ref().err().map(String::as_str) == Some("not finished")
-            {
-                outcomes[i].result = r.map_err(|e| format!("{e:#}"));
-            }
-        }
-    });
-    outcomes
+        pending
+            .into_iter()
+            .map(|p| match p {
+                Ok((path, h)) => Outcome {
+                    path: path.to_path_buf(),
+                    result: h
+                        .join()
+                        .expect("target thread panicked")
+                        .map_err(|e| format!("{e:#}")),
+                },
+                Err(failed) => failed,
+            })
+            .collect()
+    })
 }
 
-fn zero_head_and_tail(t: &OpenTarget, image_size: Option<u64>) -> Result<()> {
+fn zero_head_and_tail(t: &impl FlashTarget, image_size: Option<u64>) -> Result<()> {
     let mut zeros = AlignedBuf::new(HEAD as usize);
     let z = zeros.slice_mut(HEAD as usize);
     z.fill(0);
-    t.write_at(0, z).context("zeroing the first MiB")?;
-    if let Some(size) = t.size
+    write_all_at(t, 0, z).context("zeroing the first MiB")?;
+    if let Some(size) = t.size()
         && size >= 4 * HEAD
     {
-        t.write_at(size - HEAD, z).context("zeroing the last MiB")?;
+        write_all_at(t, size - HEAD, z).context("zeroing the last MiB")?;
     }
-    if !t.is_device
-        && let Some(s) = image_size
-    {
-        t.plain
-            .set_len(s)
-            .with_context(|| format!("sizing {}", t.path.display()))?;
-    }
-    t.sync()
+    t.fit_to(image_size)?;
+    flush(t)
 }
 
-/// A decoded chunk on its way to a writer: image offset, buffer, valid length.
-type Chunk = (u64, Arc<AlignedBuf>, usize);
+/// A decoded chunk on its way to the writers and the hash thread.
+type Chunk = hash_pipeline::Chunk<AlignedBuf>;
 
 /// Per-segment sha256 of the bytes written (computed from the stream), for verification.
 type Digests = Vec<(Segment, String)>;
 
-fn fan_out(
+/// Writes the body to every live target while `decode` streams the image; a target whose write
+/// fails is marked failed and the others go on.
+fn fan_out<T: FlashTarget>(
     img: &FlashImage,
     segments: &[Segment],
     hash_segments: bool,
-    live: &mut [Option<OpenTarget>],
-    outcomes: &mut [Outcome],
+    states: &mut [TargetState<T>],
     events: &Events,
 ) -> Result<(Vec<u8>, Digests, u64)> {
-    let n = live.len();
-    let mut senders = Vec::new();
-    let mut receivers: Vec<Option<Receiver<Chunk>>> = Vec::new();
-    for _ in 0..n {
-        let (tx, rx) = sync_channel(4);
-        senders.push(tx);
-        receivers.push(Some(rx));
-    }
     let (decoded, failures) = std::thread::scope(|scope| {
+        let mut senders = Vec::new();
         let mut writers = Vec::new();
-        for (i, slot) in live.iter().enumerate() {
-            let rx = receivers[i].take().expect("one receiver per target");
-            let Some(t) = slot.as_ref() else {
-                drop(rx);
-                continue;
-            };
-            writers.push((
-                i,
-                scope.spawn(move || -> Result<u64> {
-                    let mut failed: Option<anyhow::Error> = None;
-                    let mut written = 0u64;
-                    let mut since_sync = 0u64;
-                    for (pos, buf, len) in rx {
-                        if failed.is_some() {
-                            continue; // keep draining so the decoder never blocks on us
-                        }
-                        let data = &buf.as_slice()[..len];
-                        let r = write_segments(t, pos, data, segments).and_then(|w| {
-                            written += w;
-                            since_sync += w;
-                            events.emit(Stage::Write, &t.path, written, None);
-                            if since_sync >= SYNC_EVERY {
-                                since_sync = 0;
-                                t.sync()?;
-                            }
-                            Ok(())
-                        });
-                        if let Err(e) = r {
-                            failed = Some(e);
-                        }
-                    }
-                    match failed {
-                        Some(e) => Err(e),
-                        None => {
-                            t.sync()?;
-                            Ok(written)
-                        }
-                    }
-                }),
-            ));
+        for (i, state) in states.iter().enumerate() {
+            // A target that already failed gets no writer; its sender finds no receiver.
+            let (tx, rx) = sync_channel::<Chunk>(hash_pipeline::DEPTH);
+            senders.push(tx);
+            if let TargetState::Writing(t) = state {
+                writers.push((i, scope.spawn(move || write_body(t, rx, segments, events))));
+            }
         }
-
         // The decoder runs here, on this thread.
         let decoded = decode(img, segments, hash_segments, &senders, events);
         drop(senders);
         let mut failures = Vec::new();
         for (i, w) in writers {
             if let Err(e) = w.join().expect("writer thread panicked") {
-                failures.push((i, format!("{e:#}")));
+                failures.push((i, e));
             }
         }
         (decoded, failures)
     });
     for (i, e) in failures {
-        outcomes[i].result = Err(e);
-        live[i] = None;
+        if let TargetState::Writing(t) = &states[i] {
+            states[i] = TargetState::failed(t, &e);
+        }
     }
     decoded
 }
 
+/// One target's writer thread: writes the segments of every chunk it receives, flushing every
+/// `SYNC_EVERY` bytes and at the end; returns the bytes written.
+fn write_body(
+    t: &impl FlashTarget,
+    rx: Receiver<Chunk>,
+    segments: &[Segment],
+    events: &Events,
+) -> Result<u64> {
+    let mut failed: Option<anyhow::Error> = None;
+    let mut written = 0u64;
+    let mut since_sync = 0u64;
+    for chunk in rx {
+        if failed.is_some() {
+            continue; // keep draining so the decoder never blocks on us
+        }
+        let r = write_segments(t, chunk.pos, chunk.data(), segments).and_then(|w| {
+            written += w;
+            since_sync += w;
+            events.emit(Stage::Write, t.path(), written, None);
+            if since_sync >= SYNC_EVERY {
+                since_sync = 0;
+                flush(t)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            failed = Some(e);
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => {
+            flush(t)?;
+            Ok(written)
+        }
+    }
+}
+
 /// Writes the parts of `data` (at image offset `pos`) that fall in `segments`; returns bytes written.
-fn write_segments(t: &OpenTarget, pos: u64, data: &[u8], segments: &[Segment]) -> Result<u64> {
+fn write_segments(
+    t: &impl FlashTarget,
+    pos: u64,
+    data: &[u8],
+    segments: &[Segment],
+) -> Result<u64> {
     let end = pos + data.len() as u64;
     let mut written = 0;
     for &(a, b) in segments {
@@ -462,10 +298,85 @@ fn write_segments(t: &OpenTarget, pos: u64, data: &[u8], segments: &[Segment]) -
             break;
         }
         let (s, e) = (a.max(pos), b.min(end));
-        t.write_at(s, &data[(s - pos) as usize..(e - pos) as usize])?;
+        write_all_at(t, s, &data[(s - pos) as usize..(e - pos) as usize])?;
         written += e - s;
     }
     Ok(written)
+}
+
+/// What the hash thread learns from the stream: the whole image's sha256 (for the checksum
+/// file), the bmap's range digests (to check the bmap) and each segment's digest (for the
+/// read-back).
+struct StreamChecks<'a> {
+    whole: Option<Sha256>,
+    bmap: Option<(Bmap, RangeHasher)>,
+    segments: &'a [Segment],
+    /// A full SHA-256 pass over the written data: skipped when nothing reads back.
+    hash_segments: bool,
+    per_segment: Vec<Option<Sha256>>,
+    end: u64,
+}
+
+impl<'a> StreamChecks<'a> {
+    fn new(img: &FlashImage, segments: &'a [Segment], hash_segments: bool, whole: bool) -> Self {
+        StreamChecks {
+            whole: whole.then(Sha256::new),
+            bmap: img
+                .bmap
+                .as_ref()
+                .map(|b| (b.clone(), RangeHasher::new(b, &Default::default()))),
+            segments,
+            hash_segments,
+            per_segment: vec![None; segments.len()],
+            end: 0,
+        }
+    }
+
+    /// The whole image's sha256 (if taken), each segment's digest, and the bmap as the stream
+    /// hashes it.
+    fn finish(self) -> (Option<String>, Digests, Option<Bmap>) {
+        let mut digests: Digests = Vec::new();
+        for (i, h) in self.per_segment.into_iter().enumerate() {
+            let (a, b) = self.segments[i];
+            let b = b.min(self.end);
+            if b > a {
+                let digest = h.map(|h| hex::encode(h.finalize())).unwrap_or_default();
+                digests.push(((a, b), digest));
+            }
+        }
+        let checked = self.bmap.map(|(mut b, rh)| {
+            rh.finish(&mut b);
+            b
+        });
+        (
+            self.whole.map(|w| hex::encode(w.finalize())),
+            digests,
+            checked,
+        )
+    }
+}
+
+impl Feed for StreamChecks<'_> {
+    fn feed(&mut self, pos: u64, data: &[u8]) {
+        if let Some(w) = self.whole.as_mut() {
+            w.update(data);
+        }
+        if let Some((_, rh)) = self.bmap.as_mut() {
+            rh.feed(pos, data);
+        }
+        let end = pos + data.len() as u64;
+        if self.hash_segments {
+            for (i, &(a, b)) in self.segments.iter().enumerate() {
+                let (s, e) = (a.max(pos), b.min(end));
+                if e > s {
+                    self.per_segment[i]
+                        .get_or_insert_with(Sha256::new)
+                        .update(&data[(s - pos) as usize..(e - pos) as usize]);
+                }
+            }
+        }
+        self.end = end;
+    }
 }
 
 /// Streams the decompressed image: checks it against its sha256 and bmap, keeps the head,
@@ -475,7 +386,7 @@ fn decode(
     img: &FlashImage,
     segments: &[Segment],
     hash_segments: bool,
-    senders: &[std::sync::mpsc::SyncSender<Chunk>],
+    senders: &[SyncSender<Chunk>],
     events: &Events,
 ) -> Result<(Vec<u8>, Digests, u64)> {
     let mut head = Vec::with_capacity(HEAD as usize);
@@ -485,98 +396,57 @@ fn decode(
     let check_whole = img.sha256.is_some();
     let patched = !img.patches.is_empty();
     // Unpatched: the hash thread takes the whole-image digest. Patched: this thread does, first.
-    let hasher_whole = (check_whole && !patched).then(Sha256::new);
+    let checks = StreamChecks::new(img, segments, hash_segments, check_whole && !patched);
     let mut whole = (check_whole && patched).then(Sha256::new);
-    let (hash_tx, hash_rx) = sync_channel::<Chunk>(4);
-    let hashed = std::thread::scope(
-        |scope| -> Result<(Option<String>, Digests, Option<crate::artifact::bmap::Bmap>)> {
-            // Hashing runs beside decompression: the whole image (unpatched ones), the bmap's
-            // ranges (to check the bmap) and the segments to write (for the read-back).
-            let hasher = scope.spawn(move || {
-                let mut whole_here = hasher_whole;
-                let mut seg_hashers: Vec<Option<Sha256>> = vec![None; segments.len()];
-                let mut bmap_check = img.bmap.as_ref().map(|b| {
-                    (
-                        b.clone(),
-                        crate::artifact::bmap::RangeHasher::new(b, &Default::default()),
-                    )
-                });
-                let mut end_pos = 0u64;
-                for (pos, buf, n) in hash_rx {
-                    let data = &buf.as_slice()[..n];
-                    if let Some(w) = whole_here.as_mut() {
-                        w.update(data);
-                    }
-                    if let Some((_, rh)) = bmap_check.as_mut() {
-                        rh.feed(pos, data);
-                    }
-                    let end = pos + n as u64;
-                    // A full SHA-256 pass over the written data: skipped when nothing reads back.
-                    for (i, &(a, b)) in segments.iter().enumerate().filter(|_| hash_segments) {
-                        let (s, e) = (a.max(pos), b.min(end));
-                        if e > s {
-                            seg_hashers[i]
-                                .get_or_insert_with(Sha256::new)
-                                .update(&data[(s - pos) as usize..(e - pos) as usize]);
-                        }
-                    }
-                    end_pos = end;
+    let (whole_sha, digests, checked) = std::thread::scope(|scope| -> Result<_> {
+        let (hash_tx, hasher) = hash_pipeline::spawn(scope, checks, None);
+        let decoded = img.with_reader(|r: &mut dyn Read| {
+            loop {
+                let mut buf = AlignedBuf::new(CHUNK);
+                let n = fill(r, buf.slice_mut(CHUNK)).context("reading the image stream")?;
+                if n == 0 {
+                    break;
                 }
-                let mut digests: Digests = Vec::new();
-                for (i, h) in seg_hashers.into_iter().enumerate() {
-                    let (a, b) = segments[i];
-                    let b = b.min(end_pos);
-                    if b > a {
-                        let digest = h.map(|h| hex::encode(h.finalize())).unwrap_or_default();
-                        digests.push(((a, b), digest));
+                if patched {
+                    if let Some(w) = whole.as_mut() {
+                        w.update(&buf.as_slice()[..n]);
                     }
+                    crate::artifact::writer::apply_patches(buf.slice_mut(n), pos, &img.patches);
                 }
-                let checked = bmap_check.map(|(mut b, rh)| {
-                    rh.finish(&mut b);
-                    b
-                });
-                (
-                    whole_here.map(|w| hex::encode(w.finalize())),
-                    digests,
-                    checked,
-                )
-            });
-            let decoded = img.with_reader(|r: &mut dyn Read| {
-                loop {
-                    let mut buf = AlignedBuf::new(CHUNK);
-                    let n = fill(r, buf.slice_mut(CHUNK)).context("reading the image stream")?;
-                    if n == 0 {
-                        break;
-                    }
-                    if patched {
-                        if let Some(w) = whole.as_mut() {
-                            w.update(&buf.as_slice()[..n]);
-                        }
-                        crate::artifact::writer::apply_patches(buf.slice_mut(n), pos, &img.patches);
-                    }
-                    if pos < HEAD {
-                        let take = ((HEAD - pos) as usize).min(n);
-                        head.extend_from_slice(&buf.as_slice()[..take]);
-                    }
-                    let buf = Arc::new(buf);
-                    for tx in senders {
-                        // A writer that failed early has dropped its receiver; the others carry on.
-                        let _ = tx.send((pos, buf.clone(), n));
-                    }
-                    let _ = hash_tx.send((pos, buf, n));
-                    pos += n as u64;
-                    events.emit(Stage::Decode, Path::new("-"), pos, img.size);
+                if pos < HEAD {
+                    let take = ((HEAD - pos) as usize).min(n);
+                    head.extend_from_slice(&buf.as_slice()[..take]);
                 }
-                Ok(())
-            });
-            drop(hash_tx);
-            let (whole_sha, digests, checked) = hasher.join().expect("hash thread panicked");
-            decoded?;
-            let whole_sha = whole_sha.or_else(|| whole.take().map(|w| hex::encode(w.finalize())));
-            Ok((whole_sha, digests, checked))
-        },
-    );
-    let (whole_sha, digests, checked) = hashed?;
+                let buf = Arc::new(buf);
+                let chunk = |buf| Chunk { pos, buf, len: n };
+                for tx in senders {
+                    // A writer that failed early has dropped its receiver; the others carry on.
+                    let _ = tx.send(chunk(buf.clone()));
+                }
+                let _ = hash_tx.send(chunk(buf));
+                pos += n as u64;
+                events.emit(Stage::Decode, Path::new("-"), pos, img.size);
+            }
+            Ok(())
+        });
+        drop(hash_tx);
+        let (whole_sha, digests, checked) = hasher.join().expect("hash thread panicked").finish();
+        decoded?;
+        let whole_sha = whole_sha.or_else(|| whole.take().map(|w| hex::encode(w.finalize())));
+        Ok((whole_sha, digests, checked))
+    })?;
+    check_stream(img, pos, whole_sha.as_deref(), checked.as_ref())?;
+    Ok((head, digests, pos))
+}
+
+/// Refuses a stream that is not the image it claims to be: short, another checksum, or ranges
+/// that do not match its bmap.
+fn check_stream(
+    img: &FlashImage,
+    pos: u64,
+    sha: Option<&str>,
+    checked: Option<&Bmap>,
+) -> Result<()> {
     if let Some(expected) = img.size
         && pos != expected
     {
@@ -584,12 +454,12 @@ fn decode(
             "the image stream ended at byte {pos}, but the image is {expected} bytes (truncated?)"
         );
     }
-    if let (Some(expected), Some(sha)) = (&img.sha256, &whole_sha)
+    if let (Some(expected), Some(sha)) = (&img.sha256, sha)
         && !expected.eq_ignore_ascii_case(sha)
     {
         bail!("checksum mismatch: the image's sha256 is {sha}, its checksum file says {expected}");
     }
-    if let (Some(got), Some(want)) = (&checked, &img.bmap) {
+    if let (Some(got), Some(want)) = (checked, &img.bmap) {
         for (g, e) in got.ranges.iter().zip(&want.ranges) {
             if let (Some(gs), Some(es)) = (&g.sha256, &e.sha256)
                 && gs != es
@@ -603,7 +473,7 @@ fn decode(
             }
         }
     }
-    Ok((head, digests, pos))
+    Ok(())
 }
 
 fn fill(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -619,8 +489,10 @@ fn fill(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(got)
 }
 
+/// Verifies the body read back from `t`, then commits: writes the head, flushes, verifies it and
+/// has the kernel re-read the partition table.
 fn finish_target(
-    t: &OpenTarget,
+    t: &impl FlashTarget,
     head: &[u8],
     digests: &Digests,
     total: u64,
@@ -629,22 +501,20 @@ fn finish_target(
     started: Instant,
 ) -> Result<Done> {
     let mut buf = AlignedBuf::new(CHUNK);
-    if t.is_device {
-        let _ = blockdev::ioctl::flush_buffers(&t.plain);
-    }
+    t.drop_cache();
     if opts.verify {
         let mut checked = 0u64;
         for ((a, b), want) in digests {
-            let got = t.read_hash(*a, b - a, &mut buf)?;
+            let got = read_hash(t, *a, b - a, &mut buf)?;
             if &got != want {
                 bail!(
                     "verification failed: {} bytes at offset {a} on {} differ from the image (a failing card?)",
                     b - a,
-                    t.path.display()
+                    t.path().display()
                 );
             }
             checked += b - a;
-            events.emit(Stage::Verify, &t.path, checked, None);
+            events.emit(Stage::Verify, t.path(), checked, None);
         }
     }
     // Commit: the head goes last.
@@ -653,32 +523,27 @@ fn finish_target(
     hs.fill(0);
     hs[..head.len()].copy_from_slice(head);
     let head_len = (head.len() as u64).min(total).min(HEAD);
-    let head_write = head_len.div_ceil(t.block_size) * t.block_size;
-    t.write_at(0, &hs[..head_write.min(HEAD) as usize])
+    let bs = t.block_size();
+    let head_write = head_len.div_ceil(bs) * bs;
+    write_all_at(t, 0, &hs[..head_write.min(HEAD) as usize])
         .context("writing the first MiB (the commit)")?;
-    t.sync()?;
-    if t.is_device {
-        let _ = blockdev::ioctl::flush_buffers(&t.plain);
-    }
-    let got = t.read_hash(0, head.len() as u64, &mut buf)?;
+    flush(t)?;
+    t.drop_cache();
+    let got = read_hash(t, 0, head.len() as u64, &mut buf)?;
     if got != hex::encode(Sha256::digest(head)) {
         bail!(
             "verification of the first MiB failed on {}",
-            t.path.display()
+            t.path().display()
         );
     }
-    if t.is_device
-        && let Err(e) = blockdev::ioctl::reread_partitions(&t.plain)
-    {
+    if let Err(e) = t.reread_partitions() {
         // Loop devices without partition scanning answer EINVAL; the write itself is complete.
-        events.note(&t.path, &format!("note: {e:#}"));
+        events.note(t.path(), &format!("note: {e:#}"));
     }
-    if let Target::Device(dev) = &t.target
-        && blockdev::eject::wanted(dev, opts.no_eject)
-    {
-        events.note(&t.path, &blockdev::eject::eject(&t.path));
+    if let Some(said) = t.eject(opts.no_eject) {
+        events.note(t.path(), &said);
     }
-    events.emit(Stage::Done, &t.path, total, Some(total));
+    events.emit(Stage::Done, t.path(), total, Some(total));
     let written = digests.iter().map(|((a, b), _)| b - a).sum::<u64>() + head.len() as u64;
     Ok(Done {
         written,
@@ -727,4 +592,214 @@ pub fn summary(outcomes: &[Outcome]) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::memory::{Faults, MemoryTarget, Op};
+    use super::*;
+    use crate::io::progress::ProgressMode;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A 3 MiB + 4 KiB image with no zero byte in it, on disk (FlashImage reads a file).
+    fn image(dir: &Path) -> (FlashImage, Vec<u8>) {
+        let data: Vec<u8> = (0..3 * MIB as usize + 4096)
+            .map(|i| (i % 251) as u8 + 1)
+            .collect();
+        let path = dir.join("test.img");
+        std::fs::write(&path, &data).unwrap();
+        (FlashImage::open(&path, None).unwrap(), data)
+    }
+
+    /// Flashes `disks` in memory; returns one outcome per disk and the image.
+    fn flash_to(disks: &[MemoryTarget], verify: bool) -> (Vec<Outcome>, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (img, data) = image(dir.path());
+        let opts = FlashOptions {
+            verify,
+            no_eject: true,
+        };
+        let events = Events::new(ProgressMode::None, None);
+        (flash(&img, disks.iter().collect(), &opts, &events), data)
+    }
+
+    /// Flashes one in-memory disk of 8 MiB; returns the outcome, the disk and the image.
+    fn flash_one(faults: Faults, verify: bool) -> (Outcome, MemoryTarget, Vec<u8>) {
+        let disk = MemoryTarget::new("mem", 8 * MIB, faults);
+        let (mut out, data) = flash_to(std::slice::from_ref(&disk), verify);
+        (out.remove(0), disk, data)
+    }
+
+    fn error(o: &Outcome) -> &str {
+        o.result.as_ref().err().map(String::as_str).unwrap_or("")
+    }
+
+    fn head_is_zeroed(disk: &MemoryTarget) -> bool {
+        disk.contents()[..HEAD as usize].iter().all(|&b| b == 0)
+    }
+
+    #[test]
+    fn the_image_lands_whole_and_the_head_is_written_last() {
+        let (out, disk, data) = flash_one(Faults::default(), true);
+        assert!(out.result.is_ok(), "{}", error(&out));
+        let got = disk.contents();
+        assert_eq!(&got[..data.len()], &data[..]);
+        assert!(
+            got[7 * MIB as usize..].iter().all(|&b| b == 0),
+            "the last MiB is zeroed"
+        );
+        let ops = disk.ops();
+        let in_head = |o: &Op| matches!(o, Op::Write { offset, .. } if *offset < HEAD);
+        // The first write zeroes the head; the only other one into it is the commit.
+        assert!(in_head(&ops[0]));
+        let commit = ops.iter().rposition(in_head).unwrap();
+        assert_eq!(ops.iter().filter(|o| in_head(o)).count(), 2);
+        for (i, op) in ops.iter().enumerate() {
+            if let Op::Write { offset, .. } | Op::Read { offset, .. } = op
+                && *offset >= HEAD
+                && *offset < 7 * MIB
+            {
+                assert!(i < commit, "{op:?} after the commit (op {commit})");
+            }
+        }
+        // The commit is flushed and read back.
+        assert_eq!(ops[commit + 1], Op::Flush);
+        assert!(matches!(ops[commit + 2], Op::Read { offset: 0, .. }));
+    }
+
+    #[test]
+    fn short_writes_are_continued() {
+        let faults = Faults {
+            short_writes: Some(1000),
+            ..Faults::default()
+        };
+        let (out, disk, data) = flash_one(faults, true);
+        assert!(out.result.is_ok(), "{}", error(&out));
+        assert_eq!(&disk.contents()[..data.len()], &data[..]);
+    }
+
+    #[test]
+    fn an_io_error_in_the_body_leaves_no_partition_table() {
+        let faults = Faults {
+            eio_at: Some(2 * MIB + 100),
+            ..Faults::default()
+        };
+        let (out, disk, _) = flash_one(faults, true);
+        assert!(
+            error(&out).contains("writing mem at byte"),
+            "{}",
+            error(&out)
+        );
+        assert!(head_is_zeroed(&disk));
+    }
+
+    #[test]
+    fn a_failed_flush_fails_the_target_before_the_commit() {
+        // Flush 1 ends the zeroing; flush 2 ends the body.
+        let faults = Faults {
+            flush_fails: Some(2),
+            ..Faults::default()
+        };
+        let (out, disk, _) = flash_one(faults, true);
+        assert!(error(&out).starts_with("flushing mem"), "{}", error(&out));
+        assert!(head_is_zeroed(&disk));
+    }
+
+    #[test]
+    fn a_read_back_that_differs_is_a_failure_and_nothing_is_committed() {
+        let faults = Faults {
+            corrupt_read_at: Some(2 * MIB + 5),
+            ..Faults::default()
+        };
+        let (out, disk, _) = flash_one(faults.clone(), true);
+        assert!(
+            error(&out).starts_with("verification failed"),
+            "{}",
+            error(&out)
+        );
+        assert!(head_is_zeroed(&disk));
+        // Without the read-back the same disk "succeeds": the verify is what caught it.
+        let (out, _, _) = flash_one(faults, false);
+        assert!(out.result.is_ok(), "{}", error(&out));
+    }
+
+    #[test]
+    fn a_head_that_reads_back_wrong_fails() {
+        let faults = Faults {
+            corrupt_read_at: Some(100),
+            ..Faults::default()
+        };
+        let (out, _, _) = flash_one(faults, true);
+        assert!(
+            error(&out).starts_with("verification of the first MiB failed on mem"),
+            "{}",
+            error(&out)
+        );
+    }
+
+    #[test]
+    fn an_image_larger_than_the_disk_is_refused_before_the_commit() {
+        let disk = MemoryTarget::new("small", 2 * MIB, Faults::default());
+        let (out, _) = flash_to(&[disk], true);
+        assert!(
+            error(&out[0]).contains("does not fit"),
+            "{}",
+            error(&out[0])
+        );
+    }
+
+    #[test]
+    fn an_image_that_fails_its_checksum_fails_every_disk_uncommitted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, data) = image(dir.path());
+        let wrong = hex::encode(Sha256::digest(b"another image"));
+        std::fs::write(
+            dir.path().join("test.img.sha256sum"),
+            format!("{wrong}  test.img\n"),
+        )
+        .unwrap();
+        let img = FlashImage::open(&dir.path().join("test.img"), None).unwrap();
+        assert_eq!(img.size, Some(data.len() as u64));
+        let disks = [
+            MemoryTarget::new("a", 8 * MIB, Faults::default()),
+            MemoryTarget::new("b", 8 * MIB, Faults::default()),
+        ];
+        let opts = FlashOptions {
+            verify: true,
+            no_eject: true,
+        };
+        let events = Events::new(ProgressMode::None, None);
+        let out = flash(&img, disks.iter().collect(), &opts, &events);
+        for (o, disk) in out.iter().zip(&disks) {
+            assert!(error(o).starts_with("checksum mismatch"), "{}", error(o));
+            assert!(head_is_zeroed(disk));
+        }
+    }
+
+    #[test]
+    fn one_failing_disk_in_a_fleet_does_not_stop_the_others() {
+        let bad = Faults {
+            eio_at: Some(3 * MIB),
+            ..Faults::default()
+        };
+        let disks = vec![
+            MemoryTarget::new("a", 8 * MIB, Faults::default()),
+            MemoryTarget::new("b", 8 * MIB, bad),
+            MemoryTarget::new("c", 8 * MIB, Faults::default()),
+        ];
+        let (out, data) = flash_to(&disks, true);
+        let names: Vec<_> = out.iter().map(|o| o.path.display().to_string()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        for i in [0, 2] {
+            assert!(out[i].result.is_ok(), "{}", error(&out[i]));
+            assert_eq!(&disks[i].contents()[..data.len()], &data[..]);
+        }
+        assert!(
+            error(&out[1]).contains("writing b at byte"),
+            "{}",
+            error(&out[1])
+        );
+        assert!(head_is_zeroed(&disks[1]));
+    }
 }
