@@ -3,7 +3,7 @@
 //! `read_layout` turns an MBR or a GPT into plain data (`DiskLayout`); `PartitionSlice` lets
 //! filesystem code treat one partition of an image file as a whole device. The only edit kiln makes
 //! to an existing table is the MBR disk signature, four bytes written by `set_disk_signature`;
-//! `gpt::write` writes whole tables for disks kiln lays out itself.
+//! `gpt::write` writes whole tables for disks kiln lays out itself (both through the `gpt` crate).
 
 pub mod cow;
 pub mod gpt;
