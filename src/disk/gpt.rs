@@ -172,13 +172,14 @@ pub fn write<D: Read + Write + Seek>(
 /// make kiln allocate gigabytes.
 const MAX_ENTRY_ARRAY: u64 = 1 << 20;
 
-/// Reads the primary GPT of a disk whose first sector is a protective MBR.
-///
-/// Every number in the header is checked before it is multiplied or used to seek: a header is
-/// data from a download or a card, not a promise. The crate checks the header's CRC when it
-/// parses it and the entry array's when it reads the entries.
-pub fn read<D: Read + Seek>(disk: &mut D, sector: u64, size: u64) -> Result<DiskLayout> {
-    let lb = block_size(sector)?;
+/// The primary header, its CRC checked by the crate and every number in it checked here, before
+/// the crate seeks, allocates or asserts on it.
+fn checked_header<D: Read + Seek>(
+    disk: &mut D,
+    lb: LogicalBlockSize,
+    sector: u64,
+    size: u64,
+) -> Result<gpt::header::Header> {
     let h = match gpt::header::read_header_from_arbitrary_device(disk, lb) {
         Ok(h) => h,
         Err(HeaderError::InvalidGptSignature) => bail!(
@@ -211,7 +212,6 @@ pub fn read<D: Read + Seek>(disk: &mut D, sector: u64, size: u64) -> Result<Disk
                 MAX_ENTRY_ARRAY >> 10
             )
         })?;
-    let lbas = size / sector;
     entries_lba
         .checked_mul(sector)
         .and_then(|o| o.checked_add(array_bytes))
@@ -225,6 +225,18 @@ pub fn read<D: Read + Seek>(disk: &mut D, sector: u64, size: u64) -> Result<Disk
     if esize != ENTRY_SIZE {
         bail!("GPT entry size {esize} is not supported: kiln reads 128-byte entries");
     }
+    Ok(h)
+}
+
+/// Reads the primary GPT of a disk whose first sector is a protective MBR.
+///
+/// Every number in the header is checked before it is multiplied or used to seek: a header is
+/// data from a download or a card, not a promise. The crate checks the header's CRC when it
+/// parses it and the entry array's when it reads the entries.
+pub fn read<D: Read + Seek>(disk: &mut D, sector: u64, size: u64) -> Result<DiskLayout> {
+    let lb = block_size(sector)?;
+    let h = checked_header(disk, lb, sector, size)?;
+    let lbas = size / sector;
     let entries = gpt::partition::file_read_partitions(disk, &h, lb).map_err(|e| {
         // The crate reports a CRC mismatch as an `Other` error; the array's bounds were checked
         // above, so the remaining failures are reads.
@@ -403,6 +415,11 @@ mod tests {
             let e = read(&mut disk(forged_header(count, esize, lba, &[])), 512, size).unwrap_err();
             assert!(!e.to_string().is_empty());
         }
+        // 256-byte entries are legal UEFI but the crate asserts 128: refused, not a panic.
+        let wide = vec![0u8; 64 * 256];
+        let mut d = disk(forged_header(64, 256, 2, &wide));
+        let e = read(&mut d, 512, size).unwrap_err();
+        assert!(e.to_string().contains("not supported"), "{e}");
         // A valid array whose one partition ends at the last LBA expressible: no overflow.
         let mut entries = vec![0u8; 128 * 128];
         entries[0..16].copy_from_slice(&guid_bytes(&TYPE_ESP));
