@@ -6,21 +6,26 @@
 //! RAW for the rest. Split output covers the whole image in every piece, with DONT_CARE where
 //! another piece carries the data — what `fastboot` itself does when an image exceeds the device's
 //! `max-download-size`.
+//!
+//! The file and chunk headers are the `android-sparse-image` crate's (it reads and writes them and
+//! nothing more); which chunks to write, and how to split them, stays here. The crate's
+//! `split_image`/`split_raw` make pieces that end after their last chunk, where kiln's (and
+//! `fastboot`'s) carry a trailing DONT_CARE so every piece describes the whole image, and they
+//! leave choosing FILL chunks from the data and DONT_CARE from a bmap to the caller.
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use android_sparse_image::{
+    CHUNK_HEADER_BYTES_LEN, ChunkHeader, ChunkType, FILE_HEADER_BYTES_LEN, FileHeader, ParseError,
+};
 use anyhow::{Context, Result, bail};
 
 use super::bmap::Bmap;
 
-pub const MAGIC: u32 = 0xed26_ff3a;
-const FILE_HEADER: u64 = 28;
-const CHUNK_HEADER: u64 = 12;
-const RAW: u16 = 0xcac1;
-const FILL: u16 = 0xcac2;
-const DONT_CARE: u16 = 0xcac3;
+const FILE_HEADER: u64 = FILE_HEADER_BYTES_LEN as u64;
+const CHUNK_HEADER: u64 = CHUNK_HEADER_BYTES_LEN as u64;
 pub const BLOCK: u64 = 4096;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,17 +148,38 @@ fn chunks(image: &mut File, size: u64, bmap: Option<&Bmap>) -> Result<Vec<Chunk>
     Ok(out)
 }
 
-fn header(total_blocks: u64, chunks: &[Chunk]) -> Result<[u8; 28]> {
-    let mut h = [0u8; 28];
-    h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-    h[4..6].copy_from_slice(&1u16.to_le_bytes());
-    h[6..8].copy_from_slice(&0u16.to_le_bytes());
-    h[8..10].copy_from_slice(&(FILE_HEADER as u16).to_le_bytes());
-    h[10..12].copy_from_slice(&(CHUNK_HEADER as u16).to_le_bytes());
-    h[12..16].copy_from_slice(&(BLOCK as u32).to_le_bytes());
-    h[16..20].copy_from_slice(&u32::try_from(total_blocks)?.to_le_bytes());
-    h[20..24].copy_from_slice(&u32::try_from(chunks.len())?.to_le_bytes());
-    Ok(h)
+fn header(total_blocks: u64, chunks: &[Chunk]) -> Result<[u8; FILE_HEADER_BYTES_LEN]> {
+    let header = FileHeader {
+        block_size: BLOCK as u32,
+        blocks: u32::try_from(total_blocks)?,
+        chunks: u32::try_from(chunks.len())?,
+        checksum: 0,
+    };
+    Ok(header.to_bytes())
+}
+
+/// The size of the raw image an Android sparse file expands to, if `path` is one (`None` when it
+/// does not start with the sparse magic).
+pub fn expanded_size(path: &Path) -> Result<Option<u64>> {
+    let mut h = [0u8; FILE_HEADER_BYTES_LEN];
+    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut got = 0;
+    while got < h.len() {
+        match f.read(&mut h[got..])? {
+            0 => return Ok(None),
+            n => got += n,
+        }
+    }
+    match FileHeader::from_bytes(&h) {
+        Ok(header) => Ok(Some(
+            u64::from(header.block_size) * u64::from(header.blocks),
+        )),
+        Err(ParseError::UnknownMagic) => Ok(None),
+        Err(e) => bail!(
+            "{} has the Android sparse magic but a header kiln cannot read: {e} (libsparse writes version 1.0 with 28- and 12-byte headers)",
+            path.display()
+        ),
+    }
 }
 
 fn write_file(
@@ -171,16 +197,17 @@ fn write_file(
     w.write_all(&header(total, chunks)?)?;
     let mut buf = vec![0u8; (BLOCK * 256) as usize];
     for c in chunks {
-        let (kind, len) = match c {
-            Chunk::Raw { .. } => (RAW, c.size()),
-            Chunk::Fill { .. } => (FILL, c.size()),
-            Chunk::DontCare { .. } => (DONT_CARE, c.size()),
+        let chunk_type = match c {
+            Chunk::Raw { .. } => ChunkType::Raw,
+            Chunk::Fill { .. } => ChunkType::Fill,
+            Chunk::DontCare { .. } => ChunkType::DontCare,
         };
-        let mut ch = [0u8; 12];
-        ch[0..2].copy_from_slice(&kind.to_le_bytes());
-        ch[4..8].copy_from_slice(&u32::try_from(c.blocks())?.to_le_bytes());
-        ch[8..12].copy_from_slice(&u32::try_from(len)?.to_le_bytes());
-        w.write_all(&ch)?;
+        let ch = ChunkHeader {
+            chunk_type,
+            chunk_size: u32::try_from(c.blocks())?,
+            total_size: u32::try_from(c.size())?,
+        };
+        w.write_all(&ch.to_bytes())?;
         match c {
             Chunk::Raw { first, blocks } => {
                 image.seek(SeekFrom::Start(first * BLOCK))?;
@@ -357,5 +384,35 @@ mod tests {
             })
             .sum();
         assert_eq!(raw, 17);
+    }
+
+    #[test]
+    fn headers_are_libsparse_bytes_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("raw");
+        let mut image = vec![0u8; 3 * BLOCK as usize + 100];
+        image[BLOCK as usize..2 * BLOCK as usize].fill(7);
+        image[2 * BLOCK as usize + 1] = 1;
+        image[3 * BLOCK as usize + 99] = 9;
+        std::fs::write(&raw, &image).unwrap();
+        let simg = dir.path().join("out.simg");
+        convert(&raw, None, &simg, None).unwrap();
+        let bytes = std::fs::read(&simg).unwrap();
+        // What libsparse writes: magic, version 1.0, 28- and 12-byte headers, 4096-byte blocks,
+        // 4 blocks, 3 chunks (FILL 0, FILL 0x07070707, RAW 2 blocks), no checksum.
+        let mut want =
+            hex::decode("3aff26ed010000001c000c0000100000040000000300000000000000").unwrap();
+        want.extend(hex::decode("c2ca0000010000001000000000000000").unwrap());
+        want.extend(hex::decode("c2ca0000010000001000000007070707").unwrap());
+        want.extend(hex::decode("c1ca0000020000000c200000").unwrap());
+        assert_eq!(bytes[..want.len()], want[..]);
+        assert_eq!(bytes.len(), want.len() + 2 * BLOCK as usize);
+        assert_eq!(expanded_size(&simg).unwrap(), Some(4 * BLOCK));
+        assert_eq!(expanded_size(&raw).unwrap(), None);
+        let mut v2 = bytes.clone();
+        v2[4] = 2;
+        std::fs::write(&simg, &v2).unwrap();
+        let e = expanded_size(&simg).unwrap_err().to_string();
+        assert!(e.contains("Android sparse magic"), "{e}");
     }
 }

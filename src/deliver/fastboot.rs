@@ -236,15 +236,5 @@ impl Phone {
 
 /// The size of the raw image an Android sparse file expands to, if `path` is one.
 pub fn sparse_expanded_size(path: &Path) -> Result<Option<u64>> {
-    use std::io::Read;
-    let mut h = [0u8; 28];
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    if f.read(&mut h)? < 28
-        || u32::from_le_bytes(h[0..4].try_into()?) != crate::artifact::android_sparse::MAGIC
-    {
-        return Ok(None);
-    }
-    let blk = u64::from(u32::from_le_bytes(h[12..16].try_into()?));
-    let total = u64::from(u32::from_le_bytes(h[16..20].try_into()?));
-    Ok(Some(blk * total))
+    crate::artifact::android_sparse::expanded_size(path)
 }

@@ -3,7 +3,8 @@
 //! `read_layout` turns an MBR or a GPT into plain data (`DiskLayout`); `PartitionSlice` lets
 //! filesystem code treat one partition of an image file as a whole device. The only edit kiln makes
 //! to an existing table is the MBR disk signature, four bytes written by `set_disk_signature`;
-//! `gpt::write` writes whole tables for disks kiln lays out itself.
+//! `gpt::write` writes whole tables for disks kiln lays out itself. GPTs are read and written
+//! through the `gpt` crate, MBRs read through `mbrman`.
 
 pub mod cow;
 pub mod gpt;

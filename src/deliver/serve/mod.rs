@@ -328,6 +328,15 @@ pub fn satisfiable_range(value: &str, size: u64) -> Option<(u64, u64)> {
     }
 }
 
+/// Answers HEAD and GET for one file, with kiln's conditional and range handling.
+///
+/// Not tower-http's `ServeFile` (0.6, in the lock through reqwest, without its `fs` feature):
+/// it opens the path itself, so the regular-file check on the opened descriptor and the
+/// O_NONBLOCK open (`open_regular`) could not cover the file it streams, and a rename between
+/// kiln's check and its open would serve another file; it sends no ETag and does not answer
+/// If-None-Match with 304; it answers several ranges with 416 where kiln sends the whole file
+/// (200, as RFC 9110 allows); and its `fs` feature would add http-range-header, mime and
+/// mime_guess for the two content types kiln sends.
 async fn serve_file(path: &Path, method: &Method, headers: &HeaderMap) -> Response {
     // Metadata of the opened file: a rename replacing the name does not change what we send.
     let Some((file, meta)) = open_regular(path.to_path_buf()).await else {
