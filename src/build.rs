@@ -99,10 +99,10 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
         let work = guard.track(opts.out_dir.join(format!(".{}.work", node.name)));
         let (layout, root, epoch) = work_copy(&base.raw, &work, profile)?;
         let entries = if rootfs {
-            rootfs::entries(cluster, node, profile, &work, root.start)
+            rootfs::entries(&plan, &work, root.start)
                 .with_context(|| format!("configuring node {}", node.name))?
         } else {
-            rootfs::overlay_entries(cluster, node, &work, root.start)?
+            rootfs::overlay_entries(&plan, &work, root.start)?
         };
         ext4_write::apply(&work, root.start, &entries, epoch)
             .with_context(|| format!("writing node {}'s files into its root", node.name))?;

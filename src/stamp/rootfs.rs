@@ -15,10 +15,8 @@ use anyhow::{Context, Result, bail};
 
 use super::password;
 use crate::fs::ext4_write::{self, Entry};
-use crate::plan::node::{Interface, NodeConfig, SwarmRole};
-use crate::plan::overlay;
-use crate::plan::profile::Profile;
-use crate::plan::stamp_plan::{SWARM_SCRIPT, SWARM_UNIT};
+use crate::plan::node::{Interface, NodeConfig};
+use crate::plan::stamp_plan::{RootFile, RootfsPlan, SWARM_SCRIPT, SWARM_UNIT, Service, StampPlan};
 use crate::plan::{Cluster, ids};
 
 /// How services are enabled in the image.
@@ -117,89 +115,34 @@ fn names_in_order(db: &str) -> Vec<String> {
         .collect()
 }
 
-/// The entries that make `node` out of the image at `root_offset` in `image`.
-pub fn entries(
-    cluster: &Cluster,
-    node: &NodeConfig,
-    profile: &Profile,
-    image: &Path,
-    root_offset: u64,
-) -> Result<Vec<Entry>> {
-    if node.user_data.is_some() {
-        bail!(
-            "node {}: user_data is a cloud-init fragment, and {} images have no cloud-init",
-            node.name,
-            profile.name
-        );
-    }
-    if !node.boot_files.is_empty() {
-        bail!(
-            "node {}: boot files (config.txt, cmdline.txt) are for Raspberry Pi images",
-            node.name
-        );
-    }
+/// The entries that make a rootfs node's plan out of the image at `root_offset` in `image`.
+pub fn entries(plan: &StampPlan, image: &Path, root_offset: u64) -> Result<Vec<Entry>> {
+    let r = plan
+        .rootfs
+        .as_ref()
+        .with_context(|| format!("node {} is not planned for a rootfs image", plan.node))?;
     let f = facts(image, root_offset)?;
     let mut out = Vec::new();
 
     // Identity.
-    out.push(file("/etc/hostname", format!("{}\n", node.hostname), None));
-    let mut hosts = format!(
-        "127.0.0.1\tlocalhost localhost.localdomain\n::1\t\tlocalhost localhost.localdomain\n127.0.1.1\t{}\n",
-        node.hostname
-    );
-    for iface in node.network.values() {
-        if let Some(ip) = iface.static_ip() {
-            writeln!(hosts, "{ip}\t{}", node.hostname)?;
-        }
+    for (path, text) in &r.identity {
+        out.push(file(path, text.as_str(), None));
     }
-    out.push(file("/etc/hosts", hosts, None));
-    if let Some(tz) = &node.timezone {
-        out.push(file("/etc/timezone", format!("{tz}\n"), None));
+    if let Some(zone) = &r.localtime {
         out.push(Entry::Symlink {
             path: "/etc/localtime".into(),
-            target: format!("/usr/share/zoneinfo/{tz}"),
+            target: zone.clone(),
         });
     }
 
     // Accounts.
-    let (accounts, homes) = accounts(node, profile, &f)?;
+    let (accounts, homes) = accounts(r, &plan.profile, &f)?;
     out.extend(accounts);
     out.extend(homes);
 
-    // Services: sshd always (keys are the way in), docker when asked.
-    let enable = |svc: &str, unit_names: &[&str]| -> Result<Entry> {
-        match f.init {
-            Init::OpenRc => {
-                let script = format!("/etc/init.d/{svc}");
-                if !f.present.contains(&script) {
-                    bail!(
-                        "the image has no {script}; install {svc} in it (pmbootstrap install --add …)"
-                    );
-                }
-                Ok(Entry::Symlink {
-                    path: format!("/etc/runlevels/default/{svc}"),
-                    target: script,
-                })
-            }
-            Init::Systemd => {
-                for unit in unit_names {
-                    for dir in ["/usr/lib/systemd/system", "/lib/systemd/system"] {
-                        let p = format!("{dir}/{unit}");
-                        if f.present.contains(&p) {
-                            return Ok(Entry::Symlink {
-                                path: format!("/etc/systemd/system/multi-user.target.wants/{unit}"),
-                                target: p,
-                            });
-                        }
-                    }
-                }
-                bail!("the image has no {} unit", unit_names.join(" or "))
-            }
-        }
-    };
-    out.push(enable("sshd", &["sshd.service", "ssh.service"])?);
-    if node.docker {
-        out.push(enable("docker", &["docker.service"])?);
+    // Services.
+    for s in &r.services {
+        out.push(enable(s, &f)?);
     }
 
     // Networks, as NetworkManager keyfiles.
@@ -210,73 +153,88 @@ pub fn entries(
             uid: 0,
             gid: 0,
         });
-        for (ifname, iface) in &node.network {
-            let (name, text) = keyfile(cluster, node, ifname, iface);
+        for k in &r.keyfiles {
             out.push(file(
-                &format!("/etc/NetworkManager/system-connections/{name}.nmconnection"),
-                text,
+                &format!(
+                    "/etc/NetworkManager/system-connections/{}.nmconnection",
+                    k.name
+                ),
+                k.text.as_str(),
                 Some((0o600, 0, 0)),
             ));
         }
-    } else if node.wifi.is_some() || node.network.values().any(|i| i.static_ip().is_some()) {
+    } else if r.network_required {
         bail!(
             "the image has no NetworkManager (/etc/NetworkManager), so kiln cannot configure its network"
         );
     }
 
     // The swarm, as a first-boot job.
-    if let Some(role) = &node.swarm {
-        out.extend(swarm(role, &f)?);
+    if let Some((env, token)) = &r.swarm {
+        out.extend(swarm(env, token.as_deref(), &f)?);
     }
 
     // Overlays, written into the root with their modes and owners, their services enabled.
-    out.extend(overlay_files(cluster, node, &f.passwd, &f.group)?);
-    for name in &node.overlays {
-        let o = overlay::load(name, &cluster.overlay_dirs())?;
-        for svc in &o.manifest.services {
-            let base = svc.trim_end_matches(".service");
-            out.push(enable(base, &[svc.as_str()])?);
-        }
+    out.extend(owned_files(&plan.root_files, &f.passwd, &f.group)?);
+    for s in &r.overlay_services {
+        out.push(enable(s, &f)?);
     }
     Ok(out)
 }
 
-/// The node's overlay files as entries, owners resolved through the image's own accounts.
-fn overlay_files(
-    cluster: &Cluster,
-    node: &NodeConfig,
-    passwd: &str,
-    group: &str,
-) -> Result<Vec<Entry>> {
-    let dirs = cluster.overlay_dirs();
+/// The link that enables `service` at boot, by the image's init.
+fn enable(service: &Service, f: &ImageFacts) -> Result<Entry> {
+    let svc = &service.name;
+    match f.init {
+        Init::OpenRc => {
+            let script = format!("/etc/init.d/{svc}");
+            if !f.present.contains(&script) {
+                bail!(
+                    "the image has no {script}; install {svc} in it (pmbootstrap install --add …)"
+                );
+            }
+            Ok(Entry::Symlink {
+                path: format!("/etc/runlevels/default/{svc}"),
+                target: script,
+            })
+        }
+        Init::Systemd => {
+            for unit in &service.units {
+                for dir in ["/usr/lib/systemd/system", "/lib/systemd/system"] {
+                    let p = format!("{dir}/{unit}");
+                    if f.present.contains(&p) {
+                        return Ok(Entry::Symlink {
+                            path: format!("/etc/systemd/system/multi-user.target.wants/{unit}"),
+                            target: p,
+                        });
+                    }
+                }
+            }
+            bail!("the image has no {} unit", service.units.join(" or "))
+        }
+    }
+}
+
+/// Root files as entries, owners resolved through the image's own accounts.
+fn owned_files(files: &[RootFile], passwd: &str, group: &str) -> Result<Vec<Entry>> {
     let pw = by_name(passwd);
     let gr = by_name(group);
-    let mut out = Vec::new();
-    for name in &node.overlays {
-        let o = overlay::load(name, &dirs)?;
-        for of in &o.files {
+    files
+        .iter()
+        .map(|of| {
+            let name = &of.overlay;
             let uid = id_of(&pw, &of.owner, 2)
                 .with_context(|| format!("overlay {name}: no user {} in the image", of.owner))?;
             let gid = id_of(&gr, &of.group, 2)
                 .with_context(|| format!("overlay {name}: no group {} in the image", of.group))?;
-            out.push(file(
-                &of.target,
-                of.content.bytes.clone(),
-                Some((of.mode, uid, gid)),
-            ));
-        }
-    }
-    Ok(out)
+            Ok(file(&of.path, of.bytes.clone(), Some((of.mode, uid, gid))))
+        })
+        .collect()
 }
 
-/// Overlay files for a cloud-init image whose profile puts overlays into the root (services are
-/// still enabled by cloud-init on first boot).
-pub fn overlay_entries(
-    cluster: &Cluster,
-    node: &NodeConfig,
-    image: &Path,
-    root_offset: u64,
-) -> Result<Vec<Entry>> {
+/// The plan's root files for a cloud-init image whose profile puts overlays into the root
+/// (services are still enabled by cloud-init on first boot).
+pub fn overlay_entries(plan: &StampPlan, image: &Path, root_offset: u64) -> Result<Vec<Entry>> {
     // A root without account files still has root (uid 0), which is all most overlays need.
     let text = |p: &str| -> Result<String> {
         Ok(
@@ -284,7 +242,11 @@ pub fn overlay_entries(
                 .into_owned(),
         )
     };
-    overlay_files(cluster, node, &text("/etc/passwd")?, &text("/etc/group")?)
+    owned_files(
+        &plan.root_files,
+        &text("/etc/passwd")?,
+        &text("/etc/group")?,
+    )
 }
 
 fn id_of(db: &BTreeMap<String, Vec<String>>, name: &str, field: usize) -> Option<u32> {
@@ -299,11 +261,7 @@ fn id_of(db: &BTreeMap<String, Vec<String>>, name: &str, field: usize) -> Option
 }
 
 /// /etc/passwd, /etc/group and /etc/shadow with the node's users, and their homes and keys.
-fn accounts(
-    node: &NodeConfig,
-    profile: &Profile,
-    f: &ImageFacts,
-) -> Result<(Vec<Entry>, Vec<Entry>)> {
+fn accounts(r: &RootfsPlan, profile: &str, f: &ImageFacts) -> Result<(Vec<Entry>, Vec<Entry>)> {
     let mut pw = by_name(&f.passwd);
     let mut gr = by_name(&f.group);
     let mut sh = by_name(&f.shadow);
@@ -311,7 +269,7 @@ fn accounts(
     let mut gr_order = names_in_order(&f.group);
     let mut sh_order = names_in_order(&f.shadow);
     let mut homes = Vec::new();
-    let listed: BTreeSet<&str> = node.users.iter().map(|u| u.name.as_str()).collect();
+    let listed: BTreeSet<&str> = r.users.iter().map(|u| u.name.as_str()).collect();
 
     let used_ids: BTreeSet<u32> = pw
         .values()
@@ -322,7 +280,7 @@ fn accounts(
         .find(|i| !used_ids.contains(i))
         .expect("a free id");
 
-    for u in &node.users {
+    for u in &r.users {
         let (uid, gid, home) = match pw.get(&u.name) {
             Some(r) => (
                 r[2].parse::<u32>()?,
@@ -376,7 +334,7 @@ fn accounts(
         if u.sudo {
             want.push("wheel");
         }
-        if node.docker {
+        if r.docker_group {
             want.push("docker");
         }
         for g in want {
@@ -433,13 +391,12 @@ fn accounts(
             continue;
         }
         let Some(hash) = row.get(1) else { continue };
-        for known in &profile.provision.known_default_passwords {
+        for known in &r.known_default_passwords {
             if password::matches(known, hash) == Some(true) {
                 bail!(
-                    "the image's user {name:?} still has the {} default password {known:?}; kiln will not build a node \
+                    "the image's user {name:?} still has the {profile} default password {known:?}; kiln will not build a node \
                      with a well-known password. Add it to the cluster file with a password: \
-                     [[users]] name = \"{name}\", password_hash = \"$6$…\" (or password = {{ file = … }})",
-                    profile.name
+                     [[users]] name = \"{name}\", password_hash = \"$6$…\" (or password = {{ file = … }})"
                 );
             }
         }
@@ -534,8 +491,8 @@ pub fn keyfile(
     (name, t.trim_end().to_string() + "\n")
 }
 
-fn swarm(role: &SwarmRole, f: &ImageFacts) -> Result<Vec<Entry>> {
-    let (env, token) = crate::plan::stamp_plan::swarm_env(role);
+/// The swarm job's files: the env and token the plan made, the helper, and what starts it.
+fn swarm(env: &str, token: Option<&str>, f: &ImageFacts) -> Result<Vec<Entry>> {
     let mut out = Vec::new();
     if let Some(token) = token {
         out.push(file("/etc/kiln/swarm.token", token, Some((0o600, 0, 0))));
