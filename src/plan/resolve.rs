@@ -81,6 +81,12 @@ pub fn load(path: &Path) -> Result<Cluster> {
             path.display()
         )
     })?;
+    parse(path, text)
+}
+
+/// Parses and resolves `text` as the cluster file at `path` (relative paths in it are relative to
+/// `path`'s directory).
+pub fn parse(path: &Path, text: String) -> Result<Cluster> {
     let source = SourceText::new(path, text.clone());
     let parsed: ClusterFile = toml::from_str(&text).map_err(|e| source.from_toml(&e))?;
     let dir = path

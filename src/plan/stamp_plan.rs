@@ -727,3 +727,197 @@ pub fn describe(plan: &StampPlan) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKilnExampleKeyReplaceMeWithYourOwnKey0001 admin@laptop";
+
+    /// A cluster of one profile kind, parsed from text; its secrets are files in a temporary
+    /// directory (the cluster file's own, which it may read).
+    fn cluster(image: &str, body: &str) -> (tempfile::TempDir, Cluster) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("psk"), "correct horse battery\n").unwrap();
+        std::fs::write(dir.path().join("token"), "SWMTKN-1-test\n").unwrap();
+        let text = format!(
+            "[cluster]\nname = \"lab\"\nssh_authorized_keys = [\"{KEY}\"]\n\n\
+             [[users]]\nname = \"admin\"\nsudo = true\n\
+             password_hash = \"$6$saltsalt$0123456789abcdefghijklmnopqrstuv\"\n\n\
+             [defaults]\nimage = \"{image}\"\ntimezone = \"Europe/Berlin\"\n\n{body}"
+        );
+        let c = crate::plan::resolve::parse(&dir.path().join("cluster.toml"), text).unwrap();
+        (dir, c)
+    }
+
+    const SWARM_AND_WIFI: &str = "\
+        [defaults.wifi]\nssid = \"lab\"\npsk = { file = \"psk\" }\ncountry = \"DE\"\n\n\
+        [swarm]\nmanagers = [\"one\"]\ntoken = { file = \"token\" }\n\n\
+        [[node]]\nname = \"one\"\ndocker = true\noverlays = [\"docker-daemon\"]\n\
+        network.eth0 = { address = \"10.0.0.1/24\", gateway = \"10.0.0.254\" }\n\n\
+        [[node]]\nname = \"two\"\ndocker = true\noverlays = [\"docker-daemon\"]\n\
+        network.eth0 = { address = \"10.0.0.2/24\", gateway = \"10.0.0.254\" }\n";
+
+    fn plan_of(c: &Cluster, node: &str) -> StampPlan {
+        plan(c, c.node(node).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_nocloud_node_gets_its_seed_and_first_boot_steps() {
+        let (_dir, c) = cluster("hypriot-rpi", SWARM_AND_WIFI);
+        let p = plan_of(&c, "two");
+        let seed: Vec<_> = p
+            .partition_files
+            .iter()
+            .map(|f| (f.partition, f.path.as_str()))
+            .collect();
+        assert_eq!(
+            seed,
+            [
+                (PartitionRole::Boot, "user-data"),
+                (PartitionRole::Boot, "meta-data"),
+                (PartitionRole::Boot, "network-config"),
+            ]
+        );
+        assert_eq!(p.file("user-data").unwrap().bytes, p.user_data.as_bytes());
+        assert_eq!(p.file("meta-data").unwrap().bytes, p.meta_data.as_bytes());
+        assert!(p.meta_data.contains(&p.instance_id));
+        assert!(p.network_config.contains("10.0.0.2/24"));
+        assert!(
+            p.disk_signature.is_some(),
+            "hypriot derives a disk signature"
+        );
+        assert!(p.rootfs.is_none() && p.root_files.is_empty() && p.note.is_none());
+
+        let files: Vec<_> = p.first_boot_files.iter().map(|f| f.path.as_str()).collect();
+        for want in [
+            "/etc/wpa_supplicant/wpa_supplicant-wlan0.conf",
+            "/etc/docker/daemon.json",
+            "/etc/kiln/swarm.token",
+            "/etc/kiln/swarm.env",
+            seed_scrub::CLEAN_USER_DATA,
+        ] {
+            assert!(files.contains(&want), "{want} missing from {files:?}");
+        }
+        let token = p
+            .first_boot_files
+            .iter()
+            .find(|f| f.path == "/etc/kiln/swarm.token")
+            .unwrap();
+        assert_eq!(
+            (token.mode.as_str(), token.owner.as_str()),
+            ("0600", "root:root")
+        );
+
+        let cmds: Vec<String> = p.first_boot_commands.iter().map(|c| c.join(" ")).collect();
+        assert_eq!(cmds.first().unwrap(), "systemctl daemon-reload");
+        assert!(cmds.contains(&"systemctl enable --now docker.service".to_string()));
+        assert!(cmds.contains(&"ifup wlan0".to_string()));
+        assert!(cmds.contains(&"systemctl restart docker.service".to_string()));
+        let n = cmds.len();
+        assert_eq!(
+            cmds[n - 2..],
+            [
+                "systemctl enable --now --no-block kiln-swarm.service".to_string(),
+                format!(
+                    "systemctl enable --now --no-block {}",
+                    seed_scrub::SCRUB_UNIT_NAME
+                ),
+            ]
+        );
+        // The overlay's manifest and file are inputs of the build.
+        assert_eq!(p.inputs.len(), 2);
+
+        // The same cluster plans the same bytes; another node gets another instance.
+        assert_eq!(plan_of(&c, "two").user_data, p.user_data);
+        assert_eq!(plan_of(&c, "two").instance_id, p.instance_id);
+        assert_ne!(plan_of(&c, "one").instance_id, p.instance_id);
+        assert!(describe(&p).contains("written by cloud-init on first boot"));
+    }
+
+    #[test]
+    fn a_rootfs_node_is_planned_before_the_image_is_read() {
+        let (_dir, c) = cluster("pmos-google-flame", SWARM_AND_WIFI);
+        let p = plan_of(&c, "two");
+        assert!(p.partition_files.is_empty() && p.first_boot_files.is_empty());
+        assert!(p.user_data.is_empty() && p.inputs.is_empty());
+        let r = p.rootfs.as_ref().expect("a rootfs plan");
+        assert_eq!(r.identity[0], ("/etc/hostname".into(), "two\n".into()));
+        assert!(r.identity[1].1.contains("10.0.0.2\ttwo\n"));
+        assert_eq!(
+            r.identity[2],
+            ("/etc/timezone".into(), "Europe/Berlin\n".into())
+        );
+        assert_eq!(
+            r.localtime.as_deref(),
+            Some("/usr/share/zoneinfo/Europe/Berlin")
+        );
+        assert_eq!(r.users.len(), 1);
+        assert_eq!(r.users[0].name, "admin");
+        assert!(r.docker_group);
+        let services: Vec<_> = r.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(services, ["sshd", "docker"]);
+        assert_eq!(r.services[0].units, ["sshd.service", "ssh.service"]);
+        assert_eq!(
+            r.overlay_services,
+            [Service::new("docker", &["docker.service"])]
+        );
+        // eth0 and wlan0 (the wifi's), each a NetworkManager connection.
+        let names: Vec<_> = r.keyfiles.iter().map(|k| k.name.as_str()).collect();
+        assert_eq!(names, ["kiln-eth0", "lab"]);
+        assert!(r.keyfiles[1].text.contains("psk=correct horse battery"));
+        assert!(r.network_required);
+        let (env, token) = r.swarm.as_ref().expect("a swarm job");
+        assert!(env.contains("ROLE=join") && env.contains("MANAGER_ADDR=10.0.0.1"));
+        assert_eq!(token.as_deref(), Some("SWMTKN-1-test\n"));
+        assert_eq!(r.known_default_passwords, ["147147"]);
+        assert_eq!(p.root_files.len(), 1);
+        assert_eq!(p.root_files[0].path, "/etc/docker/daemon.json");
+        assert_eq!(p.root_files[0].overlay, "docker-daemon");
+        assert!(describe(&p).contains("NetworkManager keyfiles for eth0, wlan0"));
+    }
+
+    #[test]
+    fn a_rootfs_node_refuses_cloud_init_inputs() {
+        let (dir, _) = cluster("pmos-google-flame", "[[node]]\nname = \"one\"\n");
+        std::fs::write(dir.path().join("frag.yaml"), "packages: [htop]\n").unwrap();
+        let text = "[cluster]\nname = \"lab\"\n\n[defaults]\nimage = \"pmos-google-flame\"\n\n\
+             [[node]]\nname = \"one\"\nuser_data = \"frag.yaml\"\n"
+            .to_string();
+        let c = crate::plan::resolve::parse(&dir.path().join("cluster.toml"), text).unwrap();
+        let e = plan(&c, &c.nodes[0]).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("user_data is a cloud-init fragment"),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn a_config_drive_node_gets_documents_for_ironic_and_nothing_on_the_image() {
+        let (_dir, c) = cluster(
+            "metal3-uefi-x86",
+            "[[node]]\nname = \"metal-1\"\n\
+             network.eno1 = { address = \"10.1.0.5/24\", gateway = \"10.1.0.1\", mac = \"8c:16:45:0a:1b:2c\" }\n",
+        );
+        let p = plan_of(&c, "metal-1");
+        assert!(
+            p.partition_files.is_empty(),
+            "Ironic writes the config drive"
+        );
+        assert!(p.disk_signature.is_none());
+        assert!(p.user_data.starts_with("#cloud-config\n"));
+        let nd: serde_json::Value =
+            serde_json::from_str(p.network_data.as_deref().expect("network_data.json")).unwrap();
+        assert!(
+            nd["links"][0]["ethernet_mac_address"] == "8c:16:45:0a:1b:2c",
+            "{nd}"
+        );
+        // No seed on a FAT, so nothing to scrub.
+        assert!(
+            !p.first_boot_files
+                .iter()
+                .any(|f| f.path == seed_scrub::CLEAN_USER_DATA)
+        );
+        assert!(p.rootfs.is_none());
+    }
+}
