@@ -58,15 +58,13 @@ pub struct Artifact {
 pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> Result<Artifact> {
     let (profile, origin) = cluster.profile_of(node);
     let plan = plan::plan(cluster, node).with_context(|| format!("planning node {}", node.name))?;
-    let oci_ref = match &opts.base {
-        BaseRef::Oci(r) => Some(r.clone()),
-        BaseRef::Profile if profile.source.url.is_none() => profile.source.oci.clone(),
-        _ => None,
-    };
-    let base = match &oci_ref {
-        Some(r) => base::oci_base::prepare(r, profile, opts.insecure),
-        None => base::prepare(&opts.base, profile, opts.base_sha256.as_deref()),
-    }
+    let from_oci = opts.base.oci_image(profile).is_some();
+    let base = base::prepare(
+        &opts.base,
+        profile,
+        opts.base_sha256.as_deref(),
+        opts.insecure,
+    )
     .with_context(|| format!("preparing the base image for node {}", node.name))?;
     // Refuse a base that is not what the profile promises before copying anything.
     apply::check_layout(&base.raw, profile)?;
@@ -74,10 +72,10 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
     std::fs::create_dir_all(&opts.out_dir)
         .with_context(|| format!("creating {}", opts.out_dir.display()))?;
     crate::util::fsutil::sweep_stale_temporaries(&opts.out_dir);
-    let ext = match (opts.format, &oci_ref) {
+    let ext = match (opts.format, from_oci) {
         (OutputFormat::Qcow2, _) => "qcow2",
-        (OutputFormat::Raw, Some(_)) => "raw",
-        (OutputFormat::Raw, None) => "img",
+        (OutputFormat::Raw, true) => "raw",
+        (OutputFormat::Raw, false) => "img",
     };
     let qcow2 = opts.format == OutputFormat::Qcow2;
     let image = opts.out_dir.join(format!("{}.{ext}", node.name));
