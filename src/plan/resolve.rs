@@ -13,7 +13,9 @@ use ipnet::IpNet;
 
 use super::cluster::{ClusterFile, InterfaceSpec, NodeSettings, SecretRef, UserSpec};
 use super::diag::{KeyPath, SourceText, SpecError, SpecErrors};
-use super::node::{BareMetal, InputFile, Interface, NodeConfig, Secret, SwarmRole, User, Wifi};
+use super::node::{
+    BareMetal, InputFile, Interface, NodeConfig, Secret, SwarmRole, User, UserData, Wifi,
+};
 use super::profile::{self, Profile, ProfileOrigin};
 use super::{ids, overlay};
 use crate::keypath;
@@ -632,16 +634,18 @@ impl Resolver<'_> {
             .or_else(|| d.overlays.clone())
             .unwrap_or_default();
         let overlay_dirs = search_dirs(self.dir, "overlays");
+        let mut loaded_overlays = Vec::new();
         for (k, o) in overlays.iter().enumerate() {
-            if let Err(e) = overlay::load(o, &overlay_dirs) {
-                self.err(
+            match overlay::load(o, &overlay_dirs) {
+                Ok(o) => loaded_overlays.push(o),
+                Err(e) => self.err(
                     at("overlays", n.overlays.is_some())
                         .into_iter()
                         .chain(keypath![k])
                         .collect(),
                     format!("{e:#}"),
                     None,
-                );
+                ),
             }
         }
 
@@ -650,7 +654,7 @@ impl Resolver<'_> {
             let path = at("user_data", n.user_data.is_some());
             let file = self.read_file(path.clone(), &rel, "user-data fragment", MAX_INPUT_FILE)?;
             match crate::stamp::cloud_init::parse_fragment(&file.bytes) {
-                Ok(_) => Some(file),
+                Ok(fragment) => Some(UserData { file, fragment }),
                 Err(e) => {
                     self.err(path, format!("user-data fragment {rel}: {e:#}"), None);
                     None
@@ -729,6 +733,7 @@ impl Resolver<'_> {
             wifi,
             swarm: None,
             overlays,
+            loaded_overlays,
             user_data,
             boot_files,
             serial: n.serial.clone(),

@@ -7,12 +7,12 @@
 
 use std::fmt::Write as _;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use serde::Serialize;
 use serde_yaml_ng::Mapping;
 
 use crate::plan::node::{InputFile, NodeConfig, SwarmRole, User};
-use crate::plan::overlay::{self, Overlay};
+use crate::plan::overlay::Overlay;
 use crate::plan::profile::{DiskIdentity, OverlayTarget, PartitionRole, Profile, ProvisionMethod};
 use crate::plan::{Cluster, ids};
 use crate::stamp::cloud_init::{
@@ -177,20 +177,11 @@ fn argv(parts: &[&str]) -> Vec<String> {
 /// Computes the plan for `node`.
 pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
     let (profile, _) = cluster.profile_of(node);
-    let overlays = load_overlays(cluster, node)?;
+    let overlays = &node.loaded_overlays;
     if profile.provision.method == ProvisionMethod::Rootfs {
-        return rootfs_plan(cluster, node, profile, &overlays);
+        return rootfs_plan(cluster, node, profile, overlays);
     }
-    cloud_init_plan(cluster, node, profile, &overlays)
-}
-
-/// The node's overlays, each loaded once for the whole plan.
-fn load_overlays(cluster: &Cluster, node: &NodeConfig) -> Result<Vec<Overlay>> {
-    let dirs = cluster.overlay_dirs();
-    node.overlays
-        .iter()
-        .map(|o| overlay::load(o, &dirs))
-        .collect()
+    cloud_init_plan(cluster, node, profile, overlays)
 }
 
 /// The overlays' files as files of the root.
@@ -372,16 +363,10 @@ fn cloud_init_plan(
         });
     let runcmd = first_boot_commands(node, profile, overlays, units_written, scrub_seed);
     let mut config = cloud_config(node, &write_files, &runcmd);
-    let fragment = match &node.user_data {
-        Some(f) => {
-            inputs.push(f.clone());
-            Some(
-                cloud_init::parse_fragment(&f.bytes)
-                    .with_context(|| format!("user-data fragment {}", f.path))?,
-            )
-        }
-        None => None,
-    };
+    let fragment = node.user_data.as_ref().map(|u| {
+        inputs.push(u.file.clone());
+        u.fragment.clone()
+    });
     if scrub_seed {
         let clean = seed_scrub::clean_user_data(&config, fragment.as_ref())?;
         for w in seed_scrub::first_boot_files(&clean) {
