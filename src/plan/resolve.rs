@@ -13,11 +13,12 @@ use ipnet::IpNet;
 
 use super::cluster::{ClusterFile, InterfaceSpec, NodeSettings, SecretRef, UserSpec};
 use super::diag::{KeyPath, SourceText, SpecError, SpecErrors};
+use super::ids;
 use super::node::{
     BareMetal, InputFile, Interface, NodeConfig, Secret, SwarmRole, User, UserData, Wifi,
 };
+use super::overlay::{self, Overlay};
 use super::profile::{self, Profile, ProfileOrigin};
-use super::{ids, overlay};
 use crate::keypath;
 
 /// A loaded and validated cluster file.
@@ -123,6 +124,54 @@ pub fn parse(path: &Path, text: String) -> Result<Cluster> {
         nodes,
         profiles,
     })
+}
+
+/// One node's settings over `[defaults]`: a setting comes from the node when it sets it, else from
+/// the defaults, and an error about it points at the table it came from.
+#[derive(Clone, Copy)]
+struct Layered<'f> {
+    /// The node's index among the `[[node]]` tables.
+    i: usize,
+    node: &'f NodeSettings,
+    defaults: &'f NodeSettings,
+}
+
+/// A node's interface specs by name, each with where it is written.
+type InterfaceSpecs = BTreeMap<String, (InterfaceSpec, KeyPath)>;
+
+impl<'f> Layered<'f> {
+    /// The setting `key` (read from a table by `field`), and where it came from.
+    fn get<T>(
+        &self,
+        key: &str,
+        field: impl Fn(&'f NodeSettings) -> &'f Option<T>,
+    ) -> (Option<&'f T>, KeyPath) {
+        match field(self.node) {
+            Some(v) => (Some(v), keypath!["node", self.i, key]),
+            None => (field(self.defaults).as_ref(), keypath!["defaults", key]),
+        }
+    }
+
+    /// The node's interfaces: those of `[defaults]`, replaced by the node's of the same name.
+    fn interfaces(&self) -> InterfaceSpecs {
+        let mut specs = InterfaceSpecs::new();
+        for (table, base) in [
+            (&self.defaults.network, keypath!["defaults", "network"]),
+            (&self.node.network, keypath!["node", self.i, "network"]),
+        ] {
+            for (ifname, spec) in table.iter().flatten() {
+                specs.insert(ifname.clone(), (spec.clone(), child(&base, ifname)));
+            }
+        }
+        specs
+    }
+}
+
+/// `path` with one more segment.
+fn child(path: &KeyPath, seg: impl crate::plan::diag::IntoSeg) -> KeyPath {
+    let mut p = path.clone();
+    p.push(seg.into_seg());
+    p
 }
 
 struct Resolver<'a> {
@@ -294,13 +343,7 @@ impl Resolver<'_> {
                 None,
             );
         }
-        for key in ["name", "hostname", "serial", "boot_mac"] {
-            let set = match key {
-                "name" => f.defaults.name.is_some(),
-                "hostname" => f.defaults.hostname.is_some(),
-                "boot_mac" => f.defaults.boot_mac.is_some(),
-                _ => f.defaults.serial.is_some(),
-            };
+        for (key, set) in f.defaults.per_node_keys() {
             if set {
                 self.err(
                     keypath!["defaults", key],
@@ -483,239 +526,27 @@ impl Resolver<'_> {
         seed: &str,
         users: &[(UserSpec, Option<Secret>)],
     ) -> Option<NodeConfig> {
-        let d = &f.defaults;
+        let l = Layered {
+            i,
+            node: n,
+            defaults: &f.defaults,
+        };
         let before = self.errors.len();
-        // Where a setting came from, for error locations: the node if it sets it, else defaults.
-        let at = |key: &str, node_has: bool| -> KeyPath {
-            if node_has {
-                keypath!["node", i, key]
-            } else {
-                keypath!["defaults", key]
-            }
-        };
-
-        let hostname = n.hostname.clone().unwrap_or_else(|| name.to_string());
-        if n.hostname.is_some() && !valid_hostname(&hostname) {
-            self.err(
-                keypath!["node", i, "hostname"],
-                format!("hostname {hostname:?} is not a valid host name"),
-                Some("letters, digits and inner hyphens; dots separate labels"),
-            );
-        }
-        let image = n.image.clone().or_else(|| d.image.clone());
-        let image = match image {
-            Some(img) => {
-                if !self.profile(at("image", n.image.is_some()), &img) {
-                    return None;
-                }
-                img
-            }
-            None => {
-                self.err(
-                    keypath!["node", i],
-                    format!("node {name} has no image profile"),
-                    Some("set image = \"hypriot-rpi\" in [defaults] or in the node"),
-                );
-                return None;
-            }
-        };
-        let profile = self.profiles[&image].0.clone();
-
-        let timezone = n.timezone.clone().or_else(|| d.timezone.clone());
-        if let Some(tz) = &timezone
-            && !valid_timezone(tz)
-        {
-            self.err(
-                at("timezone", n.timezone.is_some()),
-                format!("timezone {tz:?} is not a tz database name"),
-                Some("for example \"Europe/Berlin\" or \"UTC\""),
-            );
-        }
-
-        // Network: the node's interfaces replace the defaults' interfaces of the same name.
-        let mut specs: BTreeMap<String, (InterfaceSpec, KeyPath)> = BTreeMap::new();
-        for (src, table) in [("defaults", &d.network), ("node", &n.network)] {
-            if let Some(t) = table {
-                for (ifname, spec) in t {
-                    let base = if src == "node" {
-                        keypath!["node", i, "network", ifname]
-                    } else {
-                        keypath!["defaults", "network", ifname]
-                    };
-                    specs.insert(ifname.clone(), (spec.clone(), base));
-                }
-            }
-        }
-        let mut network = BTreeMap::new();
-        for (ifname, (spec, base)) in &specs {
-            if !valid_ifname(ifname) {
-                self.err(
-                    base.clone(),
-                    format!("{ifname:?} is not an interface name"),
-                    None,
-                );
-                continue;
-            }
-            if let Some(iface) = self.interface(base, ifname, spec) {
-                network.insert(ifname.clone(), iface);
-            }
-        }
-        if network.is_empty() {
-            network.insert("eth0".to_string(), Interface::Dhcp);
-        }
-
-        let wifi_spec = n.wifi.clone().or_else(|| d.wifi.clone());
-        let wifi_path = |k: &str| {
-            at("wifi", n.wifi.is_some())
-                .into_iter()
-                .chain(keypath![k])
-                .collect::<KeyPath>()
-        };
-        let wifi = match wifi_spec {
-            None => None,
-            Some(w) => {
-                let country = match &w.country {
-                    Some(c) if c.len() == 2 && c.bytes().all(|b| b.is_ascii_alphabetic()) => {
-                        Some(c.to_ascii_uppercase())
-                    }
-                    Some(c) => {
-                        self.err(
-                            wifi_path("country"),
-                            format!("{c:?} is not a two-letter country code"),
-                            None,
-                        );
-                        None
-                    }
-                    None => {
-                        self.err(
-                            at("wifi", n.wifi.is_some()),
-                            "wifi needs a country code",
-                            Some("add country = \"DE\" (ISO 3166); the radio stays blocked without one"),
-                        );
-                        None
-                    }
-                };
-                if w.ssid.is_empty() || w.ssid.len() > 32 {
-                    self.err(wifi_path("ssid"), "an SSID is 1 to 32 bytes", None);
-                }
-                let psk = self.secret(wifi_path("psk"), &w.psk, "wifi psk");
-                if let Some(p) = &psk {
-                    let s = p.expose();
-                    let hex64 = s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
-                    if !(hex64 || (8..=63).contains(&s.len())) {
-                        self.err(
-                            wifi_path("psk"),
-                            format!(
-                                "a WPA passphrase is 8 to 63 characters (this one has {})",
-                                s.len()
-                            ),
-                            None,
-                        );
-                    }
-                }
-                if !network.contains_key("wlan0") {
-                    network.insert("wlan0".to_string(), Interface::Dhcp);
-                }
-                match (country, psk) {
-                    (Some(country), Some(psk)) => Some(Wifi {
-                        ssid: w.ssid.clone(),
-                        psk,
-                        country,
-                        hidden: w.hidden,
-                    }),
-                    _ => None,
-                }
-            }
-        };
-
-        let overlays = n
-            .overlays
-            .clone()
-            .or_else(|| d.overlays.clone())
-            .unwrap_or_default();
-        let overlay_dirs = search_dirs(self.dir, "overlays");
-        let mut loaded_overlays = Vec::new();
-        for (k, o) in overlays.iter().enumerate() {
-            match overlay::load(o, &overlay_dirs) {
-                Ok(o) => loaded_overlays.push(o),
-                Err(e) => self.err(
-                    at("overlays", n.overlays.is_some())
-                        .into_iter()
-                        .chain(keypath![k])
-                        .collect(),
-                    format!("{e:#}"),
-                    None,
-                ),
-            }
-        }
-
-        let user_data_rel = n.user_data.clone().or_else(|| d.user_data.clone());
-        let user_data = user_data_rel.and_then(|rel| {
-            let path = at("user_data", n.user_data.is_some());
-            let file = self.read_file(path.clone(), &rel, "user-data fragment", MAX_INPUT_FILE)?;
-            match crate::stamp::cloud_init::parse_fragment(&file.bytes) {
-                Ok(fragment) => Some(UserData { file, fragment }),
-                Err(e) => {
-                    self.err(path, format!("user-data fragment {rel}: {e:#}"), None);
-                    None
-                }
-            }
-        });
-
-        let mut boot_files = BTreeMap::new();
-        let boot = n
-            .boot
-            .clone()
-            .or_else(|| d.boot.clone())
-            .unwrap_or_default();
-        for (file_name, rel, key) in [
-            ("config.txt", &boot.config_txt, "config_txt"),
-            ("cmdline.txt", &boot.cmdline_txt, "cmdline_txt"),
-        ] {
-            if let Some(rel) = rel {
-                let path = at("boot", n.boot.is_some())
-                    .into_iter()
-                    .chain(keypath![key])
-                    .collect();
-                if let Some(f) = self.read_file(path, rel, file_name, MAX_INPUT_FILE) {
-                    boot_files.insert(file_name.to_string(), f);
-                }
-            }
-        }
-
-        let mut macs = BTreeMap::new();
-        let mut mtus = BTreeMap::new();
-        for (ifname, (spec, base)) in &specs {
-            match spec.mtu {
-                // 68: the least an IPv4 link may carry (RFC 791); 65535: the Linux maximum.
-                Some(m) if (68..=65535).contains(&m) => {
-                    mtus.insert(ifname.clone(), m);
-                }
-                Some(m) => self.err(
-                    base.iter().cloned().chain(keypath!["mtu"]).collect(),
-                    format!("mtu {m} is outside 68..65535"),
-                    Some("1500 for plain Ethernet, 9000 for jumbo frames"),
-                ),
-                None => {}
-            }
-            if let Some(m) = &spec.mac {
-                match normalize_mac(m) {
-                    Some(mac) => {
-                        macs.insert(ifname.clone(), mac);
-                    }
-                    None => self.err(
-                        base.iter().cloned().chain(keypath!["mac"]).collect(),
-                        format!("{m:?} is not a MAC address"),
-                        Some("six hex pairs, for example 8c:16:45:0a:1b:2c"),
-                    ),
-                }
-            }
-        }
-        let bare_metal = self.bare_metal(d, i, n, name);
-
-        let docker = n
-            .docker
-            .or(d.docker)
+        let hostname = self.hostname(i, n, name);
+        let (image, profile) = self.image(l, name)?;
+        let timezone = self.timezone(l);
+        let specs = l.interfaces();
+        let mut network = self.network(&specs);
+        let wifi = self.wifi(l, &mut network);
+        let (overlays, loaded_overlays) = self.overlays(l);
+        let user_data = self.user_data(l);
+        let boot_files = self.boot_files(l);
+        let (macs, mtus) = self.links(&specs);
+        let bare_metal = self.bare_metal(l, name);
+        let docker = l
+            .get("docker", |s| &s.docker)
+            .0
+            .copied()
             .unwrap_or(profile.provision.docker_preinstalled);
         let node_users = self.node_users(f, name, seed, users, &profile, docker);
 
@@ -743,15 +574,216 @@ impl Resolver<'_> {
         })
     }
 
+    /// The node's host name: its own, else its name.
+    fn hostname(&mut self, i: usize, n: &NodeSettings, name: &str) -> String {
+        let hostname = n.hostname.clone().unwrap_or_else(|| name.to_string());
+        if n.hostname.is_some() && !valid_hostname(&hostname) {
+            self.err(
+                keypath!["node", i, "hostname"],
+                format!("hostname {hostname:?} is not a valid host name"),
+                Some("letters, digits and inner hyphens; dots separate labels"),
+            );
+        }
+        hostname
+    }
+
+    /// The node's image profile, loaded.
+    fn image(&mut self, l: Layered, name: &str) -> Option<(String, Profile)> {
+        match l.get("image", |s| &s.image) {
+            (Some(img), at) => {
+                if !self.profile(at, img) {
+                    return None;
+                }
+                Some((img.clone(), self.profiles[img].0.clone()))
+            }
+            (None, _) => {
+                self.err(
+                    keypath!["node", l.i],
+                    format!("node {name} has no image profile"),
+                    Some("set image = \"hypriot-rpi\" in [defaults] or in the node"),
+                );
+                None
+            }
+        }
+    }
+
+    fn timezone(&mut self, l: Layered) -> Option<String> {
+        let (tz, at) = l.get("timezone", |s| &s.timezone);
+        if let Some(tz) = tz
+            && !valid_timezone(tz)
+        {
+            self.err(
+                at,
+                format!("timezone {tz:?} is not a tz database name"),
+                Some("for example \"Europe/Berlin\" or \"UTC\""),
+            );
+        }
+        tz.cloned()
+    }
+
+    /// The interfaces of the node's specs (eth0 with DHCP when it names none).
+    fn network(&mut self, specs: &InterfaceSpecs) -> BTreeMap<String, Interface> {
+        let mut network = BTreeMap::new();
+        for (ifname, (spec, base)) in specs {
+            if !valid_ifname(ifname) {
+                self.err(
+                    base.clone(),
+                    format!("{ifname:?} is not an interface name"),
+                    None,
+                );
+                continue;
+            }
+            if let Some(iface) = self.interface(base, ifname, spec) {
+                network.insert(ifname.clone(), iface);
+            }
+        }
+        if network.is_empty() {
+            network.insert("eth0".to_string(), Interface::Dhcp);
+        }
+        network
+    }
+
+    /// The node's wifi; it adds wlan0 (DHCP) to `network` unless the node configures it.
+    fn wifi(&mut self, l: Layered, network: &mut BTreeMap<String, Interface>) -> Option<Wifi> {
+        let (w, at) = l.get("wifi", |s| &s.wifi);
+        let w = w?;
+        let country = match &w.country {
+            Some(c) if c.len() == 2 && c.bytes().all(|b| b.is_ascii_alphabetic()) => {
+                Some(c.to_ascii_uppercase())
+            }
+            Some(c) => {
+                self.err(
+                    child(&at, "country"),
+                    format!("{c:?} is not a two-letter country code"),
+                    None,
+                );
+                None
+            }
+            None => {
+                self.err(
+                    at.clone(),
+                    "wifi needs a country code",
+                    Some("add country = \"DE\" (ISO 3166); the radio stays blocked without one"),
+                );
+                None
+            }
+        };
+        if w.ssid.is_empty() || w.ssid.len() > 32 {
+            self.err(child(&at, "ssid"), "an SSID is 1 to 32 bytes", None);
+        }
+        let psk = self.secret(child(&at, "psk"), &w.psk, "wifi psk");
+        if let Some(p) = &psk {
+            let s = p.expose();
+            let hex64 = s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+            if !(hex64 || (8..=63).contains(&s.len())) {
+                self.err(
+                    child(&at, "psk"),
+                    format!(
+                        "a WPA passphrase is 8 to 63 characters (this one has {})",
+                        s.len()
+                    ),
+                    None,
+                );
+            }
+        }
+        if !network.contains_key("wlan0") {
+            network.insert("wlan0".to_string(), Interface::Dhcp);
+        }
+        Some(Wifi {
+            ssid: w.ssid.clone(),
+            psk: psk?,
+            country: country?,
+            hidden: w.hidden,
+        })
+    }
+
+    /// The node's overlay names and the overlays, each loaded (and so checked) here, once.
+    fn overlays(&mut self, l: Layered) -> (Vec<String>, Vec<Overlay>) {
+        let (names, at) = l.get("overlays", |s| &s.overlays);
+        let names = names.cloned().unwrap_or_default();
+        let dirs = search_dirs(self.dir, "overlays");
+        let mut loaded = Vec::new();
+        for (k, o) in names.iter().enumerate() {
+            match overlay::load(o, &dirs) {
+                Ok(o) => loaded.push(o),
+                Err(e) => self.err(child(&at, k), format!("{e:#}"), None),
+            }
+        }
+        (names, loaded)
+    }
+
+    /// The node's `#cloud-config` fragment, read and parsed here, once.
+    fn user_data(&mut self, l: Layered) -> Option<UserData> {
+        let (rel, at) = l.get("user_data", |s| &s.user_data);
+        let rel = rel?;
+        let file = self.read_file(at.clone(), rel, "user-data fragment", MAX_INPUT_FILE)?;
+        match crate::stamp::cloud_init::parse_fragment(&file.bytes) {
+            Ok(fragment) => Some(UserData { file, fragment }),
+            Err(e) => {
+                self.err(at, format!("user-data fragment {rel}: {e:#}"), None);
+                None
+            }
+        }
+    }
+
+    /// The boot-partition files the node replaces, read, by their name there.
+    fn boot_files(&mut self, l: Layered) -> BTreeMap<String, InputFile> {
+        let (boot, at) = l.get("boot", |s| &s.boot);
+        let boot = boot.cloned().unwrap_or_default();
+        let mut files = BTreeMap::new();
+        for (file_name, rel, key) in [
+            ("config.txt", &boot.config_txt, "config_txt"),
+            ("cmdline.txt", &boot.cmdline_txt, "cmdline_txt"),
+        ] {
+            if let Some(rel) = rel
+                && let Some(f) = self.read_file(child(&at, key), rel, file_name, MAX_INPUT_FILE)
+            {
+                files.insert(file_name.to_string(), f);
+            }
+        }
+        files
+    }
+
+    /// The MAC addresses and MTUs the node's interfaces give, by interface name.
+    fn links(
+        &mut self,
+        specs: &InterfaceSpecs,
+    ) -> (BTreeMap<String, String>, BTreeMap<String, u32>) {
+        let mut macs = BTreeMap::new();
+        let mut mtus = BTreeMap::new();
+        for (ifname, (spec, base)) in specs {
+            match spec.mtu {
+                // 68: the least an IPv4 link may carry (RFC 791); 65535: the Linux maximum.
+                Some(m) if (68..=65535).contains(&m) => {
+                    mtus.insert(ifname.clone(), m);
+                }
+                Some(m) => self.err(
+                    child(base, "mtu"),
+                    format!("mtu {m} is outside 68..65535"),
+                    Some("1500 for plain Ethernet, 9000 for jumbo frames"),
+                ),
+                None => {}
+            }
+            if let Some(m) = &spec.mac {
+                match normalize_mac(m) {
+                    Some(mac) => {
+                        macs.insert(ifname.clone(), mac);
+                    }
+                    None => self.err(
+                        child(base, "mac"),
+                        format!("{m:?} is not a MAC address"),
+                        Some("six hex pairs, for example 8c:16:45:0a:1b:2c"),
+                    ),
+                }
+            }
+        }
+        (macs, mtus)
+    }
+
     /// The node's Metal3 settings: its BMC (from the node or `[defaults]`), boot MAC, root device
     /// hints and power policy. Nodes without a BMC are not bare-metal hosts.
-    fn bare_metal(
-        &mut self,
-        d: &NodeSettings,
-        i: usize,
-        n: &NodeSettings,
-        name: &str,
-    ) -> Option<BareMetal> {
+    fn bare_metal(&mut self, l: Layered, name: &str) -> Option<BareMetal> {
+        let (d, i, n) = (l.defaults, l.i, l.node);
         let at = |key: &str, node_has: bool| -> KeyPath {
             if node_has {
                 keypath!["node", i, key]
