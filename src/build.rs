@@ -302,8 +302,7 @@ fn write_image(
     })
 }
 
-/// The build manifest: what went in (base, cluster file, profile, the plan's files, kiln's
-/// scripts) and what came out.
+/// The build manifest: what went in and what came out.
 fn manifest(
     what: &NodeBuild,
     base: &BaseImage,
@@ -312,12 +311,27 @@ fn manifest(
     written: &WrittenImage,
     sum_line: &str,
 ) -> Result<Manifest> {
+    Ok(Manifest {
+        kiln_version: env!("CARGO_PKG_VERSION").into(),
+        node: what.node.name.clone(),
+        profile: what.profile.name.clone(),
+        source_date_epoch: apply::source_date_epoch()?,
+        fat_timestamp: report.fat_timestamp.clone(),
+        disk_signature: report.disk_signature.clone(),
+        instance_id: what.plan.instance_id.clone(),
+        inputs: manifest_inputs(what, base),
+        outputs: manifest_outputs(paths, written, sum_line),
+    })
+}
+
+/// What a build read: the base, the cluster file, the profile, the plan's files, kiln's scripts.
+fn manifest_inputs(what: &NodeBuild, base: &BaseImage) -> Vec<Entry> {
     let NodeBuild {
         cluster,
         node,
-        profile,
         origin,
         plan,
+        ..
     } = *what;
     let mut inputs = vec![
         Entry {
@@ -382,6 +396,11 @@ fn manifest(
             });
         }
     }
+    inputs
+}
+
+/// What a build wrote: the image, its bmap (raw only), its checksum, the config-drive documents.
+fn manifest_outputs(paths: &OutputPaths, written: &WrittenImage, sum_line: &str) -> Vec<Entry> {
     let mut outputs = vec![Entry {
         role: "image".into(),
         path: file_name(&paths.image),
@@ -412,17 +431,7 @@ fn manifest(
             size: Some(text.len() as u64),
         });
     }
-    Ok(Manifest {
-        kiln_version: env!("CARGO_PKG_VERSION").into(),
-        node: node.name.clone(),
-        profile: profile.name.clone(),
-        source_date_epoch: apply::source_date_epoch()?,
-        fat_timestamp: report.fat_timestamp.clone(),
-        disk_signature: report.disk_signature.clone(),
-        instance_id: plan.instance_id.clone(),
-        inputs,
-        outputs,
-    })
+    outputs
 }
 
 /// Publishes the build: the image first, its manifest last, each by an atomic rename.
