@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use ipnet::IpNet;
 
-use super::cluster::{ClusterFile, InterfaceSpec, NodeSettings, SecretRef, UserSpec};
+use super::cluster::{ClusterFile, InterfaceSpec, NodeSettings, SecretRef, SwarmSection, UserSpec};
 use super::diag::{KeyPath, SourceText, SpecError, SpecErrors};
 use super::ids;
 use super::node::{
@@ -384,44 +384,55 @@ impl Resolver<'_> {
                 );
             }
             if let Some(node) = self.node(f, i, n, &name, &seed, &users) {
-                for (ifname, iface) in &node.network {
-                    if let Some(ip) = iface.static_ip()
-                        && let Some(other) = addresses.insert(ip, name.clone())
-                    {
-                        self.err(
-                            keypath!["node", i, "network", ifname, "address"],
-                            format!("address {ip} is already used by node {other}"),
-                            None,
-                        );
-                    }
-                }
-                // Two machines with one MAC would fight over one DHCP lease and one BMH.
-                let node_macs = node
-                    .macs
-                    .iter()
-                    .map(|(k, m)| (keypath!["node", i, "network", k, "mac"], m.clone()))
-                    .chain(
-                        node.bare_metal
-                            .iter()
-                            .map(|b| (keypath!["node", i, "boot_mac"], b.boot_mac.clone())),
-                    );
-                for (path, mac) in node_macs {
-                    match macs.get(&mac) {
-                        Some(other) if other != &name => self.err(
-                            path,
-                            format!("MAC address {mac} is already node {other}'s"),
-                            None,
-                        ),
-                        _ => {
-                            macs.insert(mac, name.clone());
-                        }
-                    }
-                }
+                self.check_unique(i, &node, &mut addresses, &mut macs);
                 nodes.push(node);
             }
         }
         self.swarm(f, &mut nodes);
         nodes
+    }
+
+    /// Refuses a static address or MAC address that an earlier node already has.
+    fn check_unique(
+        &mut self,
+        i: usize,
+        node: &NodeConfig,
+        addresses: &mut BTreeMap<IpAddr, String>,
+        macs: &mut BTreeMap<String, String>,
+    ) {
+        for (ifname, iface) in &node.network {
+            if let Some(ip) = iface.static_ip()
+                && let Some(other) = addresses.insert(ip, node.name.clone())
+            {
+                self.err(
+                    keypath!["node", i, "network", ifname, "address"],
+                    format!("address {ip} is already used by node {other}"),
+                    None,
+                );
+            }
+        }
+        // Two machines with one MAC would fight over one DHCP lease and one BMH.
+        let node_macs = node
+            .macs
+            .iter()
+            .map(|(k, m)| (keypath!["node", i, "network", k, "mac"], m.clone()))
+            .chain(
+                node.bare_metal
+                    .iter()
+                    .map(|b| (keypath!["node", i, "boot_mac"], b.boot_mac.clone())),
+            );
+        for (path, mac) in node_macs {
+            match macs.get(&mac) {
+                Some(other) if other != &node.name => self.err(
+                    path,
+                    format!("MAC address {mac} is already node {other}'s"),
+                    None,
+                ),
+                _ => {
+                    macs.insert(mac, node.name.clone());
+                }
+            }
+        }
     }
 
     fn users(&mut self, f: &ClusterFile) -> Vec<(UserSpec, Option<Secret>)> {
@@ -783,103 +794,48 @@ impl Resolver<'_> {
     /// The node's Metal3 settings: its BMC (from the node or `[defaults]`), boot MAC, root device
     /// hints and power policy. Nodes without a BMC are not bare-metal hosts.
     fn bare_metal(&mut self, l: Layered, name: &str) -> Option<BareMetal> {
-        let (d, i, n) = (l.defaults, l.i, l.node);
-        let at = |key: &str, node_has: bool| -> KeyPath {
-            if node_has {
-                keypath!["node", i, key]
-            } else {
-                keypath!["defaults", key]
-            }
-        };
-        let Some(bmc) = n.bmc.clone().or_else(|| d.bmc.clone()) else {
+        let (bmc, at) = l.get("bmc", |s| &s.bmc);
+        let n = l.node;
+        let Some(bmc) = bmc else {
             if n.boot_mac.is_some()
                 || n.root_device_hints.is_some()
                 || n.online.is_some()
                 || n.bootc_image.is_some()
             {
                 self.err(
-                    keypath!["node", i],
+                    keypath!["node", l.i],
                     format!("node {name} has bare-metal settings but no bmc"),
                     Some("add bmc = { address = \"redfish+http://…\", username = \"…\", password = { file = \"…\" } }"),
                 );
             }
             return None;
         };
-        let bmc_at = |k: &str| {
-            at("bmc", n.bmc.is_some())
-                .into_iter()
-                .chain(keypath![k])
-                .collect::<KeyPath>()
-        };
         let address = bmc.address.replace("{name}", name);
         // Metal3's baremetal-operator is the judge: its webhook refuses the host otherwise.
         if let Err(e) = super::bmc_address::parse(&address) {
             self.err(
-                bmc_at("address"),
+                child(&at, "address"),
                 format!("{address:?} is not a BMC address Metal3 accepts: {e}"),
                 Some("for a sushy-tools emulator: redfish+http://<host>:8000/redfish/v1/Systems/{name}"),
             );
         }
         if bmc.username.is_empty() {
-            self.err(bmc_at("username"), "the BMC username is empty", None);
+            self.err(child(&at, "username"), "the BMC username is empty", None);
         }
-        let password = self.secret(bmc_at("password"), &bmc.password, "BMC password");
-        let boot_mac = match &n.boot_mac {
-            None => {
-                self.err(
-                    keypath!["node", i],
-                    format!("bare-metal node {name} needs boot_mac"),
-                    Some("the MAC address of the NIC it network-boots from, e.g. boot_mac = \"8c:16:45:0a:1b:2c\""),
-                );
-                None
-            }
-            Some(m) => {
-                let mac = normalize_mac(m);
-                if mac.is_none() {
-                    self.err(
-                        keypath!["node", i, "boot_mac"],
-                        format!("{m:?} is not a MAC address"),
-                        Some("six hex pairs, for example 8c:16:45:0a:1b:2c"),
-                    );
-                }
-                mac
-            }
-        };
-        let hints = n
-            .root_device_hints
-            .clone()
-            .or_else(|| d.root_device_hints.clone())
-            .unwrap_or_default();
+        let password = self.secret(child(&at, "password"), &bmc.password, "BMC password");
+        let boot_mac = self.boot_mac(l, name);
+        let (hints, hints_at) = l.get("root_device_hints", |s| &s.root_device_hints);
+        let hints = hints.cloned().unwrap_or_default();
         if let Some(dev) = &hints.device_name
             && !dev.starts_with("/dev/")
         {
             self.err(
-                at("root_device_hints", n.root_device_hints.is_some())
-                    .into_iter()
-                    .chain(keypath!["device_name"])
-                    .collect(),
+                child(&hints_at, "device_name"),
                 format!("device_name {dev:?} is not a /dev path"),
                 Some("for example /dev/nvme0n1 or /dev/disk/by-path/…"),
             );
         }
-        let bootc_image = n
-            .bootc_image
-            .as_ref()
-            .or(d.bootc_image.as_ref())
-            .and_then(|r| {
-                let bare = r.trim_start_matches("oci://").trim_start_matches("docker://");
-                match crate::oci::registry::parse_reference(bare) {
-                    Ok(_) if bare.contains('/') => Some(format!("oci://{bare}")),
-                    _ => {
-                        self.err(
-                            at("bootc_image", n.bootc_image.is_some()),
-                            format!("{r:?} is not a registry image reference"),
-                            Some("registry/repository:tag, e.g. bootc_image = \"registry.lab:5000/edge/node:v1\""),
-                        );
-                        None
-                    }
-                }
-            });
+        let bootc_image = self.bootc_image(l);
         Some(BareMetal {
             bootc_image,
             bmc_address: address,
@@ -888,8 +844,49 @@ impl Resolver<'_> {
             disable_certificate_verification: bmc.disable_certificate_verification,
             boot_mac: boot_mac?,
             root_device_hints: hints,
-            online: n.online.or(d.online).unwrap_or(true),
+            online: l.get("online", |s| &s.online).0.copied().unwrap_or(true),
         })
+    }
+
+    /// A bare-metal node's boot MAC (its own: `[defaults]` cannot give one).
+    fn boot_mac(&mut self, l: Layered, name: &str) -> Option<String> {
+        let Some(m) = &l.node.boot_mac else {
+            self.err(
+                keypath!["node", l.i],
+                format!("bare-metal node {name} needs boot_mac"),
+                Some("the MAC address of the NIC it network-boots from, e.g. boot_mac = \"8c:16:45:0a:1b:2c\""),
+            );
+            return None;
+        };
+        let mac = normalize_mac(m);
+        if mac.is_none() {
+            self.err(
+                keypath!["node", l.i, "boot_mac"],
+                format!("{m:?} is not a MAC address"),
+                Some("six hex pairs, for example 8c:16:45:0a:1b:2c"),
+            );
+        }
+        mac
+    }
+
+    /// The bootc container image Ironic installs, as `oci://registry/repo:tag`.
+    fn bootc_image(&mut self, l: Layered) -> Option<String> {
+        let (r, at) = l.get("bootc_image", |s| &s.bootc_image);
+        let r = r?;
+        let bare = r
+            .trim_start_matches("oci://")
+            .trim_start_matches("docker://");
+        match crate::oci::registry::parse_reference(bare) {
+            Ok(_) if bare.contains('/') => Some(format!("oci://{bare}")),
+            _ => {
+                self.err(
+                    at,
+                    format!("{r:?} is not a registry image reference"),
+                    Some("registry/repository:tag, e.g. bootc_image = \"registry.lab:5000/edge/node:v1\""),
+                );
+                None
+            }
+        }
     }
 
     fn interface(
@@ -958,46 +955,8 @@ impl Resolver<'_> {
                         None,
                     );
                 }
-                let gateway = match &spec.gateway {
-                    None => None,
-                    Some(g) => match g.parse::<IpAddr>() {
-                        Ok(ip) if net.contains(&ip) && ip != net.addr() => Some(ip),
-                        Ok(ip) if ip == net.addr() => {
-                            self.err(
-                                key("gateway"),
-                                format!("gateway {ip} is the node's own address"),
-                                None,
-                            );
-                            None
-                        }
-                        Ok(ip) => {
-                            self.err(
-                                key("gateway"),
-                                format!(
-                                    "gateway {ip} is outside {} — the node could not reach it",
-                                    net.trunc()
-                                ),
-                                None,
-                            );
-                            None
-                        }
-                        Err(_) => {
-                            self.err(key("gateway"), format!("{g:?} is not an IP address"), None);
-                            None
-                        }
-                    },
-                };
-                let mut dns = Vec::new();
-                for (k, s) in spec.dns.iter().enumerate() {
-                    match s.parse::<IpAddr>() {
-                        Ok(ip) => dns.push(ip),
-                        Err(_) => self.err(
-                            base.iter().cloned().chain(keypath!["dns", k]).collect(),
-                            format!("DNS server {s:?} is not an IP address"),
-                            None,
-                        ),
-                    }
-                }
+                let gateway = self.gateway(base, net, spec.gateway.as_deref());
+                let dns = self.dns(base, &spec.dns);
                 Some(Interface::Static {
                     address: net,
                     gateway,
@@ -1005,6 +964,54 @@ impl Resolver<'_> {
                 })
             }
         }
+    }
+
+    /// A static interface's gateway, which must be on its subnet and not its own address.
+    fn gateway(&mut self, base: &KeyPath, net: IpNet, gateway: Option<&str>) -> Option<IpAddr> {
+        let key = |k: &str| child(base, k);
+        let g = gateway?;
+        match g.parse::<IpAddr>() {
+            Ok(ip) if net.contains(&ip) && ip != net.addr() => Some(ip),
+            Ok(ip) if ip == net.addr() => {
+                self.err(
+                    key("gateway"),
+                    format!("gateway {ip} is the node's own address"),
+                    None,
+                );
+                None
+            }
+            Ok(ip) => {
+                self.err(
+                    key("gateway"),
+                    format!(
+                        "gateway {ip} is outside {} — the node could not reach it",
+                        net.trunc()
+                    ),
+                    None,
+                );
+                None
+            }
+            Err(_) => {
+                self.err(key("gateway"), format!("{g:?} is not an IP address"), None);
+                None
+            }
+        }
+    }
+
+    /// A static interface's DNS servers.
+    fn dns(&mut self, base: &KeyPath, servers: &[String]) -> Vec<IpAddr> {
+        let mut dns = Vec::new();
+        for (k, s) in servers.iter().enumerate() {
+            match s.parse::<IpAddr>() {
+                Ok(ip) => dns.push(ip),
+                Err(_) => self.err(
+                    child(&child(base, "dns"), k),
+                    format!("DNS server {s:?} is not an IP address"),
+                    None,
+                ),
+            }
+        }
+        dns
     }
 
     fn node_users(
@@ -1128,10 +1135,20 @@ impl Resolver<'_> {
                 return;
             }
         };
-        let workers: Vec<&String> = members.iter().filter(|m| !s.managers.contains(m)).collect();
+        let has_workers = members.iter().any(|m| !s.managers.contains(m));
+        let (token, manager_token) = self.swarm_tokens(s, has_workers);
+        assign_swarm_roles(nodes, s, &members, &manager_addr, token, manager_token);
+    }
+
+    /// The worker and manager join tokens, where the swarm needs them.
+    fn swarm_tokens(
+        &mut self,
+        s: &SwarmSection,
+        has_workers: bool,
+    ) -> (Option<Secret>, Option<Secret>) {
         let token = match &s.token {
             Some(t) => self.secret(keypath!["swarm", "token"], t, "swarm worker token"),
-            None if !workers.is_empty() => {
+            None if has_workers => {
                 self.err(
                     keypath!["swarm"],
                     "swarm workers need the worker join token",
@@ -1153,36 +1170,50 @@ impl Resolver<'_> {
             }
             None => None,
         };
-        for node in nodes.iter_mut() {
-            if !members.contains(&node.name) && !s.managers.contains(&node.name) {
-                continue;
-            }
-            // Each node advertises its own static address, or its first interface when on DHCP
-            // (dockerd accepts an interface name there).
-            let own = node
-                .network
-                .iter()
-                .find_map(|(_, i)| i.static_ip().map(|ip| ip.to_string()))
-                .or_else(|| node.network.keys().next().cloned())
-                .unwrap_or_else(|| "eth0".into());
-            if &node.name == first {
-                let advertise_addr = s.advertise_addr.clone().unwrap_or(own);
-                node.swarm = Some(SwarmRole::Init { advertise_addr });
+        (token, manager_token)
+    }
+}
+
+/// Gives each swarm node its role: the first manager inits, the others join `manager_addr` with
+/// their token.
+fn assign_swarm_roles(
+    nodes: &mut [NodeConfig],
+    s: &SwarmSection,
+    members: &[String],
+    manager_addr: &str,
+    token: Option<Secret>,
+    manager_token: Option<Secret>,
+) {
+    let first = &s.managers[0];
+    for node in nodes.iter_mut() {
+        if !members.contains(&node.name) && !s.managers.contains(&node.name) {
+            continue;
+        }
+        // Each node advertises its own static address, or its first interface when on DHCP
+        // (dockerd accepts an interface name there).
+        let own = node
+            .network
+            .iter()
+            .find_map(|(_, i)| i.static_ip().map(|ip| ip.to_string()))
+            .or_else(|| node.network.keys().next().cloned())
+            .unwrap_or_else(|| "eth0".into());
+        if &node.name == first {
+            let advertise_addr = s.advertise_addr.clone().unwrap_or(own);
+            node.swarm = Some(SwarmRole::Init { advertise_addr });
+        } else {
+            let as_manager = s.managers.contains(&node.name);
+            let t = if as_manager {
+                manager_token.clone()
             } else {
-                let as_manager = s.managers.contains(&node.name);
-                let t = if as_manager {
-                    manager_token.clone()
-                } else {
-                    token.clone()
-                };
-                if let Some(token) = t {
-                    node.swarm = Some(SwarmRole::Join {
-                        manager_addr: manager_addr.clone(),
-                        advertise_addr: own,
-                        as_manager,
-                        token,
-                    });
-                }
+                token.clone()
+            };
+            if let Some(token) = t {
+                node.swarm = Some(SwarmRole::Join {
+                    manager_addr: manager_addr.to_string(),
+                    advertise_addr: own,
+                    as_manager,
+                    token,
+                });
             }
         }
     }
