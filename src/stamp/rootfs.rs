@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 
 use super::password;
 use crate::fs::ext4_write::{self, Entry};
-use crate::plan::node::{Interface, NodeConfig};
+use crate::plan::node::{Interface, NodeConfig, User};
 use crate::plan::stamp_plan::{RootFile, RootfsPlan, SWARM_SCRIPT, SWARM_UNIT, Service, StampPlan};
 use crate::plan::{Cluster, ids};
 
@@ -260,28 +260,47 @@ fn id_of(db: &BTreeMap<String, Vec<String>>, name: &str, field: usize) -> Option
     }
 }
 
+/// A colon-separated account database (/etc/passwd, /etc/group, /etc/shadow): its rows by name,
+/// and the names in file order (new accounts go at the end).
+struct Db {
+    rows: BTreeMap<String, Vec<String>>,
+    order: Vec<String>,
+}
+
+impl Db {
+    fn parse(text: &str) -> Db {
+        Db {
+            rows: by_name(text),
+            order: names_in_order(text),
+        }
+    }
+
+    fn add(&mut self, row: Vec<String>) {
+        self.order.push(row[0].clone());
+        self.rows.insert(row[0].clone(), row);
+    }
+
+    fn text(&self) -> String {
+        join_db(&self.order, &self.rows)
+    }
+}
+
 /// /etc/passwd, /etc/group and /etc/shadow with the node's users, and their homes and keys.
 fn accounts(r: &RootfsPlan, profile: &str, f: &ImageFacts) -> Result<(Vec<Entry>, Vec<Entry>)> {
-    let mut pw = by_name(&f.passwd);
-    let mut gr = by_name(&f.group);
-    let mut sh = by_name(&f.shadow);
-    let mut pw_order = names_in_order(&f.passwd);
-    let mut gr_order = names_in_order(&f.group);
-    let mut sh_order = names_in_order(&f.shadow);
+    let mut pw = Db::parse(&f.passwd);
+    let mut gr = Db::parse(&f.group);
+    let mut sh = Db::parse(&f.shadow);
     let mut homes = Vec::new();
-    let listed: BTreeSet<&str> = r.users.iter().map(|u| u.name.as_str()).collect();
-
     let used_ids: BTreeSet<u32> = pw
+        .rows
         .values()
+        .chain(gr.rows.values())
         .filter_map(|r| r.get(2)?.parse().ok())
-        .chain(gr.values().filter_map(|r| r.get(2)?.parse().ok()))
         .collect();
-    let mut next_id = (10000..)
-        .find(|i| !used_ids.contains(i))
-        .expect("a free id");
+    let mut free_ids = (10000..).filter(|i| !used_ids.contains(i));
 
     for u in &r.users {
-        let (uid, gid, home) = match pw.get(&u.name) {
+        let (uid, gid, home) = match pw.rows.get(&u.name) {
             Some(r) => (
                 r[2].parse::<u32>()?,
                 r[3].parse::<u32>()?,
@@ -290,36 +309,8 @@ fn accounts(r: &RootfsPlan, profile: &str, f: &ImageFacts) -> Result<(Vec<Entry>
                     .unwrap_or_else(|| format!("/home/{}", u.name)),
             ),
             None => {
-                let id = next_id;
-                next_id = (id + 1..)
-                    .find(|i| !used_ids.contains(i))
-                    .expect("a free id");
-                let shell = [u.shell.as_str(), "/bin/ash", "/bin/sh"]
-                    .into_iter()
-                    .find(|s| f.present.contains(*s))
-                    .unwrap_or("/bin/sh")
-                    .to_string();
-                let home = format!("/home/{}", u.name);
-                pw.insert(
-                    u.name.clone(),
-                    vec![
-                        u.name.clone(),
-                        "x".into(),
-                        id.to_string(),
-                        id.to_string(),
-                        u.name.clone(),
-                        home.clone(),
-                        shell,
-                    ],
-                );
-                pw_order.push(u.name.clone());
-                if !gr.contains_key(&u.name) {
-                    gr.insert(
-                        u.name.clone(),
-                        vec![u.name.clone(), "x".into(), id.to_string(), String::new()],
-                    );
-                    gr_order.push(u.name.clone());
-                }
+                let id = free_ids.next().context("no free user id in the image")?;
+                let home = add_account(&mut pw, &mut gr, u, id, f);
                 homes.push(Entry::Dir {
                     path: home.clone(),
                     mode: 0o700,
@@ -337,39 +328,8 @@ fn accounts(r: &RootfsPlan, profile: &str, f: &ImageFacts) -> Result<(Vec<Entry>
         if r.docker_group {
             want.push("docker");
         }
-        for g in want {
-            if let Some(row) = gr.get_mut(g) {
-                while row.len() < 4 {
-                    row.push(String::new());
-                }
-                let mut members: Vec<String> = row[3]
-                    .split(',')
-                    .filter(|m| !m.is_empty())
-                    .map(str::to_string)
-                    .collect();
-                if !members.contains(&u.name) {
-                    members.push(u.name.clone());
-                }
-                row[3] = members.join(",");
-            }
-        }
-        // Password: the cluster's hash, or locked (keys only).
-        let hash = u.password_hash.clone().unwrap_or_else(|| "!".into());
-        let row = sh.entry(u.name.clone()).or_insert_with(|| {
-            sh_order.push(u.name.clone());
-            vec![
-                u.name.clone(),
-                String::new(),
-                "0".into(),
-                "0".into(),
-                "99999".into(),
-                "7".into(),
-                String::new(),
-                String::new(),
-                String::new(),
-            ]
-        });
-        row[1] = hash;
+        join_groups(&mut gr, &u.name, &want);
+        set_password(&mut sh, u);
         if !u.ssh_authorized_keys.is_empty() {
             homes.push(Entry::Dir {
                 path: format!("{home}/.ssh"),
@@ -384,9 +344,89 @@ fn accounts(r: &RootfsPlan, profile: &str, f: &ImageFacts) -> Result<(Vec<Entry>
             ));
         }
     }
+    refuse_known_passwords(&sh, r, profile)?;
 
-    // A release's well-known password must not survive on a user the cluster file leaves alone.
-    for (name, row) in &sh {
+    let accounts = vec![
+        file("/etc/passwd", pw.text(), None),
+        file("/etc/group", gr.text(), None),
+        file("/etc/shadow", sh.text(), None),
+    ];
+    Ok((accounts, homes))
+}
+
+/// Adds `u` to passwd (with a shell the image has) and its own group; returns its home.
+fn add_account(pw: &mut Db, gr: &mut Db, u: &User, id: u32, f: &ImageFacts) -> String {
+    let shell = [u.shell.as_str(), "/bin/ash", "/bin/sh"]
+        .into_iter()
+        .find(|s| f.present.contains(*s))
+        .unwrap_or("/bin/sh")
+        .to_string();
+    let home = format!("/home/{}", u.name);
+    pw.add(vec![
+        u.name.clone(),
+        "x".into(),
+        id.to_string(),
+        id.to_string(),
+        u.name.clone(),
+        home.clone(),
+        shell,
+    ]);
+    if !gr.rows.contains_key(&u.name) {
+        gr.add(vec![
+            u.name.clone(),
+            "x".into(),
+            id.to_string(),
+            String::new(),
+        ]);
+    }
+    home
+}
+
+/// Makes `user` a member of each of `groups` the image has.
+fn join_groups(gr: &mut Db, user: &str, groups: &[&str]) {
+    for g in groups {
+        if let Some(row) = gr.rows.get_mut(*g) {
+            while row.len() < 4 {
+                row.push(String::new());
+            }
+            let mut members: Vec<String> = row[3]
+                .split(',')
+                .filter(|m| !m.is_empty())
+                .map(str::to_string)
+                .collect();
+            if !members.iter().any(|m| m == user) {
+                members.push(user.to_string());
+            }
+            row[3] = members.join(",");
+        }
+    }
+}
+
+/// The user's shadow entry: the cluster's hash, or locked (keys only).
+fn set_password(sh: &mut Db, u: &User) {
+    let hash = u.password_hash.clone().unwrap_or_else(|| "!".into());
+    if !sh.rows.contains_key(&u.name) {
+        sh.add(vec![
+            u.name.clone(),
+            String::new(),
+            "0".into(),
+            "0".into(),
+            "99999".into(),
+            "7".into(),
+            String::new(),
+            String::new(),
+            String::new(),
+        ]);
+    }
+    if let Some(row) = sh.rows.get_mut(&u.name) {
+        row[1] = hash;
+    }
+}
+
+/// A release's well-known password must not survive on a user the cluster file leaves alone.
+fn refuse_known_passwords(sh: &Db, r: &RootfsPlan, profile: &str) -> Result<()> {
+    let listed: BTreeSet<&str> = r.users.iter().map(|u| u.name.as_str()).collect();
+    for (name, row) in &sh.rows {
         if listed.contains(name.as_str()) {
             continue;
         }
@@ -401,13 +441,7 @@ fn accounts(r: &RootfsPlan, profile: &str, f: &ImageFacts) -> Result<(Vec<Entry>
             }
         }
     }
-
-    let accounts = vec![
-        file("/etc/passwd", join_db(&pw_order, &pw), None),
-        file("/etc/group", join_db(&gr_order, &gr), None),
-        file("/etc/shadow", join_db(&sh_order, &sh), None),
-    ];
-    Ok((accounts, homes))
+    Ok(())
 }
 
 /// A NetworkManager keyfile for one interface: wifi (wlan0, with the node's wifi) or ethernet.
