@@ -13,12 +13,12 @@ use anyhow::{Context, Result};
 use crate::artifact::manifest::{Entry, Manifest, sha256sum_line};
 use crate::artifact::writer;
 use crate::base::cache::Cache;
-use crate::base::{self, BaseRef};
+use crate::base::{self, BaseImage, BaseRef};
 use crate::fs::ext4_write;
 use crate::plan::Cluster;
 use crate::plan::node::NodeConfig;
-use crate::plan::profile::{OverlayTarget, PartitionRole, ProvisionMethod};
-use crate::plan::stamp_plan as plan;
+use crate::plan::profile::{OverlayTarget, PartitionRole, Profile, ProfileOrigin};
+use crate::plan::stamp_plan::{self as plan, StampPlan};
 use crate::stamp::{apply, rootfs, seed_scrub};
 use crate::util::fsutil::{TempGuard, temp_beside, write_atomic};
 
@@ -55,81 +55,205 @@ pub struct Artifact {
     pub image_size: u64,
 }
 
+/// Where a node's build lands in `out/`.
+struct OutputPaths {
+    image: PathBuf,
+    bmap: PathBuf,
+    sha256sum: PathBuf,
+    manifest: PathBuf,
+    /// The config-drive documents beside the image: (manifest role, path, text).
+    side_files: Vec<(&'static str, PathBuf, String)>,
+}
+
+impl OutputPaths {
+    fn new(opts: &BuildOptions, what: &NodeBuild) -> Self {
+        let (out_dir, node, plan) = (&opts.out_dir, &what.node.name, what.plan);
+        let ext = match (opts.format, opts.base.oci_image(what.profile).is_some()) {
+            (OutputFormat::Qcow2, _) => "qcow2",
+            (OutputFormat::Raw, true) => "raw",
+            (OutputFormat::Raw, false) => "img",
+        };
+        // Config-drive images carry no per-node files; the documents Ironic's config drive will
+        // hold are build outputs beside the image (`kiln metal3 manifests` renders the same ones).
+        let mut side_files = Vec::new();
+        if let Some(network_data) = &plan.network_data {
+            side_files.push((
+                "user-data",
+                out_dir.join(format!("{node}.user-data")),
+                plan.user_data.clone(),
+            ));
+            side_files.push((
+                "network-data",
+                out_dir.join(format!("{node}.network_data.json")),
+                network_data.clone(),
+            ));
+        }
+        OutputPaths {
+            image: out_dir.join(format!("{node}.{ext}")),
+            bmap: out_dir.join(format!("{node}.{ext}.bmap")),
+            sha256sum: out_dir.join(format!("{node}.{ext}.sha256sum")),
+            manifest: out_dir.join(format!("{node}.manifest.json")),
+            side_files,
+        }
+    }
+}
+
+/// A stamped node ready to be written: the file its bytes are read from (the base, or a working
+/// copy whose root was edited) and the patches over it.
+struct StampedNode {
+    source: PathBuf,
+    stamped: apply::Stamped,
+    /// Whether `source` is a working copy (and its root differs from the base).
+    edits_root: bool,
+}
+
+/// The written image (still under its temporary name) and its map.
+struct WrittenImage {
+    tmp: PathBuf,
+    bmap: crate::artifact::bmap::Bmap,
+    sha256: String,
+    size: u64,
+    /// Converted to QCOW2 (which maps its own clusters: no bmap beside it).
+    qcow2: bool,
+}
+
+/// What one node's build reads: its configuration, profile and plan.
+#[derive(Clone, Copy)]
+struct NodeBuild<'a> {
+    cluster: &'a Cluster,
+    node: &'a NodeConfig,
+    profile: &'a Profile,
+    origin: &'a ProfileOrigin,
+    plan: &'a StampPlan,
+}
+
 pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> Result<Artifact> {
     let (profile, origin) = cluster.profile_of(node);
     let plan = plan::plan(cluster, node).with_context(|| format!("planning node {}", node.name))?;
-    let oci_ref = match &opts.base {
-        BaseRef::Oci(r) => Some(r.clone()),
-        BaseRef::Profile if profile.source.url.is_none() => profile.source.oci.clone(),
-        _ => None,
+    let what = NodeBuild {
+        cluster,
+        node,
+        profile,
+        origin,
+        plan: &plan,
     };
-    let base = match &oci_ref {
-        Some(r) => base::oci_base::prepare(r, profile, opts.insecure),
-        None => base::prepare(&opts.base, profile, opts.base_sha256.as_deref()),
+    let base = prepare_base(&what, opts)?;
+    let paths = OutputPaths::new(opts, &what);
+    let mut guard = TempGuard::default();
+    let stamped = stamp_node(&what, &base, &opts.out_dir, &mut guard)?;
+    let report = &stamped.stamped.report;
+    if let Some(why) = &report.kept_signature_because {
+        eprintln!("note: {}: {why}", node.name);
     }
-    .with_context(|| format!("preparing the base image for node {}", node.name))?;
-    // Refuse a base that is not what the profile promises before copying anything.
-    apply::check_layout(&base.raw, profile)?;
+    let written = write_image(&stamped, &base, &paths, opts.format, &mut guard)?;
+    let sum_line = sha256sum_line(&written.sha256, &file_name(&paths.image));
+    let manifest = manifest(&what, &base, report, &paths, &written, &sum_line)?;
+    publish(&paths, &written, &sum_line, &manifest, guard)?;
+    Ok(Artifact {
+        node: node.name.clone(),
+        image: paths.image,
+        bmap: paths.bmap,
+        sha256sum: paths.sha256sum,
+        manifest: paths.manifest,
+        sha256: written.sha256,
+        mapped_bytes: written.bmap.mapped_blocks() * written.bmap.block_size,
+        image_size: written.size,
+    })
+}
 
+/// The node's base image, checked against its profile before anything is copied, and the output
+/// directory made ready for it.
+fn prepare_base(what: &NodeBuild, opts: &BuildOptions) -> Result<BaseImage> {
+    let base = base::prepare(
+        &opts.base,
+        what.profile,
+        opts.base_sha256.as_deref(),
+        opts.insecure,
+    )
+    .with_context(|| format!("preparing the base image for node {}", what.node.name))?;
+    // Refuse a base that is not what the profile promises before copying anything.
+    apply::check_layout(&base.raw, what.profile)?;
     std::fs::create_dir_all(&opts.out_dir)
         .with_context(|| format!("creating {}", opts.out_dir.display()))?;
     crate::util::fsutil::sweep_stale_temporaries(&opts.out_dir);
-    let ext = match (opts.format, &oci_ref) {
-        (OutputFormat::Qcow2, _) => "qcow2",
-        (OutputFormat::Raw, Some(_)) => "raw",
-        (OutputFormat::Raw, None) => "img",
-    };
-    let qcow2 = opts.format == OutputFormat::Qcow2;
-    let image = opts.out_dir.join(format!("{}.{ext}", node.name));
-    let bmap_path = opts.out_dir.join(format!("{}.{ext}.bmap", node.name));
-    let sum_path = opts.out_dir.join(format!("{}.{ext}.sha256sum", node.name));
-    let manifest_path = opts.out_dir.join(format!("{}.manifest.json", node.name));
+    Ok(base)
+}
 
-    let mut guard = TempGuard::default();
-    let tmp_image = guard.track(temp_beside(&image.with_extension("raw-tmp")));
-    let rootfs = profile.provision.method == ProvisionMethod::Rootfs;
+fn digest(s: &str) -> String {
+    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(s.as_bytes()))
+}
+
+/// Stamps the plan onto the base. Nodes whose root is edited get a working copy of the base
+/// (e2fsprogs edits in place); the others are stamped in memory, to be written over the base in
+/// one pass.
+fn stamp_node(
+    what: &NodeBuild,
+    base: &BaseImage,
+    out_dir: &Path,
+    guard: &mut TempGuard,
+) -> Result<StampedNode> {
+    let NodeBuild {
+        node,
+        profile,
+        plan,
+        ..
+    } = *what;
+    let rootfs = plan.rootfs.is_some();
     // Overlays into the root of a cloud-init image: the root is edited in a working copy too.
     let overlays_into_root = !rootfs
         && profile.provision.overlays_into == OverlayTarget::Root
         && !node.overlays.is_empty();
-    let edits_root = rootfs || overlays_into_root;
-    // Nodes whose root is edited get a working copy of the base (e2fsprogs edits in place);
-    // the others are stamped in memory and written over the base in one pass.
-    let (source, stamped) = if edits_root {
-        let work = guard.track(opts.out_dir.join(format!(".{}.work", node.name)));
-        let (layout, root, epoch) = work_copy(&base.raw, &work, profile)?;
-        let entries = if rootfs {
-            rootfs::entries(cluster, node, profile, &work, root.start)
-                .with_context(|| format!("configuring node {}", node.name))?
-        } else {
-            rootfs::overlay_entries(cluster, node, &work, root.start)?
-        };
-        ext4_write::apply(&work, root.start, &entries, epoch)
-            .with_context(|| format!("writing node {}'s files into its root", node.name))?;
-        let stamped = if rootfs {
-            apply::unstamped(&work, layout)?
-        } else {
-            apply::stamp(&work, profile, &plan)
-                .with_context(|| format!("stamping node {}", node.name))?
-        };
-        (work, stamped)
-    } else {
-        let stamped = apply::stamp(&base.raw, profile, &plan)
+    if !(rootfs || overlays_into_root) {
+        let stamped = apply::stamp(&base.raw, profile, plan)
             .with_context(|| format!("stamping node {}", node.name))?;
-        (base.raw.clone(), stamped)
-    };
-    let report = &stamped.report;
-    if let Some(why) = &report.kept_signature_because {
-        eprintln!("note: {}: {why}", node.name);
+        return Ok(StampedNode {
+            source: base.raw.clone(),
+            stamped,
+            edits_root: false,
+        });
     }
+    let work = guard.track(out_dir.join(format!(".{}.work", node.name)));
+    let (layout, root, epoch) = work_copy(&base.raw, &work, profile)?;
+    let entries = if rootfs {
+        rootfs::entries(plan, &work, root.start)
+            .with_context(|| format!("configuring node {}", node.name))?
+    } else {
+        rootfs::overlay_entries(plan, &work, root.start)?
+    };
+    ext4_write::apply(&work, root.start, &entries, epoch)
+        .with_context(|| format!("writing node {}'s files into its root", node.name))?;
+    let stamped = if rootfs {
+        apply::unstamped(&work, layout)?
+    } else {
+        apply::stamp(&work, profile, plan)
+            .with_context(|| format!("stamping node {}", node.name))?
+    };
+    Ok(StampedNode {
+        source: work,
+        stamped,
+        edits_root: true,
+    })
+}
+
+/// Writes the stamped node to a temporary image in `out/` with its bmap (and converts it to
+/// QCOW2 when asked).
+fn write_image(
+    node: &StampedNode,
+    base: &BaseImage,
+    paths: &OutputPaths,
+    format: OutputFormat,
+    guard: &mut TempGuard,
+) -> Result<WrittenImage> {
+    let tmp_image = guard.track(temp_beside(&paths.image.with_extension("raw-tmp")));
+    let stamped = &node.stamped;
     // Range checksums of partitions this node leaves untouched are the same for every node built
-    // on this base; remember them so the next build hashes only what changed. (Not for rootfs
-    // nodes: their root differs from the base without a patch to say where.)
+    // on this base; remember them so the next build hashes only what changed. (Not for nodes
+    // whose root was edited: it differs from the base without a patch to say where.)
     let sums_path = Cache::open()?
         .root
         .join("images")
         .join(format!("{}.range-sums.json", base.source_sha256));
-    let known = if edits_root {
+    let known = if node.edits_root {
         BTreeMap::new()
     } else {
         load_sums(&sums_path)
@@ -141,8 +265,8 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
         .iter()
         .flat_map(|p| [p.start, p.end()])
         .collect();
-    let (bmap, mut sha256) = writer::write_image(
-        &source,
+    let (bmap, sha256) = writer::write_image(
+        &node.source,
         &stamped.patches,
         &tmp_image,
         &stamped.used,
@@ -150,28 +274,65 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
         &known,
     )
     .with_context(|| format!("writing {}", tmp_image.display()))?;
-    if edits_root {
-        let _ = std::fs::remove_file(&source);
+    if node.edits_root {
+        let _ = std::fs::remove_file(&node.source);
     } else {
         store_sums(&sums_path, &writer::reusable_sums(&bmap, &stamped.patches));
     }
-    let bmap_xml = bmap.to_xml();
-    let image_name = file_name(&image);
-    let mut image_size = bmap.image_size;
+    if format != OutputFormat::Qcow2 {
+        return Ok(WrittenImage {
+            tmp: tmp_image,
+            size: bmap.image_size,
+            bmap,
+            sha256,
+            qcow2: false,
+        });
+    }
     // QCOW2: the raw image converted (only what the bmap maps is read); the raw goes away.
-    let final_tmp = if qcow2 {
-        let q = guard.track(temp_beside(&image));
-        crate::artifact::qcow2::convert(&tmp_image, Some(&bmap), &q)
-            .with_context(|| format!("writing {}", q.display()))?;
-        let _ = std::fs::remove_file(&tmp_image);
-        sha256 = crate::base::cache::sha256_file(&q)?;
-        image_size = std::fs::metadata(&q)?.len();
-        q
-    } else {
-        tmp_image.clone()
-    };
-    let sum_line = sha256sum_line(&sha256, &image_name);
+    let q = guard.track(temp_beside(&paths.image));
+    crate::artifact::qcow2::convert(&tmp_image, Some(&bmap), &q)
+        .with_context(|| format!("writing {}", q.display()))?;
+    let _ = std::fs::remove_file(&tmp_image);
+    Ok(WrittenImage {
+        sha256: crate::base::cache::sha256_file(&q)?,
+        size: std::fs::metadata(&q)?.len(),
+        tmp: q,
+        bmap,
+        qcow2: true,
+    })
+}
 
+/// The build manifest: what went in and what came out.
+fn manifest(
+    what: &NodeBuild,
+    base: &BaseImage,
+    report: &apply::StampReport,
+    paths: &OutputPaths,
+    written: &WrittenImage,
+    sum_line: &str,
+) -> Result<Manifest> {
+    Ok(Manifest {
+        kiln_version: env!("CARGO_PKG_VERSION").into(),
+        node: what.node.name.clone(),
+        profile: what.profile.name.clone(),
+        source_date_epoch: apply::source_date_epoch()?,
+        fat_timestamp: report.fat_timestamp.clone(),
+        disk_signature: report.disk_signature.clone(),
+        instance_id: what.plan.instance_id.clone(),
+        inputs: manifest_inputs(what, base),
+        outputs: manifest_outputs(paths, written, sum_line),
+    })
+}
+
+/// What a build read: the base, the cluster file, the profile, the plan's files, kiln's scripts.
+fn manifest_inputs(what: &NodeBuild, base: &BaseImage) -> Vec<Entry> {
+    let NodeBuild {
+        cluster,
+        node,
+        origin,
+        plan,
+        ..
+    } = *what;
     let mut inputs = vec![
         Entry {
             role: "base-image".into(),
@@ -188,9 +349,7 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
         Entry {
             role: "profile".into(),
             path: origin.describe(),
-            sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
-                origin.text().as_bytes(),
-            )),
+            sha256: digest(origin.text()),
             size: None,
         },
     ];
@@ -232,55 +391,39 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
             inputs.push(Entry {
                 role: "script".into(),
                 path: name.into(),
-                sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text.as_bytes())),
+                sha256: digest(text),
                 size: None,
             });
         }
     }
-    let digest = |s: &str| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(s.as_bytes()));
-    // Config-drive images carry no per-node files; the documents Ironic's config drive will hold
-    // are build outputs beside the image (`kiln metal3 manifests` renders the same ones).
-    let mut side_files = Vec::new();
-    if let Some(network_data) = &plan.network_data {
-        side_files.push((
-            "user-data",
-            opts.out_dir.join(format!("{}.user-data", node.name)),
-            plan.user_data.clone(),
-        ));
-        side_files.push((
-            "network-data",
-            opts.out_dir
-                .join(format!("{}.network_data.json", node.name)),
-            network_data.clone(),
-        ));
-    }
-    let mut outputs = vec![
-        Entry {
-            role: "image".into(),
-            path: image_name.clone(),
-            sha256: sha256.clone(),
-            size: Some(image_size),
-        },
-        Entry {
-            role: "sha256sum".into(),
-            path: file_name(&sum_path),
-            sha256: digest(&sum_line),
-            size: Some(sum_line.len() as u64),
-        },
-    ];
+    inputs
+}
+
+/// What a build wrote: the image, its bmap (raw only), its checksum, the config-drive documents.
+fn manifest_outputs(paths: &OutputPaths, written: &WrittenImage, sum_line: &str) -> Vec<Entry> {
+    let mut outputs = vec![Entry {
+        role: "image".into(),
+        path: file_name(&paths.image),
+        sha256: written.sha256.clone(),
+        size: Some(written.size),
+    }];
     // A bmap describes a raw image; a QCOW2 maps its own clusters.
-    if !qcow2 {
-        outputs.insert(
-            1,
-            Entry {
-                role: "bmap".into(),
-                path: file_name(&bmap_path),
-                sha256: digest(&bmap_xml),
-                size: Some(bmap_xml.len() as u64),
-            },
-        );
+    if !written.qcow2 {
+        let xml = written.bmap.to_xml();
+        outputs.push(Entry {
+            role: "bmap".into(),
+            path: file_name(&paths.bmap),
+            sha256: digest(&xml),
+            size: Some(xml.len() as u64),
+        });
     }
-    for (role, path, text) in &side_files {
+    outputs.push(Entry {
+        role: "sha256sum".into(),
+        path: file_name(&paths.sha256sum),
+        sha256: digest(sum_line),
+        size: Some(sum_line.len() as u64),
+    });
+    for (role, path, text) in &paths.side_files {
         outputs.push(Entry {
             role: (*role).into(),
             path: file_name(path),
@@ -288,29 +431,27 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
             size: Some(text.len() as u64),
         });
     }
-    let manifest = Manifest {
-        kiln_version: env!("CARGO_PKG_VERSION").into(),
-        node: node.name.clone(),
-        profile: profile.name.clone(),
-        source_date_epoch: apply::source_date_epoch()?,
-        fat_timestamp: report.fat_timestamp.clone(),
-        disk_signature: report.disk_signature.clone(),
-        instance_id: plan.instance_id.clone(),
-        inputs,
-        outputs,
-    };
+    outputs
+}
 
-    // Publish: the image first, its manifest last, each by an atomic rename.
-    std::fs::rename(&final_tmp, &image)
-        .with_context(|| format!("renaming into {}", image.display()))?;
+/// Publishes the build: the image first, its manifest last, each by an atomic rename.
+fn publish(
+    paths: &OutputPaths,
+    written: &WrittenImage,
+    sum_line: &str,
+    manifest: &Manifest,
+    mut guard: TempGuard,
+) -> Result<()> {
+    std::fs::rename(&written.tmp, &paths.image)
+        .with_context(|| format!("renaming into {}", paths.image.display()))?;
     guard.disarm();
-    if qcow2 {
-        let _ = std::fs::remove_file(&bmap_path);
+    if written.qcow2 {
+        let _ = std::fs::remove_file(&paths.bmap);
     } else {
-        write_atomic(&bmap_path, bmap_xml.as_bytes())?;
+        write_atomic(&paths.bmap, written.bmap.to_xml().as_bytes())?;
     }
-    write_atomic(&sum_path, sum_line.as_bytes())?;
-    for (role, path, text) in &side_files {
+    write_atomic(&paths.sha256sum, sum_line.as_bytes())?;
+    for (role, path, text) in &paths.side_files {
         // user-data holds password hashes and tokens: readable by its owner only.
         if *role == "user-data" {
             crate::util::fsutil::write_private(path, text.as_bytes())?;
@@ -318,17 +459,7 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
             write_atomic(path, text.as_bytes())?;
         }
     }
-    write_atomic(&manifest_path, &serde_json::to_vec_pretty(&manifest)?)?;
-    Ok(Artifact {
-        node: node.name.clone(),
-        image,
-        bmap: bmap_path,
-        sha256sum: sum_path,
-        manifest: manifest_path,
-        sha256,
-        mapped_bytes: bmap.mapped_blocks() * bmap.block_size,
-        image_size,
-    })
+    write_atomic(&paths.manifest, &serde_json::to_vec_pretty(manifest)?)
 }
 
 fn load_sums(path: &Path) -> BTreeMap<(u64, u64), String> {

@@ -47,6 +47,16 @@ impl BaseRef {
             Some(p) => BaseRef::Path(PathBuf::from(p)),
         }
     }
+
+    /// The OCI image the base is made from, if it is one: `--base docker://…`, or the profile's
+    /// `source.oci` when the profile's own source is used and it has no download URL (a URL wins).
+    pub fn oci_image<'a>(&'a self, profile: &'a Profile) -> Option<&'a str> {
+        match self {
+            BaseRef::Oci(r) => Some(r),
+            BaseRef::Profile if profile.source.url.is_none() => profile.source.oci.as_deref(),
+            _ => None,
+        }
+    }
 }
 
 /// A raw base image ready to be copied, and where it came from.
@@ -58,12 +68,17 @@ pub struct BaseImage {
     pub description: String,
 }
 
-/// Resolves `base` for `profile` to a raw image file, downloading and decompressing as needed.
+/// Resolves `base` for `profile` to a raw image file, downloading and decompressing as needed
+/// (an OCI image is pulled, over plain HTTP when `insecure`, and assembled into a disk).
 pub fn prepare(
     base: &BaseRef,
     profile: &Profile,
     expected_sha256: Option<&str>,
+    insecure: bool,
 ) -> Result<BaseImage> {
+    if let Some(reference) = base.oci_image(profile) {
+        return oci_base::prepare(reference, profile, insecure);
+    }
     let cache = Cache::open()?;
     match base {
         BaseRef::Sample => {
@@ -88,14 +103,6 @@ pub fn prepare(
                 description: format!("kiln sample with the {} layout", profile.name),
             })
         }
-        BaseRef::Oci(r) => oci_base::prepare(r, profile, false),
-        BaseRef::Profile if profile.source.oci.is_some() && profile.source.url.is_none() => {
-            oci_base::prepare(
-                profile.source.oci.as_deref().expect("checked"),
-                profile,
-                false,
-            )
-        }
         BaseRef::Profile => {
             let Some(url) = &profile.source.url else {
                 bail!(
@@ -115,6 +122,8 @@ pub fn prepare(
                 profile.source.sha256.as_deref().or(expected_sha256),
             )
         }
+        // Taken by `oci_image` above; kept so the match needs no panic.
+        BaseRef::Oci(r) => oci_base::prepare(r, profile, insecure),
         BaseRef::Url(url) => {
             let expected = expected_sha256.or(if Some(url) == profile.source.url.as_ref() {
                 profile.source.sha256.as_deref()

@@ -99,9 +99,10 @@ fn run_bib(
     std::fs::create_dir_all(&opts.out_dir)?;
     for node in nodes {
         let (profile, _) = cluster.profile_of(node);
-        let reference = match &opts.base {
-            BaseRef::Oci(r) => r.clone(),
-            BaseRef::Profile => match &profile.source.oci {
+        let reference = match (&opts.base, opts.base.oci_image(profile)) {
+            (_, Some(r)) => r.to_string(),
+            // bootc-image-builder builds only from OCI images: a profile's URL does not stand in.
+            (BaseRef::Profile, None) => match &profile.source.oci {
                 Some(r) => r.clone(),
                 None => bail!(
                     "--engine bootc-image-builder builds from an OCI image; profile {} names \
@@ -109,7 +110,9 @@ fn run_bib(
                     profile.name
                 ),
             },
-            _ => bail!("--engine bootc-image-builder needs an OCI image as --base (docker://…)"),
+            (_, None) => {
+                bail!("--engine bootc-image-builder needs an OCI image as --base (docker://…)")
+            }
         };
         let made = kiln::base::bib::build(cluster, node, &reference, &opts.out_dir, opts.format)?;
         println!("{:<14} {}", node.name, made.display());

@@ -8,7 +8,6 @@ use anyhow::{Context, Result, bail};
 use kiln::deliver::run::{Arch, RunOptions};
 use kiln::plan::profile::ProvisionMethod;
 use kiln::plan::stamp_plan;
-use kiln::stamp::cloud_init::{self, MetaData, NetworkConfigV1};
 
 pub struct Args {
     pub image: PathBuf,
@@ -40,18 +39,13 @@ pub fn run(a: Args) -> Result<()> {
             }
             let p =
                 stamp_plan::plan(&cluster, n).with_context(|| format!("planning node {node}"))?;
-            let meta = cloud_init::render_yaml(&MetaData {
-                instance_id: p.instance_id.clone(),
-                local_hostname: n.hostname.clone(),
-            })?;
-            let net = cloud_init::render_yaml(&NetworkConfigV1::for_node(n))?;
             let path = tmp.path().join("seed.img");
             kiln::deliver::run::make_seed(
                 &path,
                 &[
                     ("user-data", p.user_data.as_bytes()),
-                    ("meta-data", meta.as_bytes()),
-                    ("network-config", net.as_bytes()),
+                    ("meta-data", p.meta_data.as_bytes()),
+                    ("network-config", p.network_config.as_bytes()),
                 ],
             )?;
             Some(path)

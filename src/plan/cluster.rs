@@ -61,7 +61,8 @@ pub struct UserSpec {
 
 /// Settings that `[defaults]` gives every node and a `[[node]]` may override.
 ///
-/// `name` and `hostname` only make sense on a node; `resolve` rejects them in `[defaults]`.
+/// `name`, `hostname`, `serial` and `boot_mac` only make sense on a node (`per_node_keys`);
+/// `resolve` rejects them in `[defaults]`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeSettings {
@@ -93,6 +94,18 @@ pub struct NodeSettings {
     /// (35+) installs itself with `bootc install` in its deploy ramdisk, instead of a disk image
     /// kiln builds.
     pub bootc_image: Option<String>,
+}
+
+impl NodeSettings {
+    /// The keys that name one machine, so `[defaults]` cannot give them, and whether each is set.
+    pub fn per_node_keys(&self) -> [(&'static str, bool); 4] {
+        [
+            ("name", self.name.is_some()),
+            ("hostname", self.hostname.is_some()),
+            ("serial", self.serial.is_some()),
+            ("boot_mac", self.boot_mac.is_some()),
+        ]
+    }
 }
 
 /// A BMC as Ironic addresses it, e.g. a sushy-tools emulator in front of plugs and AMT.

@@ -7,9 +7,11 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde::{Serialize, Serializer};
+use serde_yaml_ng::Mapping;
 use sha2::{Digest, Sha256};
 
 pub use super::cluster::RootDeviceHints;
+use super::overlay::Overlay;
 
 /// A secret value. It prints as `<secret sha256:…>` and serialises as its digest, so `kiln check`
 /// output and build manifests never contain it, yet a changed secret still changes the digest of
@@ -59,8 +61,11 @@ pub struct NodeConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub swarm: Option<SwarmRole>,
     pub overlays: Vec<String>,
+    /// The overlays named in `overlays`, loaded (and so checked) once, during resolution.
+    #[serde(skip)]
+    pub loaded_overlays: Vec<Overlay>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub user_data: Option<InputFile>,
+    pub user_data: Option<UserData>,
     /// Files on the boot partition the cluster file replaces, by their name there.
     pub boot_files: BTreeMap<String, InputFile>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -162,6 +167,20 @@ pub enum SwarmRole {
         as_manager: bool,
         token: Secret,
     },
+}
+
+/// A user's `#cloud-config` fragment: its file, and the mapping parsed from it once, during
+/// resolution. It serialises as its file (path and digest).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserData {
+    pub file: InputFile,
+    pub fragment: Mapping,
+}
+
+impl Serialize for UserData {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.file.serialize(s)
+    }
 }
 
 /// A file the configuration refers to, read once during resolution.

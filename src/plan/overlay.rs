@@ -18,7 +18,7 @@ use super::node::InputFile;
 
 static BUILTIN: Dir<'_> = include_dir!("$CARGO_MANIFEST_DIR/overlays");
 
-#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OverlayManifest {
     pub description: String,
@@ -44,14 +44,14 @@ pub struct OverlayManifest {
 
 /// A venv created on the target with pinned requirements (pip `name==version`), so every host
 /// runs the versions the overlay was tested with.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct VenvSpec {
     pub path: String,
     pub requirements: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct FileRule {
     pub path: String,
@@ -60,7 +60,7 @@ pub struct FileRule {
     pub group: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Packages {
     #[serde(default)]
@@ -69,7 +69,7 @@ pub struct Packages {
     pub alpine: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigTarget {
     pub path: String,
@@ -100,7 +100,7 @@ pub struct OverlayFile {
     pub content: InputFile,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Overlay {
     pub name: String,
     /// Where it was found (a directory, or `<built-in>`).

@@ -11,11 +11,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use ipnet::IpNet;
 
-use super::cluster::{ClusterFile, InterfaceSpec, NodeSettings, SecretRef, UserSpec};
+use super::cluster::{ClusterFile, InterfaceSpec, NodeSettings, SecretRef, SwarmSection, UserSpec};
 use super::diag::{KeyPath, SourceText, SpecError, SpecErrors};
-use super::node::{BareMetal, InputFile, Interface, NodeConfig, Secret, SwarmRole, User, Wifi};
+use super::ids;
+use super::node::{
+    BareMetal, InputFile, Interface, NodeConfig, Secret, SwarmRole, User, UserData, Wifi,
+};
+use super::overlay::{self, Overlay};
 use super::profile::{self, Profile, ProfileOrigin};
-use super::{ids, overlay};
 use crate::keypath;
 
 /// A loaded and validated cluster file.
@@ -81,6 +84,12 @@ pub fn load(path: &Path) -> Result<Cluster> {
             path.display()
         )
     })?;
+    parse(path, text)
+}
+
+/// Parses and resolves `text` as the cluster file at `path` (relative paths in it are relative to
+/// `path`'s directory).
+pub fn parse(path: &Path, text: String) -> Result<Cluster> {
     let source = SourceText::new(path, text.clone());
     let parsed: ClusterFile = toml::from_str(&text).map_err(|e| source.from_toml(&e))?;
     let dir = path
@@ -115,6 +124,54 @@ pub fn load(path: &Path) -> Result<Cluster> {
         nodes,
         profiles,
     })
+}
+
+/// One node's settings over `[defaults]`: a setting comes from the node when it sets it, else from
+/// the defaults, and an error about it points at the table it came from.
+#[derive(Clone, Copy)]
+struct Layered<'f> {
+    /// The node's index among the `[[node]]` tables.
+    i: usize,
+    node: &'f NodeSettings,
+    defaults: &'f NodeSettings,
+}
+
+/// A node's interface specs by name, each with where it is written.
+type InterfaceSpecs = BTreeMap<String, (InterfaceSpec, KeyPath)>;
+
+impl<'f> Layered<'f> {
+    /// The setting `key` (read from a table by `field`), and where it came from.
+    fn get<T>(
+        &self,
+        key: &str,
+        field: impl Fn(&'f NodeSettings) -> &'f Option<T>,
+    ) -> (Option<&'f T>, KeyPath) {
+        match field(self.node) {
+            Some(v) => (Some(v), keypath!["node", self.i, key]),
+            None => (field(self.defaults).as_ref(), keypath!["defaults", key]),
+        }
+    }
+
+    /// The node's interfaces: those of `[defaults]`, replaced by the node's of the same name.
+    fn interfaces(&self) -> InterfaceSpecs {
+        let mut specs = InterfaceSpecs::new();
+        for (table, base) in [
+            (&self.defaults.network, keypath!["defaults", "network"]),
+            (&self.node.network, keypath!["node", self.i, "network"]),
+        ] {
+            for (ifname, spec) in table.iter().flatten() {
+                specs.insert(ifname.clone(), (spec.clone(), child(&base, ifname)));
+            }
+        }
+        specs
+    }
+}
+
+/// `path` with one more segment.
+fn child(path: &KeyPath, seg: impl crate::plan::diag::IntoSeg) -> KeyPath {
+    let mut p = path.clone();
+    p.push(seg.into_seg());
+    p
 }
 
 struct Resolver<'a> {
@@ -286,13 +343,7 @@ impl Resolver<'_> {
                 None,
             );
         }
-        for key in ["name", "hostname", "serial", "boot_mac"] {
-            let set = match key {
-                "name" => f.defaults.name.is_some(),
-                "hostname" => f.defaults.hostname.is_some(),
-                "boot_mac" => f.defaults.boot_mac.is_some(),
-                _ => f.defaults.serial.is_some(),
-            };
+        for (key, set) in f.defaults.per_node_keys() {
             if set {
                 self.err(
                     keypath!["defaults", key],
@@ -333,44 +384,55 @@ impl Resolver<'_> {
                 );
             }
             if let Some(node) = self.node(f, i, n, &name, &seed, &users) {
-                for (ifname, iface) in &node.network {
-                    if let Some(ip) = iface.static_ip()
-                        && let Some(other) = addresses.insert(ip, name.clone())
-                    {
-                        self.err(
-                            keypath!["node", i, "network", ifname, "address"],
-                            format!("address {ip} is already used by node {other}"),
-                            None,
-                        );
-                    }
-                }
-                // Two machines with one MAC would fight over one DHCP lease and one BMH.
-                let node_macs = node
-                    .macs
-                    .iter()
-                    .map(|(k, m)| (keypath!["node", i, "network", k, "mac"], m.clone()))
-                    .chain(
-                        node.bare_metal
-                            .iter()
-                            .map(|b| (keypath!["node", i, "boot_mac"], b.boot_mac.clone())),
-                    );
-                for (path, mac) in node_macs {
-                    match macs.get(&mac) {
-                        Some(other) if other != &name => self.err(
-                            path,
-                            format!("MAC address {mac} is already node {other}'s"),
-                            None,
-                        ),
-                        _ => {
-                            macs.insert(mac, name.clone());
-                        }
-                    }
-                }
+                self.check_unique(i, &node, &mut addresses, &mut macs);
                 nodes.push(node);
             }
         }
         self.swarm(f, &mut nodes);
         nodes
+    }
+
+    /// Refuses a static address or MAC address that an earlier node already has.
+    fn check_unique(
+        &mut self,
+        i: usize,
+        node: &NodeConfig,
+        addresses: &mut BTreeMap<IpAddr, String>,
+        macs: &mut BTreeMap<String, String>,
+    ) {
+        for (ifname, iface) in &node.network {
+            if let Some(ip) = iface.static_ip()
+                && let Some(other) = addresses.insert(ip, node.name.clone())
+            {
+                self.err(
+                    keypath!["node", i, "network", ifname, "address"],
+                    format!("address {ip} is already used by node {other}"),
+                    None,
+                );
+            }
+        }
+        // Two machines with one MAC would fight over one DHCP lease and one BMH.
+        let node_macs = node
+            .macs
+            .iter()
+            .map(|(k, m)| (keypath!["node", i, "network", k, "mac"], m.clone()))
+            .chain(
+                node.bare_metal
+                    .iter()
+                    .map(|b| (keypath!["node", i, "boot_mac"], b.boot_mac.clone())),
+            );
+        for (path, mac) in node_macs {
+            match macs.get(&mac) {
+                Some(other) if other != &node.name => self.err(
+                    path,
+                    format!("MAC address {mac} is already node {other}'s"),
+                    None,
+                ),
+                _ => {
+                    macs.insert(mac, node.name.clone());
+                }
+            }
+        }
     }
 
     fn users(&mut self, f: &ClusterFile) -> Vec<(UserSpec, Option<Secret>)> {
@@ -475,237 +537,27 @@ impl Resolver<'_> {
         seed: &str,
         users: &[(UserSpec, Option<Secret>)],
     ) -> Option<NodeConfig> {
-        let d = &f.defaults;
+        let l = Layered {
+            i,
+            node: n,
+            defaults: &f.defaults,
+        };
         let before = self.errors.len();
-        // Where a setting came from, for error locations: the node if it sets it, else defaults.
-        let at = |key: &str, node_has: bool| -> KeyPath {
-            if node_has {
-                keypath!["node", i, key]
-            } else {
-                keypath!["defaults", key]
-            }
-        };
-
-        let hostname = n.hostname.clone().unwrap_or_else(|| name.to_string());
-        if n.hostname.is_some() && !valid_hostname(&hostname) {
-            self.err(
-                keypath!["node", i, "hostname"],
-                format!("hostname {hostname:?} is not a valid host name"),
-                Some("letters, digits and inner hyphens; dots separate labels"),
-            );
-        }
-        let image = n.image.clone().or_else(|| d.image.clone());
-        let image = match image {
-            Some(img) => {
-                if !self.profile(at("image", n.image.is_some()), &img) {
-                    return None;
-                }
-                img
-            }
-            None => {
-                self.err(
-                    keypath!["node", i],
-                    format!("node {name} has no image profile"),
-                    Some("set image = \"hypriot-rpi\" in [defaults] or in the node"),
-                );
-                return None;
-            }
-        };
-        let profile = self.profiles[&image].0.clone();
-
-        let timezone = n.timezone.clone().or_else(|| d.timezone.clone());
-        if let Some(tz) = &timezone
-            && !valid_timezone(tz)
-        {
-            self.err(
-                at("timezone", n.timezone.is_some()),
-                format!("timezone {tz:?} is not a tz database name"),
-                Some("for example \"Europe/Berlin\" or \"UTC\""),
-            );
-        }
-
-        // Network: the node's interfaces replace the defaults' interfaces of the same name.
-        let mut specs: BTreeMap<String, (InterfaceSpec, KeyPath)> = BTreeMap::new();
-        for (src, table) in [("defaults", &d.network), ("node", &n.network)] {
-            if let Some(t) = table {
-                for (ifname, spec) in t {
-                    let base = if src == "node" {
-                        keypath!["node", i, "network", ifname]
-                    } else {
-                        keypath!["defaults", "network", ifname]
-                    };
-                    specs.insert(ifname.clone(), (spec.clone(), base));
-                }
-            }
-        }
-        let mut network = BTreeMap::new();
-        for (ifname, (spec, base)) in &specs {
-            if !valid_ifname(ifname) {
-                self.err(
-                    base.clone(),
-                    format!("{ifname:?} is not an interface name"),
-                    None,
-                );
-                continue;
-            }
-            if let Some(iface) = self.interface(base, ifname, spec) {
-                network.insert(ifname.clone(), iface);
-            }
-        }
-        if network.is_empty() {
-            network.insert("eth0".to_string(), Interface::Dhcp);
-        }
-
-        let wifi_spec = n.wifi.clone().or_else(|| d.wifi.clone());
-        let wifi_path = |k: &str| {
-            at("wifi", n.wifi.is_some())
-                .into_iter()
-                .chain(keypath![k])
-                .collect::<KeyPath>()
-        };
-        let wifi = match wifi_spec {
-            None => None,
-            Some(w) => {
-                let country = match &w.country {
-                    Some(c) if c.len() == 2 && c.bytes().all(|b| b.is_ascii_alphabetic()) => {
-                        Some(c.to_ascii_uppercase())
-                    }
-                    Some(c) => {
-                        self.err(
-                            wifi_path("country"),
-                            format!("{c:?} is not a two-letter country code"),
-                            None,
-                        );
-                        None
-                    }
-                    None => {
-                        self.err(
-                            at("wifi", n.wifi.is_some()),
-                            "wifi needs a country code",
-                            Some("add country = \"DE\" (ISO 3166); the radio stays blocked without one"),
-                        );
-                        None
-                    }
-                };
-                if w.ssid.is_empty() || w.ssid.len() > 32 {
-                    self.err(wifi_path("ssid"), "an SSID is 1 to 32 bytes", None);
-                }
-                let psk = self.secret(wifi_path("psk"), &w.psk, "wifi psk");
-                if let Some(p) = &psk {
-                    let s = p.expose();
-                    let hex64 = s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
-                    if !(hex64 || (8..=63).contains(&s.len())) {
-                        self.err(
-                            wifi_path("psk"),
-                            format!(
-                                "a WPA passphrase is 8 to 63 characters (this one has {})",
-                                s.len()
-                            ),
-                            None,
-                        );
-                    }
-                }
-                if !network.contains_key("wlan0") {
-                    network.insert("wlan0".to_string(), Interface::Dhcp);
-                }
-                match (country, psk) {
-                    (Some(country), Some(psk)) => Some(Wifi {
-                        ssid: w.ssid.clone(),
-                        psk,
-                        country,
-                        hidden: w.hidden,
-                    }),
-                    _ => None,
-                }
-            }
-        };
-
-        let overlays = n
-            .overlays
-            .clone()
-            .or_else(|| d.overlays.clone())
-            .unwrap_or_default();
-        let overlay_dirs = search_dirs(self.dir, "overlays");
-        for (k, o) in overlays.iter().enumerate() {
-            if let Err(e) = overlay::load(o, &overlay_dirs) {
-                self.err(
-                    at("overlays", n.overlays.is_some())
-                        .into_iter()
-                        .chain(keypath![k])
-                        .collect(),
-                    format!("{e:#}"),
-                    None,
-                );
-            }
-        }
-
-        let user_data_rel = n.user_data.clone().or_else(|| d.user_data.clone());
-        let user_data = user_data_rel.and_then(|rel| {
-            let path = at("user_data", n.user_data.is_some());
-            let file = self.read_file(path.clone(), &rel, "user-data fragment", MAX_INPUT_FILE)?;
-            match crate::stamp::cloud_init::parse_fragment(&file.bytes) {
-                Ok(_) => Some(file),
-                Err(e) => {
-                    self.err(path, format!("user-data fragment {rel}: {e:#}"), None);
-                    None
-                }
-            }
-        });
-
-        let mut boot_files = BTreeMap::new();
-        let boot = n
-            .boot
-            .clone()
-            .or_else(|| d.boot.clone())
-            .unwrap_or_default();
-        for (file_name, rel, key) in [
-            ("config.txt", &boot.config_txt, "config_txt"),
-            ("cmdline.txt", &boot.cmdline_txt, "cmdline_txt"),
-        ] {
-            if let Some(rel) = rel {
-                let path = at("boot", n.boot.is_some())
-                    .into_iter()
-                    .chain(keypath![key])
-                    .collect();
-                if let Some(f) = self.read_file(path, rel, file_name, MAX_INPUT_FILE) {
-                    boot_files.insert(file_name.to_string(), f);
-                }
-            }
-        }
-
-        let mut macs = BTreeMap::new();
-        let mut mtus = BTreeMap::new();
-        for (ifname, (spec, base)) in &specs {
-            match spec.mtu {
-                // 68: the least an IPv4 link may carry (RFC 791); 65535: the Linux maximum.
-                Some(m) if (68..=65535).contains(&m) => {
-                    mtus.insert(ifname.clone(), m);
-                }
-                Some(m) => self.err(
-                    base.iter().cloned().chain(keypath!["mtu"]).collect(),
-                    format!("mtu {m} is outside 68..65535"),
-                    Some("1500 for plain Ethernet, 9000 for jumbo frames"),
-                ),
-                None => {}
-            }
-            if let Some(m) = &spec.mac {
-                match normalize_mac(m) {
-                    Some(mac) => {
-                        macs.insert(ifname.clone(), mac);
-                    }
-                    None => self.err(
-                        base.iter().cloned().chain(keypath!["mac"]).collect(),
-                        format!("{m:?} is not a MAC address"),
-                        Some("six hex pairs, for example 8c:16:45:0a:1b:2c"),
-                    ),
-                }
-            }
-        }
-        let bare_metal = self.bare_metal(d, i, n, name);
-
-        let docker = n
-            .docker
-            .or(d.docker)
+        let hostname = self.hostname(i, n, name);
+        let (image, profile) = self.image(l, name)?;
+        let timezone = self.timezone(l);
+        let specs = l.interfaces();
+        let mut network = self.network(&specs);
+        let wifi = self.wifi(l, &mut network);
+        let (overlays, loaded_overlays) = self.overlays(l);
+        let user_data = self.user_data(l);
+        let boot_files = self.boot_files(l);
+        let (macs, mtus) = self.links(&specs);
+        let bare_metal = self.bare_metal(l, name);
+        let docker = l
+            .get("docker", |s| &s.docker)
+            .0
+            .copied()
             .unwrap_or(profile.provision.docker_preinstalled);
         let node_users = self.node_users(f, name, seed, users, &profile, docker);
 
@@ -723,6 +575,7 @@ impl Resolver<'_> {
             wifi,
             swarm: None,
             overlays,
+            loaded_overlays,
             user_data,
             boot_files,
             serial: n.serial.clone(),
@@ -732,111 +585,257 @@ impl Resolver<'_> {
         })
     }
 
-    /// The node's Metal3 settings: its BMC (from the node or `[defaults]`), boot MAC, root device
-    /// hints and power policy. Nodes without a BMC are not bare-metal hosts.
-    fn bare_metal(
-        &mut self,
-        d: &NodeSettings,
-        i: usize,
-        n: &NodeSettings,
-        name: &str,
-    ) -> Option<BareMetal> {
-        let at = |key: &str, node_has: bool| -> KeyPath {
-            if node_has {
-                keypath!["node", i, key]
-            } else {
-                keypath!["defaults", key]
+    /// The node's host name: its own, else its name.
+    fn hostname(&mut self, i: usize, n: &NodeSettings, name: &str) -> String {
+        let hostname = n.hostname.clone().unwrap_or_else(|| name.to_string());
+        if n.hostname.is_some() && !valid_hostname(&hostname) {
+            self.err(
+                keypath!["node", i, "hostname"],
+                format!("hostname {hostname:?} is not a valid host name"),
+                Some("letters, digits and inner hyphens; dots separate labels"),
+            );
+        }
+        hostname
+    }
+
+    /// The node's image profile, loaded.
+    fn image(&mut self, l: Layered, name: &str) -> Option<(String, Profile)> {
+        match l.get("image", |s| &s.image) {
+            (Some(img), at) => {
+                if !self.profile(at, img) {
+                    return None;
+                }
+                Some((img.clone(), self.profiles[img].0.clone()))
+            }
+            (None, _) => {
+                self.err(
+                    keypath!["node", l.i],
+                    format!("node {name} has no image profile"),
+                    Some("set image = \"hypriot-rpi\" in [defaults] or in the node"),
+                );
+                None
+            }
+        }
+    }
+
+    fn timezone(&mut self, l: Layered) -> Option<String> {
+        let (tz, at) = l.get("timezone", |s| &s.timezone);
+        if let Some(tz) = tz
+            && !valid_timezone(tz)
+        {
+            self.err(
+                at,
+                format!("timezone {tz:?} is not a tz database name"),
+                Some("for example \"Europe/Berlin\" or \"UTC\""),
+            );
+        }
+        tz.cloned()
+    }
+
+    /// The interfaces of the node's specs (eth0 with DHCP when it names none).
+    fn network(&mut self, specs: &InterfaceSpecs) -> BTreeMap<String, Interface> {
+        let mut network = BTreeMap::new();
+        for (ifname, (spec, base)) in specs {
+            if !valid_ifname(ifname) {
+                self.err(
+                    base.clone(),
+                    format!("{ifname:?} is not an interface name"),
+                    None,
+                );
+                continue;
+            }
+            if let Some(iface) = self.interface(base, ifname, spec) {
+                network.insert(ifname.clone(), iface);
+            }
+        }
+        if network.is_empty() {
+            network.insert("eth0".to_string(), Interface::Dhcp);
+        }
+        network
+    }
+
+    /// The node's wifi; it adds wlan0 (DHCP) to `network` unless the node configures it.
+    fn wifi(&mut self, l: Layered, network: &mut BTreeMap<String, Interface>) -> Option<Wifi> {
+        let (w, at) = l.get("wifi", |s| &s.wifi);
+        let w = w?;
+        let country = match &w.country {
+            Some(c) if c.len() == 2 && c.bytes().all(|b| b.is_ascii_alphabetic()) => {
+                Some(c.to_ascii_uppercase())
+            }
+            Some(c) => {
+                self.err(
+                    child(&at, "country"),
+                    format!("{c:?} is not a two-letter country code"),
+                    None,
+                );
+                None
+            }
+            None => {
+                self.err(
+                    at.clone(),
+                    "wifi needs a country code",
+                    Some("add country = \"DE\" (ISO 3166); the radio stays blocked without one"),
+                );
+                None
             }
         };
-        let Some(bmc) = n.bmc.clone().or_else(|| d.bmc.clone()) else {
+        if w.ssid.is_empty() || w.ssid.len() > 32 {
+            self.err(child(&at, "ssid"), "an SSID is 1 to 32 bytes", None);
+        }
+        let psk = self.secret(child(&at, "psk"), &w.psk, "wifi psk");
+        if let Some(p) = &psk {
+            let s = p.expose();
+            let hex64 = s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+            if !(hex64 || (8..=63).contains(&s.len())) {
+                self.err(
+                    child(&at, "psk"),
+                    format!(
+                        "a WPA passphrase is 8 to 63 characters (this one has {})",
+                        s.len()
+                    ),
+                    None,
+                );
+            }
+        }
+        if !network.contains_key("wlan0") {
+            network.insert("wlan0".to_string(), Interface::Dhcp);
+        }
+        Some(Wifi {
+            ssid: w.ssid.clone(),
+            psk: psk?,
+            country: country?,
+            hidden: w.hidden,
+        })
+    }
+
+    /// The node's overlay names and the overlays, each loaded (and so checked) here, once.
+    fn overlays(&mut self, l: Layered) -> (Vec<String>, Vec<Overlay>) {
+        let (names, at) = l.get("overlays", |s| &s.overlays);
+        let names = names.cloned().unwrap_or_default();
+        let dirs = search_dirs(self.dir, "overlays");
+        let mut loaded = Vec::new();
+        for (k, o) in names.iter().enumerate() {
+            match overlay::load(o, &dirs) {
+                Ok(o) => loaded.push(o),
+                Err(e) => self.err(child(&at, k), format!("{e:#}"), None),
+            }
+        }
+        (names, loaded)
+    }
+
+    /// The node's `#cloud-config` fragment, read and parsed here, once.
+    fn user_data(&mut self, l: Layered) -> Option<UserData> {
+        let (rel, at) = l.get("user_data", |s| &s.user_data);
+        let rel = rel?;
+        let file = self.read_file(at.clone(), rel, "user-data fragment", MAX_INPUT_FILE)?;
+        match crate::stamp::cloud_init::parse_fragment(&file.bytes) {
+            Ok(fragment) => Some(UserData { file, fragment }),
+            Err(e) => {
+                self.err(at, format!("user-data fragment {rel}: {e:#}"), None);
+                None
+            }
+        }
+    }
+
+    /// The boot-partition files the node replaces, read, by their name there.
+    fn boot_files(&mut self, l: Layered) -> BTreeMap<String, InputFile> {
+        let (boot, at) = l.get("boot", |s| &s.boot);
+        let boot = boot.cloned().unwrap_or_default();
+        let mut files = BTreeMap::new();
+        for (file_name, rel, key) in [
+            ("config.txt", &boot.config_txt, "config_txt"),
+            ("cmdline.txt", &boot.cmdline_txt, "cmdline_txt"),
+        ] {
+            if let Some(rel) = rel
+                && let Some(f) = self.read_file(child(&at, key), rel, file_name, MAX_INPUT_FILE)
+            {
+                files.insert(file_name.to_string(), f);
+            }
+        }
+        files
+    }
+
+    /// The MAC addresses and MTUs the node's interfaces give, by interface name.
+    fn links(
+        &mut self,
+        specs: &InterfaceSpecs,
+    ) -> (BTreeMap<String, String>, BTreeMap<String, u32>) {
+        let mut macs = BTreeMap::new();
+        let mut mtus = BTreeMap::new();
+        for (ifname, (spec, base)) in specs {
+            match spec.mtu {
+                // 68: the least an IPv4 link may carry (RFC 791); 65535: the Linux maximum.
+                Some(m) if (68..=65535).contains(&m) => {
+                    mtus.insert(ifname.clone(), m);
+                }
+                Some(m) => self.err(
+                    child(base, "mtu"),
+                    format!("mtu {m} is outside 68..65535"),
+                    Some("1500 for plain Ethernet, 9000 for jumbo frames"),
+                ),
+                None => {}
+            }
+            if let Some(m) = &spec.mac {
+                match normalize_mac(m) {
+                    Some(mac) => {
+                        macs.insert(ifname.clone(), mac);
+                    }
+                    None => self.err(
+                        child(base, "mac"),
+                        format!("{m:?} is not a MAC address"),
+                        Some("six hex pairs, for example 8c:16:45:0a:1b:2c"),
+                    ),
+                }
+            }
+        }
+        (macs, mtus)
+    }
+
+    /// The node's Metal3 settings: its BMC (from the node or `[defaults]`), boot MAC, root device
+    /// hints and power policy. Nodes without a BMC are not bare-metal hosts.
+    fn bare_metal(&mut self, l: Layered, name: &str) -> Option<BareMetal> {
+        let (bmc, at) = l.get("bmc", |s| &s.bmc);
+        let n = l.node;
+        let Some(bmc) = bmc else {
             if n.boot_mac.is_some()
                 || n.root_device_hints.is_some()
                 || n.online.is_some()
                 || n.bootc_image.is_some()
             {
                 self.err(
-                    keypath!["node", i],
+                    keypath!["node", l.i],
                     format!("node {name} has bare-metal settings but no bmc"),
                     Some("add bmc = { address = \"redfish+http://…\", username = \"…\", password = { file = \"…\" } }"),
                 );
             }
             return None;
         };
-        let bmc_at = |k: &str| {
-            at("bmc", n.bmc.is_some())
-                .into_iter()
-                .chain(keypath![k])
-                .collect::<KeyPath>()
-        };
         let address = bmc.address.replace("{name}", name);
         // Metal3's baremetal-operator is the judge: its webhook refuses the host otherwise.
         if let Err(e) = super::bmc_address::parse(&address) {
             self.err(
-                bmc_at("address"),
+                child(&at, "address"),
                 format!("{address:?} is not a BMC address Metal3 accepts: {e}"),
                 Some("for a sushy-tools emulator: redfish+http://<host>:8000/redfish/v1/Systems/{name}"),
             );
         }
         if bmc.username.is_empty() {
-            self.err(bmc_at("username"), "the BMC username is empty", None);
+            self.err(child(&at, "username"), "the BMC username is empty", None);
         }
-        let password = self.secret(bmc_at("password"), &bmc.password, "BMC password");
-        let boot_mac = match &n.boot_mac {
-            None => {
-                self.err(
-                    keypath!["node", i],
-                    format!("bare-metal node {name} needs boot_mac"),
-                    Some("the MAC address of the NIC it network-boots from, e.g. boot_mac = \"8c:16:45:0a:1b:2c\""),
-                );
-                None
-            }
-            Some(m) => {
-                let mac = normalize_mac(m);
-                if mac.is_none() {
-                    self.err(
-                        keypath!["node", i, "boot_mac"],
-                        format!("{m:?} is not a MAC address"),
-                        Some("six hex pairs, for example 8c:16:45:0a:1b:2c"),
-                    );
-                }
-                mac
-            }
-        };
-        let hints = n
-            .root_device_hints
-            .clone()
-            .or_else(|| d.root_device_hints.clone())
-            .unwrap_or_default();
+        let password = self.secret(child(&at, "password"), &bmc.password, "BMC password");
+        let boot_mac = self.boot_mac(l, name);
+        let (hints, hints_at) = l.get("root_device_hints", |s| &s.root_device_hints);
+        let hints = hints.cloned().unwrap_or_default();
         if let Some(dev) = &hints.device_name
             && !dev.starts_with("/dev/")
         {
             self.err(
-                at("root_device_hints", n.root_device_hints.is_some())
-                    .into_iter()
-                    .chain(keypath!["device_name"])
-                    .collect(),
+                child(&hints_at, "device_name"),
                 format!("device_name {dev:?} is not a /dev path"),
                 Some("for example /dev/nvme0n1 or /dev/disk/by-path/…"),
             );
         }
-        let bootc_image = n
-            .bootc_image
-            .as_ref()
-            .or(d.bootc_image.as_ref())
-            .and_then(|r| {
-                let bare = r.trim_start_matches("oci://").trim_start_matches("docker://");
-                match crate::oci::registry::parse_reference(bare) {
-                    Ok(_) if bare.contains('/') => Some(format!("oci://{bare}")),
-                    _ => {
-                        self.err(
-                            at("bootc_image", n.bootc_image.is_some()),
-                            format!("{r:?} is not a registry image reference"),
-                            Some("registry/repository:tag, e.g. bootc_image = \"registry.lab:5000/edge/node:v1\""),
-                        );
-                        None
-                    }
-                }
-            });
+        let bootc_image = self.bootc_image(l);
         Some(BareMetal {
             bootc_image,
             bmc_address: address,
@@ -845,8 +844,49 @@ impl Resolver<'_> {
             disable_certificate_verification: bmc.disable_certificate_verification,
             boot_mac: boot_mac?,
             root_device_hints: hints,
-            online: n.online.or(d.online).unwrap_or(true),
+            online: l.get("online", |s| &s.online).0.copied().unwrap_or(true),
         })
+    }
+
+    /// A bare-metal node's boot MAC (its own: `[defaults]` cannot give one).
+    fn boot_mac(&mut self, l: Layered, name: &str) -> Option<String> {
+        let Some(m) = &l.node.boot_mac else {
+            self.err(
+                keypath!["node", l.i],
+                format!("bare-metal node {name} needs boot_mac"),
+                Some("the MAC address of the NIC it network-boots from, e.g. boot_mac = \"8c:16:45:0a:1b:2c\""),
+            );
+            return None;
+        };
+        let mac = normalize_mac(m);
+        if mac.is_none() {
+            self.err(
+                keypath!["node", l.i, "boot_mac"],
+                format!("{m:?} is not a MAC address"),
+                Some("six hex pairs, for example 8c:16:45:0a:1b:2c"),
+            );
+        }
+        mac
+    }
+
+    /// The bootc container image Ironic installs, as `oci://registry/repo:tag`.
+    fn bootc_image(&mut self, l: Layered) -> Option<String> {
+        let (r, at) = l.get("bootc_image", |s| &s.bootc_image);
+        let r = r?;
+        let bare = r
+            .trim_start_matches("oci://")
+            .trim_start_matches("docker://");
+        match crate::oci::registry::parse_reference(bare) {
+            Ok(_) if bare.contains('/') => Some(format!("oci://{bare}")),
+            _ => {
+                self.err(
+                    at,
+                    format!("{r:?} is not a registry image reference"),
+                    Some("registry/repository:tag, e.g. bootc_image = \"registry.lab:5000/edge/node:v1\""),
+                );
+                None
+            }
+        }
     }
 
     fn interface(
@@ -915,46 +955,8 @@ impl Resolver<'_> {
                         None,
                     );
                 }
-                let gateway = match &spec.gateway {
-                    None => None,
-                    Some(g) => match g.parse::<IpAddr>() {
-                        Ok(ip) if net.contains(&ip) && ip != net.addr() => Some(ip),
-                        Ok(ip) if ip == net.addr() => {
-                            self.err(
-                                key("gateway"),
-                                format!("gateway {ip} is the node's own address"),
-                                None,
-                            );
-                            None
-                        }
-                        Ok(ip) => {
-                            self.err(
-                                key("gateway"),
-                                format!(
-                                    "gateway {ip} is outside {} — the node could not reach it",
-                                    net.trunc()
-                                ),
-                                None,
-                            );
-                            None
-                        }
-                        Err(_) => {
-                            self.err(key("gateway"), format!("{g:?} is not an IP address"), None);
-                            None
-                        }
-                    },
-                };
-                let mut dns = Vec::new();
-                for (k, s) in spec.dns.iter().enumerate() {
-                    match s.parse::<IpAddr>() {
-                        Ok(ip) => dns.push(ip),
-                        Err(_) => self.err(
-                            base.iter().cloned().chain(keypath!["dns", k]).collect(),
-                            format!("DNS server {s:?} is not an IP address"),
-                            None,
-                        ),
-                    }
-                }
+                let gateway = self.gateway(base, net, spec.gateway.as_deref());
+                let dns = self.dns(base, &spec.dns);
                 Some(Interface::Static {
                     address: net,
                     gateway,
@@ -962,6 +964,54 @@ impl Resolver<'_> {
                 })
             }
         }
+    }
+
+    /// A static interface's gateway, which must be on its subnet and not its own address.
+    fn gateway(&mut self, base: &KeyPath, net: IpNet, gateway: Option<&str>) -> Option<IpAddr> {
+        let key = |k: &str| child(base, k);
+        let g = gateway?;
+        match g.parse::<IpAddr>() {
+            Ok(ip) if net.contains(&ip) && ip != net.addr() => Some(ip),
+            Ok(ip) if ip == net.addr() => {
+                self.err(
+                    key("gateway"),
+                    format!("gateway {ip} is the node's own address"),
+                    None,
+                );
+                None
+            }
+            Ok(ip) => {
+                self.err(
+                    key("gateway"),
+                    format!(
+                        "gateway {ip} is outside {} — the node could not reach it",
+                        net.trunc()
+                    ),
+                    None,
+                );
+                None
+            }
+            Err(_) => {
+                self.err(key("gateway"), format!("{g:?} is not an IP address"), None);
+                None
+            }
+        }
+    }
+
+    /// A static interface's DNS servers.
+    fn dns(&mut self, base: &KeyPath, servers: &[String]) -> Vec<IpAddr> {
+        let mut dns = Vec::new();
+        for (k, s) in servers.iter().enumerate() {
+            match s.parse::<IpAddr>() {
+                Ok(ip) => dns.push(ip),
+                Err(_) => self.err(
+                    child(&child(base, "dns"), k),
+                    format!("DNS server {s:?} is not an IP address"),
+                    None,
+                ),
+            }
+        }
+        dns
     }
 
     fn node_users(
@@ -1085,10 +1135,20 @@ impl Resolver<'_> {
                 return;
             }
         };
-        let workers: Vec<&String> = members.iter().filter(|m| !s.managers.contains(m)).collect();
+        let has_workers = members.iter().any(|m| !s.managers.contains(m));
+        let (token, manager_token) = self.swarm_tokens(s, has_workers);
+        assign_swarm_roles(nodes, s, &members, &manager_addr, token, manager_token);
+    }
+
+    /// The worker and manager join tokens, where the swarm needs them.
+    fn swarm_tokens(
+        &mut self,
+        s: &SwarmSection,
+        has_workers: bool,
+    ) -> (Option<Secret>, Option<Secret>) {
         let token = match &s.token {
             Some(t) => self.secret(keypath!["swarm", "token"], t, "swarm worker token"),
-            None if !workers.is_empty() => {
+            None if has_workers => {
                 self.err(
                     keypath!["swarm"],
                     "swarm workers need the worker join token",
@@ -1110,36 +1170,50 @@ impl Resolver<'_> {
             }
             None => None,
         };
-        for node in nodes.iter_mut() {
-            if !members.contains(&node.name) && !s.managers.contains(&node.name) {
-                continue;
-            }
-            // Each node advertises its own static address, or its first interface when on DHCP
-            // (dockerd accepts an interface name there).
-            let own = node
-                .network
-                .iter()
-                .find_map(|(_, i)| i.static_ip().map(|ip| ip.to_string()))
-                .or_else(|| node.network.keys().next().cloned())
-                .unwrap_or_else(|| "eth0".into());
-            if &node.name == first {
-                let advertise_addr = s.advertise_addr.clone().unwrap_or(own);
-                node.swarm = Some(SwarmRole::Init { advertise_addr });
+        (token, manager_token)
+    }
+}
+
+/// Gives each swarm node its role: the first manager inits, the others join `manager_addr` with
+/// their token.
+fn assign_swarm_roles(
+    nodes: &mut [NodeConfig],
+    s: &SwarmSection,
+    members: &[String],
+    manager_addr: &str,
+    token: Option<Secret>,
+    manager_token: Option<Secret>,
+) {
+    let first = &s.managers[0];
+    for node in nodes.iter_mut() {
+        if !members.contains(&node.name) && !s.managers.contains(&node.name) {
+            continue;
+        }
+        // Each node advertises its own static address, or its first interface when on DHCP
+        // (dockerd accepts an interface name there).
+        let own = node
+            .network
+            .iter()
+            .find_map(|(_, i)| i.static_ip().map(|ip| ip.to_string()))
+            .or_else(|| node.network.keys().next().cloned())
+            .unwrap_or_else(|| "eth0".into());
+        if &node.name == first {
+            let advertise_addr = s.advertise_addr.clone().unwrap_or(own);
+            node.swarm = Some(SwarmRole::Init { advertise_addr });
+        } else {
+            let as_manager = s.managers.contains(&node.name);
+            let t = if as_manager {
+                manager_token.clone()
             } else {
-                let as_manager = s.managers.contains(&node.name);
-                let t = if as_manager {
-                    manager_token.clone()
-                } else {
-                    token.clone()
-                };
-                if let Some(token) = t {
-                    node.swarm = Some(SwarmRole::Join {
-                        manager_addr: manager_addr.clone(),
-                        advertise_addr: own,
-                        as_manager,
-                        token,
-                    });
-                }
+                token.clone()
+            };
+            if let Some(token) = t {
+                node.swarm = Some(SwarmRole::Join {
+                    manager_addr: manager_addr.to_string(),
+                    advertise_addr: own,
+                    as_manager,
+                    token,
+                });
             }
         }
     }

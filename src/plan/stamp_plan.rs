@@ -1,21 +1,24 @@
 //! The stamp plan: everything a node's image gets, computed as plain data before anything is
 //! written. `kiln plan` prints it; `stamp` applies it. For the cloud-init NoCloud method that is
 //! the seed files on the boot partition and, inside user-data, the files and commands cloud-init
-//! applies on first boot.
+//! applies on first boot. For the rootfs method (images without cloud-init) it is every file,
+//! account, service and network connection the root gets; the image then settles only how (which
+//! init enables a service, the uids behind user and group names, the shell of a new account).
 
 use std::fmt::Write as _;
 
-use anyhow::{Context, Result};
+use anyhow::{Result, bail};
 use serde::Serialize;
+use serde_yaml_ng::Mapping;
 
-use crate::plan::node::{InputFile, NodeConfig, SwarmRole};
-use crate::plan::overlay::{self, Overlay};
+use crate::plan::node::{InputFile, NodeConfig, SwarmRole, User};
+use crate::plan::overlay::Overlay;
 use crate::plan::profile::{DiskIdentity, OverlayTarget, PartitionRole, Profile, ProvisionMethod};
 use crate::plan::{Cluster, ids};
 use crate::stamp::cloud_init::{
     self, CloudConfig, CloudUser, MetaData, NetworkConfigV1, WriteFile,
 };
-use crate::stamp::{network_data, seed_scrub, wifi};
+use crate::stamp::{network_data, rootfs, seed_scrub, wifi};
 
 /// The swarm helper and its unit, shipped in `scripts/`.
 pub const SWARM_SCRIPT: &str = include_str!("../../scripts/kiln-swarm.sh");
@@ -44,6 +47,70 @@ pub struct FirstBootFile {
     pub why: String,
 }
 
+/// A file written into the image's root at build time, owned by names the image's own accounts
+/// turn into ids.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RootFile {
+    pub path: String,
+    pub bytes: Vec<u8>,
+    pub mode: u32,
+    pub owner: String,
+    pub group: String,
+    /// The overlay it comes from, for errors about its owner.
+    pub overlay: String,
+}
+
+/// A service enabled at boot: its name (OpenRC's init script) and the systemd units that may
+/// provide it, in order of preference.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    pub name: String,
+    pub units: Vec<String>,
+}
+
+impl Service {
+    fn new(name: &str, units: &[&str]) -> Self {
+        Service {
+            name: name.into(),
+            units: units.iter().map(|u| u.to_string()).collect(),
+        }
+    }
+}
+
+/// A NetworkManager connection (keyfile) for one interface.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Keyfile {
+    /// The connection's name, which is also its file name.
+    pub name: String,
+    pub text: String,
+}
+
+/// What the root of a rootfs node gets, applied in this order by `stamp::rootfs`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RootfsPlan {
+    /// `/etc/hostname`, `/etc/hosts`, `/etc/timezone`, keeping the mode of what the image has.
+    pub identity: Vec<(String, String)>,
+    /// The zoneinfo file `/etc/localtime` links to.
+    pub localtime: Option<String>,
+    /// Accounts added to or updated in /etc/passwd, /etc/group and /etc/shadow, with their keys.
+    pub users: Vec<User>,
+    /// Whether the users join the image's `docker` group.
+    pub docker_group: bool,
+    /// sshd always (keys are the way in), docker when asked.
+    pub services: Vec<Service>,
+    /// One connection per interface, written when the image has NetworkManager.
+    pub keyfiles: Vec<Keyfile>,
+    /// Whether the node cannot do without its network settings (wifi or a static address), so an
+    /// image without NetworkManager is refused rather than built unreachable.
+    pub network_required: bool,
+    /// `/etc/kiln/swarm.env` and the join token, for the first-boot swarm job.
+    pub swarm: Option<(String, Option<String>)>,
+    /// The overlays' services, enabled after their files are written.
+    pub overlay_services: Vec<Service>,
+    /// Well-known passwords of the release that must not survive on an account.
+    pub known_default_passwords: Vec<String>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct StampPlan {
     pub node: String,
@@ -59,9 +126,22 @@ pub struct StampPlan {
     /// The cloud-init user-data document (on the seed partition, or on Ironic's config drive).
     #[serde(skip)]
     pub user_data: String,
+    /// The cloud-init meta-data and network-config (v1) documents of a NoCloud seed (`kiln run`
+    /// makes one from them for any cloud-init node).
+    #[serde(skip)]
+    pub meta_data: String,
+    #[serde(skip)]
+    pub network_config: String,
     /// OpenStack `network_data.json`, for config-drive profiles.
     #[serde(skip)]
     pub network_data: Option<String>,
+    /// Overlay files written into the root at build time (profiles with overlays into the root,
+    /// and rootfs profiles).
+    #[serde(skip)]
+    pub root_files: Vec<RootFile>,
+    /// For rootfs profiles: everything else the root gets.
+    #[serde(skip)]
+    pub rootfs: Option<RootfsPlan>,
     /// For profiles whose details depend on the image (rootfs): what the build will do.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
@@ -97,143 +177,292 @@ fn argv(parts: &[&str]) -> Vec<String> {
 /// Computes the plan for `node`.
 pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
     let (profile, _) = cluster.profile_of(node);
+    let overlays = &node.loaded_overlays;
     if profile.provision.method == ProvisionMethod::Rootfs {
-        // No cloud-init: the build writes into the root, deciding details from the image.
-        return Ok(StampPlan {
-            node: node.name.clone(),
-            profile: profile.name.clone(),
-            disk_signature: None,
-            instance_id: String::new(),
-            partition_files: Vec::new(),
-            first_boot_files: Vec::new(),
-            first_boot_commands: Vec::new(),
-            inputs: Vec::new(),
-            user_data: String::new(),
-            network_data: None,
-            note: Some(format!(
-                "written into the root partition at build time, after reading the image (OpenRC or systemd, its accounts):\n    \
-                 /etc/hostname, /etc/hosts{tz}; users {users} with their ssh keys ({pw}); sshd{docker} enabled at boot;\n    \
-                 NetworkManager keyfiles for {ifs}{swarm}{overlays}",
-                tz = if node.timezone.is_some() {
-                    ", /etc/localtime"
-                } else {
-                    ""
-                },
-                users = node
-                    .users
-                    .iter()
-                    .map(|u| u.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                pw = if node.users.iter().any(|u| u.password_hash.is_some()) {
-                    "password hashes from the cluster file"
-                } else {
-                    "passwords locked"
-                },
-                docker = if node.docker { " and docker" } else { "" },
-                ifs = node.network.keys().cloned().collect::<Vec<_>>().join(", "),
-                swarm = match &node.swarm {
-                    Some(SwarmRole::Init { .. }) => "; the swarm init as a first-boot job",
-                    Some(SwarmRole::Join { .. }) =>
-                        "; the swarm join as a first-boot job (token 0600, deleted after joining)",
-                    None => "",
-                },
-                overlays = if node.overlays.is_empty() {
-                    String::new()
-                } else {
-                    format!("; overlays {}", node.overlays.join(", "))
-                },
-            )),
-        });
+        return rootfs_plan(cluster, node, profile, overlays);
     }
-    let overlays: Vec<Overlay> = node
-        .overlays
+    cloud_init_plan(cluster, node, profile, overlays)
+}
+
+/// The overlays' files as files of the root.
+fn root_files(overlays: &[Overlay]) -> Vec<RootFile> {
+    overlays
         .iter()
-        .map(|o| overlay::load(o, &cluster.overlay_dirs()))
-        .collect::<Result<_>>()?;
-    let mut inputs = Vec::new();
-    let mut write_files: Vec<(WriteFile, String)> = Vec::new();
-    let mut runcmd: Vec<Vec<String>> = Vec::new();
+        .flat_map(|o| {
+            o.files.iter().map(|f| RootFile {
+                path: f.target.clone(),
+                bytes: f.content.bytes.clone(),
+                mode: f.mode,
+                owner: f.owner.clone(),
+                group: f.group.clone(),
+                overlay: o.name.clone(),
+            })
+        })
+        .collect()
+}
+
+/// The plan of a rootfs node: no cloud-init, everything written into the root at build time.
+fn rootfs_plan(
+    cluster: &Cluster,
+    node: &NodeConfig,
+    profile: &Profile,
+    overlays: &[Overlay],
+) -> Result<StampPlan> {
+    if node.user_data.is_some() {
+        bail!(
+            "node {}: user_data is a cloud-init fragment, and {} images have no cloud-init",
+            node.name,
+            profile.name
+        );
+    }
+    if !node.boot_files.is_empty() {
+        bail!(
+            "node {}: boot files (config.txt, cmdline.txt) are for Raspberry Pi images",
+            node.name
+        );
+    }
+    let mut services = vec![Service::new("sshd", &["sshd.service", "ssh.service"])];
+    if node.docker {
+        services.push(Service::new("docker", &["docker.service"]));
+    }
+    let overlay_services = overlays
+        .iter()
+        .flat_map(|o| &o.manifest.services)
+        .map(|svc| Service::new(svc.trim_end_matches(".service"), &[svc.as_str()]))
+        .collect();
+    let rootfs = RootfsPlan {
+        identity: identity_files(node),
+        localtime: node
+            .timezone
+            .as_ref()
+            .map(|tz| format!("/usr/share/zoneinfo/{tz}")),
+        users: node.users.clone(),
+        docker_group: node.docker,
+        services,
+        keyfiles: node
+            .network
+            .iter()
+            .map(|(ifname, iface)| {
+                let (name, text) = rootfs::keyfile(cluster, node, ifname, iface);
+                Keyfile { name, text }
+            })
+            .collect(),
+        network_required: node.wifi.is_some()
+            || node.network.values().any(|i| i.static_ip().is_some()),
+        swarm: node.swarm.as_ref().map(swarm_env),
+        overlay_services,
+        known_default_passwords: profile.provision.known_default_passwords.clone(),
+    };
+    Ok(StampPlan {
+        node: node.name.clone(),
+        profile: profile.name.clone(),
+        disk_signature: None,
+        instance_id: String::new(),
+        partition_files: Vec::new(),
+        first_boot_files: Vec::new(),
+        first_boot_commands: Vec::new(),
+        inputs: Vec::new(),
+        user_data: String::new(),
+        meta_data: String::new(),
+        network_config: String::new(),
+        network_data: None,
+        root_files: root_files(overlays),
+        rootfs: Some(rootfs),
+        note: Some(rootfs_note(node)),
+    })
+}
+
+/// `/etc/hostname`, `/etc/hosts` (the node's static addresses under its name) and `/etc/timezone`.
+fn identity_files(node: &NodeConfig) -> Vec<(String, String)> {
+    let mut hosts = format!(
+        "127.0.0.1\tlocalhost localhost.localdomain\n::1\t\tlocalhost localhost.localdomain\n127.0.1.1\t{}\n",
+        node.hostname
+    );
+    for ip in node.network.values().filter_map(|i| i.static_ip()) {
+        let _ = writeln!(hosts, "{ip}\t{}", node.hostname);
+    }
+    let mut files = vec![
+        ("/etc/hostname".to_string(), format!("{}\n", node.hostname)),
+        ("/etc/hosts".to_string(), hosts),
+    ];
+    if let Some(tz) = &node.timezone {
+        files.push(("/etc/timezone".to_string(), format!("{tz}\n")));
+    }
+    files
+}
+
+/// What `kiln plan` says of a rootfs node, whose details the image decides.
+fn rootfs_note(node: &NodeConfig) -> String {
+    format!(
+        "written into the root partition at build time, after reading the image (OpenRC or systemd, its accounts):\n    \
+         /etc/hostname, /etc/hosts{tz}; users {users} with their ssh keys ({pw}); sshd{docker} enabled at boot;\n    \
+         NetworkManager keyfiles for {ifs}{swarm}{overlays}",
+        tz = if node.timezone.is_some() {
+            ", /etc/localtime"
+        } else {
+            ""
+        },
+        users = node
+            .users
+            .iter()
+            .map(|u| u.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        pw = if node.users.iter().any(|u| u.password_hash.is_some()) {
+            "password hashes from the cluster file"
+        } else {
+            "passwords locked"
+        },
+        docker = if node.docker { " and docker" } else { "" },
+        ifs = node.network.keys().cloned().collect::<Vec<_>>().join(", "),
+        swarm = match &node.swarm {
+            Some(SwarmRole::Init { .. }) => "; the swarm init as a first-boot job",
+            Some(SwarmRole::Join { .. }) =>
+                "; the swarm join as a first-boot job (token 0600, deleted after joining)",
+            None => "",
+        },
+        overlays = if node.overlays.is_empty() {
+            String::new()
+        } else {
+            format!("; overlays {}", node.overlays.join(", "))
+        },
+    )
+}
+
+/// The cloud-init documents of a node and where they go.
+struct Documents {
+    user_data: String,
+    meta_data: String,
+    network_config: String,
+    instance_id: String,
+}
+
+/// The plan of a cloud-init node (a NoCloud seed, or Ironic's config drive).
+fn cloud_init_plan(
+    cluster: &Cluster,
+    node: &NodeConfig,
+    profile: &Profile,
+    overlays: &[Overlay],
+) -> Result<StampPlan> {
     // A NoCloud seed sits on the boot FAT, readable by all: it is scrubbed after first boot.
     let scrub_seed = profile.provision.method == ProvisionMethod::CloudInitNocloud;
-    let mut units_written = scrub_seed;
+    let into_root = profile.provision.overlays_into == OverlayTarget::Root;
+    let mut inputs: Vec<InputFile> = overlays
+        .iter()
+        .flat_map(|o| std::iter::once(&o.manifest_file).chain(o.files.iter().map(|f| &f.content)))
+        .cloned()
+        .collect();
+    // Overlays into the root are written at build time; their services still start through
+    // cloud-init below.
+    let overlay_writes = if into_root { &[][..] } else { overlays };
+    let mut write_files = first_boot_writes(node, overlay_writes);
+    let units_written = scrub_seed
+        || node.swarm.is_some()
+        || write_files.iter().any(|(w, _)| {
+            w.path.starts_with("/etc/systemd/") || w.path.starts_with("/lib/systemd/")
+        });
+    let runcmd = first_boot_commands(node, profile, overlays, units_written, scrub_seed);
+    let mut config = cloud_config(node, &write_files, &runcmd);
+    let fragment = node.user_data.as_ref().map(|u| {
+        inputs.push(u.file.clone());
+        u.fragment.clone()
+    });
+    if scrub_seed {
+        let clean = seed_scrub::clean_user_data(&config, fragment.as_ref())?;
+        for w in seed_scrub::first_boot_files(&clean) {
+            config.write_files.push(w.clone());
+            write_files.push((w, "seed scrub (no secrets left on the boot FAT)".into()));
+        }
+    }
+    let docs = documents(cluster, node, &config, fragment)?;
+    let (mut partition_files, network_data) = seed_files(node, profile, &docs)?;
+    for (name, f) in &node.boot_files {
+        inputs.push(f.clone());
+        partition_files.push(partition_file(
+            PartitionRole::Boot,
+            name,
+            f.bytes.clone(),
+            "cluster file",
+        ));
+    }
+    Ok(StampPlan {
+        node: node.name.clone(),
+        profile: profile.name.clone(),
+        disk_signature: disk_signature(profile, &cluster.seed, &node.name),
+        instance_id: docs.instance_id,
+        partition_files,
+        first_boot_files: write_files.iter().map(first_boot_file).collect(),
+        first_boot_commands: runcmd,
+        inputs,
+        user_data: docs.user_data,
+        meta_data: docs.meta_data,
+        network_config: docs.network_config,
+        network_data,
+        root_files: if into_root {
+            root_files(overlays)
+        } else {
+            Vec::new()
+        },
+        rootfs: None,
+        note: None,
+    })
+}
 
+/// The files cloud-init writes on first boot (before the seed scrub's), each with why.
+fn first_boot_writes(node: &NodeConfig, overlays: &[Overlay]) -> Vec<(WriteFile, String)> {
+    let root_file =
+        |path: &str, bytes: &[u8], mode: u32| WriteFile::new(path, bytes, mode, "root", "root");
+    let mut out = Vec::new();
     if let Some(w) = &node.wifi {
-        write_files.push((
-            WriteFile::new(
+        out.push((
+            root_file(
                 "/etc/wpa_supplicant/wpa_supplicant-wlan0.conf",
                 wifi::wpa_supplicant_conf(&node.name, w).as_bytes(),
                 0o600,
-                "root",
-                "root",
             ),
             "wifi".into(),
         ));
     }
-
-    let into_root = profile.provision.overlays_into == OverlayTarget::Root;
-    for o in &overlays {
-        inputs.push(o.manifest_file.clone());
-        if into_root {
-            // Written into the root at build time (rootfs::overlay_entries); services still start
-            // through cloud-init below.
-            for f in &o.files {
-                inputs.push(f.content.clone());
-            }
-            continue;
-        }
+    for o in overlays {
         for f in &o.files {
-            inputs.push(f.content.clone());
-            write_files.push((
+            out.push((
                 WriteFile::new(&f.target, &f.content.bytes, f.mode, &f.owner, &f.group),
                 format!("overlay {}", o.name),
             ));
-            units_written |=
-                f.target.starts_with("/etc/systemd/") || f.target.starts_with("/lib/systemd/");
         }
     }
-
     if let Some(role) = &node.swarm {
         let (env, token) = swarm_env(role);
         if let Some(token) = token {
-            write_files.push((
-                WriteFile::new(
-                    "/etc/kiln/swarm.token",
-                    token.as_bytes(),
-                    0o600,
-                    "root",
-                    "root",
-                ),
+            out.push((
+                root_file("/etc/kiln/swarm.token", token.as_bytes(), 0o600),
                 "swarm join token".into(),
             ));
         }
-        write_files.push((
-            WriteFile::new("/etc/kiln/swarm.env", env.as_bytes(), 0o600, "root", "root"),
-            "swarm".into(),
-        ));
-        write_files.push((
-            WriteFile::new(
-                "/usr/local/sbin/kiln-swarm",
-                SWARM_SCRIPT.as_bytes(),
-                0o755,
-                "root",
-                "root",
-            ),
-            "swarm".into(),
-        ));
-        write_files.push((
-            WriteFile::new(
+        for (path, bytes, mode) in [
+            ("/etc/kiln/swarm.env", env.as_bytes(), 0o600),
+            ("/usr/local/sbin/kiln-swarm", SWARM_SCRIPT.as_bytes(), 0o755),
+            (
                 "/etc/systemd/system/kiln-swarm.service",
                 SWARM_UNIT.as_bytes(),
                 0o644,
-                "root",
-                "root",
             ),
-            "swarm".into(),
-        ));
-        units_written = true;
+        ] {
+            out.push((root_file(path, bytes, mode), "swarm".into()));
+        }
     }
+    out
+}
 
+/// The commands cloud-init runs on first boot, in order.
+fn first_boot_commands(
+    node: &NodeConfig,
+    profile: &Profile,
+    overlays: &[Overlay],
+    units_written: bool,
+    scrub_seed: bool,
+) -> Vec<Vec<String>> {
+    let mut runcmd = Vec::new();
     if units_written {
         runcmd.push(argv(&["systemctl", "daemon-reload"]));
     }
@@ -258,7 +487,7 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
         ]));
         runcmd.push(argv(&["ifup", "wlan0"]));
     }
-    for o in &overlays {
+    for o in overlays {
         if let Some(v) = &o.manifest.venv {
             // The overlay's Python programs run in their own venv, made on first boot.
             let mut pip = vec![
@@ -276,8 +505,9 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
             runcmd.push(argv(&["systemctl", "restart", svc]));
         }
     }
+    // --no-block: the join waits for the manager, which must not hold up cloud-init; the scrub
+    // unit is ordered after cloud-final, which is running these commands.
     if node.swarm.is_some() {
-        // --no-block: the join waits for the manager, which must not hold up cloud-init.
         runcmd.push(argv(&[
             "systemctl",
             "enable",
@@ -287,7 +517,6 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
         ]));
     }
     if scrub_seed {
-        // --no-block: the unit is ordered after cloud-final, which is running this command.
         runcmd.push(argv(&[
             "systemctl",
             "enable",
@@ -296,8 +525,16 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
             seed_scrub::SCRUB_UNIT_NAME,
         ]));
     }
+    runcmd
+}
 
-    let users: Vec<CloudUser> = node
+/// The cloud-config kiln writes for `node` (before a user fragment is merged in).
+fn cloud_config(
+    node: &NodeConfig,
+    write_files: &[(WriteFile, String)],
+    runcmd: &[Vec<String>],
+) -> CloudConfig {
+    let users = node
         .users
         .iter()
         .map(|u| CloudUser {
@@ -310,7 +547,7 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
             ssh_authorized_keys: u.ssh_authorized_keys.clone(),
         })
         .collect();
-    let mut config = CloudConfig {
+    CloudConfig {
         hostname: node.hostname.clone(),
         manage_etc_hosts: true,
         preserve_hostname: false,
@@ -318,28 +555,20 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
         ssh_pwauth: node.users.iter().any(|u| u.password_hash.is_some()),
         users,
         write_files: write_files.iter().map(|(w, _)| w.clone()).collect(),
-        runcmd: runcmd.clone(),
-    };
-    let fragment = match &node.user_data {
-        Some(f) => {
-            inputs.push(f.clone());
-            Some(
-                cloud_init::parse_fragment(&f.bytes)
-                    .with_context(|| format!("user-data fragment {}", f.path))?,
-            )
-        }
-        None => None,
-    };
-    if scrub_seed {
-        let clean = seed_scrub::clean_user_data(&config, fragment.as_ref())?;
-        for w in seed_scrub::first_boot_files(&clean) {
-            config.write_files.push(w.clone());
-            write_files.push((w, "seed scrub (no secrets left on the boot FAT)".into()));
-        }
+        runcmd: runcmd.to_vec(),
     }
-    let user_data = cloud_init::render_user_data(&config, fragment)?;
-    let network_config = cloud_init::render_yaml(&NetworkConfigV1::for_node(node))?;
+}
 
+/// user-data, network-config, and the instance-id (a digest of the node and both documents)
+/// in meta-data.
+fn documents(
+    cluster: &Cluster,
+    node: &NodeConfig,
+    config: &CloudConfig,
+    fragment: Option<Mapping>,
+) -> Result<Documents> {
+    let user_data = cloud_init::render_user_data(config, fragment)?;
+    let network_config = cloud_init::render_yaml(&NetworkConfigV1::for_node(node))?;
     let mut digest_input = node.digest().to_vec();
     digest_input.extend_from_slice(user_data.as_bytes());
     digest_input.extend_from_slice(network_config.as_bytes());
@@ -348,78 +577,67 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
         instance_id: instance_id.clone(),
         local_hostname: node.hostname.clone(),
     })?;
-
-    let mut partition_files = Vec::new();
-    let mut network_data = None;
-    match (profile.provision.method, profile.provision.seed_partition) {
-        (ProvisionMethod::CloudInitNocloud, Some(seed)) => {
-            partition_files.push(partition_file(
-                seed,
-                "user-data",
-                user_data.clone().into_bytes(),
-                "cloud-init user-data",
-            ));
-            partition_files.push(partition_file(
-                seed,
-                "meta-data",
-                meta_data.into_bytes(),
-                "cloud-init meta-data",
-            ));
-            partition_files.push(partition_file(
-                seed,
-                "network-config",
-                network_config.into_bytes(),
-                "cloud-init network-config v1",
-            ));
-        }
-        (ProvisionMethod::CloudInitNocloud, None) => {
-            anyhow::bail!("profile {} names no seed partition", profile.name)
-        }
-        // Ironic's config drive carries user-data and network_data.json; Ironic makes meta-data.
-        (ProvisionMethod::ConfigDrive, _) => {
-            network_data = Some(network_data::render(node)?);
-        }
-        // Written into the root by `rootfs`, which needs the image to decide the details.
-        (ProvisionMethod::Rootfs, _) => {}
-    }
-    for (name, f) in &node.boot_files {
-        inputs.push(f.clone());
-        partition_files.push(partition_file(
-            PartitionRole::Boot,
-            name,
-            f.bytes.clone(),
-            "cluster file",
-        ));
-    }
-
-    let first_boot_files = write_files
-        .iter()
-        .map(|(w, why)| FirstBootFile {
-            path: w.path.clone(),
-            mode: w.permissions.clone(),
-            owner: w.owner.clone(),
-            size: if w.encoding.is_some() {
-                w.content.len() * 3 / 4
-            } else {
-                w.content.len()
-            },
-            why: why.clone(),
-        })
-        .collect();
-
-    Ok(StampPlan {
-        node: node.name.clone(),
-        profile: profile.name.clone(),
-        disk_signature: disk_signature(profile, &cluster.seed, &node.name),
-        instance_id,
-        partition_files,
-        first_boot_files,
-        first_boot_commands: runcmd,
-        inputs,
+    Ok(Documents {
         user_data,
-        network_data,
-        note: None,
+        meta_data,
+        network_config,
+        instance_id,
     })
+}
+
+/// The seed files on the image (NoCloud), or the config drive's network_data.json (which Ironic
+/// writes, with user-data; it makes meta-data itself).
+fn seed_files(
+    node: &NodeConfig,
+    profile: &Profile,
+    docs: &Documents,
+) -> Result<(Vec<PartitionFile>, Option<String>)> {
+    match (profile.provision.method, profile.provision.seed_partition) {
+        (ProvisionMethod::CloudInitNocloud, Some(seed)) => Ok((
+            vec![
+                partition_file(
+                    seed,
+                    "user-data",
+                    docs.user_data.clone().into_bytes(),
+                    "cloud-init user-data",
+                ),
+                partition_file(
+                    seed,
+                    "meta-data",
+                    docs.meta_data.clone().into_bytes(),
+                    "cloud-init meta-data",
+                ),
+                partition_file(
+                    seed,
+                    "network-config",
+                    docs.network_config.clone().into_bytes(),
+                    "cloud-init network-config v1",
+                ),
+            ],
+            None,
+        )),
+        (ProvisionMethod::CloudInitNocloud, None) => {
+            bail!("profile {} names no seed partition", profile.name)
+        }
+        (ProvisionMethod::ConfigDrive, _) => Ok((Vec::new(), Some(network_data::render(node)?))),
+        // Planned by `rootfs_plan`: nothing goes on a seed.
+        (ProvisionMethod::Rootfs, _) => Ok((Vec::new(), None)),
+    }
+}
+
+/// How `kiln plan` lists a first-boot file.
+fn first_boot_file((w, why): &(WriteFile, String)) -> FirstBootFile {
+    FirstBootFile {
+        path: w.path.clone(),
+        mode: w.permissions.clone(),
+        owner: w.owner.clone(),
+        size: if w.encoding.is_some() {
+            w.content.len() * 3 / 4
+        } else {
+            w.content.len()
+        },
+        why: why.clone(),
+    }
 }
 
 /// `/etc/kiln/swarm.env` for a swarm role, and the join token file's content when it joins.
@@ -493,4 +711,198 @@ pub fn describe(plan: &StampPlan) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKilnExampleKeyReplaceMeWithYourOwnKey0001 admin@laptop";
+
+    /// A cluster of one profile kind, parsed from text; its secrets are files in a temporary
+    /// directory (the cluster file's own, which it may read).
+    fn cluster(image: &str, body: &str) -> (tempfile::TempDir, Cluster) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("psk"), "correct horse battery\n").unwrap();
+        std::fs::write(dir.path().join("token"), "SWMTKN-1-test\n").unwrap();
+        let text = format!(
+            "[cluster]\nname = \"lab\"\nssh_authorized_keys = [\"{KEY}\"]\n\n\
+             [[users]]\nname = \"admin\"\nsudo = true\n\
+             password_hash = \"$6$saltsalt$0123456789abcdefghijklmnopqrstuv\"\n\n\
+             [defaults]\nimage = \"{image}\"\ntimezone = \"Europe/Berlin\"\n\n{body}"
+        );
+        let c = crate::plan::resolve::parse(&dir.path().join("cluster.toml"), text).unwrap();
+        (dir, c)
+    }
+
+    const SWARM_AND_WIFI: &str = "\
+        [defaults.wifi]\nssid = \"lab\"\npsk = { file = \"psk\" }\ncountry = \"DE\"\n\n\
+        [swarm]\nmanagers = [\"one\"]\ntoken = { file = \"token\" }\n\n\
+        [[node]]\nname = \"one\"\ndocker = true\noverlays = [\"docker-daemon\"]\n\
+        network.eth0 = { address = \"10.0.0.1/24\", gateway = \"10.0.0.254\" }\n\n\
+        [[node]]\nname = \"two\"\ndocker = true\noverlays = [\"docker-daemon\"]\n\
+        network.eth0 = { address = \"10.0.0.2/24\", gateway = \"10.0.0.254\" }\n";
+
+    fn plan_of(c: &Cluster, node: &str) -> StampPlan {
+        plan(c, c.node(node).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_nocloud_node_gets_its_seed_and_first_boot_steps() {
+        let (_dir, c) = cluster("hypriot-rpi", SWARM_AND_WIFI);
+        let p = plan_of(&c, "two");
+        let seed: Vec<_> = p
+            .partition_files
+            .iter()
+            .map(|f| (f.partition, f.path.as_str()))
+            .collect();
+        assert_eq!(
+            seed,
+            [
+                (PartitionRole::Boot, "user-data"),
+                (PartitionRole::Boot, "meta-data"),
+                (PartitionRole::Boot, "network-config"),
+            ]
+        );
+        assert_eq!(p.file("user-data").unwrap().bytes, p.user_data.as_bytes());
+        assert_eq!(p.file("meta-data").unwrap().bytes, p.meta_data.as_bytes());
+        assert!(p.meta_data.contains(&p.instance_id));
+        assert!(p.network_config.contains("10.0.0.2/24"));
+        assert!(
+            p.disk_signature.is_some(),
+            "hypriot derives a disk signature"
+        );
+        assert!(p.rootfs.is_none() && p.root_files.is_empty() && p.note.is_none());
+
+        let files: Vec<_> = p.first_boot_files.iter().map(|f| f.path.as_str()).collect();
+        for want in [
+            "/etc/wpa_supplicant/wpa_supplicant-wlan0.conf",
+            "/etc/docker/daemon.json",
+            "/etc/kiln/swarm.token",
+            "/etc/kiln/swarm.env",
+            seed_scrub::CLEAN_USER_DATA,
+        ] {
+            assert!(files.contains(&want), "{want} missing from {files:?}");
+        }
+        let token = p
+            .first_boot_files
+            .iter()
+            .find(|f| f.path == "/etc/kiln/swarm.token")
+            .unwrap();
+        assert_eq!(
+            (token.mode.as_str(), token.owner.as_str()),
+            ("0600", "root:root")
+        );
+
+        let cmds: Vec<String> = p.first_boot_commands.iter().map(|c| c.join(" ")).collect();
+        assert_eq!(cmds.first().unwrap(), "systemctl daemon-reload");
+        assert!(cmds.contains(&"systemctl enable --now docker.service".to_string()));
+        assert!(cmds.contains(&"ifup wlan0".to_string()));
+        assert!(cmds.contains(&"systemctl restart docker.service".to_string()));
+        let n = cmds.len();
+        assert_eq!(
+            cmds[n - 2..],
+            [
+                "systemctl enable --now --no-block kiln-swarm.service".to_string(),
+                format!(
+                    "systemctl enable --now --no-block {}",
+                    seed_scrub::SCRUB_UNIT_NAME
+                ),
+            ]
+        );
+        // The overlay's manifest and file are inputs of the build.
+        assert_eq!(p.inputs.len(), 2);
+
+        // The same cluster plans the same bytes; another node gets another instance.
+        assert_eq!(plan_of(&c, "two").user_data, p.user_data);
+        assert_eq!(plan_of(&c, "two").instance_id, p.instance_id);
+        assert_ne!(plan_of(&c, "one").instance_id, p.instance_id);
+        assert!(describe(&p).contains("written by cloud-init on first boot"));
+    }
+
+    #[test]
+    fn a_rootfs_node_is_planned_before_the_image_is_read() {
+        let (_dir, c) = cluster("pmos-google-flame", SWARM_AND_WIFI);
+        let p = plan_of(&c, "two");
+        assert!(p.partition_files.is_empty() && p.first_boot_files.is_empty());
+        assert!(p.user_data.is_empty() && p.inputs.is_empty());
+        let r = p.rootfs.as_ref().expect("a rootfs plan");
+        assert_eq!(r.identity[0], ("/etc/hostname".into(), "two\n".into()));
+        assert!(r.identity[1].1.contains("10.0.0.2\ttwo\n"));
+        assert_eq!(
+            r.identity[2],
+            ("/etc/timezone".into(), "Europe/Berlin\n".into())
+        );
+        assert_eq!(
+            r.localtime.as_deref(),
+            Some("/usr/share/zoneinfo/Europe/Berlin")
+        );
+        assert_eq!(r.users.len(), 1);
+        assert_eq!(r.users[0].name, "admin");
+        assert!(r.docker_group);
+        let services: Vec<_> = r.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(services, ["sshd", "docker"]);
+        assert_eq!(r.services[0].units, ["sshd.service", "ssh.service"]);
+        assert_eq!(
+            r.overlay_services,
+            [Service::new("docker", &["docker.service"])]
+        );
+        // eth0 and wlan0 (the wifi's), each a NetworkManager connection.
+        let names: Vec<_> = r.keyfiles.iter().map(|k| k.name.as_str()).collect();
+        assert_eq!(names, ["kiln-eth0", "lab"]);
+        assert!(r.keyfiles[1].text.contains("psk=correct horse battery"));
+        assert!(r.network_required);
+        let (env, token) = r.swarm.as_ref().expect("a swarm job");
+        assert!(env.contains("ROLE=join") && env.contains("MANAGER_ADDR=10.0.0.1"));
+        assert_eq!(token.as_deref(), Some("SWMTKN-1-test\n"));
+        assert_eq!(r.known_default_passwords, ["147147"]);
+        assert_eq!(p.root_files.len(), 1);
+        assert_eq!(p.root_files[0].path, "/etc/docker/daemon.json");
+        assert_eq!(p.root_files[0].overlay, "docker-daemon");
+        assert!(describe(&p).contains("NetworkManager keyfiles for eth0, wlan0"));
+    }
+
+    #[test]
+    fn a_rootfs_node_refuses_cloud_init_inputs() {
+        let (dir, _) = cluster("pmos-google-flame", "[[node]]\nname = \"one\"\n");
+        std::fs::write(dir.path().join("frag.yaml"), "packages: [htop]\n").unwrap();
+        let text = "[cluster]\nname = \"lab\"\n\n[defaults]\nimage = \"pmos-google-flame\"\n\n\
+             [[node]]\nname = \"one\"\nuser_data = \"frag.yaml\"\n"
+            .to_string();
+        let c = crate::plan::resolve::parse(&dir.path().join("cluster.toml"), text).unwrap();
+        let e = plan(&c, &c.nodes[0]).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("user_data is a cloud-init fragment"),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn a_config_drive_node_gets_documents_for_ironic_and_nothing_on_the_image() {
+        let (_dir, c) = cluster(
+            "metal3-uefi-x86",
+            "[[node]]\nname = \"metal-1\"\n\
+             network.eno1 = { address = \"10.1.0.5/24\", gateway = \"10.1.0.1\", mac = \"8c:16:45:0a:1b:2c\" }\n",
+        );
+        let p = plan_of(&c, "metal-1");
+        assert!(
+            p.partition_files.is_empty(),
+            "Ironic writes the config drive"
+        );
+        assert!(p.disk_signature.is_none());
+        assert!(p.user_data.starts_with("#cloud-config\n"));
+        let nd: serde_json::Value =
+            serde_json::from_str(p.network_data.as_deref().expect("network_data.json")).unwrap();
+        assert!(
+            nd["links"][0]["ethernet_mac_address"] == "8c:16:45:0a:1b:2c",
+            "{nd}"
+        );
+        // No seed on a FAT, so nothing to scrub.
+        assert!(
+            !p.first_boot_files
+                .iter()
+                .any(|f| f.path == seed_scrub::CLEAN_USER_DATA)
+        );
+        assert!(p.rootfs.is_none());
+    }
 }

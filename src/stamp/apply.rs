@@ -7,7 +7,7 @@
 //! `artifact::writer` applies while it copies the base once.
 
 use std::fs::File;
-use std::io::{Cursor, Read, Seek, SeekFrom};
+use std::io::{Cursor, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
@@ -123,30 +123,9 @@ pub fn stamp(base: &Path, profile: &Profile, plan: &StampPlan) -> Result<Stamped
         seed_part.size,
     );
 
-    // Timestamps: SOURCE_DATE_EPOCH, else the base's own newest root-directory entry, so builds on
-    // any day carry the base image's date.
-    let when = match source_date_epoch()?.map(fat::fat_datetime) {
-        Some(w) => w,
-        None => {
-            let probe = fat::FatVolume::on(&mut boot, fat::fat_datetime(0))?;
-            probe
-                .newest_root_timestamp()
-                .unwrap_or_else(|| fat::fat_datetime(0))
-        }
-    };
+    let when = fat_timestamp(&mut boot)?;
 
-    let (signature, kept_because) = match &plan.disk_signature {
-        Some(sig) => match partuuid_in_fstab(base, profile, &layout)? {
-            Some(line) => (
-                None,
-                Some(format!(
-                    "the root filesystem's /etc/fstab mounts by PARTUUID ({line}); keeping the base's disk signature"
-                )),
-            ),
-            None => (Some(sig.clone()), None),
-        },
-        None => (None, None),
-    };
+    let (signature, kept_because) = signature_to_apply(base, profile, &layout, plan)?;
 
     {
         let vol = fat::FatVolume::on(&mut boot, when).with_context(|| {
@@ -170,38 +149,121 @@ pub fn stamp(base: &Path, profile: &Profile, plan: &StampPlan) -> Result<Stamped
             vol.write_file(&f.path, &f.bytes)?;
         }
         if let Some(new) = &signature {
-            // A cmdline.txt that names the root by PARTUUID must follow the new signature.
-            if let Some(cmdline) = vol.read_file("cmdline.txt")? {
-                let text = String::from_utf8_lossy(&cmdline);
-                let old = format!("PARTUUID={}-", layout.disk_id);
-                if text.contains(&old) {
-                    vol.write_file(
-                        "cmdline.txt",
-                        text.replace(&old, &format!("PARTUUID={new}-")).as_bytes(),
-                    )?;
-                }
-            }
+            follow_signature(&vol, &layout.disk_id, new)?;
         }
         vol.close()?;
     }
 
     let mut patches = Vec::new();
     if let Some(sig) = &signature {
-        let mut mbr = Cursor::new(vec![0u8; 512]);
-        file.seek(SeekFrom::Start(0))?;
-        file.read_exact(mbr.get_mut())?;
-        disk::set_disk_signature(
-            &mut mbr,
-            u32::from_str_radix(sig, 16).context("signature is hex")?,
-        )?;
-        patches.push(Patch {
-            offset: 0,
-            bytes: mbr.into_inner(),
-        });
+        patches.push(mbr_patch(&mut file, sig)?);
     }
 
-    // Used ranges: the table area, the stamped boot FAT, and the untouched partitions as they are
-    // in the base.
+    let used = used_ranges(base, &mut file, &layout, seed_part.index, &mut boot)?;
+    patches.extend(boot.into_runs().into_iter().map(|(offset, bytes)| Patch {
+        offset: seed_part.start + offset,
+        bytes,
+    }));
+
+    Ok(Stamped {
+        patches,
+        used,
+        report: StampReport {
+            layout_before: layout,
+            disk_signature: signature,
+            kept_signature_because: kept_because,
+            fat_timestamp: iso_timestamp(&when),
+        },
+    })
+}
+
+/// A cmdline.txt that names the root by PARTUUID must follow the new disk signature.
+fn follow_signature<T: Read + Write + Seek>(
+    vol: &fat::FatVolume<T>,
+    old_id: &str,
+    new: &str,
+) -> Result<()> {
+    if let Some(cmdline) = vol.read_file("cmdline.txt")? {
+        let text = String::from_utf8_lossy(&cmdline);
+        let old = format!("PARTUUID={old_id}-");
+        if text.contains(&old) {
+            vol.write_file(
+                "cmdline.txt",
+                text.replace(&old, &format!("PARTUUID={new}-")).as_bytes(),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The FAT timestamps of what is written: SOURCE_DATE_EPOCH, else the base's own newest
+/// root-directory entry, so builds on any day carry the base image's date.
+fn fat_timestamp<D: Read + Write + Seek>(boot: &mut D) -> Result<fatfs::DateTime> {
+    Ok(match source_date_epoch()?.map(fat::fat_datetime) {
+        Some(w) => w,
+        None => {
+            let probe = fat::FatVolume::on(boot, fat::fat_datetime(0))?;
+            probe
+                .newest_root_timestamp()
+                .unwrap_or_else(|| fat::fat_datetime(0))
+        }
+    })
+}
+
+fn iso_timestamp(when: &fatfs::DateTime) -> String {
+    let (d, t) = (when.date, when.time);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+        d.year, d.month, d.day, t.hour, t.min, t.sec
+    )
+}
+
+/// The disk signature the plan asks for, unless the root's fstab mounts by PARTUUID (then the
+/// base's is kept, and why is the second value).
+fn signature_to_apply(
+    base: &Path,
+    profile: &Profile,
+    layout: &DiskLayout,
+    plan: &StampPlan,
+) -> Result<(Option<String>, Option<String>)> {
+    Ok(match &plan.disk_signature {
+        Some(sig) => match partuuid_in_fstab(base, profile, layout)? {
+            Some(line) => (
+                None,
+                Some(format!(
+                    "the root filesystem's /etc/fstab mounts by PARTUUID ({line}); keeping the base's disk signature"
+                )),
+            ),
+            None => (Some(sig.clone()), None),
+        },
+        None => (None, None),
+    })
+}
+
+/// The MBR with the new disk signature, as a patch over sector 0.
+fn mbr_patch(file: &mut File, sig: &str) -> Result<Patch> {
+    let mut mbr = Cursor::new(vec![0u8; 512]);
+    file.seek(SeekFrom::Start(0))?;
+    file.read_exact(mbr.get_mut())?;
+    disk::set_disk_signature(
+        &mut mbr,
+        u32::from_str_radix(sig, 16).context("signature is hex")?,
+    )?;
+    Ok(Patch {
+        offset: 0,
+        bytes: mbr.into_inner(),
+    })
+}
+
+/// The byte ranges of the stamped image that hold data: the table area, the stamped boot FAT,
+/// and the untouched partitions as they are in the base.
+fn used_ranges<D: Read + Seek>(
+    base: &Path,
+    file: &mut File,
+    layout: &DiskLayout,
+    seed_index: usize,
+    boot: &mut D,
+) -> Result<Vec<(u64, u64)>> {
     let first = layout
         .partitions
         .iter()
@@ -210,37 +272,18 @@ pub fn stamp(base: &Path, profile: &Profile, plan: &StampPlan) -> Result<Stamped
         .unwrap_or(layout.size);
     let mut used = vec![(0, first.max(512))];
     for p in &layout.partitions {
-        let ranges = if p.index == seed_part.index {
+        let ranges = if p.index == seed_index {
             let whole = disk::Partition {
                 start: 0,
                 ..p.clone()
             };
-            fat::used_ranges(&mut boot, &whole)?
+            fat::used_ranges(boot, &whole)?
         } else {
-            fs::used_ranges(base, &mut file, p)?
+            fs::used_ranges(base, file, p)?
         };
         used.extend(ranges.into_iter().map(|(s, l)| (p.start + s, l)));
     }
-    patches.extend(boot.into_runs().into_iter().map(|(offset, bytes)| Patch {
-        offset: seed_part.start + offset,
-        bytes,
-    }));
-
-    let d = when.date;
-    let t = when.time;
-    Ok(Stamped {
-        patches,
-        used,
-        report: StampReport {
-            layout_before: layout,
-            disk_signature: signature,
-            kept_signature_because: kept_because,
-            fat_timestamp: format!(
-                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
-                d.year, d.month, d.day, t.hour, t.min, t.sec
-            ),
-        },
-    })
+    Ok(used)
 }
 
 /// A config-drive image: no patches, only the byte ranges that hold data.

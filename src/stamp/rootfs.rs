@@ -15,10 +15,8 @@ use anyhow::{Context, Result, bail};
 
 use super::password;
 use crate::fs::ext4_write::{self, Entry};
-use crate::plan::node::{Interface, NodeConfig, SwarmRole};
-use crate::plan::overlay;
-use crate::plan::profile::Profile;
-use crate::plan::stamp_plan::{SWARM_SCRIPT, SWARM_UNIT};
+use crate::plan::node::{Interface, NodeConfig, User};
+use crate::plan::stamp_plan::{RootFile, RootfsPlan, SWARM_SCRIPT, SWARM_UNIT, Service, StampPlan};
 use crate::plan::{Cluster, ids};
 
 /// How services are enabled in the image.
@@ -117,89 +115,34 @@ fn names_in_order(db: &str) -> Vec<String> {
         .collect()
 }
 
-/// The entries that make `node` out of the image at `root_offset` in `image`.
-pub fn entries(
-    cluster: &Cluster,
-    node: &NodeConfig,
-    profile: &Profile,
-    image: &Path,
-    root_offset: u64,
-) -> Result<Vec<Entry>> {
-    if node.user_data.is_some() {
-        bail!(
-            "node {}: user_data is a cloud-init fragment, and {} images have no cloud-init",
-            node.name,
-            profile.name
-        );
-    }
-    if !node.boot_files.is_empty() {
-        bail!(
-            "node {}: boot files (config.txt, cmdline.txt) are for Raspberry Pi images",
-            node.name
-        );
-    }
+/// The entries that make a rootfs node's plan out of the image at `root_offset` in `image`.
+pub fn entries(plan: &StampPlan, image: &Path, root_offset: u64) -> Result<Vec<Entry>> {
+    let r = plan
+        .rootfs
+        .as_ref()
+        .with_context(|| format!("node {} is not planned for a rootfs image", plan.node))?;
     let f = facts(image, root_offset)?;
     let mut out = Vec::new();
 
     // Identity.
-    out.push(file("/etc/hostname", format!("{}\n", node.hostname), None));
-    let mut hosts = format!(
-        "127.0.0.1\tlocalhost localhost.localdomain\n::1\t\tlocalhost localhost.localdomain\n127.0.1.1\t{}\n",
-        node.hostname
-    );
-    for iface in node.network.values() {
-        if let Some(ip) = iface.static_ip() {
-            writeln!(hosts, "{ip}\t{}", node.hostname)?;
-        }
+    for (path, text) in &r.identity {
+        out.push(file(path, text.as_str(), None));
     }
-    out.push(file("/etc/hosts", hosts, None));
-    if let Some(tz) = &node.timezone {
-        out.push(file("/etc/timezone", format!("{tz}\n"), None));
+    if let Some(zone) = &r.localtime {
         out.push(Entry::Symlink {
             path: "/etc/localtime".into(),
-            target: format!("/usr/share/zoneinfo/{tz}"),
+            target: zone.clone(),
         });
     }
 
     // Accounts.
-    let (accounts, homes) = accounts(node, profile, &f)?;
+    let (accounts, homes) = accounts(r, &plan.profile, &f)?;
     out.extend(accounts);
     out.extend(homes);
 
-    // Services: sshd always (keys are the way in), docker when asked.
-    let enable = |svc: &str, unit_names: &[&str]| -> Result<Entry> {
-        match f.init {
-            Init::OpenRc => {
-                let script = format!("/etc/init.d/{svc}");
-                if !f.present.contains(&script) {
-                    bail!(
-                        "the image has no {script}; install {svc} in it (pmbootstrap install --add …)"
-                    );
-                }
-                Ok(Entry::Symlink {
-                    path: format!("/etc/runlevels/default/{svc}"),
-                    target: script,
-                })
-            }
-            Init::Systemd => {
-                for unit in unit_names {
-                    for dir in ["/usr/lib/systemd/system", "/lib/systemd/system"] {
-                        let p = format!("{dir}/{unit}");
-                        if f.present.contains(&p) {
-                            return Ok(Entry::Symlink {
-                                path: format!("/etc/systemd/system/multi-user.target.wants/{unit}"),
-                                target: p,
-                            });
-                        }
-                    }
-                }
-                bail!("the image has no {} unit", unit_names.join(" or "))
-            }
-        }
-    };
-    out.push(enable("sshd", &["sshd.service", "ssh.service"])?);
-    if node.docker {
-        out.push(enable("docker", &["docker.service"])?);
+    // Services.
+    for s in &r.services {
+        out.push(enable(s, &f)?);
     }
 
     // Networks, as NetworkManager keyfiles.
@@ -210,73 +153,88 @@ pub fn entries(
             uid: 0,
             gid: 0,
         });
-        for (ifname, iface) in &node.network {
-            let (name, text) = keyfile(cluster, node, ifname, iface);
+        for k in &r.keyfiles {
             out.push(file(
-                &format!("/etc/NetworkManager/system-connections/{name}.nmconnection"),
-                text,
+                &format!(
+                    "/etc/NetworkManager/system-connections/{}.nmconnection",
+                    k.name
+                ),
+                k.text.as_str(),
                 Some((0o600, 0, 0)),
             ));
         }
-    } else if node.wifi.is_some() || node.network.values().any(|i| i.static_ip().is_some()) {
+    } else if r.network_required {
         bail!(
             "the image has no NetworkManager (/etc/NetworkManager), so kiln cannot configure its network"
         );
     }
 
     // The swarm, as a first-boot job.
-    if let Some(role) = &node.swarm {
-        out.extend(swarm(role, &f)?);
+    if let Some((env, token)) = &r.swarm {
+        out.extend(swarm(env, token.as_deref(), &f)?);
     }
 
     // Overlays, written into the root with their modes and owners, their services enabled.
-    out.extend(overlay_files(cluster, node, &f.passwd, &f.group)?);
-    for name in &node.overlays {
-        let o = overlay::load(name, &cluster.overlay_dirs())?;
-        for svc in &o.manifest.services {
-            let base = svc.trim_end_matches(".service");
-            out.push(enable(base, &[svc.as_str()])?);
-        }
+    out.extend(owned_files(&plan.root_files, &f.passwd, &f.group)?);
+    for s in &r.overlay_services {
+        out.push(enable(s, &f)?);
     }
     Ok(out)
 }
 
-/// The node's overlay files as entries, owners resolved through the image's own accounts.
-fn overlay_files(
-    cluster: &Cluster,
-    node: &NodeConfig,
-    passwd: &str,
-    group: &str,
-) -> Result<Vec<Entry>> {
-    let dirs = cluster.overlay_dirs();
+/// The link that enables `service` at boot, by the image's init.
+fn enable(service: &Service, f: &ImageFacts) -> Result<Entry> {
+    let svc = &service.name;
+    match f.init {
+        Init::OpenRc => {
+            let script = format!("/etc/init.d/{svc}");
+            if !f.present.contains(&script) {
+                bail!(
+                    "the image has no {script}; install {svc} in it (pmbootstrap install --add …)"
+                );
+            }
+            Ok(Entry::Symlink {
+                path: format!("/etc/runlevels/default/{svc}"),
+                target: script,
+            })
+        }
+        Init::Systemd => {
+            for unit in &service.units {
+                for dir in ["/usr/lib/systemd/system", "/lib/systemd/system"] {
+                    let p = format!("{dir}/{unit}");
+                    if f.present.contains(&p) {
+                        return Ok(Entry::Symlink {
+                            path: format!("/etc/systemd/system/multi-user.target.wants/{unit}"),
+                            target: p,
+                        });
+                    }
+                }
+            }
+            bail!("the image has no {} unit", service.units.join(" or "))
+        }
+    }
+}
+
+/// Root files as entries, owners resolved through the image's own accounts.
+fn owned_files(files: &[RootFile], passwd: &str, group: &str) -> Result<Vec<Entry>> {
     let pw = by_name(passwd);
     let gr = by_name(group);
-    let mut out = Vec::new();
-    for name in &node.overlays {
-        let o = overlay::load(name, &dirs)?;
-        for of in &o.files {
+    files
+        .iter()
+        .map(|of| {
+            let name = &of.overlay;
             let uid = id_of(&pw, &of.owner, 2)
                 .with_context(|| format!("overlay {name}: no user {} in the image", of.owner))?;
             let gid = id_of(&gr, &of.group, 2)
                 .with_context(|| format!("overlay {name}: no group {} in the image", of.group))?;
-            out.push(file(
-                &of.target,
-                of.content.bytes.clone(),
-                Some((of.mode, uid, gid)),
-            ));
-        }
-    }
-    Ok(out)
+            Ok(file(&of.path, of.bytes.clone(), Some((of.mode, uid, gid))))
+        })
+        .collect()
 }
 
-/// Overlay files for a cloud-init image whose profile puts overlays into the root (services are
-/// still enabled by cloud-init on first boot).
-pub fn overlay_entries(
-    cluster: &Cluster,
-    node: &NodeConfig,
-    image: &Path,
-    root_offset: u64,
-) -> Result<Vec<Entry>> {
+/// The plan's root files for a cloud-init image whose profile puts overlays into the root
+/// (services are still enabled by cloud-init on first boot).
+pub fn overlay_entries(plan: &StampPlan, image: &Path, root_offset: u64) -> Result<Vec<Entry>> {
     // A root without account files still has root (uid 0), which is all most overlays need.
     let text = |p: &str| -> Result<String> {
         Ok(
@@ -284,7 +242,11 @@ pub fn overlay_entries(
                 .into_owned(),
         )
     };
-    overlay_files(cluster, node, &text("/etc/passwd")?, &text("/etc/group")?)
+    owned_files(
+        &plan.root_files,
+        &text("/etc/passwd")?,
+        &text("/etc/group")?,
+    )
 }
 
 fn id_of(db: &BTreeMap<String, Vec<String>>, name: &str, field: usize) -> Option<u32> {
@@ -298,32 +260,47 @@ fn id_of(db: &BTreeMap<String, Vec<String>>, name: &str, field: usize) -> Option
     }
 }
 
+/// A colon-separated account database (/etc/passwd, /etc/group, /etc/shadow): its rows by name,
+/// and the names in file order (new accounts go at the end).
+struct Db {
+    rows: BTreeMap<String, Vec<String>>,
+    order: Vec<String>,
+}
+
+impl Db {
+    fn parse(text: &str) -> Db {
+        Db {
+            rows: by_name(text),
+            order: names_in_order(text),
+        }
+    }
+
+    fn add(&mut self, row: Vec<String>) {
+        self.order.push(row[0].clone());
+        self.rows.insert(row[0].clone(), row);
+    }
+
+    fn text(&self) -> String {
+        join_db(&self.order, &self.rows)
+    }
+}
+
 /// /etc/passwd, /etc/group and /etc/shadow with the node's users, and their homes and keys.
-fn accounts(
-    node: &NodeConfig,
-    profile: &Profile,
-    f: &ImageFacts,
-) -> Result<(Vec<Entry>, Vec<Entry>)> {
-    let mut pw = by_name(&f.passwd);
-    let mut gr = by_name(&f.group);
-    let mut sh = by_name(&f.shadow);
-    let mut pw_order = names_in_order(&f.passwd);
-    let mut gr_order = names_in_order(&f.group);
-    let mut sh_order = names_in_order(&f.shadow);
+fn accounts(r: &RootfsPlan, profile: &str, f: &ImageFacts) -> Result<(Vec<Entry>, Vec<Entry>)> {
+    let mut pw = Db::parse(&f.passwd);
+    let mut gr = Db::parse(&f.group);
+    let mut sh = Db::parse(&f.shadow);
     let mut homes = Vec::new();
-    let listed: BTreeSet<&str> = node.users.iter().map(|u| u.name.as_str()).collect();
-
     let used_ids: BTreeSet<u32> = pw
+        .rows
         .values()
+        .chain(gr.rows.values())
         .filter_map(|r| r.get(2)?.parse().ok())
-        .chain(gr.values().filter_map(|r| r.get(2)?.parse().ok()))
         .collect();
-    let mut next_id = (10000..)
-        .find(|i| !used_ids.contains(i))
-        .expect("a free id");
+    let mut free_ids = (10000..).filter(|i| !used_ids.contains(i));
 
-    for u in &node.users {
-        let (uid, gid, home) = match pw.get(&u.name) {
+    for u in &r.users {
+        let (uid, gid, home) = match pw.rows.get(&u.name) {
             Some(r) => (
                 r[2].parse::<u32>()?,
                 r[3].parse::<u32>()?,
@@ -332,36 +309,8 @@ fn accounts(
                     .unwrap_or_else(|| format!("/home/{}", u.name)),
             ),
             None => {
-                let id = next_id;
-                next_id = (id + 1..)
-                    .find(|i| !used_ids.contains(i))
-                    .expect("a free id");
-                let shell = [u.shell.as_str(), "/bin/ash", "/bin/sh"]
-                    .into_iter()
-                    .find(|s| f.present.contains(*s))
-                    .unwrap_or("/bin/sh")
-                    .to_string();
-                let home = format!("/home/{}", u.name);
-                pw.insert(
-                    u.name.clone(),
-                    vec![
-                        u.name.clone(),
-                        "x".into(),
-                        id.to_string(),
-                        id.to_string(),
-                        u.name.clone(),
-                        home.clone(),
-                        shell,
-                    ],
-                );
-                pw_order.push(u.name.clone());
-                if !gr.contains_key(&u.name) {
-                    gr.insert(
-                        u.name.clone(),
-                        vec![u.name.clone(), "x".into(), id.to_string(), String::new()],
-                    );
-                    gr_order.push(u.name.clone());
-                }
+                let id = free_ids.next().context("no free user id in the image")?;
+                let home = add_account(&mut pw, &mut gr, u, id, f);
                 homes.push(Entry::Dir {
                     path: home.clone(),
                     mode: 0o700,
@@ -376,42 +325,11 @@ fn accounts(
         if u.sudo {
             want.push("wheel");
         }
-        if node.docker {
+        if r.docker_group {
             want.push("docker");
         }
-        for g in want {
-            if let Some(row) = gr.get_mut(g) {
-                while row.len() < 4 {
-                    row.push(String::new());
-                }
-                let mut members: Vec<String> = row[3]
-                    .split(',')
-                    .filter(|m| !m.is_empty())
-                    .map(str::to_string)
-                    .collect();
-                if !members.contains(&u.name) {
-                    members.push(u.name.clone());
-                }
-                row[3] = members.join(",");
-            }
-        }
-        // Password: the cluster's hash, or locked (keys only).
-        let hash = u.password_hash.clone().unwrap_or_else(|| "!".into());
-        let row = sh.entry(u.name.clone()).or_insert_with(|| {
-            sh_order.push(u.name.clone());
-            vec![
-                u.name.clone(),
-                String::new(),
-                "0".into(),
-                "0".into(),
-                "99999".into(),
-                "7".into(),
-                String::new(),
-                String::new(),
-                String::new(),
-            ]
-        });
-        row[1] = hash;
+        join_groups(&mut gr, &u.name, &want);
+        set_password(&mut sh, u);
         if !u.ssh_authorized_keys.is_empty() {
             homes.push(Entry::Dir {
                 path: format!("{home}/.ssh"),
@@ -426,31 +344,104 @@ fn accounts(
             ));
         }
     }
+    refuse_known_passwords(&sh, r, profile)?;
 
-    // A release's well-known password must not survive on a user the cluster file leaves alone.
-    for (name, row) in &sh {
+    let accounts = vec![
+        file("/etc/passwd", pw.text(), None),
+        file("/etc/group", gr.text(), None),
+        file("/etc/shadow", sh.text(), None),
+    ];
+    Ok((accounts, homes))
+}
+
+/// Adds `u` to passwd (with a shell the image has) and its own group; returns its home.
+fn add_account(pw: &mut Db, gr: &mut Db, u: &User, id: u32, f: &ImageFacts) -> String {
+    let shell = [u.shell.as_str(), "/bin/ash", "/bin/sh"]
+        .into_iter()
+        .find(|s| f.present.contains(*s))
+        .unwrap_or("/bin/sh")
+        .to_string();
+    let home = format!("/home/{}", u.name);
+    pw.add(vec![
+        u.name.clone(),
+        "x".into(),
+        id.to_string(),
+        id.to_string(),
+        u.name.clone(),
+        home.clone(),
+        shell,
+    ]);
+    if !gr.rows.contains_key(&u.name) {
+        gr.add(vec![
+            u.name.clone(),
+            "x".into(),
+            id.to_string(),
+            String::new(),
+        ]);
+    }
+    home
+}
+
+/// Makes `user` a member of each of `groups` the image has.
+fn join_groups(gr: &mut Db, user: &str, groups: &[&str]) {
+    for g in groups {
+        if let Some(row) = gr.rows.get_mut(*g) {
+            while row.len() < 4 {
+                row.push(String::new());
+            }
+            let mut members: Vec<String> = row[3]
+                .split(',')
+                .filter(|m| !m.is_empty())
+                .map(str::to_string)
+                .collect();
+            if !members.iter().any(|m| m == user) {
+                members.push(user.to_string());
+            }
+            row[3] = members.join(",");
+        }
+    }
+}
+
+/// The user's shadow entry: the cluster's hash, or locked (keys only).
+fn set_password(sh: &mut Db, u: &User) {
+    let hash = u.password_hash.clone().unwrap_or_else(|| "!".into());
+    if !sh.rows.contains_key(&u.name) {
+        sh.add(vec![
+            u.name.clone(),
+            String::new(),
+            "0".into(),
+            "0".into(),
+            "99999".into(),
+            "7".into(),
+            String::new(),
+            String::new(),
+            String::new(),
+        ]);
+    }
+    if let Some(row) = sh.rows.get_mut(&u.name) {
+        row[1] = hash;
+    }
+}
+
+/// A release's well-known password must not survive on a user the cluster file leaves alone.
+fn refuse_known_passwords(sh: &Db, r: &RootfsPlan, profile: &str) -> Result<()> {
+    let listed: BTreeSet<&str> = r.users.iter().map(|u| u.name.as_str()).collect();
+    for (name, row) in &sh.rows {
         if listed.contains(name.as_str()) {
             continue;
         }
         let Some(hash) = row.get(1) else { continue };
-        for known in &profile.provision.known_default_passwords {
+        for known in &r.known_default_passwords {
             if password::matches(known, hash) == Some(true) {
                 bail!(
-                    "the image's user {name:?} still has the {} default password {known:?}; kiln will not build a node \
+                    "the image's user {name:?} still has the {profile} default password {known:?}; kiln will not build a node \
                      with a well-known password. Add it to the cluster file with a password: \
-                     [[users]] name = \"{name}\", password_hash = \"$6$…\" (or password = {{ file = … }})",
-                    profile.name
+                     [[users]] name = \"{name}\", password_hash = \"$6$…\" (or password = {{ file = … }})"
                 );
             }
         }
     }
-
-    let accounts = vec![
-        file("/etc/passwd", join_db(&pw_order, &pw), None),
-        file("/etc/group", join_db(&gr_order, &gr), None),
-        file("/etc/shadow", join_db(&sh_order, &sh), None),
-    ];
-    Ok((accounts, homes))
+    Ok(())
 }
 
 /// A NetworkManager keyfile for one interface: wifi (wlan0, with the node's wifi) or ethernet.
@@ -534,8 +525,8 @@ pub fn keyfile(
     (name, t.trim_end().to_string() + "\n")
 }
 
-fn swarm(role: &SwarmRole, f: &ImageFacts) -> Result<Vec<Entry>> {
-    let (env, token) = crate::plan::stamp_plan::swarm_env(role);
+/// The swarm job's files: the env and token the plan made, the helper, and what starts it.
+fn swarm(env: &str, token: Option<&str>, f: &ImageFacts) -> Result<Vec<Entry>> {
     let mut out = Vec::new();
     if let Some(token) = token {
         out.push(file("/etc/kiln/swarm.token", token, Some((0o600, 0, 0))));
