@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use crate::artifact::manifest::{Manifest, sha256sum_line};
-use crate::artifact::sparse;
+use crate::io::sparse;
 use crate::util::fsutil::{temp_beside, write_atomic};
 
 /// The published name of a node's build: `<node>-<sha8>.<raw|qcow2>`.

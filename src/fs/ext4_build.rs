@@ -12,7 +12,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use crate::base::unpack::{Kind, Tree};
+use crate::fs::tree::{Kind, Tree};
 use crate::util::cmd;
 
 /// Features pinned here rather than taken from the host's /etc/mke2fs.conf, so the same tree

@@ -3,3 +3,4 @@
 pub mod decompress;
 pub mod progress;
 pub mod readahead;
+pub mod sparse;

@@ -12,7 +12,7 @@
 
 use serde_json::{Value, json};
 
-use super::image::{MT_OCI_INDEX, MT_OCI_MANIFEST};
+use super::manifest::{MT_OCI_INDEX, MT_OCI_MANIFEST};
 
 /// What the artifact is, for registries and tools that list artifacts by type.
 pub const ARTIFACT_TYPE: &str = "application/vnd.kiln.disk-image.v1";

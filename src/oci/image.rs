@@ -6,24 +6,9 @@ use crate::util::input::read_capped;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use super::blobs::BlobStore;
-use super::reference::ImageRef;
-use super::{layout, registry};
-
-/// The largest index, manifest or config kiln reads: distribution and containerd refuse manifests
-/// over 4 MiB too, and real ones are a few KiB.
-pub const MAX_DOCUMENT: u64 = 4 << 20;
-/// The most layers an image may have: overlay-based engines stop near 128; a manifest listing
-/// thousands is an attack on the unpacker, not an image.
-pub const MAX_LAYERS: usize = 1000;
-
-pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const MT_OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-pub const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-pub const MT_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-pub const MT_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-pub const MT_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+use super::manifest::{
+    MAX_DOCUMENT, MAX_LAYERS, MT_DOCKER_MANIFEST, MT_LAYER_TAR, MT_OCI_MANIFEST,
+};
 
 /// One layer blob on local disk.
 #[derive(Debug, Clone)]
@@ -72,24 +57,6 @@ pub fn host_arch() -> &'static str {
         "arm" => "arm",
         other => other,
     }
-}
-
-/// Pulls `reference` into the blob cache (or verifies it in place, for an image layout).
-pub fn pull(reference: &ImageRef, opts: &PullOptions) -> Result<Image> {
-    let store = BlobStore::open()?;
-    let image = match reference {
-        ImageRef::Registry(r) => registry::pull(r, opts, &store),
-        ImageRef::Layout { dir, tag } => layout::read_layout(dir, tag.as_deref(), opts),
-        ImageRef::OciArchive { file, tag } => {
-            layout::read_oci_archive(file, tag.as_deref(), opts, &store)
-        }
-        ImageRef::DockerArchive { file } => layout::read_docker_archive(file, &store),
-    }
-    .with_context(|| format!("pulling {reference}"))?;
-    Ok(Image {
-        reference: reference.to_string(),
-        ..image
-    })
 }
 
 impl Image {
@@ -169,32 +136,6 @@ impl Image {
     }
 }
 
-/// Picks the manifest for `arch` (linux) from an image index; the error lists what is there.
-pub fn pick_platform(index: &Value, arch: &str) -> Result<(String, String)> {
-    let manifests = index["manifests"]
-        .as_array()
-        .context("the index lists no manifests")?;
-    let mut seen = Vec::new();
-    for m in manifests {
-        let os = m["platform"]["os"].as_str().unwrap_or("");
-        let a = m["platform"]["architecture"].as_str().unwrap_or("");
-        seen.push(format!("{os}/{a}"));
-        if os == "linux" && a == arch {
-            return Ok((
-                m["digest"].as_str().context("no digest")?.to_string(),
-                m["mediaType"]
-                    .as_str()
-                    .unwrap_or(MT_OCI_MANIFEST)
-                    .to_string(),
-            ));
-        }
-    }
-    bail!(
-        "the image has no linux/{arch} variant (it has: {}); pick another with --arch",
-        seen.join(", ")
-    )
-}
-
 /// Seconds since the epoch for an RFC 3339 time (`2024-05-01T12:00:00.5+02:00`).
 pub fn parse_rfc3339(s: &str) -> Option<i64> {
     let (date, rest) = s.split_once(['T', 't', ' '])?;
@@ -263,16 +204,5 @@ mod tests {
             parse_rfc3339("0001-01-01T00:00:00Z").map(|t| t < 0),
             Some(true)
         );
-    }
-
-    #[test]
-    fn platform_choice_names_what_exists() {
-        let index = serde_json::json!({"manifests": [
-            {"digest": "sha256:aa", "platform": {"os": "linux", "architecture": "arm64"}},
-            {"digest": "sha256:bb", "platform": {"os": "linux", "architecture": "amd64"}}
-        ]});
-        assert_eq!(pick_platform(&index, "amd64").unwrap().0, "sha256:bb");
-        let e = pick_platform(&index, "riscv64").unwrap_err().to_string();
-        assert!(e.contains("linux/arm64, linux/amd64"), "{e}");
     }
 }

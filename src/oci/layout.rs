@@ -9,9 +9,10 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use super::blobs::{BlobStore, digest_of, hex_of};
-use super::image::{
-    Image, MAX_DOCUMENT, MT_DOCKER_LIST, MT_LAYER_TAR, MT_OCI_CONFIG, MT_OCI_INDEX,
-    MT_OCI_MANIFEST, PullOptions, pick_platform,
+use super::image::{Image, PullOptions};
+use super::manifest::{
+    MAX_DOCUMENT, MT_DOCKER_LIST, MT_LAYER_TAR, MT_OCI_CONFIG, MT_OCI_INDEX, MT_OCI_MANIFEST,
+    pick_platform,
 };
 use crate::util::input::read_capped;
 
@@ -27,7 +28,7 @@ pub fn read_layout(dir: &Path, tag: Option<&str>, opts: &PullOptions) -> Result<
     let index = read_capped(&index_path, MAX_DOCUMENT, "the layout's index.json")?;
     let mut blob = |digest: &str| -> Result<PathBuf> {
         let p = dir.join("blobs/sha256").join(hex_of(digest)?);
-        let got = format!("sha256:{}", crate::base::cache::sha256_file(&p)?);
+        let got = format!("sha256:{}", crate::util::cache::sha256_file(&p)?);
         if got != digest {
             bail!(
                 "{}: content does not match its digest {digest}; the layout is corrupt",
@@ -163,7 +164,7 @@ pub fn read_docker_archive(file: &Path, store: &BlobStore) -> Result<Image> {
                 let mut out = std::fs::File::create(&tmp)?;
                 std::io::copy(&mut entry, &mut out)?
             };
-            let digest = format!("sha256:{}", crate::base::cache::sha256_file(&tmp)?);
+            let digest = format!("sha256:{}", crate::util::cache::sha256_file(&tmp)?);
             store.admit(&tmp, &digest, &path)?;
             stored.insert(path, (digest, size));
         }
@@ -214,7 +215,7 @@ pub fn write_layout(
     for (digest, path) in blobs {
         let dest = blob_dir.join(hex_of(digest)?);
         if !dest.exists() {
-            crate::artifact::sparse::copy(path, &dest)?;
+            crate::io::sparse::copy(path, &dest)?;
         }
     }
     let digest = digest_of(manifest);

@@ -10,9 +10,9 @@ use oci_client::{Client, Reference};
 use serde_json::Value;
 
 use super::blobs::{BlobStore, digest_of};
-use super::image::{
-    Image, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST, PullOptions,
-    pick_platform,
+use super::image::{Image, PullOptions};
+use super::manifest::{
+    MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST, pick_platform,
 };
 
 const ACCEPT: &[&str] = &[

@@ -10,8 +10,9 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use crate::oci::blobs::BlobStore;
-use crate::oci::image::{Image, MT_LAYER_GZIP, MT_OCI_CONFIG, MT_OCI_MANIFEST, PullOptions};
+use crate::oci::image::{Image, PullOptions};
 use crate::oci::layer::{self, LayerFile};
+use crate::oci::manifest::{MT_LAYER_GZIP, MT_OCI_CONFIG, MT_OCI_MANIFEST};
 use crate::oci::reference::ImageRef;
 use crate::oci::{layout, registry};
 use crate::plan::overlay;
@@ -172,7 +173,7 @@ pub fn append(opts: &AppendOptions) -> Result<Appended> {
 fn oci_layer_type(mt: &str) -> &str {
     match mt {
         "application/vnd.docker.image.rootfs.diff.tar.gzip" => MT_LAYER_GZIP,
-        "application/vnd.docker.image.rootfs.diff.tar" => crate::oci::image::MT_LAYER_TAR,
+        "application/vnd.docker.image.rootfs.diff.tar" => crate::oci::manifest::MT_LAYER_TAR,
         other => other,
     }
 }

@@ -1,5 +1,6 @@
 //! Small helpers shared by every stage.
 
+pub mod cache;
 pub mod cmd;
 pub mod diskfull;
 pub mod fsutil;

@@ -11,6 +11,6 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         Err(anyhow::anyhow!("no blob {d} in a fuzz run"))
     });
     if let Ok(index) = serde_json::from_slice::<serde_json::Value>(data) {
-        let _ = kiln::oci::image::pick_platform(&index, "amd64");
+        let _ = kiln::oci::manifest::pick_platform(&index, "amd64");
     }
 });
