@@ -145,7 +145,7 @@ pub fn publish_oci(
         architecture: architecture.to_string(),
         title: image.published_name(node),
     };
-    let (manifest, index) = crate::oci::artifact::documents(&artifact);
+    let (manifest, index) = crate::oci::artifact::documents(&artifact)?;
     let reference = format!("{repo}:{tag}");
     let url = format!("oci://{reference}");
     match crate::oci::registry::fetch_tag(&reference, insecure)? {

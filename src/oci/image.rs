@@ -6,15 +6,13 @@ use crate::util::input::read_capped;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use super::manifest::{
-    MAX_DOCUMENT, MAX_LAYERS, MT_DOCKER_MANIFEST, MT_LAYER_TAR, MT_OCI_MANIFEST,
-};
+use super::manifest::{ImageManifest, MAX_DOCUMENT, MAX_LAYERS, MediaType, parse_manifest};
 
 /// One layer blob on local disk.
 #[derive(Debug, Clone)]
 pub struct LayerBlob {
     pub digest: String,
-    pub media_type: String,
+    pub media_type: MediaType,
     pub size: u64,
     pub path: PathBuf,
 }
@@ -25,9 +23,11 @@ pub struct Image {
     pub reference: String,
     /// Digest of the image manifest (the platform's, for a multi-arch index).
     pub manifest_digest: String,
-    pub manifest: Value,
+    pub manifest: ImageManifest,
     pub config_digest: String,
     pub config_bytes: Vec<u8>,
+    /// Kept as JSON rather than oci-spec's `ImageConfiguration`: `oci append` extends it and must
+    /// keep every field the builder wrote, in kiln's byte layout (sorted keys).
     pub config: Value,
     pub layers: Vec<LayerBlob>,
 }
@@ -66,31 +66,20 @@ impl Image {
         manifest_digest: String,
         blob: &mut dyn FnMut(&str) -> Result<PathBuf>,
     ) -> Result<Image> {
-        let manifest: Value =
-            serde_json::from_slice(manifest_bytes).context("parsing the image manifest")?;
-        let mt = manifest["mediaType"].as_str().unwrap_or(MT_OCI_MANIFEST);
-        if mt != MT_OCI_MANIFEST && mt != MT_DOCKER_MANIFEST {
-            bail!("{manifest_digest} is a {mt}, not an image manifest");
-        }
-        let config_digest = manifest["config"]["digest"]
-            .as_str()
-            .context("the manifest has no config digest")?
-            .to_string();
+        let manifest = parse_manifest(manifest_bytes, &manifest_digest)?;
+        let config_digest = manifest.config().digest().to_string();
         let config_bytes = read_capped(&blob(&config_digest)?, MAX_DOCUMENT, "the image config")?;
         let config: Value = serde_json::from_slice(&config_bytes).context("parsing the config")?;
-        let listed = manifest["layers"].as_array().map_or(0, Vec::len);
+        let listed = manifest.layers().len();
         if listed > MAX_LAYERS {
             bail!("the manifest lists {listed} layers, more than the {MAX_LAYERS} kiln unpacks");
         }
         let mut layers = Vec::new();
-        for l in manifest["layers"].as_array().into_iter().flatten() {
-            let digest = l["digest"]
-                .as_str()
-                .context("a layer without a digest")?
-                .to_string();
+        for l in manifest.layers() {
+            let digest = l.digest().to_string();
             layers.push(LayerBlob {
-                media_type: l["mediaType"].as_str().unwrap_or(MT_LAYER_TAR).to_string(),
-                size: l["size"].as_u64().unwrap_or(0),
+                media_type: l.media_type().clone(),
+                size: l.size(),
                 path: blob(&digest)?,
                 digest,
             });
