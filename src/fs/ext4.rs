@@ -103,19 +103,14 @@ pub fn mkfs_from_tree(
     uuid: &str,
     epoch: i64,
 ) -> Result<()> {
-    let blocks = size / 4096;
-    let mut mke2fs = std::process::Command::new("mke2fs");
-    mke2fs
-        .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
-        .args([
-            "-q", "-F", "-t", "ext4", "-b", "4096", "-L", label, "-U", uuid, "-E",
-        ])
-        .arg(format!("offset={offset},hash_seed={uuid},root_owner=0:0"))
-        .arg("-d")
-        .arg(tree)
-        .arg(image)
-        .arg(blocks.to_string());
-    cmd::run_with(&mut mke2fs, "mke2fs")?;
+    use super::ext4_build::{Ext4Options, Layout, Mke2fsTarget, mke2fs};
+    let target = Mke2fsTarget {
+        image,
+        offset,
+        size,
+    };
+    let o = Ext4Options { label, uuid, epoch };
+    mke2fs(&target, tree, &o, Layout::HostDefaults)?;
     let mut script = String::new();
     let mut paths = vec!["/".to_string()];
     collect_paths(tree, tree, &mut paths)?;
