@@ -5,6 +5,9 @@
 //! cannot know or copies from the host is then set with one debugfs script addressed by inode
 //! number: owners, modes and times that differ from the intended ones (all owners, for a
 //! non-root build), every ctime, device nodes and FIFOs, and xattrs.
+//!
+//! The sample base's root is made here too, from a plain directory (`mkfs_from_tree`): the same
+//! [`mke2fs`] with the host's defaults, then only the ctimes reset.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -93,6 +96,63 @@ pub fn mke2fs(t: &Mke2fsTarget, staging: &Path, o: &Ext4Options, layout: Layout)
         .arg(t.image)
         .arg((t.size / 4096).to_string());
     cmd::run_with(&mut mke2fs, "mke2fs")?;
+    Ok(())
+}
+
+/// Makes an ext4 filesystem of `size` bytes at `offset` in `image` from the directory `tree`,
+/// reproducibly: a fixed UUID and hash seed, every timestamp `epoch` (mke2fs copies ctimes from the
+/// host, so they are reset with debugfs afterwards), root-owned files.
+pub fn mkfs_from_tree(
+    image: &Path,
+    offset: u64,
+    size: u64,
+    tree: &Path,
+    label: &str,
+    uuid: &str,
+    epoch: i64,
+) -> Result<()> {
+    let target = Mke2fsTarget {
+        image,
+        offset,
+        size,
+    };
+    let o = Ext4Options { label, uuid, epoch };
+    mke2fs(&target, tree, &o, Layout::HostDefaults)?;
+    let mut script = String::new();
+    let mut paths = vec!["/".to_string()];
+    collect_paths(tree, tree, &mut paths)?;
+    for p in &paths {
+        if p.contains(['"', '\n']) {
+            bail!("{p:?} cannot be passed to debugfs");
+        }
+        script.push_str(&format!("sif \"{p}\" ctime @{epoch}\n"));
+    }
+    let cmd_file = tempfile::NamedTempFile::new()?;
+    std::fs::write(cmd_file.path(), script)?;
+    let mut debugfs = std::process::Command::new("debugfs");
+    debugfs
+        .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
+        .arg("-w")
+        .arg("-f")
+        .arg(cmd_file.path())
+        .arg(super::ext4::device_spec(image, offset));
+    cmd::run_with(&mut debugfs, "debugfs")?;
+    Ok(())
+}
+
+fn collect_paths(base: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<std::io::Result<_>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let p = e.path();
+        out.push(format!(
+            "/{}",
+            p.strip_prefix(base).expect("under base").display()
+        ));
+        if e.file_type()?.is_dir() {
+            collect_paths(base, &p, out)?;
+        }
+    }
     Ok(())
 }
 
