@@ -20,8 +20,7 @@ use super::manifest::{Descriptor, ImageManifest, MediaType, descriptor, oci_mani
 
 /// What the artifact is, for registries and tools that list artifacts by type.
 pub const ARTIFACT_TYPE: &str = "application/vnd.kiln.disk-image.v1";
-/// The OCI empty descriptor's media type, and the two bytes `{}` it describes.
-pub const MT_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+/// The two bytes `{}` the OCI empty descriptor (`MediaType::EmptyJSON`) describes.
 pub const EMPTY_CONFIG: &[u8] = b"{}";
 /// The file name a pull gives the layer.
 const TITLE: &str = "org.opencontainers.image.title";
@@ -111,7 +110,7 @@ mod tests {
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "artifactType": ARTIFACT_TYPE,
-            "config": {"mediaType": MT_EMPTY, "digest": empty, "size": EMPTY_CONFIG.len()},
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": EMPTY_CONFIG.len()},
             "layers": [{
                 "mediaType": MT_DISK_LAYER,
                 "digest": a.digest,
@@ -168,7 +167,10 @@ mod tests {
         assert_eq!(disk_digest_of_manifest(&typed), Some(a.digest.clone()));
         let m: Value = serde_json::from_slice(&m).unwrap();
         let i: Value = serde_json::from_slice(&i).unwrap();
-        assert_eq!(m["config"]["mediaType"], MT_EMPTY);
+        assert_eq!(
+            m["config"]["mediaType"],
+            "application/vnd.oci.empty.v1+json"
+        );
         assert_eq!(
             m["config"]["digest"],
             "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
