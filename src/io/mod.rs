@@ -1,4 +1,5 @@
-//! Stream adaptors: decompression chosen by magic bytes, hashing while reading, progress.
+//! Stream adaptors: decompression chosen by magic bytes, hashing while reading, progress; sparse
+//! files (holes for zero blocks, copies of data extents only).
 
 pub mod decompress;
 pub mod progress;

@@ -1,4 +1,5 @@
-//! Small helpers shared by every stage.
+//! Small helpers shared by every stage and layer: the content-addressed cache, running external
+//! tools, files and inputs.
 
 pub mod cache;
 pub mod cmd;
