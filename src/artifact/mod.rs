@@ -6,5 +6,6 @@ pub mod hash_pipeline;
 pub mod inspect;
 pub mod manifest;
 pub mod qcow2;
-pub mod sparse;
+// Moved down to io (oci layouts copy sparse files too); the old path stays for callers.
+pub use crate::io::sparse;
 pub mod writer;

@@ -5,7 +5,8 @@
 pub mod assemble;
 pub mod bib;
 pub mod bootloader;
-pub mod cache;
+// Moved down to util (the OCI blob store lives in it too); the old path stays for callers.
+pub use crate::util::cache;
 pub mod http;
 pub mod oci_base;
 pub mod sample;
@@ -16,9 +17,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::artifact::sparse;
 use crate::io::decompress::{self, Compression};
 use crate::io::progress::{Progress, ProgressReader};
+use crate::io::sparse;
 use crate::plan::profile::Profile;
 use cache::Cache;
 

@@ -13,7 +13,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 
 use crate::disk::{PartitionSlice, gpt};
-use crate::fs::{ext4, fat};
+use crate::fs::{ext4_build, fat};
 use crate::plan::profile::{FsKind, Profile, TableKind};
 
 /// 2020-09-13T12:26:40Z: every timestamp in the sample.
@@ -210,7 +210,7 @@ fn make_root(dest: &Path, start: u64, size: u64, label: &str) -> Result<()> {
         std::fs::write(&p, content)?;
     }
     set_times(t)?;
-    ext4::mkfs_from_tree(
+    ext4_build::mkfs_from_tree(
         dest,
         start,
         size,

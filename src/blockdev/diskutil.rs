@@ -170,17 +170,10 @@ pub fn whole_disk_of(part: &str) -> String {
 
 #[cfg(target_os = "macos")]
 fn diskutil(args: &[&str]) -> Result<Vec<u8>> {
-    let out = std::process::Command::new("diskutil")
-        .args(args)
-        .output()
-        .context("running diskutil")?;
-    if !out.status.success() {
-        bail!(
-            "diskutil {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    let out = crate::util::cmd::run_with(
+        std::process::Command::new("diskutil").args(args),
+        "diskutil",
+    )?;
     Ok(out.stdout)
 }
 

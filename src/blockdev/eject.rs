@@ -2,6 +2,9 @@
 //! (what `diskutil eject` does on macOS, and what Raspberry Pi Imager and Etcher do).
 
 use std::path::Path;
+use std::process::Command;
+
+use crate::util::cmd;
 
 use super::BlockDevice;
 
@@ -20,12 +23,9 @@ pub fn wanted(dev: &BlockDevice, no_eject: bool) -> bool {
 pub fn eject(dev: &Path) -> String {
     // macOS: `diskutil eject` unmounts what the OS mounted after the write and powers the slot.
     #[cfg(target_os = "macos")]
-    let out = std::process::Command::new("diskutil")
-        .arg("eject")
-        .arg(dev)
-        .output();
+    let out = cmd::output(Command::new("diskutil").arg("eject").arg(dev), "diskutil");
     #[cfg(not(target_os = "macos"))]
-    let out = std::process::Command::new("eject").arg(dev).output();
+    let out = cmd::output(Command::new("eject").arg(dev), "eject");
     match out {
         Ok(o) if o.status.success() => format!("ejected {}: safe to remove", dev.display()),
         Ok(o) => format!(

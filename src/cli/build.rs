@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 
+use super::ClusterArg;
 use kiln::base::BaseRef;
 use kiln::build::{BuildOptions, OutputFormat, build_node};
 
@@ -142,4 +143,54 @@ pub fn oci_append(
         a.manifest_digest, a.layer_digest, a.files
     );
     Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub cluster: ClusterArg,
+    /// A node to build (repeatable).
+    #[arg(long, required_unless_present = "all")]
+    pub node: Vec<String>,
+    /// Build every node of the cluster.
+    #[arg(long, conflicts_with = "node")]
+    pub all: bool,
+    /// Output directory.
+    #[arg(long, short = 'o', default_value = "out")]
+    pub out: PathBuf,
+    /// The base image instead of the profile's: a path, an http(s) URL, or `sample` for kiln's
+    /// built-in sample with the profile's layout (offline).
+    #[arg(long)]
+    pub base: Option<String>,
+    /// Expected sha256 of --base.
+    #[arg(long)]
+    pub base_sha256: Option<String>,
+    /// Write the image as raw (with a bmap) or as QCOW2.
+    #[arg(long, value_enum, default_value_t)]
+    pub format: kiln::build::OutputFormat,
+    /// Reach an OCI registry over plain HTTP (a local registry without TLS).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Who turns an OCI image into a disk: kiln itself, or bootc-image-builder under podman.
+    #[arg(long, value_enum, default_value_t)]
+    pub engine: Engine,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AppendArgs {
+    /// The base image (docker://…, oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE).
+    #[arg(long)]
+    pub from: String,
+    /// An overlay to add (repeatable): a directory in ./overlays or a built-in one.
+    #[arg(long, required = true)]
+    pub overlay: Vec<String>,
+    /// Where the new image goes: docker://… or oci:DIR[:TAG].
+    #[arg(long)]
+    pub to: String,
+    /// Plain HTTP for registries without TLS.
+    #[arg(long)]
+    pub insecure: bool,
+    /// The platform to take from a multi-arch base (OCI names: amd64, arm64).
+    #[arg(long, default_value = kiln::oci::image::host_arch())]
+    pub arch: String,
 }

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
+use super::ClusterArg;
 use kiln::plan::node::{Interface, SwarmRole};
 
 pub fn run(cluster_path: &Path, json: bool) -> Result<()> {
@@ -83,4 +84,13 @@ pub fn run(cluster_path: &Path, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub cluster: ClusterArg,
+    /// Print the resolved configuration as JSON (secrets shown as digests).
+    #[arg(long)]
+    pub json: bool,
 }

@@ -87,3 +87,21 @@ pub fn run(
     }
     Ok(())
 }
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The raw image (its `.bmap` beside it is used when present).
+    pub image: std::path::PathBuf,
+    /// The output format.
+    #[arg(long, value_enum)]
+    pub to: Target,
+    /// Where to write it.
+    pub output: std::path::PathBuf,
+    /// Split into pieces of at most this size (bytes, or with K/M/G), e.g. a device's
+    /// max-download-size; pieces are named OUTPUT-stem.1.simg, .2.simg, …
+    #[arg(long)]
+    pub max_size: Option<String>,
+    /// The image's block map (default: IMAGE.bmap if present).
+    #[arg(long)]
+    pub bmap: Option<std::path::PathBuf>,
+}

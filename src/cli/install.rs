@@ -9,13 +9,27 @@ use kiln::deliver::remote::{self, Facts, ssh::Ssh};
 use kiln::plan::node::InputFile;
 use kiln::plan::overlay;
 
+#[derive(Debug, clap::Args)]
 pub struct Args {
+    /// The overlay (see --list).
     pub overlay: Option<String>,
+    /// user@host, as ssh takes it (~/.ssh/config applies).
+    #[arg(long, short = 't')]
     pub target: Option<String>,
+    /// The overlay's configuration file, installed where its manifest says (mode 0600).
+    #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Print the steps without changing anything.
+    #[arg(long)]
     pub dry_run: bool,
+    /// List the overlays kiln knows.
+    #[arg(long)]
     pub list: bool,
+    /// Extra ssh option, KEY=VALUE (repeatable), e.g. Port=2222.
+    #[arg(long = "ssh-option", short = 'o', value_name = "SSH_OPTION")]
     pub ssh_options: Vec<String>,
+    /// Install under this directory of the target instead of / (staging; services untouched).
+    #[arg(long)]
     pub root: Option<String>,
 }
 

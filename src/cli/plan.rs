@@ -4,6 +4,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
+use super::ClusterArg;
 use kiln::plan::stamp_plan;
 
 pub fn run(cluster_path: &Path, node: &str, json: bool) -> Result<()> {
@@ -16,4 +17,16 @@ pub fn run(cluster_path: &Path, node: &str, json: bool) -> Result<()> {
         print!("{}", stamp_plan::describe(&p));
     }
     Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub cluster: ClusterArg,
+    /// The node to plan.
+    #[arg(long)]
+    pub node: String,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    pub json: bool,
 }

@@ -17,3 +17,12 @@ pub fn run(profile: &str, output: &Path) -> Result<()> {
     );
     Ok(())
 }
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The image profile.
+    #[arg(long, default_value = "hypriot-rpi")]
+    pub profile: String,
+    /// Where to write the image.
+    pub output: std::path::PathBuf,
+}

@@ -25,13 +25,14 @@ fn tool() -> Result<PathBuf> {
 
 /// Runs `fastboot` with a deadline; returns (success, stdout + stderr).
 fn run(tool: &Path, args: &[&str], limit: Duration) -> Result<(bool, String)> {
-    let mut child = Command::new(tool)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {}", tool.display()))?;
+    let mut child = crate::util::cmd::spawn(
+        Command::new(tool)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+        "fastboot",
+    )?;
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait()? {
@@ -192,14 +193,15 @@ impl Phone {
     /// `fastboot flash PARTITION FILE…` (sparse pieces in order), reporting each step.
     pub fn flash(&self, partition: &str, files: &[PathBuf], report: &dyn Fn(&str)) -> Result<()> {
         for f in files {
-            let mut child = Command::new(&self.tool)
-                .args(["-s", &self.serial, "flash", partition])
-                .arg(f)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .context("running fastboot flash")?;
+            let mut child = crate::util::cmd::spawn(
+                Command::new(&self.tool)
+                    .args(["-s", &self.serial, "flash", partition])
+                    .arg(f)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped()),
+                "fastboot",
+            )?;
             let mut log = String::new();
             // fastboot ends its progress lines with "OKAY [ 0.1s]" or a FAILED line.
             for line in BufReader::new(child.stderr.take().expect("piped")).lines() {

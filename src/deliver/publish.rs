@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use crate::artifact::manifest::{Manifest, sha256sum_line};
-use crate::artifact::sparse;
+use crate::io::sparse;
 use crate::util::fsutil::{temp_beside, write_atomic};
 
 /// The published name of a node's build: `<node>-<sha8>.<raw|qcow2>`.
@@ -145,7 +145,7 @@ pub fn publish_oci(
         architecture: architecture.to_string(),
         title: image.published_name(node),
     };
-    let (manifest, index) = crate::oci::artifact::documents(&artifact);
+    let (manifest, index) = crate::oci::artifact::documents(&artifact)?;
     let reference = format!("{repo}:{tag}");
     let url = format!("oci://{reference}");
     match crate::oci::registry::fetch_tag(&reference, insecure)? {

@@ -16,6 +16,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::disk::PartitionSlice;
 use crate::fs::fat;
+use crate::util::cmd;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Arch {
@@ -125,31 +126,33 @@ fn kvm_works(bin: &str, code: &Path, vars: &Path) -> bool {
     if !Path::new("/dev/kvm").exists() {
         return false;
     }
-    let child = Command::new(bin)
-        .args([
-            "-accel",
-            "kvm",
-            "-m",
-            "256",
-            "-nodefaults",
-            "-display",
-            "none",
-        ])
-        .args(["-serial", "none", "-monitor", "none"])
-        .arg("-drive")
-        .arg(format!(
-            "if=pflash,format=raw,readonly=on,file={}",
-            code.display()
-        ))
-        .arg("-drive")
-        .arg(format!(
-            "if=pflash,format=raw,snapshot=on,file={}",
-            vars.display()
-        ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn();
+    let child = cmd::spawn(
+        Command::new(bin)
+            .args([
+                "-accel",
+                "kvm",
+                "-m",
+                "256",
+                "-nodefaults",
+                "-display",
+                "none",
+            ])
+            .args(["-serial", "none", "-monitor", "none"])
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,readonly=on,file={}",
+                code.display()
+            ))
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,snapshot=on,file={}",
+                vars.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+        bin,
+    );
     let Ok(mut child) = child else { return false };
     std::thread::sleep(Duration::from_secs(2));
     let exited = matches!(child.try_wait(), Ok(Some(_)));
@@ -167,7 +170,7 @@ fn qemu_command(o: &RunOptions, vars: &Path, code: &Path) -> Result<Command> {
         Arch::X86_64 => ("qemu-system-x86_64", None),
         Arch::Aarch64 => ("qemu-system-aarch64", Some("virt")),
     };
-    crate::util::cmd::require(bin)?;
+    cmd::require(bin)?;
     let mut c = Command::new(bin);
     if let Some(m) = machine {
         c.args(["-machine", m, "-cpu", "max"]);
@@ -220,23 +223,26 @@ pub fn run(o: &RunOptions) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let vars = tmp.path().join("vars.fd");
     std::fs::copy(&vars_template, &vars)?;
-    let mut cmd = qemu_command(o, &vars, &code)?;
+    let mut qemu = qemu_command(o, &vars, &code)?;
+    let bin = qemu.get_program().to_string_lossy().into_owned();
 
     if o.until.is_none() && o.log.is_none() {
         // Interactive: the serial console and QEMU's monitor (Ctrl-A X quits) on this terminal.
-        cmd.args(["-serial", "mon:stdio"]);
-        let status = cmd.status().context("starting qemu")?;
+        qemu.args(["-serial", "mon:stdio"]);
+        let status = cmd::spawn(&mut qemu, &bin)
+            .context("starting qemu")?
+            .wait()?;
         if !status.success() {
             bail!("qemu exited with {status}");
         }
         return Ok(());
     }
 
-    cmd.args(["-serial", "stdio", "-monitor", "none"])
+    qemu.args(["-serial", "stdio", "-monitor", "none"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd.spawn().context("starting qemu")?;
+    let mut child = cmd::spawn(&mut qemu, &bin).context("starting qemu")?;
     let (tx, rx) = mpsc::channel::<String>();
     let out = child.stdout.take().expect("piped");
     let reader = std::thread::spawn(move || {

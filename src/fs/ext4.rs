@@ -91,69 +91,6 @@ pub fn read_file(image: &Path, part: &Partition, path: &str) -> Result<Option<Ve
     Ok(Some(out.stdout))
 }
 
-/// Makes an ext4 filesystem of `size` bytes at `offset` in `image` from the directory `tree`,
-/// reproducibly: a fixed UUID and hash seed, every timestamp `epoch` (mke2fs copies ctimes from the
-/// host, so they are reset with debugfs afterwards), root-owned files.
-pub fn mkfs_from_tree(
-    image: &Path,
-    offset: u64,
-    size: u64,
-    tree: &Path,
-    label: &str,
-    uuid: &str,
-    epoch: i64,
-) -> Result<()> {
-    let blocks = size / 4096;
-    let mut mke2fs = std::process::Command::new("mke2fs");
-    mke2fs
-        .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
-        .args([
-            "-q", "-F", "-t", "ext4", "-b", "4096", "-L", label, "-U", uuid, "-E",
-        ])
-        .arg(format!("offset={offset},hash_seed={uuid},root_owner=0:0"))
-        .arg("-d")
-        .arg(tree)
-        .arg(image)
-        .arg(blocks.to_string());
-    cmd::run_with(&mut mke2fs, "mke2fs")?;
-    let mut script = String::new();
-    let mut paths = vec!["/".to_string()];
-    collect_paths(tree, tree, &mut paths)?;
-    for p in &paths {
-        if p.contains(['"', '\n']) {
-            bail!("{p:?} cannot be passed to debugfs");
-        }
-        script.push_str(&format!("sif \"{p}\" ctime @{epoch}\n"));
-    }
-    let cmd_file = tempfile::NamedTempFile::new()?;
-    std::fs::write(cmd_file.path(), script)?;
-    let mut debugfs = std::process::Command::new("debugfs");
-    debugfs
-        .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
-        .arg("-w")
-        .arg("-f")
-        .arg(cmd_file.path())
-        .arg(device_spec(image, offset));
-    cmd::run_with(&mut debugfs, "debugfs")?;
-    Ok(())
-}
-
-fn collect_paths(base: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<std::io::Result<_>>()?;
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let p = e.path();
-        out.push(format!(
-            "/{}",
-            p.strip_prefix(base).expect("under base").display()
-        ));
-        if e.file_type()?.is_dir() {
-            collect_paths(base, &p, out)?;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

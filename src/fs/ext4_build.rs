@@ -5,6 +5,9 @@
 //! cannot know or copies from the host is then set with one debugfs script addressed by inode
 //! number: owners, modes and times that differ from the intended ones (all owners, for a
 //! non-root build), every ctime, device nodes and FIFOs, and xattrs.
+//!
+//! The sample base's root is made here too, from a plain directory (`mkfs_from_tree`): the same
+//! [`mke2fs`] with the host's defaults, then only the ctimes reset.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -12,7 +15,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use crate::base::unpack::{Kind, Tree};
+use crate::fs::tree::{Kind, Tree};
 use crate::util::cmd;
 
 /// Features pinned here rather than taken from the host's /etc/mke2fs.conf, so the same tree
@@ -37,32 +40,119 @@ pub struct Ext4Options<'a> {
 
 /// Writes an ext4 of `size` bytes at `offset` in `image`, holding `tree`.
 pub fn build(tree: &Tree, image: &Path, offset: u64, size: u64, o: &Ext4Options) -> Result<()> {
-    let conf = tempfile::NamedTempFile::new()?;
-    std::fs::write(conf.path(), MKE2FS_CONF)?;
     let inodes = (tree.entries.len() as u64 * 5 / 4 + 4096).max(size / 16384);
-    let mut mke2fs = std::process::Command::new("mke2fs");
-    mke2fs
-        .env("MKE2FS_CONFIG", conf.path())
-        .env("E2FSPROGS_FAKE_TIME", o.epoch.to_string())
-        .args([
-            "-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0",
-        ])
-        .args(["-N", &inodes.to_string(), "-L", o.label, "-U", o.uuid, "-E"])
-        .arg(format!(
-            "offset={offset},hash_seed={},root_owner=0:0,lazy_itable_init=1,nodiscard",
-            o.uuid
-        ))
-        .arg("-d")
-        .arg(&tree.staging)
-        .arg(image)
-        .arg((size / 4096).to_string());
-    cmd::run_with(&mut mke2fs, "mke2fs")
+    let target = Mke2fsTarget {
+        image,
+        offset,
+        size,
+    };
+    mke2fs(&target, &tree.staging, o, Layout::Pinned { inodes })
         .context("making the root filesystem (is the root partition too small?)")?;
 
     let spec = super::ext4::device_spec(image, offset);
     let inodes = inode_map(&spec, o.epoch)?;
     let script = fixups(tree, &inodes, o.epoch)?;
     run_debugfs(&spec, &script.commands, o.epoch)?;
+    Ok(())
+}
+
+/// Where mke2fs writes: `size` bytes at `offset` in `image`.
+pub struct Mke2fsTarget<'a> {
+    pub image: &'a Path,
+    pub offset: u64,
+    pub size: u64,
+}
+
+/// How mke2fs lays the filesystem out.
+pub enum Layout {
+    /// kiln's pinned features ([`MKE2FS_CONF`]), inode count and reserve: root filesystems
+    /// built from images, the same on every host.
+    Pinned { inodes: u64 },
+    /// The host's /etc/mke2fs.conf defaults: the built-in sample base, whose published digests
+    /// were made this way (pinning it would change them).
+    HostDefaults,
+}
+
+/// The one place kiln runs mke2fs: an ext4 of `t.size` bytes holding a copy of `staging`
+/// (`-d`), with a fixed UUID and hash seed, every time `o.epoch`, the root owned by root.
+pub fn mke2fs(t: &Mke2fsTarget, staging: &Path, o: &Ext4Options, layout: Layout) -> Result<()> {
+    let conf = tempfile::NamedTempFile::new()?;
+    let mut mke2fs = std::process::Command::new("mke2fs");
+    mke2fs.env("E2FSPROGS_FAKE_TIME", o.epoch.to_string());
+    let mut extended = format!("offset={},hash_seed={},root_owner=0:0", t.offset, o.uuid);
+    mke2fs.args(["-q", "-F", "-t", "ext4", "-b", "4096"]);
+    match layout {
+        Layout::Pinned { inodes } => {
+            std::fs::write(conf.path(), MKE2FS_CONF)?;
+            mke2fs.env("MKE2FS_CONFIG", conf.path());
+            mke2fs.args(["-I", "256", "-m", "0", "-N", &inodes.to_string()]);
+            extended.push_str(",lazy_itable_init=1,nodiscard");
+        }
+        Layout::HostDefaults => {}
+    }
+    mke2fs
+        .args(["-L", o.label, "-U", o.uuid, "-E", &extended, "-d"])
+        .arg(staging)
+        .arg(t.image)
+        .arg((t.size / 4096).to_string());
+    cmd::run_with(&mut mke2fs, "mke2fs")?;
+    Ok(())
+}
+
+/// Makes an ext4 filesystem of `size` bytes at `offset` in `image` from the directory `tree`,
+/// reproducibly: a fixed UUID and hash seed, every timestamp `epoch` (mke2fs copies ctimes from the
+/// host, so they are reset with debugfs afterwards), root-owned files.
+pub fn mkfs_from_tree(
+    image: &Path,
+    offset: u64,
+    size: u64,
+    tree: &Path,
+    label: &str,
+    uuid: &str,
+    epoch: i64,
+) -> Result<()> {
+    let target = Mke2fsTarget {
+        image,
+        offset,
+        size,
+    };
+    let o = Ext4Options { label, uuid, epoch };
+    mke2fs(&target, tree, &o, Layout::HostDefaults)?;
+    let mut script = String::new();
+    let mut paths = vec!["/".to_string()];
+    collect_paths(tree, tree, &mut paths)?;
+    for p in &paths {
+        if p.contains(['"', '\n']) {
+            bail!("{p:?} cannot be passed to debugfs");
+        }
+        script.push_str(&format!("sif \"{p}\" ctime @{epoch}\n"));
+    }
+    let cmd_file = tempfile::NamedTempFile::new()?;
+    std::fs::write(cmd_file.path(), script)?;
+    let mut debugfs = std::process::Command::new("debugfs");
+    debugfs
+        .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
+        .arg("-w")
+        .arg("-f")
+        .arg(cmd_file.path())
+        .arg(super::ext4::device_spec(image, offset));
+    cmd::run_with(&mut debugfs, "debugfs")?;
+    Ok(())
+}
+
+fn collect_paths(base: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<std::io::Result<_>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let p = e.path();
+        out.push(format!(
+            "/{}",
+            p.strip_prefix(base).expect("under base").display()
+        ));
+        if e.file_type()?.is_dir() {
+            collect_paths(base, &p, out)?;
+        }
+    }
     Ok(())
 }
 

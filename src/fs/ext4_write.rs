@@ -324,7 +324,7 @@ mod tests {
             .unwrap()
             .set_len(8 << 20)
             .unwrap();
-        super::super::ext4::mkfs_from_tree(
+        super::super::ext4_build::mkfs_from_tree(
             &img,
             0,
             8 << 20,

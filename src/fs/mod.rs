@@ -10,6 +10,7 @@ pub mod ext4_build;
 pub mod ext4_write;
 pub mod fat;
 pub mod fat32_fixup;
+pub mod tree;
 
 use std::fs::File;
 use std::path::Path;
@@ -17,7 +18,14 @@ use std::path::Path;
 use anyhow::Result;
 
 use crate::disk::Partition;
-use crate::plan::profile::FsKind;
+
+/// The filesystems kiln edits; profiles name them (`fs = "vfat"`).
+#[derive(Debug, Clone, Copy, serde::Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FsKind {
+    Vfat,
+    Ext4,
+}
 
 /// Sniffs a partition's filesystem from its superblock.
 pub fn detect(image: &mut File, part: &Partition) -> Result<Option<FsKind>> {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
-use crate::base::cache::Cache;
+use crate::util::cache::Cache;
 
 pub struct BlobStore {
     dir: PathBuf,
@@ -54,7 +54,7 @@ impl BlobStore {
 
     /// Admits `tmp` as `digest` if its content hashes to it; otherwise deletes it and fails.
     pub fn admit(&self, tmp: &Path, digest: &str, what: &str) -> Result<PathBuf> {
-        let got = format!("sha256:{}", crate::base::cache::sha256_file(tmp)?);
+        let got = format!("sha256:{}", crate::util::cache::sha256_file(tmp)?);
         if got != digest {
             let _ = std::fs::remove_file(tmp);
             bail!(

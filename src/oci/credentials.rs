@@ -3,14 +3,15 @@
 //! (`credHelpers` per registry, `credsStore` for all), run the way docker runs them.
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 
 use base64::Engine;
 use oci_client::secrets::RegistryAuth;
 use serde_json::Value;
+
+use crate::util::cmd;
 
 /// The auth files in the order podman and skopeo read them, then docker's.
 fn auth_files() -> Vec<PathBuf> {
@@ -97,14 +98,14 @@ fn server_url(registry: &str) -> &str {
 /// gets the login hint.
 fn from_helper(name: &str, registry: &str, file: &Path) -> Option<RegistryAuth> {
     let program = format!("docker-credential-{name}");
-    let child = Command::new(&program)
-        .arg("get")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
+    let url = server_url(registry);
+    let out = cmd::output_with_input(
+        Command::new(&program).arg("get"),
+        &program,
+        Some(url.as_bytes()),
+    );
+    let out = match out {
+        Ok(out) => out,
         Err(e) => {
             // Once per helper and registry: a build asks again for every node and every push.
             static WARNED: Mutex<BTreeSet<(String, String)>> = Mutex::new(BTreeSet::new());
@@ -122,10 +123,6 @@ fn from_helper(name: &str, registry: &str, file: &Path) -> Option<RegistryAuth> 
             return None;
         }
     };
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(server_url(registry).as_bytes());
-    }
-    let out = child.wait_with_output().ok()?;
     if !out.status.success() {
         let text = format!(
             "{} {}",

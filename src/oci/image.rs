@@ -6,30 +6,13 @@ use crate::util::input::read_capped;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use super::blobs::BlobStore;
-use super::reference::ImageRef;
-use super::{layout, registry};
-
-/// The largest index, manifest or config kiln reads: distribution and containerd refuse manifests
-/// over 4 MiB too, and real ones are a few KiB.
-pub const MAX_DOCUMENT: u64 = 4 << 20;
-/// The most layers an image may have: overlay-based engines stop near 128; a manifest listing
-/// thousands is an attack on the unpacker, not an image.
-pub const MAX_LAYERS: usize = 1000;
-
-pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const MT_OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-pub const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-pub const MT_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-pub const MT_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-pub const MT_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+use super::manifest::{ImageManifest, MAX_DOCUMENT, MAX_LAYERS, MediaType, parse_manifest};
 
 /// One layer blob on local disk.
 #[derive(Debug, Clone)]
 pub struct LayerBlob {
     pub digest: String,
-    pub media_type: String,
+    pub media_type: MediaType,
     pub size: u64,
     pub path: PathBuf,
 }
@@ -40,9 +23,11 @@ pub struct Image {
     pub reference: String,
     /// Digest of the image manifest (the platform's, for a multi-arch index).
     pub manifest_digest: String,
-    pub manifest: Value,
+    pub manifest: ImageManifest,
     pub config_digest: String,
     pub config_bytes: Vec<u8>,
+    /// Kept as JSON rather than oci-spec's `ImageConfiguration`: `oci append` extends it and must
+    /// keep every field the builder wrote, in kiln's byte layout (sorted keys).
     pub config: Value,
     pub layers: Vec<LayerBlob>,
 }
@@ -74,24 +59,6 @@ pub fn host_arch() -> &'static str {
     }
 }
 
-/// Pulls `reference` into the blob cache (or verifies it in place, for an image layout).
-pub fn pull(reference: &ImageRef, opts: &PullOptions) -> Result<Image> {
-    let store = BlobStore::open()?;
-    let image = match reference {
-        ImageRef::Registry(r) => registry::pull(r, opts, &store),
-        ImageRef::Layout { dir, tag } => layout::read_layout(dir, tag.as_deref(), opts),
-        ImageRef::OciArchive { file, tag } => {
-            layout::read_oci_archive(file, tag.as_deref(), opts, &store)
-        }
-        ImageRef::DockerArchive { file } => layout::read_docker_archive(file, &store),
-    }
-    .with_context(|| format!("pulling {reference}"))?;
-    Ok(Image {
-        reference: reference.to_string(),
-        ..image
-    })
-}
-
 impl Image {
     /// Builds an `Image` from a manifest and a way to find its blobs (already verified).
     pub fn from_manifest(
@@ -99,31 +66,20 @@ impl Image {
         manifest_digest: String,
         blob: &mut dyn FnMut(&str) -> Result<PathBuf>,
     ) -> Result<Image> {
-        let manifest: Value =
-            serde_json::from_slice(manifest_bytes).context("parsing the image manifest")?;
-        let mt = manifest["mediaType"].as_str().unwrap_or(MT_OCI_MANIFEST);
-        if mt != MT_OCI_MANIFEST && mt != MT_DOCKER_MANIFEST {
-            bail!("{manifest_digest} is a {mt}, not an image manifest");
-        }
-        let config_digest = manifest["config"]["digest"]
-            .as_str()
-            .context("the manifest has no config digest")?
-            .to_string();
+        let manifest = parse_manifest(manifest_bytes, &manifest_digest)?;
+        let config_digest = manifest.config().digest().to_string();
         let config_bytes = read_capped(&blob(&config_digest)?, MAX_DOCUMENT, "the image config")?;
         let config: Value = serde_json::from_slice(&config_bytes).context("parsing the config")?;
-        let listed = manifest["layers"].as_array().map_or(0, Vec::len);
+        let listed = manifest.layers().len();
         if listed > MAX_LAYERS {
             bail!("the manifest lists {listed} layers, more than the {MAX_LAYERS} kiln unpacks");
         }
         let mut layers = Vec::new();
-        for l in manifest["layers"].as_array().into_iter().flatten() {
-            let digest = l["digest"]
-                .as_str()
-                .context("a layer without a digest")?
-                .to_string();
+        for l in manifest.layers() {
+            let digest = l.digest().to_string();
             layers.push(LayerBlob {
-                media_type: l["mediaType"].as_str().unwrap_or(MT_LAYER_TAR).to_string(),
-                size: l["size"].as_u64().unwrap_or(0),
+                media_type: l.media_type().clone(),
+                size: l.size(),
                 path: blob(&digest)?,
                 digest,
             });
@@ -167,32 +123,6 @@ impl Image {
             self.config["architecture"].as_str().unwrap_or("?")
         )
     }
-}
-
-/// Picks the manifest for `arch` (linux) from an image index; the error lists what is there.
-pub fn pick_platform(index: &Value, arch: &str) -> Result<(String, String)> {
-    let manifests = index["manifests"]
-        .as_array()
-        .context("the index lists no manifests")?;
-    let mut seen = Vec::new();
-    for m in manifests {
-        let os = m["platform"]["os"].as_str().unwrap_or("");
-        let a = m["platform"]["architecture"].as_str().unwrap_or("");
-        seen.push(format!("{os}/{a}"));
-        if os == "linux" && a == arch {
-            return Ok((
-                m["digest"].as_str().context("no digest")?.to_string(),
-                m["mediaType"]
-                    .as_str()
-                    .unwrap_or(MT_OCI_MANIFEST)
-                    .to_string(),
-            ));
-        }
-    }
-    bail!(
-        "the image has no linux/{arch} variant (it has: {}); pick another with --arch",
-        seen.join(", ")
-    )
 }
 
 /// Seconds since the epoch for an RFC 3339 time (`2024-05-01T12:00:00.5+02:00`).
@@ -263,16 +193,5 @@ mod tests {
             parse_rfc3339("0001-01-01T00:00:00Z").map(|t| t < 0),
             Some(true)
         );
-    }
-
-    #[test]
-    fn platform_choice_names_what_exists() {
-        let index = serde_json::json!({"manifests": [
-            {"digest": "sha256:aa", "platform": {"os": "linux", "architecture": "arm64"}},
-            {"digest": "sha256:bb", "platform": {"os": "linux", "architecture": "amd64"}}
-        ]});
-        assert_eq!(pick_platform(&index, "amd64").unwrap().0, "sha256:bb");
-        let e = pick_platform(&index, "riscv64").unwrap_err().to_string();
-        assert!(e.contains("linux/arm64, linux/amd64"), "{e}");
     }
 }

@@ -6,14 +6,16 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::blobs::{BlobStore, digest_of, hex_of};
-use super::image::{
-    Image, MAX_DOCUMENT, MT_DOCKER_LIST, MT_LAYER_TAR, MT_OCI_CONFIG, MT_OCI_INDEX,
-    MT_OCI_MANIFEST, PullOptions, pick_platform,
+use super::image::{Image, PullOptions};
+use super::manifest::{
+    Descriptor, MAX_DOCUMENT, MediaType, REF_NAME, descriptor, is_index, oci_manifest, parse_index,
+    pick_platform, to_bytes,
 };
 use crate::util::input::read_capped;
+use oci_spec::image::ImageIndexBuilder;
 
 /// Reads an OCI image layout directory, verifying each blob it uses in place.
 pub fn read_layout(dir: &Path, tag: Option<&str>, opts: &PullOptions) -> Result<Image> {
@@ -27,7 +29,7 @@ pub fn read_layout(dir: &Path, tag: Option<&str>, opts: &PullOptions) -> Result<
     let index = read_capped(&index_path, MAX_DOCUMENT, "the layout's index.json")?;
     let mut blob = |digest: &str| -> Result<PathBuf> {
         let p = dir.join("blobs/sha256").join(hex_of(digest)?);
-        let got = format!("sha256:{}", crate::base::cache::sha256_file(&p)?);
+        let got = format!("sha256:{}", crate::util::cache::sha256_file(&p)?);
         if got != digest {
             bail!(
                 "{}: content does not match its digest {digest}; the layout is corrupt",
@@ -84,14 +86,12 @@ fn resolve(
     opts: &PullOptions,
     blob: &mut dyn FnMut(&str) -> Result<PathBuf>,
 ) -> Result<Image> {
-    let index: Value = serde_json::from_slice(index).context("parsing index.json")?;
-    let manifests = index["manifests"]
-        .as_array()
-        .context("index.json lists no manifests")?;
+    let index = parse_index(index, "index.json")?;
+    let manifests = index.manifests();
     let chosen = match tag {
         Some(t) => manifests
             .iter()
-            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(t))
+            .find(|m| ref_name(m) == Some(t))
             .with_context(|| format!("no image tagged {t:?} in the layout"))?,
         None if manifests.len() == 1 => &manifests[0],
         None => bail!(
@@ -99,25 +99,15 @@ fn resolve(
             manifests.len()
         ),
     };
-    let mut digest = chosen["digest"]
-        .as_str()
-        .context("no digest in index.json")?
-        .to_string();
-    let mut media_type = chosen["mediaType"]
-        .as_str()
-        .unwrap_or(MT_OCI_MANIFEST)
-        .to_string();
+    let mut digest = chosen.digest().to_string();
+    let mut media_type = chosen.media_type().clone();
     // Nested indexes (an index pointing at a multi-arch index) are resolved level by level.
     for _ in 0..4 {
-        if media_type != MT_OCI_INDEX && media_type != MT_DOCKER_LIST {
+        if !is_index(&media_type) {
             break;
         }
-        let inner: Value = serde_json::from_slice(&read_capped(
-            &blob(&digest)?,
-            MAX_DOCUMENT,
-            "an image index",
-        )?)?;
-        (digest, media_type) = pick_platform(&inner, &opts.arch)?;
+        let inner = read_capped(&blob(&digest)?, MAX_DOCUMENT, "an image index")?;
+        (digest, media_type) = pick_platform(&parse_index(&inner, "an image index")?, &opts.arch)?;
     }
     let manifest = read_capped(&blob(&digest)?, MAX_DOCUMENT, "the image manifest")?;
     Image::from_manifest(&manifest, digest, blob)
@@ -163,7 +153,7 @@ pub fn read_docker_archive(file: &Path, store: &BlobStore) -> Result<Image> {
                 let mut out = std::fs::File::create(&tmp)?;
                 std::io::copy(&mut entry, &mut out)?
             };
-            let digest = format!("sha256:{}", crate::base::cache::sha256_file(&tmp)?);
+            let digest = format!("sha256:{}", crate::util::cache::sha256_file(&tmp)?);
             store.admit(&tmp, &digest, &path)?;
             stored.insert(path, (digest, size));
         }
@@ -188,15 +178,14 @@ pub fn read_docker_archive(file: &Path, store: &BlobStore) -> Result<Image> {
         let (digest, size) = stored
             .get(name)
             .with_context(|| format!("the archive lacks layer {name}"))?;
-        layers.push(json!({"mediaType": MT_LAYER_TAR, "digest": digest, "size": size}));
+        layers.push(descriptor(MediaType::ImageLayer, digest, *size)?);
     }
-    let oci_manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": MT_OCI_MANIFEST,
-        "config": {"mediaType": MT_OCI_CONFIG, "digest": config_digest, "size": config_bytes.len()},
-        "layers": layers,
-    });
-    let bytes = serde_json::to_vec(&oci_manifest)?;
+    let config = descriptor(
+        MediaType::ImageConfig,
+        &config_digest,
+        config_bytes.len() as u64,
+    )?;
+    let bytes = to_bytes(&oci_manifest(config, layers, None))?;
     let (digest, _) = store.put_bytes(&bytes)?;
     Image::from_manifest(&bytes, digest, &mut |d| store.path(d))
 }
@@ -214,7 +203,7 @@ pub fn write_layout(
     for (digest, path) in blobs {
         let dest = blob_dir.join(hex_of(digest)?);
         if !dest.exists() {
-            crate::artifact::sparse::copy(path, &dest)?;
+            crate::io::sparse::copy(path, &dest)?;
         }
     }
     let digest = digest_of(manifest);
@@ -223,21 +212,68 @@ pub fn write_layout(
         &dir.join("oci-layout"),
         br#"{"imageLayoutVersion":"1.0.0"}"#,
     )?;
-    let mut index: Value = std::fs::read(dir.join("index.json"))
+    // An index.json that is not JSON is replaced; one that is JSON but not an index is refused
+    // (it may list images this write would lose).
+    let mut index = match std::fs::read(dir.join("index.json"))
         .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_else(|| json!({"schemaVersion": 2, "manifests": []}));
-    let mut entry = json!({"mediaType": MT_OCI_MANIFEST, "digest": digest, "size": manifest.len()});
+        .filter(|b| serde_json::from_slice::<serde::de::IgnoredAny>(b).is_ok())
+    {
+        Some(b) => parse_index(&b, "the layout's index.json")?,
+        None => ImageIndexBuilder::default()
+            .schema_version(2u32)
+            .manifests(Vec::new())
+            .build()?,
+    };
+    let mut entry = descriptor(MediaType::ImageManifest, &digest, manifest.len() as u64)?;
     if let Some(t) = tag {
-        entry["annotations"] = json!({"org.opencontainers.image.ref.name": t});
+        entry.set_annotations(Some([(REF_NAME.to_string(), t.to_string())].into()));
     }
-    let list = index["manifests"]
-        .as_array_mut()
-        .context("index.json lists no manifests")?;
-    list.retain(|m| {
-        tag.is_none() || m["annotations"]["org.opencontainers.image.ref.name"].as_str() != tag
-    });
+    let mut list = index.manifests().clone();
+    list.retain(|m| tag.is_none() || ref_name(m) != tag);
     list.push(entry);
-    crate::util::fsutil::write_atomic(&dir.join("index.json"), &serde_json::to_vec(&index)?)?;
+    index.set_manifests(list);
+    crate::util::fsutil::write_atomic(&dir.join("index.json"), &to_bytes(&index)?)?;
     Ok(digest)
+}
+
+/// The tag an index entry carries in a layout (`org.opencontainers.image.ref.name`).
+fn ref_name(d: &Descriptor) -> Option<&str> {
+    d.annotations().as_ref()?.get(REF_NAME).map(String::as_str)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::blobs::digest_of;
+
+    /// index.json as kiln wrote it before oci-spec: keys sorted, one entry per tag, a retag
+    /// replaces the entry (and moves it last).
+    #[test]
+    fn layout_index_bytes_are_as_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let lay = dir.path().join("lay");
+        let (m1, m2) = (br#"{"a":1}"#.as_slice(), br#"{"b":2}"#.as_slice());
+        write_layout(&lay, Some("one"), m1, &[]).unwrap();
+        write_layout(&lay, Some("two"), m2, &[]).unwrap();
+        write_layout(&lay, Some("one"), m2, &[]).unwrap();
+        let entry = |m: &[u8], tag: &str| {
+            format!(
+                r#"{{"annotations":{{"org.opencontainers.image.ref.name":"{tag}"}},"digest":"{}","mediaType":"application/vnd.oci.image.manifest.v1+json","size":{}}}"#,
+                digest_of(m),
+                m.len()
+            )
+        };
+        assert_eq!(
+            std::fs::read_to_string(lay.join("index.json")).unwrap(),
+            format!(
+                r#"{{"manifests":[{},{}],"schemaVersion":2}}"#,
+                entry(m2, "two"),
+                entry(m2, "one")
+            )
+        );
+        assert_eq!(
+            std::fs::read_to_string(lay.join("oci-layout")).unwrap(),
+            r#"{"imageLayoutVersion":"1.0.0"}"#
+        );
+    }
 }

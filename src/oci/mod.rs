@@ -8,8 +8,11 @@ pub mod credentials;
 pub mod image;
 pub mod layer;
 pub mod layout;
+pub mod manifest;
+pub mod pull;
 pub mod reference;
 pub mod registry;
 
-pub use image::{Image, PullOptions, pull};
+pub use image::{Image, PullOptions};
+pub use pull::pull;
 pub use reference::ImageRef;

@@ -7,20 +7,12 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::{Client, Reference};
-use serde_json::Value;
 
 use super::blobs::{BlobStore, digest_of};
-use super::image::{
-    Image, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST, PullOptions,
-    pick_platform,
+use super::image::{Image, PullOptions};
+use super::manifest::{
+    MediaType, accept, is_index_document, parse_index, parse_manifest, pick_platform,
 };
-
-const ACCEPT: &[&str] = &[
-    MT_OCI_MANIFEST,
-    MT_DOCKER_MANIFEST,
-    MT_OCI_INDEX,
-    MT_DOCKER_LIST,
-];
 
 pub fn parse_reference(r: &str) -> Result<Reference> {
     r.parse::<Reference>()
@@ -84,27 +76,26 @@ pub fn pull(r: &str, opts: &PullOptions, store: &BlobStore) -> Result<Image> {
     let reference = parse_reference(r)?;
     let client = client(&reference, opts.insecure);
     let auth = super::credentials::auth_for(reference.resolve_registry());
+    let accept = accept();
+    let accept: Vec<&str> = accept.iter().map(String::as_str).collect();
     runtime()?.block_on(async {
         let (mut bytes, mut digest) = client
-            .pull_manifest_raw(&reference, &auth, ACCEPT)
+            .pull_manifest_raw(&reference, &auth, &accept)
             .await
             .map_err(|e| hint(e, "fetching the manifest", opts.insecure))?;
         let mut target = reference.clone();
         for _ in 0..4 {
-            let v: Value = serde_json::from_slice(&bytes).context("parsing the manifest")?;
-            let mt = v["mediaType"].as_str().unwrap_or("");
-            let is_index = mt == MT_OCI_INDEX || mt == MT_DOCKER_LIST || v["manifests"].is_array();
-            if !is_index {
+            if !is_index_document(&bytes)? {
                 break;
             }
-            let (d, _) = pick_platform(&v, &opts.arch)?;
+            let (d, _) = pick_platform(&parse_index(&bytes, "the image index")?, &opts.arch)?;
             target = Reference::with_digest(
                 reference.resolve_registry().to_string(),
                 reference.repository().to_string(),
                 d,
             );
             (bytes, digest) = client
-                .pull_manifest_raw(&target, &auth, ACCEPT)
+                .pull_manifest_raw(&target, &auth, &accept)
                 .await
                 .map_err(|e| hint(e, "fetching the platform manifest", opts.insecure))?;
         }
@@ -112,21 +103,11 @@ pub fn pull(r: &str, opts: &PullOptions, store: &BlobStore) -> Result<Image> {
             bail!("the registry's manifest does not match its digest {digest}");
         }
         store.put_bytes(&bytes)?;
-        let manifest: Value = serde_json::from_slice(&bytes)?;
-        let mut wanted = vec![
-            manifest["config"]["digest"]
-                .as_str()
-                .context("the manifest has no config")?
-                .to_string(),
-        ];
-        for l in manifest["layers"].as_array().into_iter().flatten() {
-            wanted.push(
-                l["digest"]
-                    .as_str()
-                    .context("a layer without digest")?
-                    .to_string(),
-            );
-        }
+        let manifest = parse_manifest(&bytes, &digest)?;
+        let wanted: Vec<String> = std::iter::once(manifest.config())
+            .chain(manifest.layers())
+            .map(|d| d.digest().to_string())
+            .collect();
         for d in &wanted {
             if store.has(d) {
                 continue;
@@ -174,7 +155,14 @@ pub fn push(
                 .await
                 .map_err(|e| hint(e, &format!("pushing blob {digest}"), insecure))?;
         }
-        push_manifest(&client, &reference, manifest, MT_OCI_MANIFEST, insecure).await?;
+        push_manifest(
+            &client,
+            &reference,
+            manifest,
+            &MediaType::ImageManifest,
+            insecure,
+        )
+        .await?;
         Ok(digest_of(manifest))
     })
 }
@@ -199,7 +187,14 @@ pub fn fetch_tag(r: &str, insecure: bool) -> Result<Option<Vec<u8>>> {
     let auth = super::credentials::auth_for(reference.resolve_registry());
     runtime()?.block_on(async {
         match client
-            .pull_manifest_raw(&reference, &auth, &[MT_OCI_INDEX, MT_OCI_MANIFEST])
+            .pull_manifest_raw(
+                &reference,
+                &auth,
+                &[
+                    MediaType::ImageIndex.as_ref(),
+                    MediaType::ImageManifest.as_ref(),
+                ],
+            )
             .await
         {
             Ok((bytes, _)) => Ok(Some(bytes.to_vec())),
@@ -269,8 +264,15 @@ pub fn push_disk(
             reference.repository(),
             digest_of(manifest)
         ))?;
-        push_manifest(&client, &by_digest, manifest, MT_OCI_MANIFEST, insecure).await?;
-        push_manifest(&client, &reference, index, MT_OCI_INDEX, insecure).await
+        push_manifest(
+            &client,
+            &by_digest,
+            manifest,
+            &MediaType::ImageManifest,
+            insecure,
+        )
+        .await?;
+        push_manifest(&client, &reference, index, &MediaType::ImageIndex, insecure).await
     })
 }
 
@@ -279,7 +281,7 @@ async fn push_manifest(
     client: &Client,
     reference: &Reference,
     bytes: &[u8],
-    media_type: &str,
+    media_type: &MediaType,
     insecure: bool,
 ) -> Result<()> {
     client
@@ -287,6 +289,7 @@ async fn push_manifest(
             reference,
             bytes.to_vec(),
             media_type
+                .as_ref()
                 .parse()
                 .expect("media types are valid header values"),
         )

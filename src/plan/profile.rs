@@ -155,12 +155,7 @@ pub enum PartitionRole {
     Other,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum FsKind {
-    Vfat,
-    Ext4,
-}
+pub use crate::fs::FsKind;
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]

@@ -7,11 +7,12 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::oci::blobs::BlobStore;
-use crate::oci::image::{Image, MT_LAYER_GZIP, MT_OCI_CONFIG, MT_OCI_MANIFEST, PullOptions};
+use crate::oci::image::{Image, PullOptions};
 use crate::oci::layer::{self, LayerFile};
+use crate::oci::manifest::{Descriptor, MediaType, descriptor, oci_manifest, to_bytes};
 use crate::oci::reference::ImageRef;
 use crate::oci::{layout, registry};
 use crate::plan::overlay;
@@ -122,29 +123,12 @@ pub fn append(opts: &AppendOptions) -> Result<Appended> {
     let config_bytes = serde_json::to_vec(&config)?;
     let (config_digest, config_path) = store.put_bytes(&config_bytes)?;
 
-    let mut layers: Vec<Value> = base
-        .layers
-        .iter()
-        .map(|l| {
-            json!({
-                "mediaType": oci_layer_type(&l.media_type),
-                "digest": l.digest,
-                "size": std::fs::metadata(&l.path).map(|m| m.len()).unwrap_or(l.size),
-            })
-        })
-        .collect();
-    layers
-        .push(json!({"mediaType": MT_LAYER_GZIP, "digest": layer_digest, "size": new.blob.len()}));
-    let mut manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": MT_OCI_MANIFEST,
-        "config": {"mediaType": MT_OCI_CONFIG, "digest": config_digest, "size": config_bytes.len()},
-        "layers": layers,
-    });
-    if let Some(a) = base.manifest.get("annotations") {
-        manifest["annotations"] = a.clone();
-    }
-    let manifest_bytes = serde_json::to_vec(&manifest)?;
+    let config = descriptor(
+        MediaType::ImageConfig,
+        &config_digest,
+        config_bytes.len() as u64,
+    )?;
+    let manifest_bytes = appended_manifest(&base, config, &layer_digest, new.blob.len() as u64)?;
     let mut blobs: Vec<(String, PathBuf)> = vec![(config_digest, config_path)];
     for l in &base.layers {
         blobs.push((l.digest.clone(), l.path.clone()));
@@ -168,12 +152,36 @@ pub fn append(opts: &AppendOptions) -> Result<Appended> {
     })
 }
 
+/// The new image's manifest: the base's layers (sizes as stored), then the new gzip layer, and
+/// the base manifest's annotations.
+fn appended_manifest(
+    base: &Image,
+    config: Descriptor,
+    layer_digest: &str,
+    layer_size: u64,
+) -> Result<Vec<u8>> {
+    let mut layers = Vec::new();
+    for l in &base.layers {
+        let size = std::fs::metadata(&l.path)
+            .map(|m| m.len())
+            .unwrap_or(l.size);
+        layers.push(descriptor(oci_layer_type(&l.media_type), &l.digest, size)?);
+    }
+    layers.push(descriptor(
+        MediaType::ImageLayerGzip,
+        layer_digest,
+        layer_size,
+    )?);
+    let annotations = base.manifest.annotations().clone();
+    to_bytes(&oci_manifest(config, layers, annotations))
+}
+
 /// Docker media types of layers mapped to their OCI names (the new manifest is OCI).
-fn oci_layer_type(mt: &str) -> &str {
-    match mt {
-        "application/vnd.docker.image.rootfs.diff.tar.gzip" => MT_LAYER_GZIP,
-        "application/vnd.docker.image.rootfs.diff.tar" => crate::oci::image::MT_LAYER_TAR,
-        other => other,
+fn oci_layer_type(mt: &MediaType) -> MediaType {
+    match mt.as_ref() {
+        "application/vnd.docker.image.rootfs.diff.tar.gzip" => MediaType::ImageLayerGzip,
+        "application/vnd.docker.image.rootfs.diff.tar" => MediaType::ImageLayer,
+        _ => mt.clone(),
     }
 }
 
@@ -231,4 +239,87 @@ pub fn rfc3339(epoch: i64) -> String {
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
         d.date.year, d.date.month, d.date.day, d.time.hour, d.time.min, d.time.sec
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::image::LayerBlob;
+    use serde_json::Value;
+
+    fn d(c: char) -> String {
+        format!("sha256:{}", c.to_string().repeat(64))
+    }
+
+    /// The manifest as kiln wrote it before oci-spec (`json!`, keys sorted): `oci append` of the
+    /// same overlay must keep giving the same digest.
+    fn manifest_as_before(base: &Image, base_manifest: &Value, config_len: usize) -> Vec<u8> {
+        let mut layers: Vec<Value> = base
+            .layers
+            .iter()
+            .map(|l| {
+                json!({
+                    "mediaType": oci_layer_type(&l.media_type).to_string(),
+                    "digest": l.digest,
+                    "size": l.size,
+                })
+            })
+            .collect();
+        layers.push(json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d('c'), "size": 99}));
+        let mut manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": d('f'), "size": config_len},
+            "layers": layers,
+        });
+        if let Some(a) = base_manifest.get("annotations") {
+            manifest["annotations"] = a.clone();
+        }
+        serde_json::to_vec(&manifest).unwrap()
+    }
+
+    #[test]
+    fn appended_manifest_bytes_are_as_before() {
+        for annotations in [None, Some(json!({"z": "1", "a": "2"}))] {
+            let mut base_manifest = json!({
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": d('e'), "size": 7},
+                "layers": [
+                    {"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": d('a'), "size": 10},
+                    {"mediaType": "application/vnd.oci.image.layer.v1.tar+zstd", "digest": d('b'), "size": 20},
+                ],
+            });
+            if let Some(a) = &annotations {
+                base_manifest["annotations"] = a.clone();
+            }
+            let bytes = serde_json::to_vec(&base_manifest).unwrap();
+            let manifest = crate::oci::manifest::parse_manifest(&bytes, "m").unwrap();
+            let layers = manifest
+                .layers()
+                .iter()
+                .map(|l| LayerBlob {
+                    digest: l.digest().to_string(),
+                    media_type: l.media_type().clone(),
+                    size: l.size(),
+                    path: "/nonexistent/kiln-layer".into(),
+                })
+                .collect();
+            let base = Image {
+                reference: String::new(),
+                manifest_digest: d('0'),
+                manifest,
+                config_digest: d('e'),
+                config_bytes: Vec::new(),
+                config: Value::Null,
+                layers,
+            };
+            let config = descriptor(MediaType::ImageConfig, &d('f'), 321).unwrap();
+            let got = appended_manifest(&base, config, &d('c'), 99).unwrap();
+            assert_eq!(
+                String::from_utf8(got).unwrap(),
+                String::from_utf8(manifest_as_before(&base, &base_manifest, 321)).unwrap()
+            );
+        }
+    }
 }

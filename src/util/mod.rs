@@ -1,5 +1,7 @@
-//! Small helpers shared by every stage.
+//! Small helpers shared by every stage and layer: the content-addressed cache, running external
+//! tools, files and inputs.
 
+pub mod cache;
 pub mod cmd;
 pub mod diskfull;
 pub mod fsutil;

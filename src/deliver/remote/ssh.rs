@@ -57,8 +57,7 @@ impl Ssh {
 
     /// Runs `script`, returning (exit status, stdout) without failing on a non-zero exit.
     pub fn status(&self, script: &str) -> Result<(i32, String)> {
-        cmd::require("ssh")?;
-        let out = self.command(script).output()?;
+        let out = cmd::output(&mut self.command(script), "ssh")?;
         if out.status.code() == Some(255) {
             bail!(
                 "ssh to {} failed: {}",

@@ -10,7 +10,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let _ = kiln::oci::image::Image::from_manifest(data, "sha256:0".into(), &mut |d| {
         Err(anyhow::anyhow!("no blob {d} in a fuzz run"))
     });
-    if let Ok(index) = serde_json::from_slice::<serde_json::Value>(data) {
-        let _ = kiln::oci::image::pick_platform(&index, "amd64");
+    let _ = kiln::oci::manifest::is_index_document(data);
+    if let Ok(index) = kiln::oci::manifest::parse_index(data, "a fuzzed index") {
+        let _ = kiln::oci::manifest::pick_platform(&index, "amd64");
     }
 });
