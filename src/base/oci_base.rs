@@ -23,7 +23,7 @@ pub fn prepare(reference: &str, profile: &Profile, insecure: bool) -> Result<Bas
             arch: build.oci_arch().to_string(),
         },
     )?;
-    let epoch = match crate::stamp::apply::source_date_epoch()? {
+    let epoch = match crate::util::epoch::source_date_epoch()? {
         Some(e) => e,
         None => image.created()?.unwrap_or(0),
     };

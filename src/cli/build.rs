@@ -115,7 +115,7 @@ fn run_bib(
                 bail!("--engine bootc-image-builder needs an OCI image as --base (docker://…)")
             }
         };
-        let made = kiln::base::bib::build(cluster, node, &reference, &opts.out_dir, opts.format)?;
+        let made = kiln::build::bib::build(cluster, node, &reference, &opts.out_dir, opts.format)?;
         println!("{:<14} {}", node.name, made.display());
     }
     Ok(())

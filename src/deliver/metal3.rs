@@ -19,10 +19,10 @@ use serde_json::{Value, json};
 use crate::artifact::manifest::ChecksumType;
 use crate::deliver::publish;
 use crate::plan::Cluster;
+use crate::plan::network_data;
 use crate::plan::node::NodeConfig;
 use crate::plan::profile::DeliverMethod;
 use crate::plan::stamp_plan as plan;
-use crate::stamp::network_data;
 
 pub struct Options<'a> {
     /// Where the builds are (`out/`).
@@ -62,7 +62,7 @@ pub fn bare_metal_nodes(cluster: &Cluster) -> Result<Vec<&NodeConfig>> {
 }
 
 fn b64(s: &str) -> String {
-    crate::stamp::cloud_init::base64(s.as_bytes())
+    crate::plan::cloud_init::base64(s.as_bytes())
 }
 
 fn metadata(name: &str, cluster: &Cluster, namespace: Option<&str>) -> Value {

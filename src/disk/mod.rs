@@ -8,6 +8,7 @@
 
 pub mod cow;
 pub mod gpt;
+pub mod patch;
 pub mod slice;
 
 use std::io::{Read, Seek, SeekFrom, Write};

@@ -11,6 +11,7 @@ use serde_yaml_ng::Mapping;
 use sha2::{Digest, Sha256};
 
 pub use super::cluster::RootDeviceHints;
+pub use super::input_file::InputFile;
 use super::overlay::Overlay;
 
 /// A secret value. It prints as `<secret sha256:…>` and serialises as its digest, so `kiln check`
@@ -180,26 +181,6 @@ pub struct UserData {
 impl Serialize for UserData {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         self.file.serialize(s)
-    }
-}
-
-/// A file the configuration refers to, read once during resolution.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct InputFile {
-    pub path: String,
-    #[serde(skip)]
-    pub bytes: Vec<u8>,
-    pub sha256: String,
-}
-
-impl InputFile {
-    pub fn new(path: String, bytes: Vec<u8>) -> Self {
-        let sha256 = hex::encode(Sha256::digest(&bytes));
-        InputFile {
-            path,
-            bytes,
-            sha256,
-        }
     }
 }
 

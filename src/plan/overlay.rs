@@ -14,7 +14,7 @@ use include_dir::{Dir, include_dir};
 use serde::{Deserialize, Serialize};
 
 use super::diag::SourceText;
-use super::node::InputFile;
+use super::input_file::InputFile;
 
 static BUILTIN: Dir<'_> = include_dir!("$CARGO_MANIFEST_DIR/overlays");
 

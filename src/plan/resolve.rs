@@ -728,7 +728,7 @@ impl Resolver<'_> {
         let (rel, at) = l.get("user_data", |s| &s.user_data);
         let rel = rel?;
         let file = self.read_file(at.clone(), rel, "user-data fragment", MAX_INPUT_FILE)?;
-        match crate::stamp::cloud_init::parse_fragment(&file.bytes) {
+        match crate::plan::cloud_init::parse_fragment(&file.bytes) {
             Ok(fragment) => Some(UserData { file, fragment }),
             Err(e) => {
                 self.err(at, format!("user-data fragment {rel}: {e:#}"), None);
@@ -1049,7 +1049,7 @@ impl Resolver<'_> {
                 keys.dedup();
                 let password_hash = u.password_hash.clone().or_else(|| {
                     plain.as_ref().map(|p| {
-                        crate::stamp::password::sha512_crypt(
+                        crate::plan::password::sha512_crypt(
                             p.expose(),
                             &ids::crypt_salt(seed, node, &u.name),
                         )

@@ -11,14 +11,12 @@ use anyhow::{Result, bail};
 use serde::Serialize;
 use serde_yaml_ng::Mapping;
 
+use crate::plan::cloud_init::{self, CloudConfig, CloudUser, MetaData, NetworkConfigV1, WriteFile};
 use crate::plan::node::{InputFile, NodeConfig, SwarmRole, User};
 use crate::plan::overlay::Overlay;
 use crate::plan::profile::{DiskIdentity, OverlayTarget, PartitionRole, Profile, ProvisionMethod};
 use crate::plan::{Cluster, ids};
-use crate::stamp::cloud_init::{
-    self, CloudConfig, CloudUser, MetaData, NetworkConfigV1, WriteFile,
-};
-use crate::stamp::{network_data, rootfs, seed_scrub, wifi};
+use crate::plan::{network_data, nm_keyfile, seed_scrub, wifi};
 
 /// The swarm helper and its unit, shipped in `scripts/`.
 pub const SWARM_SCRIPT: &str = include_str!("../../scripts/kiln-swarm.sh");
@@ -243,7 +241,7 @@ fn rootfs_plan(
             .network
             .iter()
             .map(|(ifname, iface)| {
-                let (name, text) = rootfs::keyfile(cluster, node, ifname, iface);
+                let (name, text) = nm_keyfile::keyfile(cluster, node, ifname, iface);
                 Keyfile { name, text }
             })
             .collect(),

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use crate::artifact::writer::Patch;
+use crate::disk::patch::Patch;
 use crate::disk::{self, CowDevice, DiskLayout, PartitionSlice};
 use crate::fs::{self, ext4, fat};
 use crate::plan::profile::{PartitionRole, Profile, ProvisionMethod, TableKind};
@@ -68,18 +68,6 @@ pub fn check_layout(path: &Path, profile: &Profile) -> Result<DiskLayout> {
         }
     }
     Ok(layout)
-}
-
-/// Seconds since the epoch from SOURCE_DATE_EPOCH, if set.
-pub fn source_date_epoch() -> Result<Option<i64>> {
-    match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(v) if !v.trim().is_empty() => v
-            .trim()
-            .parse()
-            .map(Some)
-            .with_context(|| format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds")),
-        _ => Ok(None),
-    }
 }
 
 /// What stamping did, for the manifest and the user.
@@ -199,15 +187,17 @@ fn follow_signature<T: Read + Write + Seek>(
 /// The FAT timestamps of what is written: SOURCE_DATE_EPOCH, else the base's own newest
 /// root-directory entry, so builds on any day carry the base image's date.
 fn fat_timestamp<D: Read + Write + Seek>(boot: &mut D) -> Result<fatfs::DateTime> {
-    Ok(match source_date_epoch()?.map(fat::fat_datetime) {
-        Some(w) => w,
-        None => {
-            let probe = fat::FatVolume::on(boot, fat::fat_datetime(0))?;
-            probe
-                .newest_root_timestamp()
-                .unwrap_or_else(|| fat::fat_datetime(0))
-        }
-    })
+    Ok(
+        match crate::util::epoch::source_date_epoch()?.map(fat::fat_datetime) {
+            Some(w) => w,
+            None => {
+                let probe = fat::FatVolume::on(boot, fat::fat_datetime(0))?;
+                probe
+                    .newest_root_timestamp()
+                    .unwrap_or_else(|| fat::fat_datetime(0))
+            }
+        },
+    )
 }
 
 fn iso_timestamp(when: &fatfs::DateTime) -> String {

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde_yaml_ng::Value;
 
-use crate::artifact::writer::Patch;
 use crate::disk;
+use crate::disk::patch::Patch;
 use crate::fs::fat::{self, FatVolume};
 
 #[derive(Debug, Default, Clone)]

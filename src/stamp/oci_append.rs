@@ -46,7 +46,7 @@ pub fn append(opts: &AppendOptions) -> Result<Appended> {
         },
     )?;
     // Times come from SOURCE_DATE_EPOCH, else the base image's own creation time.
-    let epoch = match crate::stamp::apply::source_date_epoch()? {
+    let epoch = match crate::util::epoch::source_date_epoch()? {
         Some(e) => e,
         None => base.created()?.unwrap_or(0),
     };

@@ -8,16 +8,14 @@
 //! services are installed.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use super::password;
 use crate::fs::ext4_write::{self, Entry};
-use crate::plan::node::{Interface, NodeConfig, User};
+use crate::plan::node::User;
+use crate::plan::password;
 use crate::plan::stamp_plan::{RootFile, RootfsPlan, SWARM_SCRIPT, SWARM_UNIT, Service, StampPlan};
-use crate::plan::{Cluster, ids};
 
 /// How services are enabled in the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -442,87 +440,6 @@ fn refuse_known_passwords(sh: &Db, r: &RootfsPlan, profile: &str) -> Result<()> 
         }
     }
     Ok(())
-}
-
-/// A NetworkManager keyfile for one interface: wifi (wlan0, with the node's wifi) or ethernet.
-pub fn keyfile(
-    cluster: &Cluster,
-    node: &NodeConfig,
-    ifname: &str,
-    iface: &Interface,
-) -> (String, String) {
-    let uuid = ids::uuid(
-        &cluster.seed,
-        &node.name,
-        &format!("nm-connection-{ifname}"),
-    );
-    let mut t = String::new();
-    let wifi = node.wifi.as_ref().filter(|_| ifname == "wlan0");
-    let name = match wifi {
-        Some(w) => w.ssid.clone(),
-        None => format!("kiln-{ifname}"),
-    };
-    let _ = writeln!(t, "[connection]\nid={name}\nuuid={uuid}");
-    let _ = writeln!(
-        t,
-        "type={}",
-        if wifi.is_some() { "wifi" } else { "ethernet" }
-    );
-    // Prefer kiln's connection over any the image ships for the same device.
-    let _ = writeln!(
-        t,
-        "interface-name={ifname}\nautoconnect=true\nautoconnect-priority=10\n"
-    );
-    if let Some(w) = wifi {
-        let _ = writeln!(t, "[wifi]\nmode=infrastructure\nssid={}", w.ssid);
-        if w.hidden {
-            let _ = writeln!(t, "hidden=true");
-        }
-        if let Some(mtu) = node.mtus.get(ifname) {
-            let _ = writeln!(t, "mtu={mtu}");
-        }
-        let _ = writeln!(
-            t,
-            "\n[wifi-security]\nkey-mgmt=wpa-psk\npsk={}\n",
-            w.psk.expose()
-        );
-    } else {
-        let _ = writeln!(t, "[ethernet]");
-        if let Some(mtu) = node.mtus.get(ifname) {
-            let _ = writeln!(t, "mtu={mtu}");
-        }
-        let _ = writeln!(t);
-    }
-    match iface {
-        Interface::Dhcp => {
-            let _ = writeln!(t, "[ipv4]\nmethod=auto\n");
-        }
-        Interface::Static {
-            address,
-            gateway,
-            dns,
-        } => {
-            let v6 = address.addr().is_ipv6();
-            let sect = if v6 { "ipv6" } else { "ipv4" };
-            let _ = write!(t, "[{sect}]\nmethod=manual\naddress1={address}");
-            if let Some(gw) = gateway {
-                let _ = write!(t, ",{gw}");
-            }
-            let _ = writeln!(t);
-            if !dns.is_empty() {
-                let list: String = dns.iter().map(|d| format!("{d};")).collect();
-                let _ = writeln!(t, "dns={list}");
-            }
-            let _ = writeln!(t);
-            if v6 {
-                let _ = writeln!(t, "[ipv4]\nmethod=disabled\n");
-            }
-        }
-    }
-    if !matches!(iface, Interface::Static { address, .. } if address.addr().is_ipv6()) {
-        let _ = writeln!(t, "[ipv6]\naddr-gen-mode=default\nmethod=auto\n");
-    }
-    (name, t.trim_end().to_string() + "\n")
 }
 
 /// The swarm job's files: the env and token the plan made, the helper, and what starts it.

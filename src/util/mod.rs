@@ -4,5 +4,6 @@
 pub mod cache;
 pub mod cmd;
 pub mod diskfull;
+pub mod epoch;
 pub mod fsutil;
 pub mod input;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use crate::artifact::bmap::Bmap;
-use crate::artifact::writer::Patch;
+use crate::disk::patch::Patch;
 use crate::io::decompress::{self, Compression};
 
 pub struct FlashImage {

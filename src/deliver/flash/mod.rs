@@ -19,6 +19,7 @@ pub mod buffer;
 mod confirm;
 pub mod device;
 pub mod image;
+mod jobs;
 #[cfg(test)]
 mod memory;
 mod phones;
@@ -41,7 +42,8 @@ use crate::io::progress::{Events, Stage};
 use buffer::AlignedBuf;
 pub use device::OpenTarget;
 use image::FlashImage;
-pub use request::{Request, run};
+pub use jobs::run;
+pub use request::Request;
 use target::{FlashTarget, flush, read_hash, write_all_at};
 
 /// Bytes written last: the partition table and everything before the first partition.

@@ -5,6 +5,8 @@
 //! then renamed into place with its bmap, checksum and manifest. A failure at any step removes the
 //! temporaries: `out/` never holds half an image.
 
+pub mod bib;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -18,8 +20,9 @@ use crate::fs::ext4_write;
 use crate::plan::Cluster;
 use crate::plan::node::NodeConfig;
 use crate::plan::profile::{OverlayTarget, PartitionRole, Profile, ProfileOrigin};
+use crate::plan::seed_scrub;
 use crate::plan::stamp_plan::{self as plan, StampPlan};
-use crate::stamp::{apply, rootfs, seed_scrub};
+use crate::stamp::{apply, rootfs};
 use crate::util::fsutil::{TempGuard, temp_beside, write_atomic};
 
 pub struct BuildOptions {
@@ -315,7 +318,7 @@ fn manifest(
         kiln_version: env!("CARGO_PKG_VERSION").into(),
         node: what.node.name.clone(),
         profile: what.profile.name.clone(),
-        source_date_epoch: apply::source_date_epoch()?,
+        source_date_epoch: crate::util::epoch::source_date_epoch()?,
         fat_timestamp: report.fat_timestamp.clone(),
         disk_signature: report.disk_signature.clone(),
         instance_id: what.plan.instance_id.clone(),
@@ -504,7 +507,7 @@ fn work_copy(
         .partition(root_index)
         .context("root partition vanished")?
         .clone();
-    let epoch = match apply::source_date_epoch()? {
+    let epoch = match crate::util::epoch::source_date_epoch()? {
         Some(e) => e,
         None => ext4_created(work, root.start)?,
     };

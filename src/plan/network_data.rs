@@ -167,13 +167,15 @@ network.eth1 = {{ dhcp = true, mac = "52:54:00:00:00:02" }}
             .collect();
         assert_eq!(mtus, [&json!(9000), &json!(1500)]);
         let v1 =
-            serde_yaml_ng::to_string(&crate::stamp::cloud_init::NetworkConfigV1::for_node(node))
+            serde_yaml_ng::to_string(&crate::plan::cloud_init::NetworkConfigV1::for_node(node))
                 .unwrap();
         assert!(v1.contains("name: eth0\n  mtu: 9000\n"), "{v1}");
         assert_eq!(v1.matches("mtu").count(), 1, "{v1}");
-        let (_, keyfile) = crate::stamp::rootfs::keyfile(&c, node, "eth0", &node.network["eth0"]);
+        let (_, keyfile) =
+            crate::plan::nm_keyfile::keyfile(&c, node, "eth0", &node.network["eth0"]);
         assert!(keyfile.contains("[ethernet]\nmtu=9000\n"), "{keyfile}");
-        let (_, keyfile) = crate::stamp::rootfs::keyfile(&c, node, "eth1", &node.network["eth1"]);
+        let (_, keyfile) =
+            crate::plan::nm_keyfile::keyfile(&c, node, "eth1", &node.network["eth1"]);
         assert!(!keyfile.contains("mtu"), "{keyfile}");
     }
 

@@ -77,7 +77,7 @@ pub fn first_boot_files(clean_user_data: &str) -> Vec<WriteFile> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stamp::cloud_init::{CloudUser, parse_fragment};
+    use crate::plan::cloud_init::{CloudUser, parse_fragment};
 
     #[test]
     fn the_clean_document_keeps_identity_and_drops_secrets() {

@@ -1,0 +1,247 @@
+//! `kiln flash` as the library carries it out: the request (images or nodes, disks or phones)
+//! becomes jobs, every refusal is checked for every target, one question is asked, and only then
+//! is anything written. The binary parses flags into a `Request` (`request.rs`) and calls `run`;
+//! phones go on in `phones.rs`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use super::confirm::confirm;
+use super::image::FlashImage;
+use super::request::Request;
+use super::{FlashOptions, OpenTarget, Outcome};
+use crate::blockdev::{self, BlockDevice, Target};
+use crate::build::build_node;
+use crate::io::progress::Events;
+use crate::plan::Cluster;
+use crate::plan::profile::DeliverMethod;
+use crate::stamp::customize;
+
+/// One image going to one or more targets.
+struct Job {
+    image: PathBuf,
+    /// Each target with the serial its node is pinned to.
+    targets: Vec<(Target, Option<String>)>,
+}
+
+/// Carries out a flash request, disks or phones.
+pub fn run(req: &Request) -> Result<()> {
+    // The cluster is read once, for every decision that needs it.
+    let cluster = if req.nodes.is_empty() {
+        None
+    } else {
+        Some(crate::plan::load(&req.cluster)?)
+    };
+    if req.fastboot.is_some() || delivers_by_fastboot(req, cluster.as_ref())? {
+        return super::phones::run(req, cluster.as_ref());
+    }
+    if !req.edits.is_empty() && !req.nodes.is_empty() {
+        bail!(
+            "--hostname, --userdata, --metadata, --bootconf and --file customise an image file; a --node's image comes from its cluster file"
+        );
+    }
+    let jobs = plan_jobs(req, cluster.as_ref())?;
+    let images = jobs
+        .iter()
+        .map(|job| open_image(req, &job.image))
+        .collect::<Result<Vec<_>>>()?;
+    check_refusals(req, &jobs, &images)?;
+    let (lines, mounted) = describe(&jobs);
+    confirm(req.yes, &lines, &mounted, "disks")?;
+    let opened = reopen(&jobs)?;
+    let outcomes = flash_fleet(req, &images, opened);
+    let events = Events::new(req.progress, None);
+    for o in &outcomes {
+        let result = match &o.result {
+            Ok(d) => Ok((d.written, d.verified)),
+            Err(e) => Err(e.as_str()),
+        };
+        events.result(&o.path, result);
+    }
+    super::summary(&outcomes)
+}
+
+/// Whether the `--node`s are phones (their profile delivers over fastboot).
+fn delivers_by_fastboot(req: &Request, cluster: Option<&Cluster>) -> Result<bool> {
+    let Some(cluster) = cluster else {
+        return Ok(false);
+    };
+    let mut kinds = Vec::new();
+    for node in &req.nodes {
+        let n = cluster.node(node)?;
+        kinds.push(cluster.profile_of(n).0.deliver.method == DeliverMethod::Fastboot);
+    }
+    if kinds.iter().any(|k| *k) && !kinds.iter().all(|k| *k) {
+        bail!("flash phones (fastboot) and disks in separate runs");
+    }
+    Ok(kinds[0])
+}
+
+/// Which image goes to which disks: the one image given, or each node's, built now.
+fn plan_jobs(req: &Request, cluster: Option<&Cluster>) -> Result<Vec<Job>> {
+    let Some(cluster) = cluster else {
+        let [image, devices @ ..] = req.positional.as_slice() else {
+            bail!(
+                "give an image and at least one target: kiln flash IMAGE DEVICE…, or kiln flash --node NODE DEVICE"
+            );
+        };
+        if devices.is_empty() {
+            bail!("no target given: kiln flash {} /dev/sdX", image.display());
+        }
+        let targets = devices
+            .iter()
+            .map(|d| Ok((blockdev::resolve(d)?, None)))
+            .collect::<Result<_>>()?;
+        return Ok(vec![Job {
+            image: image.clone(),
+            targets,
+        }]);
+    };
+    if req.positional.len() != req.nodes.len() {
+        bail!(
+            "{} node(s) but {} target(s): give one target per --node, in the same order",
+            req.nodes.len(),
+            req.positional.len()
+        );
+    }
+    let opts = req.build_options();
+    let mut jobs = Vec::new();
+    for (node, dev) in req.nodes.iter().zip(&req.positional) {
+        let n = cluster.node(node)?;
+        let target = blockdev::resolve(dev)?;
+        let artifact =
+            build_node(cluster, n, &opts).with_context(|| format!("building node {node}"))?;
+        eprintln!(
+            "built {} ({})",
+            artifact.image.display(),
+            &artifact.sha256[..16]
+        );
+        jobs.push(Job {
+            image: artifact.image,
+            targets: vec![(target, n.serial.clone())],
+        });
+    }
+    Ok(jobs)
+}
+
+/// Opens a job's image with its bmap, and the boot edits as patches on the way to the disk.
+fn open_image(req: &Request, image: &Path) -> Result<FlashImage> {
+    let bmap = if req.nodes.is_empty() {
+        req.bmap.as_deref()
+    } else {
+        None
+    };
+    let mut img = FlashImage::open(image, bmap)?;
+    if !req.edits.is_empty() {
+        // The boot FAT is edited in memory: a compressed image is decompressed once into the
+        // cache, and the edits travel with the stream as patches.
+        let raw = crate::base::prepare_raw(image)?;
+        let c = customize::patches(&raw, &req.edits)?;
+        let bmap = img.bmap_path.clone();
+        img = FlashImage::open(&raw, bmap.as_deref())?.with_patches(c.patches, &c.used);
+    }
+    if img.bmap.is_none() {
+        eprintln!(
+            "note: no bmap for {}; every block will be written",
+            image.display()
+        );
+    }
+    Ok(img)
+}
+
+/// Every refusal for every target, before anything is asked or written.
+fn check_refusals(req: &Request, jobs: &[Job], images: &[FlashImage]) -> Result<()> {
+    let mut problems = Vec::new();
+    for (job, img) in jobs.iter().zip(images) {
+        for (t, pinned) in &job.targets {
+            if let Target::Device(d) = t {
+                for r in blockdev::refusals(d, img.size, req.allow_non_removable, pinned.as_deref())
+                {
+                    problems.push(format!("refusing {}: {r}", d.describe()));
+                }
+            }
+        }
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("\n"));
+    }
+    Ok(())
+}
+
+/// The lines of the question (image → target) and the partitions to unmount.
+fn describe(jobs: &[Job]) -> (Vec<String>, Vec<(String, String)>) {
+    let mut mounted = Vec::new();
+    let mut lines = Vec::new();
+    for job in jobs {
+        for (t, _) in &job.targets {
+            match t {
+                Target::Device(d) => {
+                    lines.push(format!("  {} → {}", job.image.display(), d.describe()));
+                    mounted.extend(d.all_mountpoints());
+                }
+                Target::File(p) => {
+                    lines.push(format!("  {} → file {}", job.image.display(), p.display()))
+                }
+            }
+        }
+    }
+    (lines, mounted)
+}
+
+/// Opens every target, re-checking each device first: the disk confirmed must be the disk written.
+fn reopen(jobs: &[Job]) -> Result<Vec<Vec<OpenTarget>>> {
+    let mut opened = Vec::new();
+    for job in jobs {
+        let mut v = Vec::new();
+        for (t, _) in &job.targets {
+            let t = match t {
+                Target::Device(before) => {
+                    let now = blockdev::resolve(Path::new(&before.path))?;
+                    match &now {
+                        Target::Device(d) if same_disk(before, d) => {}
+                        _ => bail!(
+                            "{} changed since it was confirmed (unplugged or replaced?); nothing was written",
+                            before.path
+                        ),
+                    }
+                    now
+                }
+                f => f.clone(),
+            };
+            v.push(OpenTarget::open(t)?);
+        }
+        opened.push(v);
+    }
+    Ok(opened)
+}
+
+fn same_disk(a: &BlockDevice, b: &BlockDevice) -> bool {
+    a.devno == b.devno && a.size == b.size && a.serial == b.serial && a.model == b.model
+}
+
+/// Every job in its own thread; each decodes its image once for all its targets.
+fn flash_fleet(req: &Request, images: &[FlashImage], opened: Vec<Vec<OpenTarget>>) -> Vec<Outcome> {
+    let opts = FlashOptions {
+        verify: req.verify,
+        no_eject: req.no_eject,
+    };
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = images
+            .iter()
+            .zip(opened)
+            .map(|(img, targets)| {
+                let opts = &opts;
+                let progress = req.progress;
+                scope.spawn(move || {
+                    let events = Events::new(progress, img.size);
+                    super::flash(img, targets, opts, &events)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("flash thread panicked"))
+            .collect()
+    })
+}
