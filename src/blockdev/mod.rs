@@ -54,6 +54,9 @@ pub struct BlockDevice {
     pub partitions: Vec<PartitionInfo>,
     /// For loop devices, the file behind them.
     pub backing_file: Option<String>,
+    /// Reasons the platform's discovery found, in that platform's words, that no flag unlocks:
+    /// on macOS the disk behind `/`, an APFS container's store, a virtual disk (`diskutil.rs`).
+    pub platform_refusals: Vec<String>,
 }
 
 impl BlockDevice {
@@ -156,6 +159,8 @@ pub enum Refusal {
         expected: String,
         found: Option<String>,
     },
+    /// A reason the platform's discovery gave, already worded for the user.
+    Platform(String),
 }
 
 impl std::fmt::Display for Refusal {
@@ -188,6 +193,7 @@ impl std::fmt::Display for Refusal {
                 "the node is pinned to the card with serial {expected}, this disk's serial is {}",
                 found.as_deref().unwrap_or("unknown")
             ),
+            Refusal::Platform(why) => f.write_str(why),
         }
     }
 }
@@ -202,7 +208,12 @@ pub fn refusals(
     allow_non_removable: bool,
     pinned_serial: Option<&str>,
 ) -> Vec<Refusal> {
-    let mut r = Vec::new();
+    let mut r: Vec<Refusal> = dev
+        .platform_refusals
+        .iter()
+        .cloned()
+        .map(Refusal::Platform)
+        .collect();
     for (_, m) in dev.all_mountpoints() {
         if SYSTEM_MOUNTS.contains(&m.as_str()) {
             r.push(Refusal::SystemDisk(m));
@@ -273,6 +284,7 @@ pub(crate) fn card() -> BlockDevice {
             holders: vec![],
         }],
         backing_file: None,
+        platform_refusals: vec![],
     }
 }
 

@@ -192,7 +192,9 @@ impl SourceText {
         };
         let message = err.message().trim().to_string();
         let hint = if message.contains("unknown field") {
-            Some("check the spelling; examples/README.md lists every key of the cluster file".into())
+            Some(
+                "check the spelling; examples/README.md lists every key of the cluster file".into(),
+            )
         } else {
             None
         };
