@@ -275,6 +275,27 @@ pub fn unmount_plan(mounted: &[(String, String)]) -> Vec<String> {
     disks
 }
 
+/// What to tell the user when macOS refuses to open the raw node `raw` with `errno`; None for
+/// errors with nothing macOS-specific to say.
+pub fn open_refusal(raw: &str, errno: i32) -> Option<String> {
+    use nix::libc::{EACCES, EBUSY, EPERM};
+    match errno {
+        // rdiskN is crw-r----- root:operator: only root may write it.
+        EACCES => Some(format!(
+            "{raw} may only be written by root: run kiln with sudo (nothing was unmounted or written)"
+        )),
+        // The privacy controls (TCC) answer EPERM, even to root, until the terminal is allowed.
+        EPERM => Some(format!(
+            "macOS did not let this terminal open {raw}: allow the terminal app under System Settings → Privacy & Security → Files and Folders → Removable Volumes (or Full Disk Access), then run again (nothing was unmounted or written)"
+        )),
+        EBUSY => Some(format!(
+            "{raw} is busy: a volume of it is mounted again or a program holds it (macOS re-mounts a card when a writer closes it); `diskutil unmountDisk force {}` and run again",
+            raw.replacen("/dev/rdisk", "/dev/disk", 1)
+        )),
+        _ => None,
+    }
+}
+
 /// The raw (unbuffered, much faster) node of a disk: `/dev/disk4` → `/dev/rdisk4`.
 pub fn raw_path(dev: &str) -> String {
     match dev.strip_prefix("/dev/disk") {
@@ -519,6 +540,20 @@ mod tests {
         )
         .unwrap();
         assert!(d.read_only);
+    }
+
+    #[test]
+    fn open_refusals_say_what_to_do_on_a_mac() {
+        let eacces = open_refusal("/dev/rdisk4", nix::libc::EACCES).unwrap();
+        assert!(eacces.contains("run kiln with sudo"), "{eacces}");
+        let eperm = open_refusal("/dev/rdisk4", nix::libc::EPERM).unwrap();
+        assert!(eperm.contains("Removable Volumes") && eperm.contains("Full Disk Access"));
+        let ebusy = open_refusal("/dev/rdisk4", nix::libc::EBUSY).unwrap();
+        assert!(
+            ebusy.contains("diskutil unmountDisk force /dev/disk4"),
+            "{ebusy}"
+        );
+        assert_eq!(open_refusal("/dev/rdisk4", nix::libc::EIO), None);
     }
 
     #[test]

@@ -123,9 +123,39 @@ impl Target {
     }
 }
 
+/// What a bare `disk4` (or `rdisk4`, `disk4s1`) on the command line names.
+///
+/// On macOS it is the disk, as `diskutil` and every guide spell it: `/dev/disk4`. If a file
+/// `./disk4` exists too, the name is ambiguous and refused rather than guessed, because one guess
+/// overwrites a disk. Elsewhere (Linux has no `/dev/diskN`) a bare name is a file, as always.
+pub fn bare_disk(path: &Path, macos: bool, file_exists: bool) -> Result<Option<PathBuf>> {
+    let Some(name) = path.to_str().filter(|_| macos) else {
+        return Ok(None);
+    };
+    let number = name
+        .strip_prefix("rdisk")
+        .or_else(|| name.strip_prefix("disk"));
+    let is_disk = number.is_some_and(|n| {
+        !n.is_empty()
+            && n.split('s')
+                .all(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+    });
+    if !is_disk {
+        return Ok(None);
+    }
+    if file_exists {
+        bail!(
+            "{name} could be the file ./{name} or the disk /dev/{name}; write ./{name} or /dev/{name}"
+        );
+    }
+    Ok(Some(PathBuf::from(format!("/dev/{name}"))))
+}
+
 /// Resolves a path given on the command line to a disk or a plain file. Partitions are refused:
-/// images go to whole disks.
+/// images go to whole disks. A bare `diskN` is a disk on macOS (`bare_disk`).
 pub fn resolve(path: &Path) -> Result<Target> {
+    let named = bare_disk(path, cfg!(target_os = "macos"), path.exists())?;
+    let path = named.as_deref().unwrap_or(path);
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !path.starts_with("/dev") => {
@@ -291,6 +321,28 @@ pub(crate) fn card() -> BlockDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bare_disk_name_is_the_mac_disk_and_a_file_elsewhere() {
+        let mac = |p: &str, exists| bare_disk(Path::new(p), true, exists);
+        assert_eq!(mac("disk4", false).unwrap(), Some("/dev/disk4".into()));
+        assert_eq!(mac("rdisk12", false).unwrap(), Some("/dev/rdisk12".into()));
+        assert_eq!(mac("disk4s1", false).unwrap(), Some("/dev/disk4s1".into()));
+        let both = mac("disk4", true).unwrap_err().to_string();
+        assert!(both.contains("write ./disk4 or /dev/disk4"), "{both}");
+        for file in [
+            "disk",
+            "disks",
+            "disk4.img",
+            "./disk4",
+            "disk4s",
+            "/tmp/disk4",
+            "mydisk4",
+        ] {
+            assert_eq!(mac(file, false).unwrap(), None, "{file}");
+        }
+        assert_eq!(bare_disk(Path::new("disk4"), false, false).unwrap(), None);
+    }
 
     #[test]
     fn a_plain_card_is_fine() {

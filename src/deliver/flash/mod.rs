@@ -15,6 +15,7 @@
 //! injected faults in tests). What a `kiln flash` asks for — jobs, refusals, the one question —
 //! is `request.rs`; phones (fastboot) are `phones.rs`.
 
+pub mod blocks;
 pub mod buffer;
 mod confirm;
 pub mod device;
