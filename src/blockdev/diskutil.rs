@@ -383,10 +383,38 @@ pub fn disk_at(path: &std::path::Path, _meta: &std::fs::Metadata) -> Result<Bloc
     read_device(&name)
 }
 
-/// `diskutil unmountDisk`: every volume of the disk at once, as Imager and Etcher do.
+/// The system's volumes through `diskutil`: `unmountDisk force` takes every volume of the disk
+/// at once, as Raspberry Pi Imager and etcher do.
 #[cfg(target_os = "macos")]
-pub fn unmount_disk(dev: &str) -> Result<()> {
-    diskutil(&["unmountDisk", dev]).map(|_| ())
+pub struct Diskutil;
+
+#[cfg(target_os = "macos")]
+impl super::volumes::Volumes for Diskutil {
+    fn mounted(&self, disk: &str) -> Result<Vec<String>> {
+        let name = disk_name(disk).with_context(|| format!("{disk} is not a disk"))?;
+        let list = parse(&diskutil(&["list", "-plist", &name])?, "diskutil list")?;
+        Ok(list
+            .get("AllDisksAndPartitions")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_dictionary)
+            .flat_map(|e| {
+                let mut m: Vec<String> = text(e, "MountPoint").into_iter().collect();
+                m.extend(partitions_of(e).into_iter().flat_map(|p| p.mountpoints));
+                m
+            })
+            .collect())
+    }
+    fn unmount_disk(&self, disk: &str) -> Result<()> {
+        diskutil(&["unmountDisk", "force", disk]).map(drop)
+    }
+    fn eject(&self, disk: &str) -> Result<()> {
+        diskutil(&["eject", disk]).map(drop)
+    }
+    fn pause(&self, how_long: std::time::Duration) {
+        std::thread::sleep(how_long);
+    }
 }
 
 #[cfg(test)]

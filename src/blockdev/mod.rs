@@ -10,6 +10,7 @@ pub mod eject;
 pub mod ioctl;
 #[cfg(target_os = "linux")]
 pub mod sysfs;
+pub mod volumes;
 
 #[cfg(target_os = "macos")]
 use diskutil as platform;
@@ -171,6 +172,43 @@ pub fn resolve(path: &Path) -> Result<Target> {
         bail!("{} is neither a disk nor a regular file", path.display());
     }
     Ok(Target::Device(Box::new(platform::disk_at(path, &meta)?)))
+}
+
+/// Whether this user may write `dev` at all, asked before anything is unmounted or written.
+///
+/// macOS: the raw node is opened (not locked) and closed again, because the privacy controls
+/// (Removable Volumes, Full Disk Access) answer only to an open; a mounted disk answers EBUSY,
+/// which is fine here (it is unmounted after the question). Linux: `access(2)`, because closing
+/// a block device opened for writing makes udev re-probe it.
+pub fn check_access(dev: &BlockDevice) -> Result<()> {
+    #[cfg(target_os = "macos")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let raw = diskutil::raw_path(&dev.path);
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(&raw);
+        match opened.map_err(|e| e.raw_os_error()) {
+            Ok(_) | Err(Some(nix::libc::EBUSY)) => Ok(()),
+            Err(Some(n)) => match diskutil::open_refusal(&raw, n) {
+                Some(why) => bail!("{why}"),
+                None => bail!("opening {raw}: {}", std::io::Error::from_raw_os_error(n)),
+            },
+            Err(None) => bail!("opening {raw} failed"),
+        }
+    }
+    #[cfg(not(target_os = "macos"))]
+    {
+        use nix::unistd::{AccessFlags, access};
+        access(dev.path.as_str(), AccessFlags::R_OK | AccessFlags::W_OK).map_err(|e| {
+            anyhow::anyhow!(
+                "{} may only be written by root (or the disk group): run kiln with sudo ({e}); nothing was unmounted or written",
+                dev.path
+            )
+        })
+    }
 }
 
 /// Why a disk must not be written: each reason is final, whatever the user's answers.

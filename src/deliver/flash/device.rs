@@ -224,15 +224,6 @@ impl FlashTarget for OpenTarget {
         }
         Ok(())
     }
-
-    fn eject(&self, no_eject: bool) -> Option<String> {
-        match &self.target {
-            Target::Device(dev) if blockdev::eject::wanted(dev, no_eject) => {
-                Some(blockdev::eject::eject(&self.path))
-            }
-            _ => None,
-        }
-    }
 }
 
 #[cfg(test)]

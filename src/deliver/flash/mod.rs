@@ -67,8 +67,6 @@ pub struct Done {
 
 pub struct FlashOptions {
     pub verify: bool,
-    /// Keep cards attached after the write (`--no-eject`).
-    pub no_eject: bool,
 }
 
 /// A segment of the image to write: [start, end), never inside the head.
@@ -541,9 +539,6 @@ fn finish_target(
         // Loop devices without partition scanning answer EINVAL; the write itself is complete.
         events.note(t.path(), &format!("note: {e:#}"));
     }
-    if let Some(said) = t.eject(opts.no_eject) {
-        events.note(t.path(), &said);
-    }
     events.emit(Stage::Done, t.path(), total, Some(total));
     let written = digests.iter().map(|((a, b), _)| b - a).sum::<u64>() + head.len() as u64;
     Ok(Done {
@@ -617,10 +612,7 @@ mod tests {
     fn flash_to(disks: &[MemoryTarget], verify: bool) -> (Vec<Outcome>, Vec<u8>) {
         let dir = tempfile::tempdir().unwrap();
         let (img, data) = image(dir.path());
-        let opts = FlashOptions {
-            verify,
-            no_eject: true,
-        };
+        let opts = FlashOptions { verify };
         let events = Events::new(ProgressMode::None, None);
         (flash(&img, disks.iter().collect(), &opts, &events), data)
     }
@@ -766,10 +758,7 @@ mod tests {
             MemoryTarget::new("a", 8 * MIB, Faults::default()),
             MemoryTarget::new("b", 8 * MIB, Faults::default()),
         ];
-        let opts = FlashOptions {
-            verify: true,
-            no_eject: true,
-        };
+        let opts = FlashOptions { verify: true };
         let events = Events::new(ProgressMode::None, None);
         let out = flash(&img, disks.iter().collect(), &opts, &events);
         for (o, disk) in out.iter().zip(&disks) {

@@ -81,11 +81,23 @@ pub fn run(req: &Request) -> Result<()> {
         .map(|job| open_image(req, &job.image))
         .collect::<Result<Vec<_>>>()?;
     check_refusals(req, &jobs, &images)?;
+    // Permission is asked before the question, so a user without it loses nothing (no unmount).
+    for job in &jobs {
+        for (t, _) in &job.targets {
+            if let Target::Device(d) = t {
+                blockdev::check_access(d)?;
+            }
+        }
+    }
     let (lines, mounted) = describe(&jobs);
     confirm(req.yes, &lines, &mounted, "disks")?;
     let opened = reopen(&jobs)?;
+    // Every descriptor is closed when this returns: only then may a card be ejected.
     let outcomes = flash_fleet(req, &images, opened);
     let events = Events::new(req.progress, None);
+    if !req.no_eject {
+        eject_written(&jobs, &outcomes, &events);
+    }
     for o in &outcomes {
         let result = match &o.result {
             Ok(d) => Ok((d.written, d.verified)),
@@ -239,6 +251,13 @@ fn reopen(jobs: &[Job]) -> Result<Vec<Vec<OpenTarget>>> {
                             before.path
                         ),
                     }
+                    // Spotlight, Finder or a re-mount may have taken a volume back since the
+                    // question: nothing of the disk may be mounted when it is opened.
+                    #[cfg(target_os = "macos")]
+                    blockdev::volumes::unmount_until_clear(
+                        &blockdev::diskutil::Diskutil,
+                        &before.path,
+                    )?;
                     now
                 }
                 f => f.clone(),
@@ -250,16 +269,25 @@ fn reopen(jobs: &[Job]) -> Result<Vec<Vec<OpenTarget>>> {
     Ok(opened)
 }
 
+/// Ejects every card written without error, now that its descriptors are closed.
+fn eject_written(jobs: &[Job], outcomes: &[Outcome], events: &Events) {
+    let targets = jobs.iter().flat_map(|j| j.targets.iter().map(|(t, _)| t));
+    for (t, o) in targets.zip(outcomes) {
+        if let (Target::Device(d), Ok(_)) = (t, &o.result)
+            && blockdev::eject::wanted(d, false)
+        {
+            events.note(&o.path, &blockdev::eject::eject_closed(d));
+        }
+    }
+}
+
 fn same_disk(a: &BlockDevice, b: &BlockDevice) -> bool {
     a.devno == b.devno && a.size == b.size && a.serial == b.serial && a.model == b.model
 }
 
 /// Every job in its own thread; each decodes its image once for all its targets.
 fn flash_fleet(req: &Request, images: &[FlashImage], opened: Vec<Vec<OpenTarget>>) -> Vec<Outcome> {
-    let opts = FlashOptions {
-        verify: req.verify,
-        no_eject: req.no_eject,
-    };
+    let opts = FlashOptions { verify: req.verify };
     std::thread::scope(|scope| {
         let handles: Vec<_> = images
             .iter()

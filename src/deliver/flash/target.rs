@@ -4,7 +4,8 @@
 //! The block device (or plain file) in `device.rs` is the real implementation; `memory.rs` is an
 //! in-memory one for tests that injects faults. Like caligula's `WriteOp<S: Read, D: Write>`, the
 //! loop only asks for positioned writes, a flush and positioned reads; the device-only steps
-//! (dropping the buffer cache, re-reading the partition table, ejecting) have no-op defaults.
+//! (dropping the buffer cache, re-reading the partition table) have no-op defaults. Ejecting is
+//! not here: it must wait until every descriptor is closed (`request.rs`).
 //!
 //! fastboot (`deliver/fastboot.rs`) is not a `FlashTarget`, on purpose: the `fastboot` tool takes
 //! a whole image or its sparse pieces and the phone's bootloader decides where bytes land and
@@ -47,10 +48,6 @@ pub trait FlashTarget: Sync {
     fn reread_partitions(&self) -> Result<()> {
         Ok(())
     }
-    /// Ejects the medium after a finished write when that is wanted; returns what to tell.
-    fn eject(&self, _no_eject: bool) -> Option<String> {
-        None
-    }
 }
 
 /// A borrowed target is a target: a fleet can be flashed from targets it does not own.
@@ -81,9 +78,6 @@ impl<T: FlashTarget + ?Sized> FlashTarget for &T {
     }
     fn reread_partitions(&self) -> Result<()> {
         (**self).reread_partitions()
-    }
-    fn eject(&self, no_eject: bool) -> Option<String> {
-        (**self).eject(no_eject)
     }
 }
 
