@@ -103,8 +103,14 @@ pub fn write_all_at(t: &impl FlashTarget, offset: u64, data: &[u8]) -> Result<()
             Ok(n) => done += n,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => {
+                // EBUSY mid-write on a Mac: a volume of the disk was mounted again.
+                let busy = if e.raw_os_error() == Some(nix::libc::EBUSY) {
+                    " (the disk is busy: a volume of it was mounted again, or a program opened it)"
+                } else {
+                    ""
+                };
                 return Err(e)
-                    .with_context(|| format!("writing {} at byte {at}", t.path().display()));
+                    .with_context(|| format!("writing {} at byte {at}{busy}", t.path().display()));
             }
         }
     }
