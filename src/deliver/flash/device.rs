@@ -167,17 +167,17 @@ impl FlashTarget for OpenTarget {
         let bs = self.block_size as usize;
         let aligned_len = data.len() / bs * bs;
         let ptr_ok = (data.as_ptr() as usize).is_multiple_of(buffer::ALIGN);
-        if self.blocks_only && !blocks::is_aligned(bs as u64, offset, data) {
-            return blocks::write_in_blocks(
+        if self.is_device && offset.is_multiple_of(bs as u64) && ptr_ok && aligned_len > 0 {
+            self.direct.write_at(&data[..aligned_len], offset)
+        } else if self.blocks_only {
+            // The raw node takes whole blocks only: the unaligned rest goes read-modify-write.
+            blocks::write_in_blocks(
                 bs as u64,
                 offset,
                 data,
                 |at, buf| self.direct.read_at(buf, at),
                 |at, buf| self.direct.write_at(buf, at),
-            );
-        }
-        if self.is_device && offset.is_multiple_of(bs as u64) && ptr_ok && aligned_len > 0 {
-            self.direct.write_at(&data[..aligned_len], offset)
+            )
         } else {
             self.plain.write_at(data, offset)
         }
