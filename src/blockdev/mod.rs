@@ -5,6 +5,7 @@
 //! `/proc/swaps` and udev's database (`sysfs`), on macOS from `diskutil -plist` (`diskutil`), so
 //! the safety rules (`refusals`) are the same everywhere and testable without hardware.
 
+pub mod authopen;
 pub mod diskutil;
 pub mod eject;
 pub mod ioctl;
@@ -178,9 +179,10 @@ pub fn resolve(path: &Path) -> Result<Target> {
 ///
 /// macOS: the raw node is opened (not locked) and closed again, because the privacy controls
 /// (Removable Volumes, Full Disk Access) answer only to an open; a mounted disk answers EBUSY,
-/// which is fine here (it is unmounted after the question). Linux: `access(2)`, because closing
-/// a block device opened for writing makes udev re-probe it.
-pub fn check_access(dev: &BlockDevice) -> Result<()> {
+/// which is fine here (it is unmounted after the question); with `authopen`, EACCES is fine too
+/// (the administrator dialog opens it later). Linux: `access(2)`, because closing a block device
+/// opened for writing makes udev re-probe it.
+pub fn check_access(dev: &BlockDevice, authopen: bool) -> Result<()> {
     #[cfg(target_os = "macos")]
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -192,6 +194,7 @@ pub fn check_access(dev: &BlockDevice) -> Result<()> {
             .open(&raw);
         match opened.map_err(|e| e.raw_os_error()) {
             Ok(_) | Err(Some(nix::libc::EBUSY)) => Ok(()),
+            Err(Some(nix::libc::EACCES)) if authopen => Ok(()),
             Err(Some(n)) => match diskutil::open_refusal(&raw, n) {
                 Some(why) => bail!("{why}"),
                 None => bail!("opening {raw}: {}", std::io::Error::from_raw_os_error(n)),
@@ -201,6 +204,7 @@ pub fn check_access(dev: &BlockDevice) -> Result<()> {
     }
     #[cfg(not(target_os = "macos"))]
     {
+        let _ = authopen;
         use nix::unistd::{AccessFlags, access};
         access(dev.path.as_str(), AccessFlags::R_OK | AccessFlags::W_OK).map_err(|e| {
             anyhow::anyhow!(

@@ -43,7 +43,7 @@ fn open_buffered(path: &Path) -> Result<File> {
 
 /// The two descriptors of a disk: one for aligned, uncached I/O and one for the rest.
 #[cfg(target_os = "linux")]
-fn open_device(path: &Path) -> Result<(File, File)> {
+fn open_device(path: &Path, _authopen: bool) -> Result<(File, File)> {
     let direct = OpenOptions::new()
         .read(true)
         .write(true)
@@ -62,23 +62,39 @@ fn open_device(path: &Path) -> Result<(File, File)> {
 /// than `/dev/diskN`; F_NOCACHE keeps reads for the verify off the cache too. O_EXLOCK fails
 /// while another program holds the disk. Both descriptors are the raw node.
 #[cfg(target_os = "macos")]
-fn open_device(path: &Path) -> Result<(File, File)> {
+fn open_device(path: &Path, authopen: bool) -> Result<(File, File)> {
     use std::os::fd::AsRawFd;
     let raw = crate::blockdev::diskutil::raw_path(&path.to_string_lossy());
-    let direct = OpenOptions::new()
+    let opened = OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(nix::libc::O_EXLOCK | nix::libc::O_NONBLOCK)
-        .open(&raw)
-        .map_err(|e| {
+        .open(&raw);
+    let direct = match opened {
+        // Not root, and the user asked for the administrator dialog (`--authopen`).
+        Err(e) if authopen && e.raw_os_error() == Some(nix::libc::EACCES) => {
+            let f = crate::blockdev::authopen::open(&raw)?;
+            // authopen opens without O_EXLOCK: take the same lock now.
+            // SAFETY: flock on a descriptor we own.
+            if unsafe { nix::libc::flock(f.as_raw_fd(), nix::libc::LOCK_EX | nix::libc::LOCK_NB) }
+                != 0
+            {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("locking {raw} (another program holds it)"));
+            }
+            f
+        }
+        Err(e) => {
             let hint = e
                 .raw_os_error()
                 .and_then(|n| crate::blockdev::diskutil::open_refusal(&raw, n));
-            match hint {
+            return Err(match hint {
                 Some(h) => anyhow::Error::new(e).context(h),
                 None => anyhow::Error::new(e).context(format!("opening {raw} exclusively")),
-            }
-        })?;
+            });
+        }
+        Ok(f) => f,
+    };
     // SAFETY: fcntl on a descriptor we own; F_NOCACHE takes an int flag.
     unsafe { nix::libc::fcntl(direct.as_raw_fd(), nix::libc::F_NOCACHE, 1) };
     let plain = direct
@@ -104,12 +120,13 @@ pub fn check_geometry(path: &Path, confirmed: (u64, u64), count: u64, block: u64
 
 impl OpenTarget {
     /// Opens `target` exclusively (O_EXCL on a block device fails while anything has it open or
-    /// mounted) and, for devices, with O_DIRECT.
-    pub fn open(target: Target) -> Result<OpenTarget> {
+    /// mounted) and, for devices, with O_DIRECT. `authopen`: on macOS, a raw node this user may
+    /// not open is opened through the administrator dialog (`blockdev::authopen`).
+    pub fn open(target: Target, authopen: bool) -> Result<OpenTarget> {
         let path = target.path();
         match &target {
             Target::Device(dev) => {
-                let (direct, plain) = open_device(&path)?;
+                let (direct, plain) = open_device(&path, authopen)?;
                 #[cfg(target_os = "macos")]
                 {
                     let (count, block) = blockdev::ioctl::geometry(&direct)?;

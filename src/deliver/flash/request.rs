@@ -30,6 +30,9 @@ pub struct Request {
     pub verify: bool,
     pub no_eject: bool,
     pub allow_non_removable: bool,
+    /// macOS: open raw disks through the administrator dialog (`/usr/libexec/authopen`)
+    /// instead of needing root.
+    pub authopen: bool,
     pub progress: ProgressMode,
     pub bmap: Option<PathBuf>,
     pub edits: BootEdits,
@@ -81,17 +84,20 @@ pub fn run(req: &Request) -> Result<()> {
         .map(|job| open_image(req, &job.image))
         .collect::<Result<Vec<_>>>()?;
     check_refusals(req, &jobs, &images)?;
+    if req.authopen && !cfg!(target_os = "macos") {
+        bail!("--authopen is macOS's administrator dialog; here, run kiln with sudo");
+    }
     // Permission is asked before the question, so a user without it loses nothing (no unmount).
     for job in &jobs {
         for (t, _) in &job.targets {
             if let Target::Device(d) = t {
-                blockdev::check_access(d)?;
+                blockdev::check_access(d, req.authopen)?;
             }
         }
     }
     let (lines, mounted) = describe(&jobs);
     confirm(req.yes, &lines, &mounted, "disks")?;
-    let opened = reopen(&jobs)?;
+    let opened = reopen(&jobs, req.authopen)?;
     // Every descriptor is closed when this returns: only then may a card be ejected.
     let outcomes = flash_fleet(req, &images, opened);
     let events = Events::new(req.progress, None);
@@ -236,7 +242,7 @@ fn describe(jobs: &[Job]) -> (Vec<String>, Vec<(String, String)>) {
 }
 
 /// Opens every target, re-checking each device first: the disk confirmed must be the disk written.
-fn reopen(jobs: &[Job]) -> Result<Vec<Vec<OpenTarget>>> {
+fn reopen(jobs: &[Job], authopen: bool) -> Result<Vec<Vec<OpenTarget>>> {
     let mut opened = Vec::new();
     for job in jobs {
         let mut v = Vec::new();
@@ -262,7 +268,7 @@ fn reopen(jobs: &[Job]) -> Result<Vec<Vec<OpenTarget>>> {
                 }
                 f => f.clone(),
             };
-            v.push(OpenTarget::open(t)?);
+            v.push(OpenTarget::open(t, authopen)?);
         }
         opened.push(v);
     }
