@@ -36,10 +36,11 @@ ipavenv=${KILN_IPA_VENV:-/opt/kiln-ipa-venv}
 "$ipavenv/bin/pip" install -q --disable-pip-version-check -r "$(dirname "$0")/../tests/python/requirements-ipa.txt"
 echo "setup: ironic-python-agent venv ready in $ipavenv"
 
-# The macOS type-check (scripts/check-macos.sh): Rust's standard library for x86_64 macOS, and
-# zig, whose C compiler carries macOS's libc headers, for the C in kiln's dependencies.
+# The macOS type-check (scripts/check-macos.sh): Rust's standard library for Intel and Apple
+# silicon macOS, and zig, whose C compiler carries macOS's libc headers, for the C in kiln's
+# dependencies.
 if command -v rustup >/dev/null; then
-    rustup target add x86_64-apple-darwin >/dev/null
+    rustup target add x86_64-apple-darwin aarch64-apple-darwin >/dev/null
 fi
 "$venv/bin/pip" install -q --disable-pip-version-check ziglang==0.17.1
 echo "setup: macOS type-check tools ready"

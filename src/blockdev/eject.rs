@@ -1,9 +1,13 @@
-//! Ejecting a card after a successful write, so the reader drops it and the user may pull it
-//! (what `diskutil eject` does on macOS, and what Raspberry Pi Imager and Etcher do).
+//! Ejecting a card after a successful write and after its descriptors are closed, so the reader
+//! drops it and the user may pull it (what Raspberry Pi Imager and Etcher do). On macOS the
+//! wait, unmount and `diskutil eject` are `volumes::eject_after_close`.
 
+#[cfg(not(target_os = "macos"))]
 use std::path::Path;
+#[cfg(not(target_os = "macos"))]
 use std::process::Command;
 
+#[cfg(not(target_os = "macos"))]
 use crate::util::cmd;
 
 use super::BlockDevice;
@@ -16,17 +20,20 @@ pub fn wanted(dev: &BlockDevice, no_eject: bool) -> bool {
         && (dev.removable || dev.bus == "usb" || dev.bus == "sd/mmc")
 }
 
-/// Ejects `dev` with util-linux's `eject` (SCSI START STOP UNIT for USB readers; an SD slot on
-/// the mmc bus has no eject and is only synced, which the write already did), or on macOS with
-/// `diskutil eject`. Returns what to
-/// tell the user.
-pub fn eject(dev: &Path) -> String {
-    // macOS: `diskutil eject` unmounts what the OS mounted after the write and powers the slot.
+/// Ejects a written disk once the writer has closed every descriptor of it (macOS re-mounts a
+/// card on close, so ejecting while it is open only races that). Returns what to tell the user.
+pub fn eject_closed(dev: &BlockDevice) -> String {
     #[cfg(target_os = "macos")]
-    let out = cmd::output(Command::new("diskutil").arg("eject").arg(dev), "diskutil");
+    return super::volumes::eject_after_close(&super::diskutil::Diskutil, &dev.path);
     #[cfg(not(target_os = "macos"))]
-    let out = cmd::output(Command::new("eject").arg(dev), "eject");
-    match out {
+    eject(Path::new(&dev.path))
+}
+
+/// Ejects `dev` with util-linux's `eject` (SCSI START STOP UNIT for USB readers; an SD slot on
+/// the mmc bus has no eject and is only synced, which the write already did).
+#[cfg(not(target_os = "macos"))]
+fn eject(dev: &Path) -> String {
+    match cmd::output(Command::new("eject").arg(dev), "eject") {
         Ok(o) if o.status.success() => format!("ejected {}: safe to remove", dev.display()),
         Ok(o) => format!(
             "written and flushed; {} could not be ejected ({}), remove it when its light is off",

@@ -5,11 +5,13 @@
 //! `/proc/swaps` and udev's database (`sysfs`), on macOS from `diskutil -plist` (`diskutil`), so
 //! the safety rules (`refusals`) are the same everywhere and testable without hardware.
 
+pub mod authopen;
 pub mod diskutil;
 pub mod eject;
 pub mod ioctl;
 #[cfg(target_os = "linux")]
 pub mod sysfs;
+pub mod volumes;
 
 #[cfg(target_os = "macos")]
 use diskutil as platform;
@@ -54,6 +56,9 @@ pub struct BlockDevice {
     pub partitions: Vec<PartitionInfo>,
     /// For loop devices, the file behind them.
     pub backing_file: Option<String>,
+    /// Reasons the platform's discovery found, in that platform's words, that no flag unlocks:
+    /// on macOS the disk behind `/`, an APFS container's store, a virtual disk (`diskutil.rs`).
+    pub platform_refusals: Vec<String>,
 }
 
 impl BlockDevice {
@@ -120,9 +125,39 @@ impl Target {
     }
 }
 
+/// What a bare `disk4` (or `rdisk4`, `disk4s1`) on the command line names.
+///
+/// On macOS it is the disk, as `diskutil` and every guide spell it: `/dev/disk4`. If a file
+/// `./disk4` exists too, the name is ambiguous and refused rather than guessed, because one guess
+/// overwrites a disk. Elsewhere (Linux has no `/dev/diskN`) a bare name is a file, as always.
+pub fn bare_disk(path: &Path, macos: bool, file_exists: bool) -> Result<Option<PathBuf>> {
+    let Some(name) = path.to_str().filter(|_| macos) else {
+        return Ok(None);
+    };
+    let number = name
+        .strip_prefix("rdisk")
+        .or_else(|| name.strip_prefix("disk"));
+    let is_disk = number.is_some_and(|n| {
+        !n.is_empty()
+            && n.split('s')
+                .all(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+    });
+    if !is_disk {
+        return Ok(None);
+    }
+    if file_exists {
+        bail!(
+            "{name} could be the file ./{name} or the disk /dev/{name}; write ./{name} or /dev/{name}"
+        );
+    }
+    Ok(Some(PathBuf::from(format!("/dev/{name}"))))
+}
+
 /// Resolves a path given on the command line to a disk or a plain file. Partitions are refused:
-/// images go to whole disks.
+/// images go to whole disks. A bare `diskN` is a disk on macOS (`bare_disk`).
 pub fn resolve(path: &Path) -> Result<Target> {
+    let named = bare_disk(path, cfg!(target_os = "macos"), path.exists())?;
+    let path = named.as_deref().unwrap_or(path);
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !path.starts_with("/dev") => {
@@ -138,6 +173,46 @@ pub fn resolve(path: &Path) -> Result<Target> {
         bail!("{} is neither a disk nor a regular file", path.display());
     }
     Ok(Target::Device(Box::new(platform::disk_at(path, &meta)?)))
+}
+
+/// Whether this user may write `dev` at all, asked before anything is unmounted or written.
+///
+/// macOS: the raw node is opened (not locked) and closed again, because the privacy controls
+/// (Removable Volumes, Full Disk Access) answer only to an open; a mounted disk answers EBUSY,
+/// which is fine here (it is unmounted after the question); with `authopen`, EACCES is fine too
+/// (the administrator dialog opens it later). Linux: `access(2)`, because closing a block device
+/// opened for writing makes udev re-probe it.
+pub fn check_access(dev: &BlockDevice, authopen: bool) -> Result<()> {
+    #[cfg(target_os = "macos")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let raw = diskutil::raw_path(&dev.path);
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(&raw);
+        match opened.map_err(|e| e.raw_os_error()) {
+            Ok(_) | Err(Some(nix::libc::EBUSY)) => Ok(()),
+            Err(Some(nix::libc::EACCES)) if authopen => Ok(()),
+            Err(Some(n)) => match diskutil::open_refusal(&raw, n) {
+                Some(why) => bail!("{why}"),
+                None => bail!("opening {raw}: {}", std::io::Error::from_raw_os_error(n)),
+            },
+            Err(None) => bail!("opening {raw} failed"),
+        }
+    }
+    #[cfg(not(target_os = "macos"))]
+    {
+        let _ = authopen;
+        use nix::unistd::{AccessFlags, access};
+        access(dev.path.as_str(), AccessFlags::R_OK | AccessFlags::W_OK).map_err(|e| {
+            anyhow::anyhow!(
+                "{} may only be written by root (or the disk group): run kiln with sudo ({e}); nothing was unmounted or written",
+                dev.path
+            )
+        })
+    }
 }
 
 /// Why a disk must not be written: each reason is final, whatever the user's answers.
@@ -156,6 +231,8 @@ pub enum Refusal {
         expected: String,
         found: Option<String>,
     },
+    /// A reason the platform's discovery gave, already worded for the user.
+    Platform(String),
 }
 
 impl std::fmt::Display for Refusal {
@@ -188,6 +265,7 @@ impl std::fmt::Display for Refusal {
                 "the node is pinned to the card with serial {expected}, this disk's serial is {}",
                 found.as_deref().unwrap_or("unknown")
             ),
+            Refusal::Platform(why) => f.write_str(why),
         }
     }
 }
@@ -202,7 +280,12 @@ pub fn refusals(
     allow_non_removable: bool,
     pinned_serial: Option<&str>,
 ) -> Vec<Refusal> {
-    let mut r = Vec::new();
+    let mut r: Vec<Refusal> = dev
+        .platform_refusals
+        .iter()
+        .cloned()
+        .map(Refusal::Platform)
+        .collect();
     for (_, m) in dev.all_mountpoints() {
         if SYSTEM_MOUNTS.contains(&m.as_str()) {
             r.push(Refusal::SystemDisk(m));
@@ -273,12 +356,35 @@ pub(crate) fn card() -> BlockDevice {
             holders: vec![],
         }],
         backing_file: None,
+        platform_refusals: vec![],
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bare_disk_name_is_the_mac_disk_and_a_file_elsewhere() {
+        let mac = |p: &str, exists| bare_disk(Path::new(p), true, exists);
+        assert_eq!(mac("disk4", false).unwrap(), Some("/dev/disk4".into()));
+        assert_eq!(mac("rdisk12", false).unwrap(), Some("/dev/rdisk12".into()));
+        assert_eq!(mac("disk4s1", false).unwrap(), Some("/dev/disk4s1".into()));
+        let both = mac("disk4", true).unwrap_err().to_string();
+        assert!(both.contains("write ./disk4 or /dev/disk4"), "{both}");
+        for file in [
+            "disk",
+            "disks",
+            "disk4.img",
+            "./disk4",
+            "disk4s",
+            "/tmp/disk4",
+            "mydisk4",
+        ] {
+            assert_eq!(mac(file, false).unwrap(), None, "{file}");
+        }
+        assert_eq!(bare_disk(Path::new("disk4"), false, false).unwrap(), None);
+    }
 
     #[test]
     fn a_plain_card_is_fine() {

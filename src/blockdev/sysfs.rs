@@ -197,6 +197,7 @@ pub fn read_device(name: &str) -> Result<BlockDevice> {
         partitions,
         backing_file: read_trim(&sys.join("loop/backing_file")),
         devno,
+        platform_refusals: Vec::new(),
     })
 }
 

@@ -41,6 +41,10 @@ pub struct Args {
     /// Allow disks the kernel does not call removable (USB SSDs, NVMe, loop devices).
     #[arg(long)]
     allow_non_removable: bool,
+    /// macOS: without root, open the disk through the system's administrator dialog
+    /// (/usr/libexec/authopen), as Raspberry Pi Imager does, instead of needing sudo.
+    #[arg(long)]
+    authopen: bool,
     /// How to show progress.
     #[arg(long, value_enum, default_value = "auto")]
     progress: ProgressMode,
@@ -85,6 +89,7 @@ pub fn run(a: Args) -> Result<()> {
         verify: !a.no_verify,
         no_eject: a.no_eject,
         allow_non_removable: a.allow_non_removable,
+        authopen: a.authopen,
         progress: a.progress,
         bmap: a.bmap,
         edits: BootEdits {

@@ -57,16 +57,13 @@ fn unmount(mounted: &[(String, String)]) -> Result<()> {
     Ok(())
 }
 
-/// macOS: `diskutil unmountDisk` once per disk, which takes every volume of it (APFS ones too).
+/// macOS: `diskutil unmountDisk force` once per disk, which takes every volume of it, retried
+/// until nothing of it is mounted (`blockdev::volumes`).
 #[cfg(target_os = "macos")]
 fn unmount(mounted: &[(String, String)]) -> Result<()> {
-    let mut disks: Vec<String> = mounted
-        .iter()
-        .map(|(p, _)| crate::blockdev::diskutil::whole_disk_of(p))
-        .collect();
-    disks.dedup();
-    for d in disks {
-        crate::blockdev::diskutil::unmount_disk(&d)?;
+    use crate::blockdev::{diskutil, volumes};
+    for d in diskutil::unmount_plan(mounted) {
+        volumes::unmount_until_clear(&diskutil::Diskutil, &d)?;
         eprintln!("unmounted every volume of {d}");
     }
     Ok(())

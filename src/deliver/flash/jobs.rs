@@ -47,11 +47,26 @@ pub fn run(req: &Request) -> Result<()> {
         .map(|job| open_image(req, &job.image))
         .collect::<Result<Vec<_>>>()?;
     check_refusals(req, &jobs, &images)?;
+    if req.authopen && !cfg!(target_os = "macos") {
+        bail!("--authopen is macOS's administrator dialog; here, run kiln with sudo");
+    }
+    // Permission is asked before the question, so a user without it loses nothing (no unmount).
+    for job in &jobs {
+        for (t, _) in &job.targets {
+            if let Target::Device(d) = t {
+                blockdev::check_access(d, req.authopen)?;
+            }
+        }
+    }
     let (lines, mounted) = describe(&jobs);
     confirm(req.yes, &lines, &mounted, "disks")?;
-    let opened = reopen(&jobs)?;
+    let opened = reopen(&jobs, req.authopen)?;
+    // Every descriptor is closed when this returns: only then may a card be ejected.
     let outcomes = flash_fleet(req, &images, opened);
     let events = Events::new(req.progress, None);
+    if !req.no_eject {
+        eject_written(&jobs, &outcomes, &events);
+    }
     for o in &outcomes {
         let result = match &o.result {
             Ok(d) => Ok((d.written, d.verified)),
@@ -190,7 +205,7 @@ fn describe(jobs: &[Job]) -> (Vec<String>, Vec<(String, String)>) {
 }
 
 /// Opens every target, re-checking each device first: the disk confirmed must be the disk written.
-fn reopen(jobs: &[Job]) -> Result<Vec<Vec<OpenTarget>>> {
+fn reopen(jobs: &[Job], authopen: bool) -> Result<Vec<Vec<OpenTarget>>> {
     let mut opened = Vec::new();
     for job in jobs {
         let mut v = Vec::new();
@@ -205,15 +220,34 @@ fn reopen(jobs: &[Job]) -> Result<Vec<Vec<OpenTarget>>> {
                             before.path
                         ),
                     }
+                    // Spotlight, Finder or a re-mount may have taken a volume back since the
+                    // question: nothing of the disk may be mounted when it is opened.
+                    #[cfg(target_os = "macos")]
+                    blockdev::volumes::unmount_until_clear(
+                        &blockdev::diskutil::Diskutil,
+                        &before.path,
+                    )?;
                     now
                 }
                 f => f.clone(),
             };
-            v.push(OpenTarget::open(t)?);
+            v.push(OpenTarget::open(t, authopen)?);
         }
         opened.push(v);
     }
     Ok(opened)
+}
+
+/// Ejects every card written without error, now that its descriptors are closed.
+fn eject_written(jobs: &[Job], outcomes: &[Outcome], events: &Events) {
+    let targets = jobs.iter().flat_map(|j| j.targets.iter().map(|(t, _)| t));
+    for (t, o) in targets.zip(outcomes) {
+        if let (Target::Device(d), Ok(_)) = (t, &o.result)
+            && blockdev::eject::wanted(d, false)
+        {
+            events.note(&o.path, &blockdev::eject::eject_closed(d));
+        }
+    }
 }
 
 fn same_disk(a: &BlockDevice, b: &BlockDevice) -> bool {
@@ -222,10 +256,7 @@ fn same_disk(a: &BlockDevice, b: &BlockDevice) -> bool {
 
 /// Every job in its own thread; each decodes its image once for all its targets.
 fn flash_fleet(req: &Request, images: &[FlashImage], opened: Vec<Vec<OpenTarget>>) -> Vec<Outcome> {
-    let opts = FlashOptions {
-        verify: req.verify,
-        no_eject: req.no_eject,
-    };
+    let opts = FlashOptions { verify: req.verify };
     std::thread::scope(|scope| {
         let handles: Vec<_> = images
             .iter()

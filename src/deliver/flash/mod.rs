@@ -15,6 +15,7 @@
 //! injected faults in tests). What a `kiln flash` asks for — jobs, refusals, the one question —
 //! is `request.rs`; phones (fastboot) are `phones.rs`.
 
+pub mod blocks;
 pub mod buffer;
 mod confirm;
 pub mod device;
@@ -68,8 +69,6 @@ pub struct Done {
 
 pub struct FlashOptions {
     pub verify: bool,
-    /// Keep cards attached after the write (`--no-eject`).
-    pub no_eject: bool,
 }
 
 /// A segment of the image to write: [start, end), never inside the head.
@@ -542,9 +541,6 @@ fn finish_target(
         // Loop devices without partition scanning answer EINVAL; the write itself is complete.
         events.note(t.path(), &format!("note: {e:#}"));
     }
-    if let Some(said) = t.eject(opts.no_eject) {
-        events.note(t.path(), &said);
-    }
     events.emit(Stage::Done, t.path(), total, Some(total));
     let written = digests.iter().map(|((a, b), _)| b - a).sum::<u64>() + head.len() as u64;
     Ok(Done {
@@ -598,7 +594,7 @@ pub fn summary(outcomes: &[Outcome]) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::memory::{Faults, MemoryTarget, Op};
+    use super::memory::{Faults, MacNode, MemoryTarget, Op};
     use super::*;
     use crate::io::progress::ProgressMode;
 
@@ -606,9 +602,12 @@ mod tests {
 
     /// A 3 MiB + 4 KiB image with no zero byte in it, on disk (FlashImage reads a file).
     fn image(dir: &Path) -> (FlashImage, Vec<u8>) {
-        let data: Vec<u8> = (0..3 * MIB as usize + 4096)
-            .map(|i| (i % 251) as u8 + 1)
-            .collect();
+        image_of(dir, 3 * MIB as usize + 4096)
+    }
+
+    /// An image of `len` bytes with no zero byte in it.
+    fn image_of(dir: &Path, len: usize) -> (FlashImage, Vec<u8>) {
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8 + 1).collect();
         let path = dir.join("test.img");
         std::fs::write(&path, &data).unwrap();
         (FlashImage::open(&path, None).unwrap(), data)
@@ -618,10 +617,7 @@ mod tests {
     fn flash_to(disks: &[MemoryTarget], verify: bool) -> (Vec<Outcome>, Vec<u8>) {
         let dir = tempfile::tempdir().unwrap();
         let (img, data) = image(dir.path());
-        let opts = FlashOptions {
-            verify,
-            no_eject: true,
-        };
+        let opts = FlashOptions { verify };
         let events = Events::new(ProgressMode::None, None);
         (flash(&img, disks.iter().collect(), &opts, &events), data)
     }
@@ -767,10 +763,7 @@ mod tests {
             MemoryTarget::new("a", 8 * MIB, Faults::default()),
             MemoryTarget::new("b", 8 * MIB, Faults::default()),
         ];
-        let opts = FlashOptions {
-            verify: true,
-            no_eject: true,
-        };
+        let opts = FlashOptions { verify: true };
         let events = Events::new(ProgressMode::None, None);
         let out = flash(&img, disks.iter().collect(), &opts, &events);
         for (o, disk) in out.iter().zip(&disks) {
@@ -803,5 +796,65 @@ mod tests {
             error(&out[1])
         );
         assert!(head_is_zeroed(&disks[1]));
+    }
+
+    /// Flashes an image of `len` bytes to a simulated Mac raw node of 8 MiB.
+    fn flash_mac(node: MacNode, len: usize) -> (Outcome, MemoryTarget, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (img, data) = image_of(dir.path(), len);
+        let disk = MemoryTarget::mac("rdisk4", 8 * MIB, Faults::default(), node);
+        let opts = FlashOptions { verify: true };
+        let events = Events::new(ProgressMode::None, None);
+        let mut out = flash(&img, vec![&disk], &opts, &events);
+        (out.remove(0), disk, data)
+    }
+
+    #[test]
+    fn a_mac_raw_node_takes_an_unaligned_image_from_a_drive_without_cache_flush() {
+        // 300 bytes into a block: the node refuses that write, so it must be read-modify-written.
+        let len = 3 * MIB as usize + 4096 + 300;
+        let node = MacNode {
+            no_cache_flush: true,
+            ..MacNode::default()
+        };
+        let (out, disk, data) = flash_mac(node, len);
+        assert!(out.result.is_ok(), "{}", error(&out));
+        let got = disk.contents();
+        assert_eq!(&got[..len], &data[..]);
+        // The rest of the last block is what was on the disk, not zeros or garbage.
+        assert!(got[len..len.div_ceil(512) * 512].iter().all(|&b| b == 0xEE));
+        assert!(got[7 * MIB as usize..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_full_fsync_answering_enotty_fails_the_mac_disk_before_the_commit() {
+        // What Rust's sync_data (F_FULLFSYNC) got on a disk node: kiln must not use it there.
+        let node = MacNode {
+            fsync_enotty: true,
+            ..MacNode::default()
+        };
+        let (out, disk, _) = flash_mac(node, 3 * MIB as usize);
+        assert!(
+            error(&out).starts_with("flushing rdisk4"),
+            "{}",
+            error(&out)
+        );
+        assert!(head_is_zeroed(&disk));
+    }
+
+    #[test]
+    fn a_volume_mounted_again_mid_write_is_a_clear_error_and_nothing_is_committed() {
+        // Writes 1 and 2 zero the head and the tail; macOS mounts the card again at the body.
+        let node = MacNode {
+            remount_at_write: Some(3),
+            ..MacNode::default()
+        };
+        let (out, disk, _) = flash_mac(node, 3 * MIB as usize + 100);
+        assert!(
+            error(&out).contains("busy: a volume of it was mounted again"),
+            "{}",
+            error(&out)
+        );
+        assert!(head_is_zeroed(&disk));
     }
 }

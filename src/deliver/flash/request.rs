@@ -20,6 +20,9 @@ pub struct Request {
     pub verify: bool,
     pub no_eject: bool,
     pub allow_non_removable: bool,
+    /// macOS: open raw disks through the administrator dialog (`/usr/libexec/authopen`)
+    /// instead of needing root.
+    pub authopen: bool,
     pub progress: ProgressMode,
     pub bmap: Option<PathBuf>,
     pub edits: BootEdits,

@@ -4,7 +4,8 @@
 //! The block device (or plain file) in `device.rs` is the real implementation; `memory.rs` is an
 //! in-memory one for tests that injects faults. Like caligula's `WriteOp<S: Read, D: Write>`, the
 //! loop only asks for positioned writes, a flush and positioned reads; the device-only steps
-//! (dropping the buffer cache, re-reading the partition table, ejecting) have no-op defaults.
+//! (dropping the buffer cache, re-reading the partition table) have no-op defaults. Ejecting is
+//! not here: it must wait until every descriptor is closed (`request.rs`).
 //!
 //! fastboot (`deliver/fastboot.rs`) is not a `FlashTarget`, on purpose: the `fastboot` tool takes
 //! a whole image or its sparse pieces and the phone's bootloader decides where bytes land and
@@ -47,10 +48,6 @@ pub trait FlashTarget: Sync {
     fn reread_partitions(&self) -> Result<()> {
         Ok(())
     }
-    /// Ejects the medium after a finished write when that is wanted; returns what to tell.
-    fn eject(&self, _no_eject: bool) -> Option<String> {
-        None
-    }
 }
 
 /// A borrowed target is a target: a fleet can be flashed from targets it does not own.
@@ -82,9 +79,6 @@ impl<T: FlashTarget + ?Sized> FlashTarget for &T {
     fn reread_partitions(&self) -> Result<()> {
         (**self).reread_partitions()
     }
-    fn eject(&self, no_eject: bool) -> Option<String> {
-        (**self).eject(no_eject)
-    }
 }
 
 /// Writes all of `data` at `offset`, across short writes; refuses bytes past the target's end.
@@ -109,8 +103,14 @@ pub fn write_all_at(t: &impl FlashTarget, offset: u64, data: &[u8]) -> Result<()
             Ok(n) => done += n,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => {
+                // EBUSY mid-write on a Mac: a volume of the disk was mounted again.
+                let busy = if e.raw_os_error() == Some(nix::libc::EBUSY) {
+                    " (the disk is busy: a volume of it was mounted again, or a program opened it)"
+                } else {
+                    ""
+                };
                 return Err(e)
-                    .with_context(|| format!("writing {} at byte {at}", t.path().display()));
+                    .with_context(|| format!("writing {} at byte {at}{busy}", t.path().display()));
             }
         }
     }
