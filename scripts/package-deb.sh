@@ -21,7 +21,7 @@ target/release/kiln completions fish > "$assets/kiln.fish"
 deb=$(cargo deb --no-build --quiet | tail -1)
 [ -f "$deb" ] || deb=$(ls -t target/debian/kiln_*.deb | head -1)
 echo "deb package: $deb ($(stat -c %s "$deb") bytes)"
-lintian --fail-on error --no-tag-display-limit "$deb"
+lintian --fail-on error --tag-display-limit 0 "$deb"
 
 # A clean minbase bookworm, debootstrapped once and kept as a tarball; each run unpacks a copy.
 cache=target/kiln-test-cache

@@ -591,3 +591,35 @@ fn a_killed_builds_temporaries_are_swept_by_the_next_run() {
     assert!(!cache.join(format!("oci/stage-{dead}")).exists());
     assert!(kept.exists(), "a running build's temporary was removed");
 }
+
+/// `kiln check | head -1`: the reader goes away after one line. kiln must end quietly (SIGPIPE's
+/// status, as `cat` would), not print a panic with a backtrace.
+#[test]
+fn a_reader_that_stops_early_gets_no_panic() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = GOOD.to_string();
+    // Enough nodes that `check` prints far more than a pipe holds (64 KiB) after the first line.
+    for i in 0..3000 {
+        text.push_str(&format!("\n[[node]]\nname = \"n{i}\"\n"));
+    }
+    std::fs::write(dir.path().join("cluster.toml"), text).unwrap();
+    let mut child = Command::new(kiln_bin())
+        .args(["check", "--cluster"])
+        .arg(dir.path().join("cluster.toml"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    // The reader (and with it the pipe's read end) is gone here.
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(first.contains("valid"), "first line: {first}");
+    assert!(!stderr.contains("panicked"), "kiln panicked on a closed stdout:\n{stderr}");
+    assert_eq!(out.status.code(), Some(141), "stderr: {stderr}");
+}
