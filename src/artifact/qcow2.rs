@@ -109,7 +109,7 @@ impl Layout {
 /// guest order; returns the L2 contents per region (guest cluster index within the region -> host
 /// offset) and the host offset after the last data cluster.
 fn copy_data(
-    mut src: File,
+    src: File,
     image: &Path,
     size: u64,
     candidates: &[(u64, u64)],
@@ -129,9 +129,8 @@ fn copy_data(
     let mut writeback = crate::util::fsutil::Writeback::new(data_off);
     // Big reads on one thread, zero checks and writes on this one, so reading overlaps writing;
     // runs of non-zero clusters go out in one write, straight from the read buffer.
-    const CHUNK: u64 = 128;
     let zero = vec![0u8; CLUSTER as usize];
-    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<(u64, u64, Vec<u8>)>>(2);
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Chunk>>(2);
     let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     for _ in 0..3 {
         empty_tx.send(vec![0u8; (CHUNK * CLUSTER) as usize])?;
@@ -139,29 +138,7 @@ fn copy_data(
     std::thread::scope(|scope| -> Result<()> {
         // Owned by this closure, so an early error drops it and the reader stops waiting.
         let empty_tx = empty_tx;
-        scope.spawn(move || {
-            for (a, b) in candidates {
-                if let Err(e) = src.seek(SeekFrom::Start(a * CLUSTER)) {
-                    let _ = full_tx.send(Err(e.into()));
-                    return;
-                }
-                let mut g0 = *a;
-                while g0 < *b {
-                    let Ok(mut buf) = empty_rx.recv() else { return };
-                    let n = (b - g0).min(CHUNK);
-                    let bytes = (n * CLUSTER).min(size - g0 * CLUSTER) as usize;
-                    buf[bytes..(n * CLUSTER) as usize].fill(0);
-                    let r = src.read_exact(&mut buf[..bytes]).with_context(|| {
-                        format!("reading {} at byte {}", image.display(), g0 * CLUSTER)
-                    });
-                    let failed = r.is_err();
-                    if full_tx.send(r.map(|()| (g0, n, buf))).is_err() || failed {
-                        return;
-                    }
-                    g0 += n;
-                }
-            }
-        });
+        scope.spawn(move || read_chunks(src, image, size, candidates, full_tx, empty_rx));
         for item in full_rx {
             let (g0, n, buf) = item?;
             let mut run_start: Option<u64> = None;
@@ -193,6 +170,45 @@ fn copy_data(
         Ok(())
     })?;
     Ok((l2, next_host))
+}
+
+/// Clusters per read on the reader thread.
+const CHUNK: u64 = 128;
+
+/// Clusters read from the image: the first guest cluster, how many, and their bytes.
+type Chunk = (u64, u64, Vec<u8>);
+
+/// The reader thread: reads the candidate clusters of `src` in chunks into the buffers that come
+/// back on `empty_rx` and sends them on `full_tx`; stops at the first error, which it sends on.
+fn read_chunks(
+    mut src: File,
+    image: &Path,
+    size: u64,
+    candidates: &[(u64, u64)],
+    full_tx: std::sync::mpsc::SyncSender<Result<Chunk>>,
+    empty_rx: std::sync::mpsc::Receiver<Vec<u8>>,
+) {
+    for (a, b) in candidates {
+        if let Err(e) = src.seek(SeekFrom::Start(a * CLUSTER)) {
+            let _ = full_tx.send(Err(e.into()));
+            return;
+        }
+        let mut g0 = *a;
+        while g0 < *b {
+            let Ok(mut buf) = empty_rx.recv() else { return };
+            let n = (b - g0).min(CHUNK);
+            let bytes = (n * CLUSTER).min(size - g0 * CLUSTER) as usize;
+            buf[bytes..(n * CLUSTER) as usize].fill(0);
+            let r = src
+                .read_exact(&mut buf[..bytes])
+                .with_context(|| format!("reading {} at byte {}", image.display(), g0 * CLUSTER));
+            let failed = r.is_err();
+            if full_tx.send(r.map(|()| (g0, n, buf))).is_err() || failed {
+                return;
+            }
+            g0 += n;
+        }
+    }
 }
 
 /// Writes the header, L1 table, refcount table, refcount blocks (refcount 1 for the first
