@@ -78,12 +78,6 @@ pub fn assemble(
     tree.finish()?;
 
     let layout = layout(tree, plan)?;
-    let Layout {
-        root_start,
-        root_bytes,
-        size,
-        ..
-    } = layout;
 
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -92,7 +86,7 @@ pub fn assemble(
         .truncate(true)
         .open(dest)
         .with_context(|| format!("creating {}", dest.display()))?;
-    f.set_len(size)?;
+    f.set_len(layout.size)?;
 
     let vid = esp_volume_id(esp_guid);
     let entry = boot_entry(tree, &kernel, plan, root_guid, vid);
@@ -109,42 +103,24 @@ pub fn assemble(
     fix_esp(dest, &layout)?;
     drop(f);
 
-    let ext4_started = std::time::Instant::now();
-    ext4_build::build(
-        tree,
-        dest,
-        root_start,
-        root_bytes,
-        &Ext4Options {
-            label: "root",
-            uuid: &fs_uuid.to_string(),
-            epoch,
-        },
-    )?;
-    let ext4_time = ext4_started.elapsed();
-
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(dest)?;
+    let ext4_time = build_root(tree, dest, &layout, fs_uuid, epoch)?;
     write_partition_table(
-        &mut f,
+        dest,
         &layout,
         disk_guid,
         esp_guid,
         root_guid,
         &plan.efi_arch,
     )?;
-    f.sync_all()?;
     Ok(Assembled {
-        size,
+        size: layout.size,
         disk_guid,
         esp_guid,
         root_guid,
         root_fs_uuid: fs_uuid,
         kernel_version: kernel.version,
         cloud_init,
-        root_bytes,
+        root_bytes: layout.root_bytes,
         ext4_time,
     })
 }
@@ -305,9 +281,33 @@ fn fix_esp(dest: &Path, layout: &Layout) -> Result<()> {
     crate::fs::fat32_fixup::fix(&mut slice)
 }
 
-/// Writes the GPT: the ESP, then the root with the architecture's discoverable-partition type.
+/// Makes the root ext4 in its partition; returns how long that took.
+fn build_root(
+    tree: &Tree,
+    dest: &Path,
+    layout: &Layout,
+    fs_uuid: Uuid,
+    epoch: i64,
+) -> Result<std::time::Duration> {
+    let ext4_started = std::time::Instant::now();
+    ext4_build::build(
+        tree,
+        dest,
+        layout.root_start,
+        layout.root_bytes,
+        &Ext4Options {
+            label: "root",
+            uuid: &fs_uuid.to_string(),
+            epoch,
+        },
+    )?;
+    Ok(ext4_started.elapsed())
+}
+
+/// Writes the GPT (the ESP, then the root with the architecture's discoverable-partition type)
+/// and syncs the disk.
 fn write_partition_table(
-    f: &mut std::fs::File,
+    dest: &Path,
     layout: &Layout,
     disk_guid: Uuid,
     esp_guid: Uuid,
@@ -321,8 +321,12 @@ fn write_partition_table(
         size,
         ..
     } = *layout;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dest)?;
     gpt::write(
-        f,
+        &mut f,
         size,
         SECTOR,
         disk_guid,
@@ -346,7 +350,9 @@ fn write_partition_table(
                 last_lba: (root_start + root_bytes) / SECTOR - 1,
             },
         ],
-    )
+    )?;
+    f.sync_all()?;
+    Ok(())
 }
 
 /// The newest kernel: `/usr/lib/modules/<v>/vmlinuz` (bootc, Fedora) or `/boot/vmlinuz-<v>`
