@@ -116,12 +116,7 @@ fn copy_data(
     layout: &Layout,
     out: &File,
 ) -> Result<(Vec<Vec<u64>>, u64)> {
-    let Layout {
-        l2_regions,
-        data_off,
-        ..
-    } = layout;
-    let data_off = *data_off;
+    let (l2_regions, data_off) = (&layout.l2_regions, layout.data_off);
     let mut w = out.try_clone()?;
     w.seek(SeekFrom::Start(data_off))?;
     let mut l2: Vec<Vec<u64>> = vec![vec![0u64; L2_ENTRIES as usize]; l2_regions.len()];
