@@ -74,6 +74,60 @@ pub fn assemble(
     let kernel = find_kernel(tree)?;
     let loader = bootloader::find(tree, &plan.efi_arch)?;
 
+    let cloud_init = add_root_config(tree, epoch, root_guid, esp_guid)?;
+    tree.finish()?;
+
+    let layout = layout(tree, plan)?;
+
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dest)
+        .with_context(|| format!("creating {}", dest.display()))?;
+    f.set_len(layout.size)?;
+
+    let vid = esp_volume_id(esp_guid);
+    let entry = boot_entry(tree, &kernel, plan, root_guid, vid);
+    let esp_files = bootloader::esp_files(&loader, &plan.efi_arch, &entry);
+    write_esp(
+        tree,
+        f.try_clone()?,
+        &layout,
+        epoch,
+        &kernel,
+        vid,
+        esp_files,
+    )?;
+    fix_esp(dest, &layout)?;
+    drop(f);
+
+    let ext4_time = build_root(tree, dest, &layout, fs_uuid, epoch)?;
+    write_partition_table(
+        dest,
+        &layout,
+        disk_guid,
+        esp_guid,
+        root_guid,
+        &plan.efi_arch,
+    )?;
+    Ok(Assembled {
+        size: layout.size,
+        disk_guid,
+        esp_guid,
+        root_guid,
+        root_fs_uuid: fs_uuid,
+        kernel_version: kernel.version,
+        cloud_init,
+        root_bytes: layout.root_bytes,
+        ext4_time,
+    })
+}
+
+/// Adds what the root needs to boot from this disk: cloud-init's datasources, and an fstab naming
+/// the partitions when the image has none. Returns whether the image has cloud-init.
+fn add_root_config(tree: &mut Tree, epoch: i64, root_guid: Uuid, esp_guid: Uuid) -> Result<bool> {
     // cloud-init: the datasources Metal3 (ConfigDrive) and `kiln run --seed` (NoCloud) use.
     let cloud_init = tree
         .resolve("etc/cloud")
@@ -114,9 +168,21 @@ pub fn assemble(
         }
         tree.add_file("etc/fstab", fstab.as_bytes(), file_meta(0o644))?;
     }
-    tree.finish()?;
+    Ok(cloud_init)
+}
 
-    // Sizes: the root holds the tree with room to spare; inode tables and journal on top.
+/// Where the partitions sit on the disk, in bytes.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    esp_start: u64,
+    esp_bytes: u64,
+    root_start: u64,
+    root_bytes: u64,
+    size: u64,
+}
+
+/// Sizes: the root holds the tree with room to spare; inode tables and journal on top.
+fn layout(tree: &Tree, plan: &DiskPlan) -> Result<Layout> {
     let data = tree.data_bytes()?;
     let overhead = tree.entries.len() as u64 * 320 + 128 * MIB;
     let root_bytes = (data + data / 8 + overhead + plan.root_free_mib * MIB).div_ceil(MIB) * MIB;
@@ -124,85 +190,137 @@ pub fn assemble(
     let esp_start = MIB;
     let root_start = esp_start + esp_bytes;
     let size = root_start + root_bytes + plan.tail_free_mib * MIB + MIB;
+    Ok(Layout {
+        esp_start,
+        esp_bytes,
+        root_start,
+        root_bytes,
+        size,
+    })
+}
 
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dest)
-        .with_context(|| format!("creating {}", dest.display()))?;
-    f.set_len(size)?;
+/// The FAT volume id of the ESP, taken from its partition GUID.
+fn esp_volume_id(esp_guid: Uuid) -> u32 {
+    u32::from_le_bytes(esp_guid.as_bytes()[..4].try_into().expect("4 bytes"))
+}
 
-    // The ESP.
-    {
-        let mut slice = PartitionSlice::new(f.try_clone()?, esp_start, esp_bytes);
-        let vid = u32::from_le_bytes(esp_guid.as_bytes()[..4].try_into().expect("4 bytes"));
-        fatfs::format_volume(
-            &mut slice,
-            fatfs::FormatVolumeOptions::new()
-                .fat_type(fatfs::FatType::Fat32)
-                .volume_label(*b"ESP        ")
-                .volume_id(vid),
-        )
-        .context("formatting the ESP")?;
-        let esp = FatVolume::on(slice, fat_datetime(epoch))?;
-        let kdir = format!("kiln/{}", kernel.version);
-        esp.write_file(
-            &format!("{kdir}/linux"),
-            &std::fs::read(tree.host_path(&kernel.linux))?,
-        )?;
-        if let Some(initrd) = &kernel.initrd {
-            esp.write_file(
-                &format!("{kdir}/initrd"),
-                &std::fs::read(tree.host_path(initrd))?,
-            )?;
-        }
-        let mut options = vec![format!("root=PARTUUID={root_guid}"), "rw".to_string()];
-        options.extend(plan.kernel_args.iter().cloned());
-        let entry = BootEntry {
-            title: pretty_name(tree),
-            version: kernel.version.clone(),
-            linux: format!("{kdir}/linux"),
-            initrd: kernel.initrd.as_ref().map(|_| format!("{kdir}/initrd")),
-            options: options.join(" "),
-            esp_volume_id: vid,
-        };
-        for (path, file) in bootloader::esp_files(&loader, &plan.efi_arch, &entry) {
-            let bytes = match file {
-                EspFile::FromTree(p) => std::fs::read(tree.host_path(&p))
-                    .with_context(|| format!("reading /{p} from the image"))?,
-                EspFile::Text(t) => t.into_bytes(),
-            };
-            esp.write_file(&path, &bytes)?;
-        }
-        esp.close()?;
-        let mut slice = PartitionSlice::new(
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(dest)?,
-            esp_start,
-            esp_bytes,
-        );
-        crate::fs::fat32_fixup::fix(&mut slice)?;
+/// The Boot Loader Specification entry for `kernel`, as copied onto the ESP under `kiln/<version>`.
+fn boot_entry(
+    tree: &Tree,
+    kernel: &Kernel,
+    plan: &DiskPlan,
+    root_guid: Uuid,
+    vid: u32,
+) -> BootEntry {
+    let kdir = format!("kiln/{}", kernel.version);
+    let mut options = vec![format!("root=PARTUUID={root_guid}"), "rw".to_string()];
+    options.extend(plan.kernel_args.iter().cloned());
+    BootEntry {
+        title: pretty_name(tree),
+        version: kernel.version.clone(),
+        linux: format!("{kdir}/linux"),
+        initrd: kernel.initrd.as_ref().map(|_| format!("{kdir}/initrd")),
+        options: options.join(" "),
+        esp_volume_id: vid,
     }
-    drop(f);
+}
 
+/// Formats the ESP in `f` and writes onto it the kernel, its initramfs and `esp_files` (the
+/// bootloader and its entry).
+fn write_esp(
+    tree: &Tree,
+    f: std::fs::File,
+    layout: &Layout,
+    epoch: i64,
+    kernel: &Kernel,
+    vid: u32,
+    esp_files: Vec<(String, EspFile)>,
+) -> Result<()> {
+    let mut slice = PartitionSlice::new(f, layout.esp_start, layout.esp_bytes);
+    fatfs::format_volume(
+        &mut slice,
+        fatfs::FormatVolumeOptions::new()
+            .fat_type(fatfs::FatType::Fat32)
+            .volume_label(*b"ESP        ")
+            .volume_id(vid),
+    )
+    .context("formatting the ESP")?;
+    let esp = FatVolume::on(slice, fat_datetime(epoch))?;
+    let kdir = format!("kiln/{}", kernel.version);
+    esp.write_file(
+        &format!("{kdir}/linux"),
+        &std::fs::read(tree.host_path(&kernel.linux))?,
+    )?;
+    if let Some(initrd) = &kernel.initrd {
+        esp.write_file(
+            &format!("{kdir}/initrd"),
+            &std::fs::read(tree.host_path(initrd))?,
+        )?;
+    }
+    for (path, file) in esp_files {
+        let bytes = match file {
+            EspFile::FromTree(p) => std::fs::read(tree.host_path(&p))
+                .with_context(|| format!("reading /{p} from the image"))?,
+            EspFile::Text(t) => t.into_bytes(),
+        };
+        esp.write_file(&path, &bytes)?;
+    }
+    esp.close()
+}
+
+/// Applies the FAT32 fixups to the ESP of `dest`, through a fresh handle.
+fn fix_esp(dest: &Path, layout: &Layout) -> Result<()> {
+    let mut slice = PartitionSlice::new(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dest)?,
+        layout.esp_start,
+        layout.esp_bytes,
+    );
+    crate::fs::fat32_fixup::fix(&mut slice)
+}
+
+/// Makes the root ext4 in its partition; returns how long that took.
+fn build_root(
+    tree: &Tree,
+    dest: &Path,
+    layout: &Layout,
+    fs_uuid: Uuid,
+    epoch: i64,
+) -> Result<std::time::Duration> {
     let ext4_started = std::time::Instant::now();
     ext4_build::build(
         tree,
         dest,
-        root_start,
-        root_bytes,
+        layout.root_start,
+        layout.root_bytes,
         &Ext4Options {
             label: "root",
             uuid: &fs_uuid.to_string(),
             epoch,
         },
     )?;
-    let ext4_time = ext4_started.elapsed();
+    Ok(ext4_started.elapsed())
+}
 
+/// Writes the GPT (the ESP, then the root with the architecture's discoverable-partition type)
+/// and syncs the disk.
+fn write_partition_table(
+    dest: &Path,
+    layout: &Layout,
+    disk_guid: Uuid,
+    esp_guid: Uuid,
+    root_guid: Uuid,
+    efi_arch: &str,
+) -> Result<()> {
+    let Layout {
+        esp_start,
+        root_start,
+        root_bytes,
+        size,
+        ..
+    } = *layout;
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -221,7 +339,7 @@ pub fn assemble(
                 last_lba: (root_start / SECTOR) - 1,
             },
             NewPartition {
-                type_guid: if plan.efi_arch == "aa64" {
+                type_guid: if efi_arch == "aa64" {
                     Uuid::from_u128(0xB921B045_1DF0_41C3_AF44_4C6F280D3FAE)
                 } else {
                     gpt::TYPE_LINUX_ROOT_X86_64
@@ -234,17 +352,7 @@ pub fn assemble(
         ],
     )?;
     f.sync_all()?;
-    Ok(Assembled {
-        size,
-        disk_guid,
-        esp_guid,
-        root_guid,
-        root_fs_uuid: fs_uuid,
-        kernel_version: kernel.version,
-        cloud_init,
-        root_bytes,
-        ext4_time,
-    })
+    Ok(())
 }
 
 /// The newest kernel: `/usr/lib/modules/<v>/vmlinuz` (bootc, Fedora) or `/boot/vmlinuz-<v>`

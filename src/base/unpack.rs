@@ -41,125 +41,158 @@ impl Tree {
                 None => (String::new(), rel.clone()),
             };
             if name == ".wh..wh..opq" {
-                // Opaque directory: what lower layers put below it goes.
-                let prefix = if dir.is_empty() {
-                    String::new()
-                } else {
-                    format!("{dir}/")
-                };
-                let lower: Vec<String> = self
-                    .entries
-                    .keys()
-                    .filter(|k| !k.is_empty() && k.starts_with(&prefix) && **k != dir)
-                    .filter(|k| !k[prefix.len()..].contains('/'))
-                    .filter(|k| !added.contains(*k))
-                    .cloned()
-                    .collect();
-                for k in lower {
-                    self.remove(&k)?;
-                }
+                self.remove_opaque(&dir, &added)?;
                 continue;
             }
             if let Some(hidden) = name.strip_prefix(".wh.") {
-                // `.wh.` alone would name the directory itself (at the top: the whole root).
-                if matches!(hidden, "" | "." | "..") {
-                    bail!("the layer has a whiteout {raw_path:?} that names no file; refused");
-                }
-                let target = if dir.is_empty() {
-                    hidden.to_string()
-                } else {
-                    format!("{dir}/{hidden}")
-                };
-                self.remove(&target)?;
+                self.remove_whiteout(&dir, hidden, &raw_path)?;
                 continue;
             }
-            let ty = entry.header().entry_type();
-            refuse_pax_sparse(&mut entry, &raw_path)?;
-            let kind = if ty.is_dir() {
-                Kind::Dir
-            } else if ty.is_symlink() {
-                let t = entry
-                    .link_name()?
-                    .context("a symlink without a target")?
-                    .to_string_lossy()
-                    .into_owned();
-                Kind::Symlink(t)
-            } else if ty.is_hard_link() {
-                let t = entry
-                    .link_name()?
-                    .context("a hard link without a target")?
-                    .to_string_lossy()
-                    .into_owned();
-                Kind::Hardlink(clean(&t)?.context("a hard link to the root")?)
-            } else if ty.is_character_special() || ty.is_block_special() {
-                let major = entry.header().device_major().ok().flatten().unwrap_or(0);
-                let minor = entry.header().device_minor().ok().flatten().unwrap_or(0);
-                if ty.is_character_special() {
-                    Kind::Char(major, minor)
-                } else {
-                    Kind::Block(major, minor)
-                }
-            } else if ty.is_fifo() {
-                Kind::Fifo
-            } else if ty.is_file() || ty.is_contiguous() || ty.is_gnu_sparse() {
-                // The tar reader expands a GNU sparse member: its holes read as zeros.
-                Kind::File
-            } else if ty.is_pax_global_extensions() {
-                // Archive-wide comments (git archive writes one); nothing of the tree.
+            let Some(kind) = kind_of(&mut entry, &raw_path)? else {
                 continue;
-            } else {
-                // PAX and GNU long-name headers are consumed by the tar reader; what is left
-                // (volume labels, multi-volume continuations, vendor types) would be lost.
-                bail!(
-                    "{raw_path:?} is a tar member of type {:?} ({:?}), which kiln does not unpack; rebuild the layer with plain members",
-                    ty,
-                    ty.as_byte() as char
-                );
             };
             let meta = meta_of(&mut entry, kind.clone())?;
             self.prepare(&rel, &kind)?;
-            let host = self.host_path(&rel);
-            match &kind {
-                Kind::Dir => {
-                    if !host.exists() {
-                        std::fs::create_dir(&host)
-                            .with_context(|| format!("creating {}", host.display()))?;
-                    }
-                }
-                Kind::File => {
-                    let mut out = std::fs::File::create(&host)
-                        .with_context(|| format!("creating {}", host.display()))?;
-                    std::io::copy(&mut entry, &mut out)
-                        .with_context(|| format!("writing {}", host.display()))?;
-                }
-                Kind::Symlink(t) => std::os::unix::fs::symlink(t, &host)
-                    .with_context(|| format!("creating {}", host.display()))?,
-                Kind::Hardlink(target) => {
-                    let (resolved, tmeta) = match self.entries.get(target) {
-                        Some(m) if matches!(m.kind, Kind::File | Kind::Hardlink(_)) => {
-                            (target.clone(), m.clone())
-                        }
-                        _ => bail!(
-                            "{rel:?} is a hard link to {target:?}, which is not a file in the image"
-                        ),
-                    };
-                    std::fs::hard_link(self.host_path(&resolved), &host)
-                        .with_context(|| format!("linking {}", host.display()))?;
-                    // One inode: the link carries the target's metadata.
-                    let mut m = tmeta;
-                    m.kind = Kind::Hardlink(resolved);
-                    self.entries.insert(rel.clone(), m);
-                    added.insert(rel);
-                    continue;
-                }
-                // Device nodes and FIFOs exist only in the record; the filesystem writer makes them.
-                Kind::Char(..) | Kind::Block(..) | Kind::Fifo => {}
-            }
-            self.entries.insert(rel.clone(), meta);
-            added.insert(rel);
+            self.place(&mut entry, rel, kind, meta, &mut added)?;
         }
         Ok(())
     }
+
+    /// Opaque directory `dir`: what lower layers put below it goes (not what this layer `added`).
+    fn remove_opaque(&mut self, dir: &str, added: &BTreeSet<String>) -> Result<()> {
+        let prefix = if dir.is_empty() {
+            String::new()
+        } else {
+            format!("{dir}/")
+        };
+        let lower: Vec<String> = self
+            .entries
+            .keys()
+            .filter(|k| !k.is_empty() && k.starts_with(&prefix) && *k != dir)
+            .filter(|k| !k[prefix.len()..].contains('/'))
+            .filter(|k| !added.contains(*k))
+            .cloned()
+            .collect();
+        for k in lower {
+            self.remove(&k)?;
+        }
+        Ok(())
+    }
+
+    /// A whiteout `.wh.<hidden>` in `dir`: the lower layers' `hidden` goes.
+    fn remove_whiteout(&mut self, dir: &str, hidden: &str, raw_path: &str) -> Result<()> {
+        // `.wh.` alone would name the directory itself (at the top: the whole root).
+        if matches!(hidden, "" | "." | "..") {
+            bail!("the layer has a whiteout {raw_path:?} that names no file; refused");
+        }
+        let target = if dir.is_empty() {
+            hidden.to_string()
+        } else {
+            format!("{dir}/{hidden}")
+        };
+        self.remove(&target)
+    }
+
+    /// Puts the member `rel` into the staging tree (its contents, for a file) and records its
+    /// metadata; a hard link takes its target's.
+    fn place<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<R>,
+        rel: String,
+        kind: Kind,
+        meta: Meta,
+        added: &mut BTreeSet<String>,
+    ) -> Result<()> {
+        let host = self.host_path(&rel);
+        match &kind {
+            Kind::Dir => {
+                if !host.exists() {
+                    std::fs::create_dir(&host)
+                        .with_context(|| format!("creating {}", host.display()))?;
+                }
+            }
+            Kind::File => {
+                let mut out = std::fs::File::create(&host)
+                    .with_context(|| format!("creating {}", host.display()))?;
+                std::io::copy(entry, &mut out)
+                    .with_context(|| format!("writing {}", host.display()))?;
+            }
+            Kind::Symlink(t) => std::os::unix::fs::symlink(t, &host)
+                .with_context(|| format!("creating {}", host.display()))?,
+            Kind::Hardlink(target) => {
+                let (resolved, tmeta) = match self.entries.get(target) {
+                    Some(m) if matches!(m.kind, Kind::File | Kind::Hardlink(_)) => {
+                        (target.clone(), m.clone())
+                    }
+                    _ => bail!(
+                        "{rel:?} is a hard link to {target:?}, which is not a file in the image"
+                    ),
+                };
+                std::fs::hard_link(self.host_path(&resolved), &host)
+                    .with_context(|| format!("linking {}", host.display()))?;
+                // One inode: the link carries the target's metadata.
+                let mut m = tmeta;
+                m.kind = Kind::Hardlink(resolved);
+                self.entries.insert(rel.clone(), m);
+                added.insert(rel);
+                return Ok(());
+            }
+            // Device nodes and FIFOs exist only in the record; the filesystem writer makes them.
+            Kind::Char(..) | Kind::Block(..) | Kind::Fifo => {}
+        }
+        self.entries.insert(rel.clone(), meta);
+        added.insert(rel);
+        Ok(())
+    }
+}
+
+/// What a tar member is; `None` for one that holds nothing of the tree (PAX global headers).
+/// Member types kiln cannot unpack faithfully are refused.
+fn kind_of<R: Read>(entry: &mut tar::Entry<R>, raw_path: &str) -> Result<Option<Kind>> {
+    let ty = entry.header().entry_type();
+    refuse_pax_sparse(entry, raw_path)?;
+    let kind = if ty.is_dir() {
+        Kind::Dir
+    } else if ty.is_symlink() {
+        let t = entry
+            .link_name()?
+            .context("a symlink without a target")?
+            .to_string_lossy()
+            .into_owned();
+        Kind::Symlink(t)
+    } else if ty.is_hard_link() {
+        let t = entry
+            .link_name()?
+            .context("a hard link without a target")?
+            .to_string_lossy()
+            .into_owned();
+        Kind::Hardlink(clean(&t)?.context("a hard link to the root")?)
+    } else if ty.is_character_special() || ty.is_block_special() {
+        let major = entry.header().device_major().ok().flatten().unwrap_or(0);
+        let minor = entry.header().device_minor().ok().flatten().unwrap_or(0);
+        if ty.is_character_special() {
+            Kind::Char(major, minor)
+        } else {
+            Kind::Block(major, minor)
+        }
+    } else if ty.is_fifo() {
+        Kind::Fifo
+    } else if ty.is_file() || ty.is_contiguous() || ty.is_gnu_sparse() {
+        // The tar reader expands a GNU sparse member: its holes read as zeros.
+        Kind::File
+    } else if ty.is_pax_global_extensions() {
+        // Archive-wide comments (git archive writes one); nothing of the tree.
+        return Ok(None);
+    } else {
+        // PAX and GNU long-name headers are consumed by the tar reader; what is left
+        // (volume labels, multi-volume continuations, vendor types) would be lost.
+        bail!(
+            "{raw_path:?} is a tar member of type {:?} ({:?}), which kiln does not unpack; rebuild the layer with plain members",
+            ty,
+            ty.as_byte() as char
+        );
+    };
+    Ok(Some(kind))
 }
 
 /// A root-relative path without `./`, leading or trailing slashes; `None` for the root itself.

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 
 use kiln::deliver::remote::{self, Facts, ssh::Ssh};
 use kiln::plan::node::InputFile;
-use kiln::plan::overlay;
+use kiln::plan::overlay::{self, Overlay};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -39,11 +39,7 @@ fn dirs() -> Vec<PathBuf> {
 
 pub fn run(a: Args) -> Result<()> {
     if a.list {
-        for (name, origin) in overlay::list(&dirs()) {
-            let o = overlay::load(&name, &dirs())?;
-            println!("{name:<18} {}  ({origin})", o.manifest.description);
-        }
-        return Ok(());
+        return list();
     }
     let (Some(name), Some(target)) = (a.overlay.as_deref(), a.target.as_deref()) else {
         bail!(
@@ -53,84 +49,18 @@ pub fn run(a: Args) -> Result<()> {
     let ov = overlay::load(name, &dirs())?;
     let ssh = Ssh::new(target, &a.ssh_options)?;
 
-    let facts = Facts::parse(
-        &ssh.run(remote::PROBE)
-            .with_context(|| format!("probing {target}"))?,
-    )?;
-    if facts.kernel != "Linux" {
-        bail!(
-            "{target} runs {:?}; kiln installs overlays on Linux hosts only",
-            facts.kernel
-        );
-    }
-    println!(
-        "{target}: {} ({}), init {}, python3 {}",
-        if facts.os.is_empty() {
-            "unknown OS"
-        } else {
-            &facts.os
-        },
-        if facts.uid == 0 { "root" } else { "via sudo" },
-        if facts.pid1.is_empty() {
-            "unknown"
-        } else {
-            &facts.pid1
-        },
-        facts.python.as_deref().unwrap_or("missing")
-    );
+    let facts = probe(&ssh, target)?;
     let sudo = if facts.uid == 0 { "" } else { "sudo -n " };
 
-    let config = match &a.config {
-        Some(p) => Some(InputFile::new(
-            p.display().to_string(),
-            std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
-        )),
-        None => None,
-    };
-    if config.is_none() && ov.manifest.config.is_some() && !a.dry_run {
-        eprintln!(
-            "note: no --config given; {} keeps whatever configuration the target already has",
-            ov.manifest
-                .config
-                .as_ref()
-                .map(|c| c.path.as_str())
-                .unwrap_or_default()
-        );
-    }
+    let config = read_config(&a, &ov)?;
     let root = a.root.clone().unwrap_or_default();
     let staged = !root.is_empty();
     let files = remote::wanted(&ov, config, &root)?;
     let states = ssh.run(&remote::state_query(&files))?;
     let pkgs = remote::packages_for(&ov, &facts);
-    let missing: Vec<String> = match remote::missing_packages_query(&facts, &pkgs) {
-        Some(q) => ssh
-            .run(&q)?
-            .split_whitespace()
-            .map(str::to_string)
-            .collect(),
-        None => Vec::new(),
-    };
-    let mut services = BTreeMap::new();
-    if facts.systemd() && !staged {
-        for s in &ov.manifest.services {
-            let (e, _) = ssh.status(&format!("systemctl is-enabled --quiet '{s}'"))?;
-            let (act, _) = ssh.status(&format!("systemctl is-active --quiet '{s}'"))?;
-            services.insert(s.clone(), (e == 0, act == 0));
-        }
-    }
-    let venv = match remote::venv_query(&ov, &root) {
-        Some((path, q)) => {
-            let freeze = ssh.run(&q)?;
-            let want = ov
-                .manifest
-                .venv
-                .as_ref()
-                .map(|v| v.requirements.clone())
-                .unwrap_or_default();
-            Some((path, remote::missing_requirements(&want, &freeze)))
-        }
-        None => None,
-    };
+    let missing = missing_packages(&ssh, &facts, &pkgs)?;
+    let services = service_states(&ssh, &ov, &facts, staged)?;
+    let venv = venv_gaps(&ssh, &ov, &root)?;
     let steps = remote::plan(
         &ov,
         &files,
@@ -164,6 +94,130 @@ pub fn run(a: Args) -> Result<()> {
     if a.dry_run {
         return Ok(());
     }
+    start_report(&ssh, &ov, &facts, target, &root, sudo)
+}
+
+/// `--list`: every overlay kiln knows, with its description and where it was found.
+fn list() -> Result<()> {
+    for (name, origin) in overlay::list(&dirs()) {
+        let o = overlay::load(&name, &dirs())?;
+        println!("{name:<18} {}  ({origin})", o.manifest.description);
+    }
+    Ok(())
+}
+
+/// Probes `target` over ssh, refuses anything but Linux, and prints what it found.
+fn probe(ssh: &Ssh, target: &str) -> Result<Facts> {
+    let facts = Facts::parse(
+        &ssh.run(remote::PROBE)
+            .with_context(|| format!("probing {target}"))?,
+    )?;
+    if facts.kernel != "Linux" {
+        bail!(
+            "{target} runs {:?}; kiln installs overlays on Linux hosts only",
+            facts.kernel
+        );
+    }
+    println!(
+        "{target}: {} ({}), init {}, python3 {}",
+        if facts.os.is_empty() {
+            "unknown OS"
+        } else {
+            &facts.os
+        },
+        if facts.uid == 0 { "root" } else { "via sudo" },
+        if facts.pid1.is_empty() {
+            "unknown"
+        } else {
+            &facts.pid1
+        },
+        facts.python.as_deref().unwrap_or("missing")
+    );
+    Ok(facts)
+}
+
+/// The `--config` file, read; a note when the overlay takes one and none was given.
+fn read_config(a: &Args, ov: &Overlay) -> Result<Option<InputFile>> {
+    let config = match &a.config {
+        Some(p) => Some(InputFile::new(
+            p.display().to_string(),
+            std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+        )),
+        None => None,
+    };
+    if config.is_none() && ov.manifest.config.is_some() && !a.dry_run {
+        eprintln!(
+            "note: no --config given; {} keeps whatever configuration the target already has",
+            ov.manifest
+                .config
+                .as_ref()
+                .map(|c| c.path.as_str())
+                .unwrap_or_default()
+        );
+    }
+    Ok(config)
+}
+
+/// The overlay's packages the target lacks.
+fn missing_packages(ssh: &Ssh, facts: &Facts, pkgs: &[String]) -> Result<Vec<String>> {
+    let missing: Vec<String> = match remote::missing_packages_query(facts, pkgs) {
+        Some(q) => ssh
+            .run(&q)?
+            .split_whitespace()
+            .map(str::to_string)
+            .collect(),
+        None => Vec::new(),
+    };
+    Ok(missing)
+}
+
+/// Whether each of the overlay's services is enabled and active (none asked when staged or
+/// without systemd).
+fn service_states(
+    ssh: &Ssh,
+    ov: &Overlay,
+    facts: &Facts,
+    staged: bool,
+) -> Result<BTreeMap<String, (bool, bool)>> {
+    let mut services = BTreeMap::new();
+    if facts.systemd() && !staged {
+        for s in &ov.manifest.services {
+            let (e, _) = ssh.status(&format!("systemctl is-enabled --quiet '{s}'"))?;
+            let (act, _) = ssh.status(&format!("systemctl is-active --quiet '{s}'"))?;
+            services.insert(s.clone(), (e == 0, act == 0));
+        }
+    }
+    Ok(services)
+}
+
+/// The overlay's venv path and the requirements it lacks, if the overlay has a venv.
+fn venv_gaps(ssh: &Ssh, ov: &Overlay, root: &str) -> Result<Option<(String, Vec<String>)>> {
+    let venv = match remote::venv_query(ov, root) {
+        Some((path, q)) => {
+            let freeze = ssh.run(&q)?;
+            let want = ov
+                .manifest
+                .venv
+                .as_ref()
+                .map(|v| v.requirements.clone())
+                .unwrap_or_default();
+            Some((path, remote::missing_requirements(&want, &freeze)))
+        }
+        None => None,
+    };
+    Ok(venv)
+}
+
+/// After the files are in place: says why services were left alone, or runs the health check.
+fn start_report(
+    ssh: &Ssh,
+    ov: &Overlay,
+    facts: &Facts,
+    target: &str,
+    root: &str,
+    sudo: &str,
+) -> Result<()> {
+    let staged = !root.is_empty();
     if !facts.systemd() {
         println!(
             "{target} does not run systemd as PID 1 (PID 1 is {:?}): the files are in place, but kiln did not enable or start {}",

@@ -20,7 +20,7 @@ use crate::artifact::manifest::ChecksumType;
 use crate::deliver::publish;
 use crate::plan::Cluster;
 use crate::plan::network_data;
-use crate::plan::node::NodeConfig;
+use crate::plan::node::{BareMetal, NodeConfig};
 use crate::plan::profile::DeliverMethod;
 use crate::plan::stamp_plan as plan;
 
@@ -90,7 +90,68 @@ pub fn node_documents(cluster: &Cluster, node: &NodeConfig, opts: &Options) -> R
         Some(n) => n.clone(),
         None => network_data::render(node)?,
     };
-    let image_spec = match &bm.bootc_image {
+    let image_spec = node_image(node, bm, opts)?;
+    let ns = opts.namespace;
+    let names = SecretNames::of(&node.name);
+    let mut host = bare_metal_host(cluster, node, bm, &image_spec.spec, &names, ns)?;
+    let secret = |name: &str, data: Value| {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": metadata(name, cluster, ns),
+            "type": "Opaque",
+            "data": data,
+        })
+    };
+    if let Some((name, _)) = &image_spec.registry_auth {
+        host["spec"]["image"]["ociAuthSecretName"] = json!(name);
+    }
+    let mut docs = vec![host];
+    if let Some((name, config)) = &image_spec.registry_auth {
+        let mut s = secret(name, json!({ ".dockerconfigjson": b64(config) }));
+        s["type"] = json!("kubernetes.io/dockerconfigjson");
+        docs.push(s);
+    }
+    docs.extend([
+        secret(
+            &names.bmc,
+            json!({
+                "username": b64(&bm.bmc_username),
+                "password": b64(bm.bmc_password.expose()),
+            }),
+        ),
+        secret(
+            &names.user_data,
+            json!({ "userData": b64(&plan.user_data) }),
+        ),
+        secret(
+            &names.network_data,
+            json!({ "networkData": b64(&network_data) }),
+        ),
+    ]);
+    Ok(docs)
+}
+
+/// The Secrets a node's BareMetalHost refers to, by name.
+struct SecretNames {
+    bmc: String,
+    user_data: String,
+    network_data: String,
+}
+
+impl SecretNames {
+    fn of(node: &str) -> SecretNames {
+        SecretNames {
+            bmc: format!("{node}-bmc-secret"),
+            user_data: format!("{node}-user-data"),
+            network_data: format!("{node}-network-data"),
+        }
+    }
+}
+
+/// The image the node is provisioned with: its bootc container, or kiln's published build.
+fn node_image(node: &NodeConfig, bm: &BareMetal, opts: &Options) -> Result<ImageSpec> {
+    Ok(match &bm.bootc_image {
         // Ironic deploys the container itself: there is nothing of kiln's to point at.
         Some(url) => ImageSpec {
             spec: json!({ "url": url }),
@@ -107,11 +168,18 @@ pub fn node_documents(cluster: &Cluster, node: &NodeConfig, opts: &Options) -> R
             })?;
             image_spec(node, &image, opts)?
         }
-    };
-    let ns = opts.namespace;
-    let bmc_secret = format!("{}-bmc-secret", node.name);
-    let user_data = format!("{}-user-data", node.name);
-    let net_data = format!("{}-network-data", node.name);
+    })
+}
+
+/// The BareMetalHost: its BMC, boot MAC, root device hints, `image` and the Secrets it uses.
+fn bare_metal_host(
+    cluster: &Cluster,
+    node: &NodeConfig,
+    bm: &BareMetal,
+    image: &Value,
+    names: &SecretNames,
+    ns: Option<&str>,
+) -> Result<Value> {
     let reference = |name: &str| {
         let mut r = json!({ "name": name });
         if let Some(ns) = ns {
@@ -119,7 +187,7 @@ pub fn node_documents(cluster: &Cluster, node: &NodeConfig, opts: &Options) -> R
         }
         r
     };
-    let host = json!({
+    Ok(json!({
         "apiVersion": "metal3.io/v1alpha1",
         "kind": "BareMetalHost",
         "metadata": metadata(&node.name, cluster, ns),
@@ -129,46 +197,15 @@ pub fn node_documents(cluster: &Cluster, node: &NodeConfig, opts: &Options) -> R
             "bootMACAddress": bm.boot_mac,
             "bmc": {
                 "address": bm.bmc_address,
-                "credentialsName": bmc_secret,
+                "credentialsName": names.bmc,
                 "disableCertificateVerification": bm.disable_certificate_verification,
             },
             "rootDeviceHints": root_device_hints(&bm.root_device_hints)?,
-            "image": image_spec.spec,
-            "userData": reference(&user_data),
-            "networkData": reference(&net_data),
+            "image": image,
+            "userData": reference(&names.user_data),
+            "networkData": reference(&names.network_data),
         },
-    });
-    let secret = |name: &str, data: Value| {
-        json!({
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": metadata(name, cluster, ns),
-            "type": "Opaque",
-            "data": data,
-        })
-    };
-    let mut host = host;
-    if let Some((name, _)) = &image_spec.registry_auth {
-        host["spec"]["image"]["ociAuthSecretName"] = json!(name);
-    }
-    let mut docs = vec![host];
-    if let Some((name, config)) = &image_spec.registry_auth {
-        let mut s = secret(name, json!({ ".dockerconfigjson": b64(config) }));
-        s["type"] = json!("kubernetes.io/dockerconfigjson");
-        docs.push(s);
-    }
-    docs.extend([
-        secret(
-            &bmc_secret,
-            json!({
-                "username": b64(&bm.bmc_username),
-                "password": b64(bm.bmc_password.expose()),
-            }),
-        ),
-        secret(&user_data, json!({ "userData": b64(&plan.user_data) })),
-        secret(&net_data, json!({ "networkData": b64(&network_data) })),
-    ]);
-    Ok(docs)
+    }))
 }
 
 /// A host's `spec.image`, and the registry credentials Secret (name, docker config JSON) it

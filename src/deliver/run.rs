@@ -8,8 +8,9 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{ChildStdout, Command, Stdio};
 use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -227,15 +228,7 @@ pub fn run(o: &RunOptions) -> Result<()> {
     let bin = qemu.get_program().to_string_lossy().into_owned();
 
     if o.until.is_none() && o.log.is_none() {
-        // Interactive: the serial console and QEMU's monitor (Ctrl-A X quits) on this terminal.
-        qemu.args(["-serial", "mon:stdio"]);
-        let status = cmd::spawn(&mut qemu, &bin)
-            .context("starting qemu")?
-            .wait()?;
-        if !status.success() {
-            bail!("qemu exited with {status}");
-        }
-        return Ok(());
+        return interactive(&mut qemu, &bin);
     }
 
     qemu.args(["-serial", "stdio", "-monitor", "none"])
@@ -243,8 +236,47 @@ pub fn run(o: &RunOptions) -> Result<()> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd::spawn(&mut qemu, &bin).context("starting qemu")?;
+    let (rx, reader) = console_lines(child.stdout.take().expect("piped"));
+    let (outcome, tail) = watch_console(o, &rx)?;
+    let _ = child.kill();
+    let status = child.wait()?;
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut err).ok();
+    }
+    let _ = reader.join();
+    match (outcome, &o.until) {
+        (Ok(()), _) => Ok(()),
+        (Err(_), None) if status.success() => Ok(()),
+        (Err(why), until) => bail!(
+            "{why}{}; last console lines:\n{}{}",
+            until
+                .as_ref()
+                .map(|u| format!(" before {u:?} appeared"))
+                .unwrap_or_default(),
+            tail.join("\n"),
+            if err.trim().is_empty() {
+                String::new()
+            } else {
+                format!("\nqemu: {}", err.trim())
+            }
+        ),
+    }
+}
+
+/// Interactive: the serial console and QEMU's monitor (Ctrl-A X quits) on this terminal.
+fn interactive(qemu: &mut Command, bin: &str) -> Result<()> {
+    qemu.args(["-serial", "mon:stdio"]);
+    let status = cmd::spawn(qemu, bin).context("starting qemu")?.wait()?;
+    if !status.success() {
+        bail!("qemu exited with {status}");
+    }
+    Ok(())
+}
+
+/// The guest's console output, line by line, read on its own thread.
+fn console_lines(out: ChildStdout) -> (mpsc::Receiver<String>, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel::<String>();
-    let out = child.stdout.take().expect("piped");
     let reader = std::thread::spawn(move || {
         let mut r = BufReader::new(out);
         let mut buf = Vec::new();
@@ -259,6 +291,15 @@ pub fn run(o: &RunOptions) -> Result<()> {
             }
         }
     });
+    (rx, reader)
+}
+
+/// Copies console lines to the log (or the terminal) until `--until` appears, the timeout passes
+/// or QEMU exits; returns which, and the last 30 lines.
+fn watch_console(
+    o: &RunOptions,
+    rx: &mpsc::Receiver<String>,
+) -> Result<(std::result::Result<(), String>, Vec<String>)> {
     let mut log = match &o.log {
         Some(p) => {
             Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
@@ -298,30 +339,7 @@ pub fn run(o: &RunOptions) -> Result<()> {
             }
         }
     };
-    let _ = child.kill();
-    let status = child.wait()?;
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        e.read_to_string(&mut err).ok();
-    }
-    let _ = reader.join();
-    match (outcome, &o.until) {
-        (Ok(()), _) => Ok(()),
-        (Err(_), None) if status.success() => Ok(()),
-        (Err(why), until) => bail!(
-            "{why}{}; last console lines:\n{}{}",
-            until
-                .as_ref()
-                .map(|u| format!(" before {u:?} appeared"))
-                .unwrap_or_default(),
-            tail.join("\n"),
-            if err.trim().is_empty() {
-                String::new()
-            } else {
-                format!("\nqemu: {}", err.trim())
-            }
-        ),
-    }
+    Ok((outcome, tail))
 }
 
 #[cfg(test)]

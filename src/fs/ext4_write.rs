@@ -5,7 +5,7 @@
 //! (`stat` of every path), writes, and then reads everything back (`stat` and `dump`) and compares:
 //! a write that did not happen is an error, never a silent no-op.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
 
@@ -158,6 +158,42 @@ fn parent(p: &str) -> &str {
 /// Writes `entries` (in order) into the ext4 filesystem at `offset` in `image`. Every inode
 /// touched gets `epoch` as its times. Missing parent directories are made 0755 root:root.
 pub fn apply(image: &Path, offset: u64, entries: &[Entry], epoch: i64) -> Result<()> {
+    let paths = paths_and_parents(entries)?;
+    let before = stat_all(image, offset, &paths)?;
+    let staging = tempfile::tempdir()?;
+    let mut script = Script {
+        text: String::new(),
+        made: BTreeSet::new(),
+        before: &before,
+        epoch,
+    };
+    let mut expect: Vec<(&Entry, Option<Meta>)> = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        let p = e.path();
+        script.ensure_dir(parent(p));
+        let existing = before.get(p);
+        match e {
+            Entry::Dir { mode, uid, gid, .. } => {
+                let meta = script.dir(p, existing, *mode, *uid, *gid)?;
+                expect.push((e, Some(meta)));
+            }
+            Entry::File { bytes, meta, .. } => {
+                let local = staging.path().join(format!("f{i}"));
+                let meta = script.file(p, existing, bytes, *meta, &local)?;
+                expect.push((e, Some(meta)));
+            }
+            Entry::Symlink { target, .. } => {
+                script.symlink(p, existing, target)?;
+                expect.push((e, None));
+            }
+        }
+    }
+    debugfs(image, offset, &script.text, true, epoch)?;
+    read_back(image, offset, entries, expect)
+}
+
+/// Every entry's path and all its ancestors (but `/`), sorted, each once.
+fn paths_and_parents(entries: &[Entry]) -> Result<Vec<&str>> {
     let mut paths: Vec<&str> = Vec::new();
     for e in entries {
         check_path(e.path())?;
@@ -169,105 +205,139 @@ pub fn apply(image: &Path, offset: u64, entries: &[Entry], epoch: i64) -> Result
     }
     paths.sort_unstable();
     paths.dedup();
-    let before = stat_all(image, offset, &paths)?;
-    let staging = tempfile::tempdir()?;
-    let mut script = String::new();
-    let mut made: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
-    let times = |p: &str| {
-        ["atime", "mtime", "ctime", "crtime"]
+    Ok(paths)
+}
+
+/// The debugfs script being written, with what it knows of the filesystem: the paths that
+/// existed `before` and the directories the script `made` so far.
+struct Script<'a> {
+    text: String,
+    made: BTreeSet<String>,
+    before: &'a BTreeMap<String, Stat>,
+    epoch: i64,
+}
+
+impl Script<'_> {
+    /// Sets every time of `p` to the epoch.
+    fn times(&mut self, p: &str) {
+        let epoch = self.epoch;
+        let times = ["atime", "mtime", "ctime", "crtime"]
             .iter()
             .map(|f| format!("sif \"{p}\" {f} @{epoch}\n"))
-            .collect::<String>()
-    };
-    let ensure_dir =
-        |p: &str, script: &mut String, made: &mut std::collections::BTreeSet<String>| {
-            // Parents first; an existing directory is left as it is.
-            let mut chain = Vec::new();
-            let mut q = p;
-            while q != "/" {
-                chain.push(q.to_string());
-                q = parent(q);
+            .collect::<String>();
+        self.text.push_str(&times);
+    }
+
+    /// Makes `p` and its missing parents, 0755 root:root.
+    fn ensure_dir(&mut self, p: &str) {
+        // Parents first; an existing directory is left as it is.
+        let mut chain = Vec::new();
+        let mut q = p;
+        while q != "/" {
+            chain.push(q.to_string());
+            q = parent(q);
+        }
+        for d in chain.into_iter().rev() {
+            if self.before.contains_key(&d) || self.made.contains(&d) {
+                continue;
             }
-            for d in chain.into_iter().rev() {
-                if before.contains_key(&d) || made.contains(&d) {
-                    continue;
-                }
-                script.push_str(&format!("mkdir \"{d}\"\nsif \"{d}\" mode 040755\n"));
-                script.push_str(&times(&d));
-                made.insert(d);
-            }
-        };
-    let mut expect: Vec<(&Entry, Option<Meta>)> = Vec::new();
-    for (i, e) in entries.iter().enumerate() {
-        let p = e.path();
-        ensure_dir(parent(p), &mut script, &mut made);
-        let existing = before.get(p);
-        match e {
-            Entry::Dir { mode, uid, gid, .. } => {
-                match existing {
-                    Some(s) if s.kind != "directory" => {
-                        bail!("{p} exists in the image as a {}, not a directory", s.kind)
-                    }
-                    Some(_) => {}
-                    None if made.contains(p) => {}
-                    None => {
-                        script.push_str(&format!("mkdir \"{p}\"\n"));
-                        made.insert(p.to_string());
-                    }
-                }
-                script.push_str(&format!(
-                    "sif \"{p}\" mode 0{:o}\nsif \"{p}\" uid {uid}\nsif \"{p}\" gid {gid}\n",
-                    0o040000 | mode
-                ));
-                script.push_str(&times(p));
-                expect.push((e, Some((0o040000 | mode, *uid, *gid))));
-            }
-            Entry::File { bytes, meta, .. } => {
-                let (mode, uid, gid) = match (meta, existing) {
-                    (Some(m), _) => *m,
-                    (None, Some(s)) if s.kind == "regular" => (s.mode & 0o7777, s.uid, s.gid),
-                    (None, _) => (0o644, 0, 0),
-                };
-                if let Some(s) = existing {
-                    if s.kind == "directory" {
-                        bail!("{p} exists in the image as a directory, not a file");
-                    }
-                    script.push_str(&format!("rm \"{p}\"\n"));
-                }
-                let local = staging.path().join(format!("f{i}"));
-                std::fs::write(&local, bytes)?;
-                let name = &p[p.rfind('/').expect("absolute") + 1..];
-                script.push_str(&format!(
-                    "cd \"{}\"\nwrite \"{}\" \"{name}\"\ncd /\n",
-                    parent(p),
-                    local.display()
-                ));
-                script.push_str(&format!(
-                    "sif \"{p}\" mode 0{:o}\nsif \"{p}\" uid {uid}\nsif \"{p}\" gid {gid}\n",
-                    0o100000 | mode
-                ));
-                script.push_str(&times(p));
-                expect.push((e, Some((0o100000 | mode, uid, gid))));
-            }
-            Entry::Symlink { target, .. } => {
-                if target.contains(['"', '\n']) {
-                    bail!("symlink target {target:?} cannot be written");
-                }
-                if let Some(s) = existing {
-                    if s.kind == "directory" {
-                        bail!("{p} exists in the image as a directory, not a symlink");
-                    }
-                    script.push_str(&format!("rm \"{p}\"\n"));
-                }
-                script.push_str(&format!("symlink \"{p}\" \"{target}\"\n"));
-                script.push_str(&times(p));
-                expect.push((e, None));
-            }
+            self.text
+                .push_str(&format!("mkdir \"{d}\"\nsif \"{d}\" mode 040755\n"));
+            self.times(&d);
+            self.made.insert(d);
         }
     }
-    debugfs(image, offset, &script, true, epoch)?;
 
-    // Read back: kinds, modes, owners, contents, link targets.
+    /// A directory at `p` (made unless it exists) with this mode and owner; returns the meta to
+    /// expect.
+    fn dir(
+        &mut self,
+        p: &str,
+        existing: Option<&Stat>,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Meta> {
+        match existing {
+            Some(s) if s.kind != "directory" => {
+                bail!("{p} exists in the image as a {}, not a directory", s.kind)
+            }
+            Some(_) => {}
+            None if self.made.contains(p) => {}
+            None => {
+                self.text.push_str(&format!("mkdir \"{p}\"\n"));
+                self.made.insert(p.to_string());
+            }
+        }
+        self.text.push_str(&format!(
+            "sif \"{p}\" mode 0{:o}\nsif \"{p}\" uid {uid}\nsif \"{p}\" gid {gid}\n",
+            0o040000 | mode
+        ));
+        self.times(p);
+        Ok((0o040000 | mode, uid, gid))
+    }
+
+    /// A file at `p` with `bytes` (staged at `local`), replacing what is there; returns the
+    /// meta to expect.
+    fn file(
+        &mut self,
+        p: &str,
+        existing: Option<&Stat>,
+        bytes: &[u8],
+        meta: Option<Meta>,
+        local: &Path,
+    ) -> Result<Meta> {
+        let (mode, uid, gid) = match (meta, existing) {
+            (Some(m), _) => m,
+            (None, Some(s)) if s.kind == "regular" => (s.mode & 0o7777, s.uid, s.gid),
+            (None, _) => (0o644, 0, 0),
+        };
+        if let Some(s) = existing {
+            if s.kind == "directory" {
+                bail!("{p} exists in the image as a directory, not a file");
+            }
+            self.text.push_str(&format!("rm \"{p}\"\n"));
+        }
+        std::fs::write(local, bytes)?;
+        let name = &p[p.rfind('/').expect("absolute") + 1..];
+        self.text.push_str(&format!(
+            "cd \"{}\"\nwrite \"{}\" \"{name}\"\ncd /\n",
+            parent(p),
+            local.display()
+        ));
+        self.text.push_str(&format!(
+            "sif \"{p}\" mode 0{:o}\nsif \"{p}\" uid {uid}\nsif \"{p}\" gid {gid}\n",
+            0o100000 | mode
+        ));
+        self.times(p);
+        Ok((0o100000 | mode, uid, gid))
+    }
+
+    /// A symlink at `p` to `target`, replacing what is there.
+    fn symlink(&mut self, p: &str, existing: Option<&Stat>, target: &str) -> Result<()> {
+        if target.contains(['"', '\n']) {
+            bail!("symlink target {target:?} cannot be written");
+        }
+        if let Some(s) = existing {
+            if s.kind == "directory" {
+                bail!("{p} exists in the image as a directory, not a symlink");
+            }
+            self.text.push_str(&format!("rm \"{p}\"\n"));
+        }
+        self.text
+            .push_str(&format!("symlink \"{p}\" \"{target}\"\n"));
+        self.times(p);
+        Ok(())
+    }
+}
+
+/// Read back: kinds, modes, owners, contents, link targets.
+fn read_back(
+    image: &Path,
+    offset: u64,
+    entries: &[Entry],
+    expect: Vec<(&Entry, Option<Meta>)>,
+) -> Result<()> {
     let check: Vec<&str> = entries.iter().map(Entry::path).collect();
     let after = stat_all(image, offset, &check)?;
     for (e, meta) in expect {

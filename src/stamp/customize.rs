@@ -73,17 +73,7 @@ pub fn patches(raw: &Path, edits: &BootEdits) -> Result<Customized> {
         bail!("--hostname {h:?} is not a valid host name");
     }
     let mut f = File::open(raw).with_context(|| format!("opening {}", raw.display()))?;
-    let layout = disk::read_layout(&mut f, 512)?;
-    let part = layout
-        .partition(1)
-        .context("the image has no partition 1 to customise")?
-        .clone();
-    if crate::fs::detect(&mut f, &part)? != Some(crate::plan::profile::FsKind::Vfat) {
-        bail!(
-            "partition 1 of {} is not a FAT boot partition; --hostname/--userdata need one",
-            raw.display()
-        );
-    }
+    let part = boot_partition(&mut f, raw)?;
     let mut cur = disk::CowDevice::new(
         disk::PartitionSlice::new(f.try_clone()?, part.start, part.size),
         part.size,
@@ -95,46 +85,7 @@ pub fn patches(raw: &Path, edits: &BootEdits) -> Result<Customized> {
             .unwrap_or_else(|| fat::fat_datetime(0));
         drop(probe);
         let vol = FatVolume::on(&mut cur, when)?;
-        let mut user_data = match &edits.userdata {
-            Some(p) => Some(read(p)?),
-            None => vol.read_file("user-data")?,
-        };
-        let mut meta_data = match &edits.metadata {
-            Some(p) => Some(read(p)?),
-            None => vol.read_file("meta-data")?,
-        };
-        if let Some(h) = &edits.hostname {
-            let ud = user_data
-                .take()
-                .unwrap_or_else(|| b"#cloud-config\n".to_vec());
-            user_data =
-                Some(set_key(&ud, "hostname", h).context("setting the hostname in user-data")?);
-            if let Some(md) = meta_data.take() {
-                meta_data = Some(
-                    set_key(&md, "local-hostname", h)
-                        .context("setting local-hostname in meta-data")?,
-                );
-            }
-        }
-        if edits.userdata.is_some() || edits.hostname.is_some() {
-            vol.write_file("user-data", user_data.as_deref().unwrap_or_default())?;
-        }
-        if let Some(md) = &meta_data
-            && (edits.metadata.is_some() || edits.hostname.is_some())
-        {
-            vol.write_file("meta-data", md)?;
-        }
-        if let Some(p) = &edits.bootconf {
-            vol.write_file("config.txt", &read(p)?)?;
-        }
-        for p in &edits.files {
-            let name = p
-                .file_name()
-                .context("--file needs a file name")?
-                .to_string_lossy()
-                .into_owned();
-            vol.write_file(&name, &read(p)?)?;
-        }
+        apply_edits(&vol, edits)?;
         vol.close()?;
     }
     let whole = disk::Partition {
@@ -156,6 +107,76 @@ pub fn patches(raw: &Path, edits: &BootEdits) -> Result<Customized> {
             .collect(),
         used,
     })
+}
+
+/// Partition 1 of the image, which must hold a FAT filesystem.
+fn boot_partition(f: &mut File, raw: &Path) -> Result<disk::Partition> {
+    let layout = disk::read_layout(f, 512)?;
+    let part = layout
+        .partition(1)
+        .context("the image has no partition 1 to customise")?
+        .clone();
+    if crate::fs::detect(f, &part)? != Some(crate::plan::profile::FsKind::Vfat) {
+        bail!(
+            "partition 1 of {} is not a FAT boot partition; --hostname/--userdata need one",
+            raw.display()
+        );
+    }
+    Ok(part)
+}
+
+/// Writes the edits onto the boot volume: user-data and meta-data (with the hostname set in
+/// both), config.txt and the extra files.
+fn apply_edits<T: fatfs::ReadWriteSeek>(vol: &FatVolume<T>, edits: &BootEdits) -> Result<()> {
+    let mut user_data = match &edits.userdata {
+        Some(p) => Some(read(p)?),
+        None => vol.read_file("user-data")?,
+    };
+    let mut meta_data = match &edits.metadata {
+        Some(p) => Some(read(p)?),
+        None => vol.read_file("meta-data")?,
+    };
+    if let Some(h) = &edits.hostname {
+        with_hostname(&mut user_data, &mut meta_data, h)?;
+    }
+    if edits.userdata.is_some() || edits.hostname.is_some() {
+        vol.write_file("user-data", user_data.as_deref().unwrap_or_default())?;
+    }
+    if let Some(md) = &meta_data
+        && (edits.metadata.is_some() || edits.hostname.is_some())
+    {
+        vol.write_file("meta-data", md)?;
+    }
+    if let Some(p) = &edits.bootconf {
+        vol.write_file("config.txt", &read(p)?)?;
+    }
+    for p in &edits.files {
+        let name = p
+            .file_name()
+            .context("--file needs a file name")?
+            .to_string_lossy()
+            .into_owned();
+        vol.write_file(&name, &read(p)?)?;
+    }
+    Ok(())
+}
+
+/// Sets the host name `h` in `user-data` (a minimal one if there is none) and in `meta-data`
+/// (if there is one).
+fn with_hostname(
+    user_data: &mut Option<Vec<u8>>,
+    meta_data: &mut Option<Vec<u8>>,
+    h: &str,
+) -> Result<()> {
+    let ud = user_data
+        .take()
+        .unwrap_or_else(|| b"#cloud-config\n".to_vec());
+    *user_data = Some(set_key(&ud, "hostname", h).context("setting the hostname in user-data")?);
+    if let Some(md) = meta_data.take() {
+        *meta_data =
+            Some(set_key(&md, "local-hostname", h).context("setting local-hostname in meta-data")?);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -50,10 +50,51 @@ pub fn append(opts: &AppendOptions) -> Result<Appended> {
         Some(e) => e,
         None => base.created()?.unwrap_or(0),
     };
-    let passwd = file_in_layers(&base, "etc/passwd")?.unwrap_or_default();
-    let group = file_in_layers(&base, "etc/group")?.unwrap_or_default();
+    let (files, owners) = overlay_files(opts, &base)?;
+    if files.is_empty() {
+        bail!("the overlays add no files");
+    }
+    let list: Vec<LayerFile> = files.into_values().collect();
+    let new = layer::build_owned(&list, &owners, epoch)?;
+    let store = BlobStore::open()?;
+    let (layer_digest, layer_path) = store.put_bytes(&new.blob)?;
+
+    let config = appended_config(&base, &new.diff_id, epoch, &opts.overlays)?;
+    let config_bytes = serde_json::to_vec(&config)?;
+    let (config_digest, config_path) = store.put_bytes(&config_bytes)?;
+
+    let config = descriptor(
+        MediaType::ImageConfig,
+        &config_digest,
+        config_bytes.len() as u64,
+    )?;
+    let manifest_bytes = appended_manifest(&base, config, &layer_digest, new.blob.len() as u64)?;
+    let mut blobs: Vec<(String, PathBuf)> = vec![(config_digest, config_path)];
+    for l in &base.layers {
+        blobs.push((l.digest.clone(), l.path.clone()));
+    }
+    blobs.push((layer_digest.clone(), layer_path));
+    let manifest_digest = publish(&to, opts.insecure, &blobs, &manifest_bytes)?;
+    Ok(Appended {
+        manifest_digest,
+        layer_digest,
+        files: list.len(),
+    })
+}
+
+/// The uid and gid of each path in the new layer.
+type Owners = BTreeMap<String, (u32, u32)>;
+
+/// Every file of the overlays (and the links that enable their services) as a layer member by
+/// path, and the owners the base image's passwd and group give them.
+fn overlay_files(
+    opts: &AppendOptions,
+    base: &Image,
+) -> Result<(BTreeMap<String, LayerFile>, Owners)> {
+    let passwd = file_in_layers(base, "etc/passwd")?.unwrap_or_default();
+    let group = file_in_layers(base, "etc/group")?.unwrap_or_default();
     let mut files: BTreeMap<String, LayerFile> = BTreeMap::new();
-    let mut owners: BTreeMap<String, (u32, u32)> = BTreeMap::new();
+    let mut owners: Owners = BTreeMap::new();
     for name in &opts.overlays {
         let o = overlay::load(name, &opts.overlay_dirs)?;
         for f in &o.files {
@@ -93,14 +134,17 @@ pub fn append(opts: &AppendOptions) -> Result<Appended> {
             );
         }
     }
-    if files.is_empty() {
-        bail!("the overlays add no files");
-    }
-    let list: Vec<LayerFile> = files.into_values().collect();
-    let new = layer::build_owned(&list, &owners, epoch)?;
-    let store = BlobStore::open()?;
-    let (layer_digest, layer_path) = store.put_bytes(&new.blob)?;
+    Ok((files, owners))
+}
 
+/// The base image's config with the new layer's `diff_id`, a creation time of `epoch` and a
+/// history entry naming the overlays.
+fn appended_config(
+    base: &Image,
+    diff_id: &str,
+    epoch: i64,
+    overlays: &[String],
+) -> Result<serde_json::Value> {
     let mut config = base.config.clone();
     if !config["rootfs"]["diff_ids"].is_array() {
         bail!("the base image's config has no rootfs.diff_ids");
@@ -108,47 +152,39 @@ pub fn append(opts: &AppendOptions) -> Result<Appended> {
     config["rootfs"]["diff_ids"]
         .as_array_mut()
         .expect("checked")
-        .push(json!(new.diff_id));
+        .push(json!(diff_id));
     let created = rfc3339(epoch);
     config["created"] = json!(created);
     let history = json!({
         "created": created,
-        "created_by": format!("kiln oci append --overlay {}", opts.overlays.join(" --overlay ")),
+        "created_by": format!("kiln oci append --overlay {}", overlays.join(" --overlay ")),
         "comment": format!("kiln {}", env!("CARGO_PKG_VERSION")),
     });
     match config["history"].as_array_mut() {
         Some(h) => h.push(history),
         None => config["history"] = json!([history]),
     }
-    let config_bytes = serde_json::to_vec(&config)?;
-    let (config_digest, config_path) = store.put_bytes(&config_bytes)?;
+    Ok(config)
+}
 
-    let config = descriptor(
-        MediaType::ImageConfig,
-        &config_digest,
-        config_bytes.len() as u64,
-    )?;
-    let manifest_bytes = appended_manifest(&base, config, &layer_digest, new.blob.len() as u64)?;
-    let mut blobs: Vec<(String, PathBuf)> = vec![(config_digest, config_path)];
-    for l in &base.layers {
-        blobs.push((l.digest.clone(), l.path.clone()));
-    }
-    blobs.push((layer_digest.clone(), layer_path));
-    let manifest_digest = match &to {
-        ImageRef::Registry(r) => registry::push(r, opts.insecure, &blobs, &manifest_bytes)?,
+/// Sends the blobs and the manifest to `to` (a registry or an image layout); returns the
+/// manifest's digest.
+fn publish(
+    to: &ImageRef,
+    insecure: bool,
+    blobs: &[(String, PathBuf)],
+    manifest_bytes: &[u8],
+) -> Result<String> {
+    Ok(match to {
+        ImageRef::Registry(r) => registry::push(r, insecure, blobs, manifest_bytes)?,
         ImageRef::Layout { dir, tag } => {
             let refs: Vec<(&str, &Path)> = blobs
                 .iter()
                 .map(|(d, p)| (d.as_str(), p.as_path()))
                 .collect();
-            layout::write_layout(dir, tag.as_deref(), &manifest_bytes, &refs)?
+            layout::write_layout(dir, tag.as_deref(), manifest_bytes, &refs)?
         }
-        _ => unreachable!("checked above"),
-    };
-    Ok(Appended {
-        manifest_digest,
-        layer_digest,
-        files: list.len(),
+        _ => unreachable!("append checked --to"),
     })
 }
 

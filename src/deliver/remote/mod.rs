@@ -234,6 +234,50 @@ pub fn plan(
         venv,
         service_states,
     } = seen;
+    let mut steps = Vec::new();
+    let (mut changed_any, units_changed) = file_steps(files, states, &mut steps);
+    if !missing_packages.is_empty() {
+        let manager = if facts.family() == Some("alpine") {
+            "apk"
+        } else {
+            "apt-get"
+        };
+        steps.push(Step::InstallPackages {
+            manager,
+            packages: missing_packages,
+        });
+    }
+    if let Some((path, missing)) = venv
+        && !missing.is_empty()
+    {
+        let all = overlay
+            .manifest
+            .venv
+            .as_ref()
+            .map(|v| v.requirements.clone())
+            .unwrap_or_default();
+        steps.push(Step::Venv {
+            path,
+            requirements: all,
+        });
+        changed_any = true;
+    }
+    if facts.systemd() && !staged {
+        service_steps(
+            overlay,
+            service_states,
+            units_changed,
+            changed_any,
+            &mut steps,
+        );
+    }
+    steps
+}
+
+/// Uploads for the files whose contents differ from `states` (the target's `state_query`
+/// output), mode changes for the rest that need them; returns whether any file changed, and
+/// whether a systemd unit did.
+fn file_steps(files: &[Wanted], states: &str, steps: &mut Vec<Step>) -> (bool, bool) {
     let found: BTreeMap<&str, (&str, &str)> = states
         .lines()
         .filter_map(|l| {
@@ -242,7 +286,6 @@ pub fn plan(
             Some((p, (h, m)))
         })
         .collect();
-    let mut steps = Vec::new();
     let mut changed_any = false;
     let mut units_changed = false;
     for w in files {
@@ -276,49 +319,32 @@ pub fn plan(
             }
         }
     }
-    if !missing_packages.is_empty() {
-        let manager = if facts.family() == Some("alpine") {
-            "apk"
-        } else {
-            "apt-get"
-        };
-        steps.push(Step::InstallPackages {
-            manager,
-            packages: missing_packages,
-        });
+    (changed_any, units_changed)
+}
+
+/// A daemon-reload if units changed; then each service enabled, and restarted if anything changed
+/// or started if it is not running.
+fn service_steps(
+    overlay: &Overlay,
+    service_states: &BTreeMap<String, (bool, bool)>,
+    units_changed: bool,
+    changed_any: bool,
+    steps: &mut Vec<Step>,
+) {
+    if units_changed {
+        steps.push(Step::DaemonReload);
     }
-    if let Some((path, missing)) = venv
-        && !missing.is_empty()
-    {
-        let all = overlay
-            .manifest
-            .venv
-            .as_ref()
-            .map(|v| v.requirements.clone())
-            .unwrap_or_default();
-        steps.push(Step::Venv {
-            path,
-            requirements: all,
-        });
-        changed_any = true;
-    }
-    if facts.systemd() && !staged {
-        if units_changed {
-            steps.push(Step::DaemonReload);
+    for svc in &overlay.manifest.services {
+        let (enabled, active) = service_states.get(svc).copied().unwrap_or((false, false));
+        if !enabled {
+            steps.push(Step::Enable(svc.clone()));
         }
-        for svc in &overlay.manifest.services {
-            let (enabled, active) = service_states.get(svc).copied().unwrap_or((false, false));
-            if !enabled {
-                steps.push(Step::Enable(svc.clone()));
-            }
-            if changed_any {
-                steps.push(Step::Restart(svc.clone()));
-            } else if !active {
-                steps.push(Step::Start(svc.clone()));
-            }
+        if changed_any {
+            steps.push(Step::Restart(svc.clone()));
+        } else if !active {
+            steps.push(Step::Start(svc.clone()));
         }
     }
-    steps
 }
 
 /// The packages the overlay needs on this target's family.

@@ -187,33 +187,9 @@ pub fn check(url: &str) -> Result<Vec<String>> {
         .into();
     let mut problems = Vec::new();
 
-    let head = agent
-        .head(url)
-        .call()
-        .with_context(|| format!("HEAD {url}"))?;
-    let status = head.status().as_u16();
-    let length = head
-        .headers()
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if status != 200 {
-        problems.push(format!("HEAD {url} answered {status}, Ironic needs 200"));
+    let Some(length) = check_head(&agent, url, &mut problems)? else {
         return Ok(problems);
-    }
-    match length {
-        Some(l) => eprintln!("ok   HEAD 200, Content-Length {l}"),
-        None => {
-            problems.push("HEAD has no Content-Length; Ironic needs it to check the size".into())
-        }
-    }
-    if head.headers().get("last-modified").is_none() {
-        problems.push(
-            "HEAD has no Last-Modified; Ironic's image cache cannot tell when the image changed"
-                .into(),
-        );
-    }
-
+    };
     let expected = match checksum_from_file(&agent, url)? {
         Ok(e) => Some(e),
         Err(problem) => {
@@ -233,6 +209,54 @@ pub fn check(url: &str) -> Result<Vec<String>> {
             got.total
         ));
     }
+    check_digest(expected, &got, algorithm, &mut problems);
+    check_format(&got.head, &mut problems);
+    Ok(problems)
+}
+
+/// HEAD: 200, Content-Length and Last-Modified, as Ironic needs them. Returns the length (if
+/// sent), or `None` when the status alone ends the check.
+fn check_head(
+    agent: &ureq::Agent,
+    url: &str,
+    problems: &mut Vec<String>,
+) -> Result<Option<Option<u64>>> {
+    let head = agent
+        .head(url)
+        .call()
+        .with_context(|| format!("HEAD {url}"))?;
+    let status = head.status().as_u16();
+    let length = head
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if status != 200 {
+        problems.push(format!("HEAD {url} answered {status}, Ironic needs 200"));
+        return Ok(None);
+    }
+    match length {
+        Some(l) => eprintln!("ok   HEAD 200, Content-Length {l}"),
+        None => {
+            problems.push("HEAD has no Content-Length; Ironic needs it to check the size".into())
+        }
+    }
+    if head.headers().get("last-modified").is_none() {
+        problems.push(
+            "HEAD has no Last-Modified; Ironic's image cache cannot tell when the image changed"
+                .into(),
+        );
+    }
+    Ok(Some(length))
+}
+
+/// The downloaded image's digest against the checksum file's (`expected`), compared as IPA does.
+fn check_digest(
+    expected: Option<(String, Algorithm)>,
+    got: &Download,
+    algorithm: Algorithm,
+    problems: &mut Vec<String>,
+) {
     let name = match algorithm {
         Algorithm::Sha256 => "sha256",
         Algorithm::Sha512 => "sha512",
@@ -252,7 +276,11 @@ pub fn check(url: &str) -> Result<Vec<String>> {
         )),
         None => {}
     }
-    let found = inspect::inspect(&got.head);
+}
+
+/// The image's format, by the safety checks of oslo.utils' format inspector that IPA runs.
+fn check_format(head: &[u8], problems: &mut Vec<String>) {
+    let found = inspect::inspect(head);
     match found.ipa_refusal() {
         None => eprintln!(
             "ok   format {} (oslo.utils' format inspector: safety checks pass)",
@@ -260,7 +288,6 @@ pub fn check(url: &str) -> Result<Vec<String>> {
         ),
         Some(why) => problems.push(why),
     }
-    Ok(problems)
 }
 
 /// `URL.sha256sum`, read by IPA's rules: the hash and its algorithm, or the problem.

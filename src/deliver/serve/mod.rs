@@ -347,45 +347,8 @@ async fn serve_file(path: &Path, method: &Method, headers: &HeaderMap) -> Respon
     let tag = etag(&meta);
     let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
     let last_modified = httpdate::fmt_http_date(modified);
-    let mut base = HeaderMap::new();
-    base.insert(
-        header::ETAG,
-        HeaderValue::from_str(&tag).expect("etag is ascii"),
-    );
-    base.insert(
-        header::LAST_MODIFIED,
-        HeaderValue::from_str(&last_modified).expect("date is ascii"),
-    );
-    base.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    let content_type = if path
-        .extension()
-        .is_some_and(|e| e == "sha256sum" || e == "sha512sum" || e == "json")
-    {
-        "text/plain"
-    } else {
-        "application/octet-stream"
-    };
-    base.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-
-    let not_modified = match headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(inm) => inm.split(',').any(|t| t.trim() == tag || t.trim() == "*"),
-        None => headers
-            .get(header::IF_MODIFIED_SINCE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| httpdate::parse_http_date(v).ok())
-            .is_some_and(|since| {
-                let secs = |t: SystemTime| {
-                    t.duration_since(SystemTime::UNIX_EPOCH)
-                        .map(|d| d.as_secs())
-                        .unwrap_or(0)
-                };
-                secs(modified) <= secs(since)
-            }),
-    };
-    if not_modified {
+    let mut base = file_headers(path, &tag, &last_modified);
+    if is_not_modified(headers, &tag, modified) {
         return (StatusCode::NOT_MODIFIED, base).into_response();
     }
 
@@ -422,6 +385,53 @@ async fn serve_file(path: &Path, method: &Method, headers: &HeaderMap) -> Respon
     *resp.status_mut() = status;
     *resp.headers_mut() = base;
     resp
+}
+
+/// The headers every answer for the file carries: validators, Accept-Ranges, Content-Type.
+fn file_headers(path: &Path, tag: &str, last_modified: &str) -> HeaderMap {
+    let mut base = HeaderMap::new();
+    base.insert(
+        header::ETAG,
+        HeaderValue::from_str(tag).expect("etag is ascii"),
+    );
+    base.insert(
+        header::LAST_MODIFIED,
+        HeaderValue::from_str(last_modified).expect("date is ascii"),
+    );
+    base.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    let content_type = if path
+        .extension()
+        .is_some_and(|e| e == "sha256sum" || e == "sha512sum" || e == "json")
+    {
+        "text/plain"
+    } else {
+        "application/octet-stream"
+    };
+    base.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    base
+}
+
+/// Whether the client's copy is current: If-None-Match when sent (RFC 9110 §13.1.3: it
+/// overrides If-Modified-Since), else If-Modified-Since against `modified`, to the second.
+fn is_not_modified(headers: &HeaderMap, tag: &str, modified: SystemTime) -> bool {
+    match headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(inm) => inm.split(',').any(|t| t.trim() == tag || t.trim() == "*"),
+        None => headers
+            .get(header::IF_MODIFIED_SINCE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok())
+            .is_some_and(|since| {
+                let secs = |t: SystemTime| {
+                    t.duration_since(SystemTime::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0)
+                };
+                secs(modified) <= secs(since)
+            }),
+    }
 }
 
 #[derive(Serialize)]
