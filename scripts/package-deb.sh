@@ -40,8 +40,9 @@ cp /etc/resolv.conf "$root/etc/resolv.conf"
 cp "$deb" "$root/tmp/kiln.deb"
 mount --bind /proc "$root/proc"
 # apt resolves the package's dependencies (e2fsprogs, libc) from the mirror, as a user's would.
-DEBIAN_FRONTEND=noninteractive chroot "$root" sh -c 'apt-get update -qq && apt-get install -y -qq /tmp/kiln.deb' >/dev/null
+DEBIAN_FRONTEND=noninteractive chroot "$root" sh -c 'apt-get update -qq && apt-get install -y -qq --no-install-recommends /tmp/kiln.deb' >/dev/null
 chroot "$root" kiln --version
-chroot "$root" kiln check --cluster /usr/share/doc/kiln/examples/ceil/cluster.toml | head -1
+chroot "$root" kiln check --cluster /usr/share/doc/kiln/examples/ceil/cluster.toml > "$root/tmp/check.out"
+head -1 "$root/tmp/check.out"
 chroot "$root" sh -c 'test -f /usr/share/man/man1/kiln.1.gz && test -f /usr/share/bash-completion/completions/kiln && test -f /usr/share/kiln/images/hypriot-rpi.toml'
 echo "deb package: lintian clean of errors; installed into a clean bookworm chroot, kiln --version and kiln check ran there"

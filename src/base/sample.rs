@@ -104,7 +104,14 @@ fn make_gpt(dest: &Path) -> Result<()> {
     let esp_start = FIRST_SECTOR * 512;
     let root_start = esp_start + BOOT_SIZE;
     let total = root_start + ROOT_SIZE + TAIL_FREE;
-    let mut f = File::create(dest).with_context(|| format!("creating {}", dest.display()))?;
+    // Read and write: the gpt crate reads the device back while it lays the table out.
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dest)
+        .with_context(|| format!("creating {}", dest.display()))?;
     f.set_len(total)?;
     let guid = |n: u128| uuid::Uuid::from_u128(0x6b696c6e_5341_4d50_4c45_000000000000 | n);
     gpt::write(
