@@ -620,6 +620,9 @@ fn a_reader_that_stops_early_gets_no_panic() {
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(first.contains("valid"), "first line: {first}");
-    assert!(!stderr.contains("panicked"), "kiln panicked on a closed stdout:\n{stderr}");
+    assert!(
+        !stderr.contains("panicked"),
+        "kiln panicked on a closed stdout:\n{stderr}"
+    );
     assert_eq!(out.status.code(), Some(141), "stderr: {stderr}");
 }
