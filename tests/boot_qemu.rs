@@ -90,14 +90,16 @@ fn secrets_on_the_seed(user_data: &str) -> Vec<String> {
     secrets
 }
 
-/// The `KILN-BOOT`/`KILN-REPORT` `key=value` line of a console log.
+/// The `KILN-BOOT`/`KILN-REPORT` `key=value` line of a console log. The marker may follow other
+/// output on its line: the serial console is shared with getty, whose `login:` prompt ends
+/// without a newline (a CI run read `pirate-probe login: KILN-REPORT status=…`).
 fn console_value(log: &str, prefix: &str, key: &str) -> String {
     let tail = last_lines(log, 40);
+    let marker = format!("{prefix} {key}=");
     log.lines()
         .find_map(|l| {
-            l.trim_end_matches('\r')
-                .strip_prefix(&format!("{prefix} {key}="))
-                .map(str::to_string)
+            let l = l.trim_end_matches('\r');
+            l.find(&marker).map(|i| l[i + marker.len()..].to_string())
         })
         .unwrap_or_else(|| panic!("no {prefix} {key}= line; last lines:\n{tail}"))
 }
