@@ -12,8 +12,6 @@ mod run_image;
 mod sample;
 mod serve;
 
-use std::path::PathBuf;
-
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -28,18 +26,8 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// The cluster file, shared by the verbs that read one.
-#[derive(Debug, Clone, clap::Args)]
-pub struct ClusterArg {
-    /// The cluster file.
-    #[arg(
-        long,
-        short = 'c',
-        default_value = "cluster.toml",
-        env = "KILN_CLUSTER"
-    )]
-    pub cluster: PathBuf,
-}
+/// The cluster file flag, shared by the verbs that read one (the library's flash request too).
+pub use kiln::plan::cluster::ClusterArg;
 
 #[derive(Debug, Subcommand)]
 pub enum OciCommand {

@@ -5,6 +5,7 @@
 //! turns these structures into one explicit configuration per node.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use serde::Deserialize;
 
@@ -191,4 +192,17 @@ pub struct SwarmSection {
     pub token: Option<SecretRef>,
     /// The manager join token, needed only when there is more than one manager.
     pub manager_token: Option<SecretRef>,
+}
+
+/// The cluster file flag, shared by every verb that reads one (`-c`, `$KILN_CLUSTER`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClusterArg {
+    /// The cluster file.
+    #[arg(
+        long,
+        short = 'c',
+        default_value = "cluster.toml",
+        env = "KILN_CLUSTER"
+    )]
+    pub cluster: PathBuf,
 }

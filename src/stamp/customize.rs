@@ -13,12 +13,23 @@ use crate::disk;
 use crate::disk::patch::Patch;
 use crate::fs::fat::{self, FatVolume};
 
-#[derive(Debug, Default, Clone)]
+/// hypriot `flash`'s boot-partition edits, as `kiln flash` takes them (its flags are defined here).
+#[derive(Debug, Default, Clone, clap::Args)]
 pub struct BootEdits {
+    /// hypriot flash: set the hostname in the boot partition's user-data (and meta-data).
+    #[arg(long)]
     pub hostname: Option<String>,
+    /// hypriot flash: copy this file to the boot partition as user-data.
+    #[arg(long, short = 'u')]
     pub userdata: Option<PathBuf>,
+    /// hypriot flash: copy this file to the boot partition as meta-data.
+    #[arg(long, short = 'm')]
     pub metadata: Option<PathBuf>,
+    /// hypriot flash: copy this file to the boot partition as config.txt.
+    #[arg(long, short = 'C')]
     pub bootconf: Option<PathBuf>,
+    /// hypriot flash: copy this file to the boot partition (repeatable).
+    #[arg(long = "file", short = 'F', value_name = "FILE")]
     pub files: Vec<PathBuf>,
 }
 

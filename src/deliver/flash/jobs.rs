@@ -31,7 +31,7 @@ pub fn run(req: &Request) -> Result<()> {
     let cluster = if req.nodes.is_empty() {
         None
     } else {
-        Some(crate::plan::load(&req.cluster)?)
+        Some(crate::plan::load(req.cluster_file())?)
     };
     if req.fastboot.is_some() || delivers_by_fastboot(req, cluster.as_ref())? {
         return super::phones::run(req, cluster.as_ref());
@@ -256,7 +256,9 @@ fn same_disk(a: &BlockDevice, b: &BlockDevice) -> bool {
 
 /// Every job in its own thread; each decodes its image once for all its targets.
 fn flash_fleet(req: &Request, images: &[FlashImage], opened: Vec<Vec<OpenTarget>>) -> Vec<Outcome> {
-    let opts = FlashOptions { verify: req.verify };
+    let opts = FlashOptions {
+        verify: req.verifies(),
+    };
     std::thread::scope(|scope| {
         let handles: Vec<_> = images
             .iter()
