@@ -155,3 +155,58 @@ fn a_mismatching_download_never_enters_the_cache() {
     }
     assert!(!out.exists() || std::fs::read_dir(&out).unwrap().count() == 0);
 }
+
+/// `kiln flash --node … --progress json`: the base's download and decompression arrive as the
+/// same JSON events as the write, on stdout, one object per line.
+#[test]
+fn a_flash_reports_its_download_as_json_events() {
+    if !have_tools(&["sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy", "xz"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = hypriot_fixture(dir.path());
+    run(std::process::Command::new("xz")
+        .args(["-T0", "-1", "-k"])
+        .arg(&base));
+    let xz = std::fs::read(dir.path().join("hypriot-layout.img.xz")).unwrap();
+    let (port, _) = serve(xz);
+    let cluster = example_cluster("ceil", dir.path());
+    let cache = dir.path().join("cache");
+    let card = dir.path().join("card.img");
+    let o = kiln(&cache)
+        .args(["flash", "--yes", "--progress", "json", "--node", "ceil-one"])
+        .arg("--cluster")
+        .arg(&cluster)
+        .arg("--out")
+        .arg(dir.path().join("out"))
+        .args([
+            "--base",
+            &format!("http://127.0.0.1:{port}/hypriot-layout.img.xz"),
+        ])
+        .arg(&card)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect();
+    let stages = |stage: &str| {
+        events
+            .iter()
+            .filter(|e| e["event"] == "progress" && e["stage"] == stage)
+            .collect::<Vec<_>>()
+    };
+    let download = stages("download");
+    let last = download.last().expect("no download event");
+    assert_eq!(last["target"], "hypriot-layout.img.xz");
+    assert_eq!(last["bytes"], last["total"], "{download:?}");
+    assert!(!stages("decompress").is_empty(), "{events:?}");
+    assert!(!stages("write").is_empty(), "{events:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "result" && e["ok"] == true),
+        "{events:?}"
+    );
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use super::cache::{Cache, sha256_file};
-use crate::io::progress::Progress;
+use crate::io::progress::{Progress, Stage};
 
 const ATTEMPTS: u32 = 6;
 
@@ -116,7 +116,12 @@ fn fetch_once(agent: &ureq::Agent, url: &str, partial: &PathBuf) -> Result<()> {
         .open(partial)
         .with_context(|| format!("opening {}", partial.display()))?;
     let start = if append { have } else { 0 };
-    let mut progress = Progress::new("download", length.map(|l| l + start));
+    let name = url
+        .rsplit('/')
+        .next()
+        .filter(|n| !n.is_empty())
+        .unwrap_or(url);
+    let mut progress = Progress::new(Stage::Download, name, length.map(|l| l + start));
     progress.inc(start);
     let mut body = resp.into_body();
     let mut reader = body.as_reader();

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use crate::io::decompress::{self, Compression};
-use crate::io::progress::{Progress, ProgressReader};
+use crate::io::progress::{Progress, ProgressReader, Stage};
 use crate::io::sparse;
 use crate::plan::profile::Profile;
 use cache::Cache;
@@ -196,7 +196,12 @@ fn decompressed(cache: &Cache, archive: &Path, sha: &str) -> Result<PathBuf> {
     let tmp = crate::util::fsutil::temp_beside(&dest);
     let result = (|| -> Result<()> {
         let mut out = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let mut progress = Progress::new("decompress", decompress::decompressed_size_hint(archive));
+        let name = archive.file_name().unwrap_or_default().to_string_lossy();
+        let mut progress = Progress::new(
+            Stage::Decompress,
+            &name,
+            decompress::decompressed_size_hint(archive),
+        );
         let len = decompress::with_decompressed(archive, |r| {
             let mut pr = ProgressReader {
                 inner: r,

@@ -2,14 +2,15 @@
 //! line every few seconds otherwise (so logs in CI stay readable), one JSON object per line with
 //! `--progress json`, or nothing. Stages report through this; they never print bars themselves.
 //!
-//! Two shapes share the drawing: `Progress` is one labelled task (a download, a decompression);
-//! `Events` carries a flash's events — each target's stages, notes, fastboot's own lines and each
-//! target's result — which `--progress json` prints as they are.
+//! Everything reports as events of a stage on a target: a flash's targets (prepare, decode,
+//! write, verify, done, notes, fastboot's own lines and each result) and the tasks before it
+//! (a base's download and decompression, through `Progress`). One `Events` draws them all, so
+//! `kiln flash --node … --progress json` streams the download as it streams the write.
 
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -24,67 +25,58 @@ fn styled(bar: ProgressBar, template: &str) -> ProgressBar {
     bar
 }
 
+/// How long tasks outside a flash (downloads, decompression) report: set once by a verb's
+/// `--progress` (`kiln flash` has it), bars or lines when no verb sets it.
+static MODE: OnceLock<ProgressMode> = OnceLock::new();
+
+/// Sets the progress mode of the whole run, from the verb's `--progress`.
+pub fn set_mode(mode: ProgressMode) {
+    let _ = MODE.set(mode);
+}
+
+/// One labelled task (a download, a decompression) reporting through the same events as a
+/// flash: a bar on a terminal, lines in a log, JSON with `--progress json`.
 pub struct Progress {
-    label: String,
-    total: Option<u64>,
+    events: Events,
+    stage: Stage,
+    target: PathBuf,
     done: u64,
-    bar: Option<ProgressBar>,
-    last_line: Instant,
     started: Instant,
 }
 
 impl Progress {
-    pub fn new(label: &str, total: Option<u64>) -> Progress {
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let b = match total {
-                Some(t) => ProgressBar::new(t),
-                None => ProgressBar::new_spinner(),
-            };
-            let style = if total.is_some() {
-                "{msg:>12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
-            } else {
-                "{msg:>12} {spinner} {bytes} {bytes_per_sec}"
-            };
-            let b = styled(b, style);
-            b.set_message(label.to_string());
-            b
-        });
-        Progress {
-            label: label.to_string(),
-            total,
+    /// A task of `stage` on `target` (a file name), `total` bytes when known.
+    pub fn new(stage: Stage, target: &str, total: Option<u64>) -> Progress {
+        let mode = MODE.get().copied().unwrap_or(ProgressMode::Auto);
+        let p = Progress {
+            events: Events::new(mode, total),
+            stage,
+            target: PathBuf::from(target),
             done: 0,
-            bar,
-            last_line: Instant::now(),
             started: Instant::now(),
-        }
+        };
+        p.events.report(stage, &p.target, 0, None, true);
+        p
     }
 
     pub fn inc(&mut self, n: u64) {
         self.done += n;
-        if let Some(b) = &self.bar {
-            b.inc(n);
-        } else if self.last_line.elapsed() > Duration::from_secs(5) {
-            self.last_line = Instant::now();
-            match self.total {
-                Some(t) if t > 0 => eprintln!(
-                    "{}: {} of {} MiB ({}%)",
-                    self.label,
-                    self.done >> 20,
-                    t >> 20,
-                    self.done * 100 / t
-                ),
-                _ => eprintln!("{}: {} MiB", self.label, self.done >> 20),
-            }
-        }
+        self.events.emit(self.stage, &self.target, self.done, None);
     }
 
+    /// The task is over: its last count is always reported, and a human reader gets its time.
     pub fn finish(self) {
-        if let Some(b) = &self.bar {
-            b.finish_and_clear();
-        }
+        self.events
+            .report(self.stage, &self.target, self.done, None, true);
         let secs = self.started.elapsed().as_secs_f64();
-        if secs > 1.0 {
-            eprintln!("{}: {} MiB in {secs:.1} s", self.label, self.done >> 20);
+        if self.events.mode == ProgressMode::Auto && secs > 1.0 {
+            self.events.finish_bars();
+            eprintln!(
+                "{} {}: {} MiB in {secs:.1} s",
+                self.stage.name(),
+                self.target.display(),
+                self.done >> 20
+            );
         }
     }
 }
@@ -110,9 +102,21 @@ pub enum Stage {
     Write,
     Verify,
     Done,
+    /// A base image coming over HTTP.
+    Download,
+    /// A compressed base image being unpacked into the cache.
+    Decompress,
 }
 
 impl Stage {
+    /// Stages that report on every buffer; JSON and log lines are rate-limited for them.
+    fn is_chatty(self) -> bool {
+        matches!(
+            self,
+            Stage::Write | Stage::Verify | Stage::Decode | Stage::Download | Stage::Decompress
+        )
+    }
+
     fn name(self) -> &'static str {
         match self {
             Stage::Prepare => "prepare",
@@ -120,6 +124,8 @@ impl Stage {
             Stage::Write => "write",
             Stage::Verify => "verify",
             Stage::Done => "done",
+            Stage::Download => "download",
+            Stage::Decompress => "decompress",
         }
     }
 }
@@ -158,15 +164,18 @@ impl Events {
     }
 
     pub fn emit(&self, stage: Stage, target: &Path, bytes: u64, total: Option<u64>) {
+        self.report(stage, target, bytes, total, false)
+    }
+
+    /// `emit`, where `last` reports even a chatty stage now (its first or final count).
+    fn report(&self, stage: Stage, target: &Path, bytes: u64, total: Option<u64>, last: bool) {
         let total = total.or(self.total);
         let key = (target.display().to_string(), stage.name());
         match self.mode {
             ProgressMode::None => {}
             ProgressMode::Json => {
                 // Rate-limit the chatty stages; always report stage boundaries.
-                if matches!(stage, Stage::Write | Stage::Verify | Stage::Decode)
-                    && !self.due(&key, 200)
-                {
+                if stage.is_chatty() && !last && !self.due(&key, 200) {
                     return;
                 }
                 let line = serde_json::json!({
@@ -186,10 +195,17 @@ impl Events {
                 }
                 let mut bars = self.bars.lock().expect("bars lock");
                 let bar = bars.entry(key.clone()).or_insert_with(|| {
-                    let b = styled(
-                        self.multi.add(ProgressBar::new(total.unwrap_or(0))),
-                        "{msg:>24} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                    );
+                    // A download without a Content-Length has no end to draw: a spinner.
+                    let b = match total {
+                        Some(t) => styled(
+                            self.multi.add(ProgressBar::new(t)),
+                            "{msg:>24} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                        ),
+                        None => styled(
+                            self.multi.add(ProgressBar::new_spinner()),
+                            "{msg:>24} {spinner} {bytes} {bytes_per_sec}",
+                        ),
+                    };
                     b.set_message(format!("{} {}", stage.name(), key.0));
                     b
                 });
@@ -204,6 +220,10 @@ impl Events {
             }
             ProgressMode::Auto => {
                 if matches!(stage, Stage::Done | Stage::Prepare) || self.due(&key, 5000) {
+                    // A task's first report is its start, not news for a log.
+                    if last && bytes == 0 {
+                        return;
+                    }
                     eprintln!("{} {}: {} MiB", stage.name(), key.0, bytes >> 20);
                 }
             }
@@ -278,6 +298,13 @@ impl Events {
     pub fn fastboot_end(&self) {
         if let Some(b) = self.phone_bar.lock().expect("phone bar lock").take() {
             b.finish_and_clear();
+        }
+    }
+
+    /// Completes every bar drawn so far (a task's bar stays, full, above what follows).
+    fn finish_bars(&self) {
+        for b in self.bars.lock().expect("bars lock").values() {
+            b.finish();
         }
     }
 

@@ -27,6 +27,8 @@ struct Job {
 
 /// Carries out a flash request, disks or phones.
 pub fn run(req: &Request) -> Result<()> {
+    // A --node's download and decompression report as the flash does.
+    crate::io::progress::set_mode(req.progress);
     // The cluster is read once, for every decision that needs it.
     let cluster = if req.nodes.is_empty() {
         None
