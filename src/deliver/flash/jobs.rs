@@ -1,19 +1,18 @@
 //! `kiln flash` as the library carries it out: the request (images or nodes, disks or phones)
-//! becomes jobs, every refusal is checked for every target, one question is asked, and only then
-//! is anything written. The binary parses flags into a `Request` (`request.rs`) and calls `run`;
-//! phones go on in `phones.rs`.
+//! becomes deliveries — here, one image to its disks; phones in `phones.rs` — which
+//! `delivery::carry_out` takes through refusals, the one question and the writes.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use super::confirm::confirm;
+use super::delivery::{Delivery, carry_out};
 use super::image::FlashImage;
 use super::request::Request;
 use super::{FlashOptions, OpenTarget, Outcome};
 use crate::blockdev::{self, BlockDevice, Target};
 use crate::build::build_node;
-use crate::io::progress::Events;
+use crate::io::progress::{Events, ProgressMode};
 use crate::plan::Cluster;
 use crate::plan::profile::DeliverMethod;
 use crate::stamp::customize;
@@ -36,47 +35,31 @@ pub fn run(req: &Request) -> Result<()> {
         Some(crate::plan::load(req.cluster_file())?)
     };
     if req.fastboot.is_some() || delivers_by_fastboot(req, cluster.as_ref())? {
-        return super::phones::run(req, cluster.as_ref());
+        let phones = super::phones::deliveries(req, cluster.as_ref())?;
+        return carry_out(phones, req.yes, "partitions", req.progress);
     }
     if !req.edits.is_empty() && !req.nodes.is_empty() {
         bail!(
             "--hostname, --userdata, --metadata, --bootconf and --file customise an image file; a --node's image comes from its cluster file"
         );
     }
-    let jobs = plan_jobs(req, cluster.as_ref())?;
-    let images = jobs
-        .iter()
-        .map(|job| open_image(req, &job.image))
-        .collect::<Result<Vec<_>>>()?;
-    check_refusals(req, &jobs, &images)?;
     if req.authopen && !cfg!(target_os = "macos") {
         bail!("--authopen is macOS's administrator dialog; here, run kiln with sudo");
     }
-    // Permission is asked before the question, so a user without it loses nothing (no unmount).
-    for job in &jobs {
-        for (t, _) in &job.targets {
-            if let Target::Device(d) = t {
-                blockdev::check_access(d, req.authopen)?;
-            }
-        }
+    let mut disks: Vec<Box<dyn Delivery>> = Vec::new();
+    for job in plan_jobs(req, cluster.as_ref())? {
+        let image = open_image(req, &job.image)?;
+        disks.push(Box::new(DiskDelivery {
+            job,
+            image,
+            opened: Vec::new(),
+            allow_non_removable: req.allow_non_removable,
+            authopen: req.authopen,
+            verify: req.verifies(),
+            eject: !req.no_eject,
+        }));
     }
-    let (lines, mounted) = describe(&jobs);
-    confirm(req.yes, &lines, &mounted, "disks")?;
-    let opened = reopen(&jobs, req.authopen)?;
-    // Every descriptor is closed when this returns: only then may a card be ejected.
-    let outcomes = flash_fleet(req, &images, opened);
-    let events = Events::new(req.progress, None);
-    if !req.no_eject {
-        eject_written(&jobs, &outcomes, &events);
-    }
-    for o in &outcomes {
-        let result = match &o.result {
-            Ok(d) => Ok((d.written, d.verified)),
-            Err(e) => Err(e.as_str()),
-        };
-        events.result(&o.path, result);
-    }
-    super::summary(&outcomes)
+    carry_out(disks, req.yes, "disks", req.progress)
 }
 
 /// Whether the `--node`s are phones (their profile delivers over fastboot).
@@ -167,51 +150,76 @@ fn open_image(req: &Request, image: &Path) -> Result<FlashImage> {
     Ok(img)
 }
 
-/// Every refusal for every target, before anything is asked or written.
-fn check_refusals(req: &Request, jobs: &[Job], images: &[FlashImage]) -> Result<()> {
-    let mut problems = Vec::new();
-    for (job, img) in jobs.iter().zip(images) {
-        for (t, pinned) in &job.targets {
-            if let Target::Device(d) = t {
-                for r in blockdev::refusals(d, img.size, req.allow_non_removable, pinned.as_deref())
-                {
-                    problems.push(format!("refusing {}: {r}", d.describe()));
-                }
+/// One image to its disks and files, through the commit-last write loop.
+struct DiskDelivery {
+    job: Job,
+    image: FlashImage,
+    /// Filled by `open`, after the question.
+    opened: Vec<OpenTarget>,
+    allow_non_removable: bool,
+    authopen: bool,
+    verify: bool,
+    eject: bool,
+}
+
+impl DiskDelivery {
+    fn devices(&self) -> impl Iterator<Item = (&BlockDevice, Option<&str>)> {
+        self.job.targets.iter().filter_map(|(t, pinned)| match t {
+            Target::Device(d) => Some((&**d, pinned.as_deref())),
+            Target::File(_) => None,
+        })
+    }
+
+    /// Ejects every card written without error, now that its descriptors are closed.
+    fn eject_written(&self, outcomes: &[Outcome], events: &Events) {
+        for ((t, _), o) in self.job.targets.iter().zip(outcomes) {
+            if let (Target::Device(d), Ok(_)) = (t, &o.result)
+                && blockdev::eject::wanted(d, false)
+            {
+                events.note(&o.path, &blockdev::eject::eject_closed(d));
             }
         }
     }
-    if !problems.is_empty() {
-        bail!("{}", problems.join("\n"));
-    }
-    Ok(())
 }
 
-/// The lines of the question (image → target) and the partitions to unmount.
-fn describe(jobs: &[Job]) -> (Vec<String>, Vec<(String, String)>) {
-    let mut mounted = Vec::new();
-    let mut lines = Vec::new();
-    for job in jobs {
-        for (t, _) in &job.targets {
-            match t {
-                Target::Device(d) => {
-                    lines.push(format!("  {} → {}", job.image.display(), d.describe()));
-                    mounted.extend(d.all_mountpoints());
-                }
-                Target::File(p) => {
-                    lines.push(format!("  {} → file {}", job.image.display(), p.display()))
-                }
+impl Delivery for DiskDelivery {
+    fn refusals(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (d, pinned) in self.devices() {
+            for r in blockdev::refusals(d, self.image.size, self.allow_non_removable, pinned) {
+                problems.push(format!("refusing {}: {r}", d.describe()));
+            }
+            // Permission is asked before the question, so a user without it loses nothing (no
+            // unmount).
+            if let Err(e) = blockdev::check_access(d, self.authopen) {
+                problems.push(format!("{e:#}"));
             }
         }
+        problems
     }
-    (lines, mounted)
-}
 
-/// Opens every target, re-checking each device first: the disk confirmed must be the disk written.
-fn reopen(jobs: &[Job], authopen: bool) -> Result<Vec<Vec<OpenTarget>>> {
-    let mut opened = Vec::new();
-    for job in jobs {
-        let mut v = Vec::new();
-        for (t, _) in &job.targets {
+    fn describe(&self) -> Vec<String> {
+        let image = self.job.image.display();
+        self.job
+            .targets
+            .iter()
+            .map(|(t, _)| match t {
+                Target::Device(d) => format!("  {image} → {}", d.describe()),
+                Target::File(p) => format!("  {image} → file {}", p.display()),
+            })
+            .collect()
+    }
+
+    fn mounted(&self) -> Vec<(String, String)> {
+        self.devices()
+            .flat_map(|(d, _)| d.all_mountpoints())
+            .collect()
+    }
+
+    /// Opens every target, re-checking each device first: the disk confirmed must be the disk
+    /// written.
+    fn open(&mut self) -> Result<()> {
+        for (t, _) in &self.job.targets {
             let t = match t {
                 Target::Device(before) => {
                     let now = blockdev::resolve(Path::new(&before.path))?;
@@ -233,50 +241,27 @@ fn reopen(jobs: &[Job], authopen: bool) -> Result<Vec<Vec<OpenTarget>>> {
                 }
                 f => f.clone(),
             };
-            v.push(OpenTarget::open(t, authopen)?);
+            self.opened.push(OpenTarget::open(t, self.authopen)?);
         }
-        opened.push(v);
+        Ok(())
     }
-    Ok(opened)
-}
 
-/// Ejects every card written without error, now that its descriptors are closed.
-fn eject_written(jobs: &[Job], outcomes: &[Outcome], events: &Events) {
-    let targets = jobs.iter().flat_map(|j| j.targets.iter().map(|(t, _)| t));
-    for (t, o) in targets.zip(outcomes) {
-        if let (Target::Device(d), Ok(_)) = (t, &o.result)
-            && blockdev::eject::wanted(d, false)
-        {
-            events.note(&o.path, &blockdev::eject::eject_closed(d));
+    /// Decodes the image once for all its targets; ejects the cards once their descriptors are
+    /// closed (the write loop owns and drops them).
+    fn deliver(mut self: Box<Self>, progress: ProgressMode) -> Vec<Outcome> {
+        let events = Events::new(progress, self.image.size);
+        let opts = FlashOptions {
+            verify: self.verify,
+        };
+        let targets = std::mem::take(&mut self.opened);
+        let outcomes = super::flash(&self.image, targets, &opts, &events);
+        if self.eject {
+            self.eject_written(&outcomes, &events);
         }
+        outcomes
     }
 }
 
 fn same_disk(a: &BlockDevice, b: &BlockDevice) -> bool {
     a.devno == b.devno && a.size == b.size && a.serial == b.serial && a.model == b.model
-}
-
-/// Every job in its own thread; each decodes its image once for all its targets.
-fn flash_fleet(req: &Request, images: &[FlashImage], opened: Vec<Vec<OpenTarget>>) -> Vec<Outcome> {
-    let opts = FlashOptions {
-        verify: req.verifies(),
-    };
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = images
-            .iter()
-            .zip(opened)
-            .map(|(img, targets)| {
-                let opts = &opts;
-                let progress = req.progress;
-                scope.spawn(move || {
-                    let events = Events::new(progress, img.size);
-                    super::flash(img, targets, opts, &events)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("flash thread panicked"))
-            .collect()
-    })
 }

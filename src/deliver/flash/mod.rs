@@ -12,12 +12,13 @@
 //! target does not stop the others.
 //!
 //! The loop is generic over `target::FlashTarget` (a device or file in `device.rs`, memory with
-//! injected faults in tests). What a `kiln flash` asks for — jobs, refusals, the one question —
-//! is `request.rs`; phones (fastboot) are `phones.rs`.
+//! injected faults in tests). A `kiln flash` as a whole — refusals, the one question, the writes —
+//! goes through `delivery::Delivery`: disks in `jobs.rs`, phones (fastboot) in `phones.rs`.
 
 pub mod blocks;
 pub mod buffer;
 mod confirm;
+pub mod delivery;
 pub mod device;
 pub mod image;
 mod jobs;
@@ -65,6 +66,8 @@ pub struct Done {
     pub written: u64,
     pub verified: bool,
     pub seconds: f64,
+    /// What the summary says instead of verified / not verified (a phone: why it cannot be).
+    pub detail: Option<String>,
 }
 
 pub struct FlashOptions {
@@ -547,6 +550,7 @@ fn finish_target(
         written,
         verified: opts.verify,
         seconds: started.elapsed().as_secs_f64(),
+        detail: None,
     })
 }
 
@@ -565,10 +569,10 @@ pub fn summary(outcomes: &[Outcome]) -> Result<()> {
                 "ok",
                 blockdev::human_size(d.written),
                 d.seconds,
-                if d.verified {
-                    "verified"
-                } else {
-                    "not verified (--no-verify)"
+                match (&d.detail, d.verified) {
+                    (Some(detail), _) => detail.as_str(),
+                    (None, true) => "verified",
+                    (None, false) => "not verified (--no-verify)",
                 }
             ),
             Err(e) => {
@@ -585,7 +589,7 @@ pub fn summary(outcomes: &[Outcome]) -> Result<()> {
     }
     if failed > 0 {
         return Err(anyhow!(
-            "{failed} of {} targets failed; a failed target holds no partition table",
+            "{failed} of {} targets failed; a failed disk is left with no partition table",
             outcomes.len()
         ));
     }

@@ -1,16 +1,19 @@
-//! `kiln flash` to phones: each job's image becomes Android sparse pieces, every phone is found
-//! and checked, one question is asked, then `deliver/fastboot.rs` sends the pieces.
+//! `kiln flash` to phones: each job's image becomes Android sparse pieces and a `Delivery` that
+//! finds and checks its phone before the one question, then sends the pieces with
+//! `deliver/fastboot.rs`.
 
 use std::path::PathBuf;
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
-use super::confirm::confirm;
+use super::delivery::Delivery;
 use super::image::FlashImage;
 use super::request::Request;
+use super::{Done, Outcome};
 use crate::build::build_node;
 use crate::deliver::fastboot;
-use crate::io::progress::Events;
+use crate::io::progress::{Events, ProgressMode};
 use crate::plan::Cluster;
 
 /// One image going to one phone.
@@ -23,8 +26,8 @@ struct PhoneJob {
     serial: Option<String>,
 }
 
-/// Flashes every phone job: plan, find and check every phone, ask once, write.
-pub fn run(req: &Request, cluster: Option<&Cluster>) -> Result<()> {
+/// Every phone job as a delivery: built (for nodes) and made sparse, not yet looked for.
+pub fn deliveries(req: &Request, cluster: Option<&Cluster>) -> Result<Vec<Box<dyn Delivery>>> {
     if !req.edits.is_empty() {
         bail!(
             "--hostname, --userdata, --metadata, --bootconf and --file customise SD-card images, not phones"
@@ -34,38 +37,75 @@ pub fn run(req: &Request, cluster: Option<&Cluster>) -> Result<()> {
         None => vec![image_job(req)?],
         Some(cluster) => node_jobs(req, cluster)?,
     };
-    // Every phone is found and checked before the first byte goes to any of them.
-    let mut phones = Vec::new();
-    for job in &jobs {
-        let phone = fastboot::find(job.serial.as_deref())?;
-        phone.check(job.product.as_deref(), &job.partition, job.raw_size)?;
-        phones.push(phone);
+    Ok(jobs
+        .into_iter()
+        .map(|job| Box::new(PhoneDelivery { job, phone: None }) as Box<dyn Delivery>)
+        .collect())
+}
+
+/// One image to one phone, over fastboot.
+struct PhoneDelivery {
+    job: PhoneJob,
+    /// Found and checked by `refusals`, before the question.
+    phone: Option<fastboot::Phone>,
+}
+
+impl Delivery for PhoneDelivery {
+    /// The phone is there, it is the profile's product and its partition holds the image.
+    fn refusals(&mut self) -> Vec<String> {
+        let job = &self.job;
+        let found = fastboot::find(job.serial.as_deref()).and_then(|phone| {
+            phone.check(job.product.as_deref(), &job.partition, job.raw_size)?;
+            Ok(phone)
+        });
+        match found {
+            Ok(phone) => {
+                self.phone = Some(phone);
+                Vec::new()
+            }
+            Err(e) => vec![format!("{e:#}")],
+        }
     }
-    let lines: Vec<String> = jobs
-        .iter()
-        .zip(&phones)
-        .map(|(job, phone)| {
-            format!(
-                "  {} → partition {} of phone {}",
-                job.label, job.partition, phone.serial
-            )
-        })
-        .collect();
-    confirm(req.yes, &lines, &[], "partitions")?;
-    let events = Events::new(req.progress, None);
-    for (job, phone) in jobs.iter().zip(&phones) {
+
+    fn describe(&self) -> Vec<String> {
+        let serial = self.phone.as_ref().map_or("?", |p| p.serial.as_str());
+        vec![format!(
+            "  {} → partition {} of phone {serial}",
+            self.job.label, self.job.partition
+        )]
+    }
+
+    /// Sends the sparse pieces, then reboots the phone. Nothing can be read back over fastboot;
+    /// the bootloader checks each piece as it writes it.
+    fn deliver(self: Box<Self>, progress: ProgressMode) -> Vec<Outcome> {
+        let Some(phone) = self.phone else {
+            return Vec::new();
+        };
+        let job = &self.job;
+        let events = Events::new(progress, None);
+        let started = Instant::now();
         events.fastboot_begin(&phone.serial);
-        phone.flash(&job.partition, &job.files, &|line| {
+        let sent = phone.flash(&job.partition, &job.files, &|line| {
             events.fastboot_line(&phone.serial, line)
-        })?;
+        });
         events.fastboot_end();
-        phone.reboot()?;
-        println!(
-            "{}: {} flashed to {} and rebooted",
-            phone.serial, job.label, job.partition
-        );
+        let result = sent.and_then(|()| phone.reboot()).map(|()| {
+            println!(
+                "{}: {} flashed to {} and rebooted",
+                phone.serial, job.label, job.partition
+            );
+            Done {
+                written: job.raw_size,
+                verified: false,
+                seconds: started.elapsed().as_secs_f64(),
+                detail: Some(format!("{} written, rebooted", job.partition)),
+            }
+        });
+        vec![Outcome {
+            path: PathBuf::from(&phone.serial),
+            result: result.map_err(|e| format!("{e:#}")),
+        }]
     }
-    Ok(())
 }
 
 /// `kiln flash IMAGE --fastboot SERIAL`: a sparse image as it is, anything else converted.

@@ -7,10 +7,9 @@
 //! (dropping the buffer cache, re-reading the partition table) have no-op defaults. Ejecting is
 //! not here: it must wait until every descriptor is closed (`request.rs`).
 //!
-//! fastboot (`deliver/fastboot.rs`) is not a `FlashTarget`, on purpose: the `fastboot` tool takes
-//! a whole image or its sparse pieces and the phone's bootloader decides where bytes land and
-//! when they are committed; there is no write at an offset, no read-back to verify, and no first
-//! MiB kiln could hold back. Forcing it behind this trait would make every method a lie.
+//! A phone is not a `FlashTarget`: fastboot has no positioned write, no read-back and no first
+//! MiB to hold back. Phones and disks meet one level up, in `delivery.rs`, where a whole flash
+//! (refusals, the question, the writes) is generic over `Delivery`.
 
 use std::io::ErrorKind;
 use std::path::Path;
