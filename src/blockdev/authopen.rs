@@ -45,13 +45,15 @@ pub fn receive_fd(sock: &UnixStream) -> Result<Option<OwnedFd>> {
 pub fn open(raw: &str) -> Result<std::fs::File> {
     use std::process::{Command, Stdio};
     let (ours, theirs) = UnixStream::pair().context("making a socket pair for authopen")?;
-    let child = Command::new("/usr/libexec/authopen")
-        .args(["-stdoutpipe", "-o", &nix::libc::O_RDWR.to_string(), raw])
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(OwnedFd::from(theirs)))
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting /usr/libexec/authopen")?;
+    let child = crate::util::cmd::spawn(
+        Command::new("/usr/libexec/authopen")
+            .args(["-stdoutpipe", "-o", &nix::libc::O_RDWR.to_string(), raw])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(OwnedFd::from(theirs)))
+            .stderr(Stdio::piped()),
+        // An absolute name: `require` finds it whatever PATH holds.
+        "/usr/libexec/authopen",
+    )?;
     // The Command (and our copy of its end of the pair) is gone: if authopen exits without
     // sending, this read sees end-of-file instead of waiting forever.
     let fd = receive_fd(&ours);
