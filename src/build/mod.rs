@@ -19,7 +19,7 @@ use crate::base::{self, BaseImage, BaseRef};
 use crate::fs::ext4_write;
 use crate::plan::Cluster;
 use crate::plan::node::NodeConfig;
-use crate::plan::profile::{OverlayTarget, PartitionRole, Profile, ProfileOrigin};
+use crate::plan::profile::{PartitionRole, Profile, ProfileOrigin};
 use crate::plan::seed_scrub;
 use crate::plan::stamp_plan::{self as plan, StampPlan};
 use crate::stamp::{apply, rootfs};
@@ -202,10 +202,9 @@ fn stamp_node(
         ..
     } = *what;
     let rootfs = plan.rootfs.is_some();
-    // Overlays into the root of a cloud-init image: the root is edited in a working copy too.
-    let overlays_into_root = !rootfs
-        && profile.provision.overlays_into == OverlayTarget::Root
-        && !node.overlays.is_empty();
+    // Overlays into the root of a cloud-init image (and a CNI folder, which always goes there):
+    // the root is edited in a working copy too.
+    let overlays_into_root = !rootfs && !plan.root_files.is_empty();
     if !(rootfs || overlays_into_root) {
         let stamped = apply::stamp(&base.raw, profile, plan)
             .with_context(|| format!("stamping node {}", node.name))?;

@@ -183,9 +183,9 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
 }
 
 /// The overlays' files as files of the root.
-fn root_files(overlays: &[Overlay]) -> Vec<RootFile> {
+fn root_files<'a>(overlays: impl IntoIterator<Item = &'a Overlay>) -> Vec<RootFile> {
     overlays
-        .iter()
+        .into_iter()
         .flat_map(|o| {
             o.files.iter().map(|f| RootFile {
                 path: f.target.clone(),
@@ -264,7 +264,7 @@ fn rootfs_plan(
         meta_data: String::new(),
         network_config: String::new(),
         network_data: None,
-        root_files: root_files(overlays),
+        root_files: root_files(overlays.iter().chain(&node.cni)),
         rootfs: Some(rootfs),
         note: Some(rootfs_note(node)),
     })
@@ -347,6 +347,7 @@ fn cloud_init_plan(
     let into_root = profile.provision.overlays_into == OverlayTarget::Root;
     let mut inputs: Vec<InputFile> = overlays
         .iter()
+        .chain(&node.cni)
         .flat_map(|o| std::iter::once(&o.manifest_file).chain(o.files.iter().map(|f| &f.content)))
         .cloned()
         .collect();
@@ -396,11 +397,9 @@ fn cloud_init_plan(
         meta_data: docs.meta_data,
         network_config: docs.network_config,
         network_data,
-        root_files: if into_root {
-            root_files(overlays)
-        } else {
-            Vec::new()
-        },
+        // A CNI folder always goes into the root: its plugins are megabytes each, too big for
+        // cloud-init's user-data on the boot FAT (and YAML-parsed on a Pi at first boot).
+        root_files: root_files(overlays.iter().filter(|_| into_root).chain(&node.cni)),
         rootfs: None,
         note: None,
     })
@@ -743,6 +742,58 @@ mod tests {
 
     fn plan_of(c: &Cluster, node: &str) -> StampPlan {
         plan(c, c.node(node).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_cni_folder_goes_into_the_root_not_into_user_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let cni = dir.path().join("cni");
+        std::fs::create_dir_all(cni.join("conf")).unwrap();
+        std::fs::create_dir_all(cni.join("bin")).unwrap();
+        std::fs::write(
+            cni.join("conf/99-lo.conf"),
+            r#"{"cniVersion":"1.0.0","name":"lo","type":"loopback"}"#,
+        )
+        .unwrap();
+        std::fs::write(cni.join("bin/loopback"), b"\x7fELF").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            cni.join("bin/loopback"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let text = "[cluster]\nname = \"lab\"\n[defaults]\nimage = \"hypriot-rpi\"\n\
+                    cni = { dir = \"cni\" }\n[[node]]\nname = \"one\"\n";
+        let c = crate::plan::resolve::parse(&dir.path().join("cluster.toml"), text.into()).unwrap();
+        let p = plan_of(&c, "one");
+        let root: Vec<_> = p
+            .root_files
+            .iter()
+            .map(|f| (f.path.as_str(), f.mode))
+            .collect();
+        assert_eq!(
+            root,
+            [
+                ("/opt/cni/bin/loopback", 0o755),
+                ("/etc/cni/net.d/99-lo.conf", 0o644)
+            ]
+        );
+        assert!(!p.user_data.contains("/etc/cni"), "{}", p.user_data);
+        assert!(p.inputs.iter().any(|i| i.path.ends_with("99-lo.conf")));
+
+        // Outside the cluster file's directory, or broken: refused with the file named.
+        std::fs::write(cni.join("bin/loopback"), b"").unwrap();
+        std::fs::set_permissions(
+            cni.join("bin/loopback"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let e =
+            crate::plan::resolve::parse(&dir.path().join("cluster.toml"), text.into()).unwrap_err();
+        assert!(format!("{e:#}").contains("bin/loopback"), "{e:#}");
+        let outside = text.replace("dir = \"cni\"", "dir = \"/etc\"");
+        let e = crate::plan::resolve::parse(&dir.path().join("cluster.toml"), outside).unwrap_err();
+        assert!(format!("{e:#}").contains("outside"), "{e:#}");
     }
 
     #[test]
