@@ -691,6 +691,24 @@ pub fn describe(plan: &StampPlan) -> String {
             f.why
         );
     }
+    if !plan.root_files.is_empty() {
+        let _ = writeln!(s, "\n  written into the root now:");
+        for f in &plan.root_files {
+            let _ = writeln!(
+                s,
+                "    {:04o} {:<10} {:<48} {:>7} bytes  ({})",
+                f.mode,
+                format!("{}:{}", f.owner, f.group),
+                f.path,
+                f.bytes.len(),
+                if f.overlay == "cni" {
+                    "CNI folder".to_string()
+                } else {
+                    format!("overlay {}", f.overlay)
+                }
+            );
+        }
+    }
     if !plan.first_boot_files.is_empty() {
         let _ = writeln!(s, "\n  written by cloud-init on first boot:");
         for f in &plan.first_boot_files {
@@ -779,6 +797,11 @@ mod tests {
             ]
         );
         assert!(!p.user_data.contains("/etc/cni"), "{}", p.user_data);
+        assert!(
+            describe(&p).contains("0755 root:root  /opt/cni/bin/loopback"),
+            "{}",
+            describe(&p)
+        );
         assert!(p.inputs.iter().any(|i| i.path.ends_with("99-lo.conf")));
 
         // Outside the cluster file's directory, or broken: refused with the file named.
