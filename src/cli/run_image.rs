@@ -234,3 +234,24 @@ fn on_ctrl_c(stop: Arc<AtomicBool>) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn until_is_for_every_node_unless_it_names_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "[cluster]\nname = \"c\"\n[defaults]\nimage = \"hypriot-rpi\"\n\
+                    [[node]]\nname = \"a\"\n[[node]]\nname = \"b\"\n";
+        let cluster =
+            kiln::plan::resolve::parse(&dir.path().join("cluster.toml"), text.into()).unwrap();
+        let flags = ["login:".to_string(), "b=x=y done".to_string()];
+        let got = per_node_until(&cluster, &flags).unwrap();
+        assert_eq!(got["a"], "login:");
+        assert_eq!(got["b"], "x=y done");
+        // A text with '=' whose prefix is no node is a text for every node.
+        let got = per_node_until(&cluster, &["k=v".to_string()]).unwrap();
+        assert_eq!((got["a"].as_str(), got["b"].as_str()), ("k=v", "k=v"));
+    }
+}
