@@ -374,3 +374,38 @@ fn plugin_version(bin: &Path) -> String {
     assert!(out.status.success(), "{} VERSION failed", bin.display());
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Plugins the cluster file says the image has (`image_plugins`) must be in the image: the build
+/// looks in the base's root and refuses, naming the missing plugin, before it writes an image.
+#[test]
+fn image_plugins_the_image_lacks_are_refused_by_the_build() {
+    if !have_tools(TOOLS) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cluster) = cni_dev(dir.path()) else {
+        return;
+    };
+    let text = std::fs::read_to_string(&cluster).unwrap();
+    let with = text.replace(
+        "cni = { dir = \"cni\" }",
+        "cni = { dir = \"cni\", image_plugins = [\"portmap\"] }",
+    );
+    assert_ne!(text, with);
+    std::fs::write(&cluster, with).unwrap();
+    let base = hypriot_fixture(dir.path());
+    let out = dir.path().join("out");
+    let built = build_command(
+        &dir.path().join("cache"),
+        &cluster,
+        "cni-worker1",
+        base.as_os_str(),
+        &out,
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&built.stderr);
+    assert!(!built.status.success(), "the build passed");
+    assert!(err.contains("/opt/cni/bin/portmap"), "{err}");
+    assert!(!out.join("cni-worker1.img").exists());
+}

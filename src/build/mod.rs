@@ -10,7 +10,7 @@ pub mod bib;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 use crate::artifact::manifest::{Entry, Manifest, sha256sum_line};
 use crate::artifact::writer;
@@ -216,6 +216,15 @@ fn stamp_node(
     }
     let work = guard.track(out_dir.join(format!(".{}.work", node.name)));
     let (layout, root, epoch) = work_copy(&base.raw, &work, profile)?;
+    for path in &plan.root_must_have {
+        if ext4_write::read(&work, root.start, path)?.is_none() {
+            bail!(
+                "node {}: the cluster file's cni.image_plugins says the image has {path}, and it \
+                 does not; put the plugin in the CNI folder's bin/ instead",
+                node.name
+            );
+        }
+    }
     let entries = if rootfs {
         rootfs::entries(plan, &work, root.start)
             .with_context(|| format!("configuring node {}", node.name))?

@@ -551,6 +551,11 @@ impl Resolver<'_> {
         let wifi = self.wifi(l, &mut network);
         let (overlays, loaded_overlays) = self.overlays(l);
         let cni = self.cni(l);
+        let cni_image_plugins = l
+            .get("cni", |s| &s.cni)
+            .0
+            .map(|c| c.image_plugins.clone())
+            .unwrap_or_default();
         let user_data = self.user_data(l);
         let boot_files = self.boot_files(l);
         let (macs, mtus) = self.links(&specs);
@@ -578,6 +583,7 @@ impl Resolver<'_> {
             overlays,
             loaded_overlays,
             cni,
+            cni_image_plugins,
             user_data,
             boot_files,
             serial: n.serial.clone(),

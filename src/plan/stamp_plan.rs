@@ -140,6 +140,10 @@ pub struct StampPlan {
     /// For rootfs profiles: everything else the root gets.
     #[serde(skip)]
     pub rootfs: Option<RootfsPlan>,
+    /// Files the base image's root must already have (plugins a CNI folder's confs use without
+    /// shipping them); the build refuses an image without them.
+    #[serde(skip)]
+    pub root_must_have: Vec<String>,
     /// For profiles whose details depend on the image (rootfs): what the build will do.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
@@ -180,6 +184,22 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
         return rootfs_plan(cluster, node, profile, overlays);
     }
     cloud_init_plan(cluster, node, profile, overlays)
+}
+
+/// The image's own CNI plugins the node's confs rely on, as paths in the root (those the folder
+/// ships itself are written by the build, so they need not be there).
+fn image_plugins(node: &NodeConfig) -> Vec<String> {
+    node.cni_image_plugins
+        .iter()
+        .map(|p| format!("{}/{p}", crate::plan::cni::BIN_DIR))
+        .filter(|path| {
+            !node
+                .cni
+                .iter()
+                .flat_map(|o| &o.files)
+                .any(|f| &f.target == path)
+        })
+        .collect()
 }
 
 /// The overlays' files as files of the root.
@@ -266,6 +286,7 @@ fn rootfs_plan(
         network_data: None,
         root_files: root_files(overlays.iter().chain(&node.cni)),
         rootfs: Some(rootfs),
+        root_must_have: image_plugins(node),
         note: Some(rootfs_note(node)),
     })
 }
@@ -401,6 +422,7 @@ fn cloud_init_plan(
         // cloud-init's user-data on the boot FAT (and YAML-parsed on a Pi at first boot).
         root_files: root_files(overlays.iter().filter(|_| into_root).chain(&node.cni)),
         rootfs: None,
+        root_must_have: image_plugins(node),
         note: None,
     })
 }
@@ -803,6 +825,14 @@ mod tests {
             describe(&p)
         );
         assert!(p.inputs.iter().any(|i| i.path.ends_with("99-lo.conf")));
+        assert!(p.root_must_have.is_empty());
+        // The image's own plugins must be there, except those the folder ships.
+        let with = text.replace(
+            "dir = \"cni\"",
+            "dir = \"cni\", image_plugins = [\"loopback\", \"portmap\"]",
+        );
+        let c = crate::plan::resolve::parse(&dir.path().join("cluster.toml"), with).unwrap();
+        assert_eq!(plan_of(&c, "one").root_must_have, ["/opt/cni/bin/portmap"]);
 
         // Outside the cluster file's directory, or broken: refused with the file named.
         std::fs::write(cni.join("bin/loopback"), b"").unwrap();
