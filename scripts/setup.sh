@@ -8,7 +8,7 @@ qv=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
 apt-get install -y -q --allow-downgrades --no-install-recommends \
     "qemu-utils=$qv" "qemu-block-extra=$qv" qemu-system-x86 qemu-system-arm ovmf qemu-efi-aarch64 systemd-boot-efi cpio \
     e2fsprogs dosfstools mtools fdisk gdisk bmap-tools android-sdk-libsparse-utils \
-    debootstrap cloud-init xz-utils zstd unzip hyperfine \
+    debootstrap cloud-init xz-utils zstd unzip hyperfine containernetworking-plugins iproute2 \
     mosquitto mosquitto-clients openssh-server openssh-client python3-paho-mqtt python3-pytest python3-venv \
     python3-yaml python3-jsonschema \
     curl wget nginx-light fastboot network-manager openssl docker-registry skopeo util-linux \

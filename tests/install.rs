@@ -401,3 +401,55 @@ fn install_sushy_builds_its_venv_and_the_installed_emulator_serves_the_systems()
     let doc: serde_json::Value = serde_json::from_str(&listing).expect("a Systems collection");
     assert_eq!(doc["Members@odata.count"], 2, "{listing}");
 }
+
+/// Issue 22: a CNI folder, named by its path, goes onto a live host like an overlay — conf/ to
+/// /etc/cni/net.d (0644), bin/ to /opt/cni/bin (0755) — and a second run changes nothing.
+#[test]
+fn a_cni_folder_installs_by_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(sshd) = start_sshd(dir.path()) else {
+        return;
+    };
+    let cni = dir.path().join("cni");
+    std::fs::create_dir_all(cni.join("conf")).unwrap();
+    std::fs::create_dir_all(cni.join("bin")).unwrap();
+    std::fs::write(
+        cni.join("conf/99-loopback.conf"),
+        r#"{"cniVersion":"1.0.0","name":"lo","type":"loopback"}"#,
+    )
+    .unwrap();
+    std::fs::write(cni.join("bin/loopback"), "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(
+        cni.join("bin/loopback"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
+    let stage = dir.path().join("live-root");
+    let args = [
+        cni.to_str().unwrap().to_string(),
+        "--root".into(),
+        stage.display().to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = install(&sshd, &dir.path().join("cache"), &args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        mode_of(&stage.join("etc/cni/net.d/99-loopback.conf")),
+        0o644
+    );
+    assert_eq!(mode_of(&stage.join("opt/cni/bin/loopback")), 0o755);
+    let again = install(&sshd, &dir.path().join("cache"), &args);
+    let out = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        again.status.success() && out.contains("no changes"),
+        "{out}"
+    );
+    // A broken folder is refused before the host is touched.
+    std::fs::write(cni.join("conf/99-loopback.conf"), "{").unwrap();
+    let bad = install(&sshd, &dir.path().join("cache"), &args);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err.contains("99-loopback.conf"),
+        "{err}"
+    );
+}

@@ -507,3 +507,60 @@ fn an_arm64_image_becomes_a_disk_that_boots_under_aavmf() {
         "{line}"
     );
 }
+
+/// Issue 22: a CNI folder, named by its path, is appended as a layer like an overlay: conf/ in
+/// etc/cni/net.d (0644), bin/ in opt/cni/bin (0755), read back from the pulled layer by tarfile.
+#[test]
+fn oci_append_takes_a_cni_folder_by_its_path() {
+    if !prerequisites() {
+        return;
+    }
+    let layout = debian_layout();
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start(dir.path());
+    let base = reg.push_layout(&layout, "base", "edge/node:base");
+    let cni = dir.path().join("cni");
+    std::fs::create_dir_all(cni.join("conf")).unwrap();
+    std::fs::create_dir_all(cni.join("bin")).unwrap();
+    std::fs::write(
+        cni.join("conf/99-loopback.conf"),
+        r#"{"cniVersion":"1.0.0","name":"lo","type":"loopback"}"#,
+    )
+    .unwrap();
+    std::fs::write(cni.join("bin/loopback"), "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(
+        cni.join("bin/loopback"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    run(kiln(&dir.path().join("cache"))
+        .current_dir(dir.path())
+        .args(["oci", "append", "--insecure", "--from", &base])
+        .args(["--overlay", "./cni", "--to"])
+        .arg(format!("docker://{}/edge/node:cni", reg.addr)));
+    let back = dir.path().join("back");
+    run(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        &format!("docker://{}/edge/node:cni", reg.addr),
+        &format!("oci:{}:cni", back.display()),
+    ]));
+    let modes = stdout(
+        Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg(
+                "import json,sys,tarfile\n\
+                 d=sys.argv[1]; idx=json.load(open(d+'/index.json'))\n\
+                 m=json.load(open(d+'/blobs/sha256/'+idx['manifests'][0]['digest'][7:]))\n\
+                 t=tarfile.open(d+'/blobs/sha256/'+m['layers'][-1]['digest'][7:])\n\
+                 for n in ['etc/cni/net.d/99-loopback.conf', 'opt/cni/bin/loopback']:\n\
+                 \x20   i=t.getmember(n); print(n, oct(i.mode), i.uid, i.gid)",
+            )
+            .arg(&back),
+    );
+    assert_eq!(
+        modes,
+        "etc/cni/net.d/99-loopback.conf 0o644 0 0\nopt/cni/bin/loopback 0o755 0 0\n"
+    );
+}

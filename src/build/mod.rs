@@ -10,7 +10,7 @@ pub mod bib;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 use crate::artifact::manifest::{Entry, Manifest, sha256sum_line};
 use crate::artifact::writer;
@@ -19,7 +19,7 @@ use crate::base::{self, BaseImage, BaseRef};
 use crate::fs::ext4_write;
 use crate::plan::Cluster;
 use crate::plan::node::NodeConfig;
-use crate::plan::profile::{OverlayTarget, PartitionRole, Profile, ProfileOrigin};
+use crate::plan::profile::{PartitionRole, Profile, ProfileOrigin};
 use crate::plan::seed_scrub;
 use crate::plan::stamp_plan::{self as plan, StampPlan};
 use crate::stamp::{apply, rootfs};
@@ -202,10 +202,9 @@ fn stamp_node(
         ..
     } = *what;
     let rootfs = plan.rootfs.is_some();
-    // Overlays into the root of a cloud-init image: the root is edited in a working copy too.
-    let overlays_into_root = !rootfs
-        && profile.provision.overlays_into == OverlayTarget::Root
-        && !node.overlays.is_empty();
+    // Overlays into the root of a cloud-init image (and a CNI folder, which always goes there):
+    // the root is edited in a working copy too.
+    let overlays_into_root = !rootfs && !plan.root_files.is_empty();
     if !(rootfs || overlays_into_root) {
         let stamped = apply::stamp(&base.raw, profile, plan)
             .with_context(|| format!("stamping node {}", node.name))?;
@@ -217,6 +216,15 @@ fn stamp_node(
     }
     let work = guard.track(out_dir.join(format!(".{}.work", node.name)));
     let (layout, root, epoch) = work_copy(&base.raw, &work, profile)?;
+    for path in &plan.root_must_have {
+        if ext4_write::read(&work, root.start, path)?.is_none() {
+            bail!(
+                "node {}: the cluster file's cni.image_plugins says the image has {path}, and it \
+                 does not; put the plugin in the CNI folder's bin/ instead",
+                node.name
+            );
+        }
+    }
     let entries = if rootfs {
         rootfs::entries(plan, &work, root.start)
             .with_context(|| format!("configuring node {}", node.name))?

@@ -61,6 +61,14 @@ pub fn run(cluster_path: &Path, json: bool) -> Result<()> {
                 format!("; overlays {}", n.overlays.join(","))
             },
         );
+        if let Some(cni) = &n.cni {
+            println!(
+                "  {:<14} cni {} ({} files to /etc/cni/net.d and /opt/cni/bin)",
+                "",
+                cni.origin,
+                cni.files.len()
+            );
+        }
         if let Some(bm) = &n.bare_metal {
             println!(
                 "  {:<14} bmc {}; boots from {}{}",

@@ -46,7 +46,7 @@ pub fn run(a: Args) -> Result<()> {
             "usage: kiln install OVERLAY --target user@host [--config FILE] [--dry-run]   (kiln install --list shows overlays)"
         );
     };
-    let ov = overlay::load(name, &dirs())?;
+    let ov = kiln::plan::cni::overlay_or_folder(name, &dirs())?;
     let ssh = Ssh::new(target, &a.ssh_options)?;
 
     let facts = probe(&ssh, target)?;

@@ -73,6 +73,8 @@ pub enum Command {
     ///
     /// TCG by default; --kvm uses KVM where a short probe shows it works. --until stops with
     /// success when a console line contains the text; --timeout fails after that many seconds.
+    /// --all boots every node of the cluster at once on a private network only they share,
+    /// building the images missing from --out first.
     Run(run_image::Args),
     /// Metal3: BareMetalHost manifests for the cluster's bare-metal nodes.
     #[command(subcommand)]

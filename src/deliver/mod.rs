@@ -8,4 +8,5 @@ pub mod metal3;
 pub mod publish;
 pub mod remote;
 pub mod run;
+pub mod run_cluster;
 pub mod serve;

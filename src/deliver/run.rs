@@ -4,7 +4,7 @@
 //!
 //! The image is opened with `snapshot=on` unless `--persist`: a test boot never changes the build.
 //! The guest gets a NIC on an empty QEMU hub, so it has an interface to configure and no way off
-//! the host.
+//! the host — or, when the whole cluster runs (`run_cluster`), a NIC on kiln's private hub.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -38,6 +38,15 @@ pub struct RunOptions {
     pub persist: bool,
     /// Try KVM first (it is used only if a short probe boot works).
     pub kvm: bool,
+    /// A NIC on a Unix-socket hub instead of an empty QEMU hub.
+    pub nic: Option<Nic>,
+}
+
+/// A NIC joined to a hub that speaks QEMU's stream netdev framing on a Unix socket.
+#[derive(Debug, Clone)]
+pub struct Nic {
+    pub socket: PathBuf,
+    pub mac: String,
 }
 
 /// Firmware code and variable-store templates, where Debian's ovmf / qemu-efi-aarch64 put them.
@@ -205,12 +214,22 @@ fn qemu_command(o: &RunOptions, vars: &Path, code: &Path) -> Result<Command> {
             seed.display()
         ));
     }
-    c.args([
-        "-netdev",
-        "hubport,id=n0,hubid=0",
-        "-device",
-        "virtio-net-pci,netdev=n0",
-    ]);
+    match &o.nic {
+        None => c.args([
+            "-netdev",
+            "hubport,id=n0,hubid=0",
+            "-device",
+            "virtio-net-pci,netdev=n0",
+        ]),
+        Some(nic) => c
+            .arg("-netdev")
+            .arg(format!(
+                "stream,id=n0,server=off,addr.type=unix,addr.path={}",
+                nic.socket.display()
+            ))
+            .arg("-device")
+            .arg(format!("virtio-net-pci,netdev=n0,mac={}", nic.mac)),
+    };
     Ok(c)
 }
 
@@ -220,11 +239,8 @@ pub fn run(o: &RunOptions) -> Result<()> {
     if !o.image.is_file() {
         bail!("{} is not an image file", o.image.display());
     }
-    let (code, vars_template) = firmware(o.arch)?;
     let tmp = tempfile::tempdir()?;
-    let vars = tmp.path().join("vars.fd");
-    std::fs::copy(&vars_template, &vars)?;
-    let mut qemu = qemu_command(o, &vars, &code)?;
+    let mut qemu = prepared_command(o, &tmp.path().join("vars.fd"))?;
     let bin = qemu.get_program().to_string_lossy().into_owned();
 
     if o.until.is_none() && o.log.is_none() {
@@ -264,6 +280,14 @@ pub fn run(o: &RunOptions) -> Result<()> {
     }
 }
 
+/// The QEMU command for `o`, with a fresh copy of the firmware's variable store at `vars`.
+pub(crate) fn prepared_command(o: &RunOptions, vars: &Path) -> Result<Command> {
+    let (code, vars_template) = firmware(o.arch)?;
+    std::fs::copy(&vars_template, vars)
+        .with_context(|| format!("copying {} to {}", vars_template.display(), vars.display()))?;
+    qemu_command(o, vars, &code)
+}
+
 /// Interactive: the serial console and QEMU's monitor (Ctrl-A X quits) on this terminal.
 fn interactive(qemu: &mut Command, bin: &str) -> Result<()> {
     qemu.args(["-serial", "mon:stdio"]);
@@ -275,7 +299,7 @@ fn interactive(qemu: &mut Command, bin: &str) -> Result<()> {
 }
 
 /// The guest's console output, line by line, read on its own thread.
-fn console_lines(out: ChildStdout) -> (mpsc::Receiver<String>, JoinHandle<()>) {
+pub(crate) fn console_lines(out: ChildStdout) -> (mpsc::Receiver<String>, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel::<String>();
     let reader = std::thread::spawn(move || {
         let mut r = BufReader::new(out);

@@ -76,6 +76,8 @@ pub struct NodeSettings {
     /// Whether this node takes part in the swarm described by `[swarm]` (default: yes).
     pub swarm: Option<bool>,
     pub overlays: Option<Vec<String>>,
+    /// A CNI folder: its `conf/` goes to `/etc/cni/net.d/`, its `bin/` to `/opt/cni/bin/`.
+    pub cni: Option<CniSpec>,
     pub network: Option<BTreeMap<String, InterfaceSpec>>,
     pub wifi: Option<WifiSpec>,
     /// A `#cloud-config` fragment merged into the generated user-data.
@@ -107,6 +109,17 @@ impl NodeSettings {
             ("boot_mac", self.boot_mac.is_some()),
         ]
     }
+}
+
+/// A local CNI folder (relative to the cluster file), checked before anything is built.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CniSpec {
+    pub dir: String,
+    /// Plugins the image already has in `/opt/cni/bin`, which the folder's configurations may use
+    /// without shipping them.
+    #[serde(default)]
+    pub image_plugins: Vec<String>,
 }
 
 /// A BMC as Ironic addresses it, e.g. a sushy-tools emulator in front of plugs and AMT.

@@ -29,6 +29,16 @@ pub fn disk_signature(seed: &str, node: &str) -> u32 {
     if v == 0 { 0x6b696c6e } else { v }
 }
 
+/// A locally administered unicast MAC for interface `ifname` of `node` (`02:…`), for a node whose
+/// cluster file gives none: stable across runs, and distinct per node.
+pub fn mac(seed: &str, node: &str, ifname: &str) -> String {
+    let b = derive(seed, &format!("{node}\0{ifname}"), "mac-address");
+    format!(
+        "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        b[0], b[1], b[2], b[3], b[4]
+    )
+}
+
 /// A version-5 UUID for `purpose` (GPT GUIDs, filesystem UUIDs, NetworkManager connections).
 pub fn uuid(seed: &str, node: &str, purpose: &str) -> Uuid {
     let name = format!("{seed}\0{node}\0{purpose}");
@@ -73,6 +83,14 @@ mod tests {
         );
         assert_ne!(uuid("s", "n", "a"), uuid("s", "n", "b"));
         assert_eq!(uuid("s", "n", "a").get_version_num(), 5);
+    }
+
+    #[test]
+    fn macs_are_locally_administered_unicast_stable_and_per_node() {
+        let m = mac("cni-dev", "cni-master1", "eth0");
+        assert_eq!(m, mac("cni-dev", "cni-master1", "eth0"));
+        assert_ne!(m, mac("cni-dev", "cni-worker1", "eth0"));
+        assert!(m.starts_with("02:") && m.len() == 17, "{m}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 pub mod bmc_address;
 pub mod cloud_init;
 pub mod cluster;
+pub mod cni;
 pub mod diag;
 pub mod ids;
 pub mod input_file;

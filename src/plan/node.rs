@@ -65,6 +65,12 @@ pub struct NodeConfig {
     /// The overlays named in `overlays`, loaded (and so checked) once, during resolution.
     #[serde(skip)]
     pub loaded_overlays: Vec<Overlay>,
+    /// The node's CNI folder, loaded and checked during resolution; always written into the root.
+    #[serde(skip)]
+    pub cni: Option<Overlay>,
+    /// Plugins the cluster file says the image has in /opt/cni/bin; the build checks that it does.
+    #[serde(skip)]
+    pub cni_image_plugins: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user_data: Option<UserData>,
     /// Files on the boot partition the cluster file replaces, by their name there.

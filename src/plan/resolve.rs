@@ -550,6 +550,12 @@ impl Resolver<'_> {
         let mut network = self.network(&specs);
         let wifi = self.wifi(l, &mut network);
         let (overlays, loaded_overlays) = self.overlays(l);
+        let cni = self.cni(l);
+        let cni_image_plugins = l
+            .get("cni", |s| &s.cni)
+            .0
+            .map(|c| c.image_plugins.clone())
+            .unwrap_or_default();
         let user_data = self.user_data(l);
         let boot_files = self.boot_files(l);
         let (macs, mtus) = self.links(&specs);
@@ -576,6 +582,8 @@ impl Resolver<'_> {
             swarm: None,
             overlays,
             loaded_overlays,
+            cni,
+            cni_image_plugins,
             user_data,
             boot_files,
             serial: n.serial.clone(),
@@ -721,6 +729,27 @@ impl Resolver<'_> {
             }
         }
         (names, loaded)
+    }
+
+    /// The node's CNI folder, confined like every file the cluster file names, loaded and checked.
+    fn cni(&mut self, l: Layered) -> Option<Overlay> {
+        let (spec, at) = l.get("cni", |s| &s.cni);
+        let spec = spec?;
+        let full = self.dir.join(&spec.dir);
+        let loaded = confined(self.dir, &full)
+            .with_context(|| format!("CNI folder {}", full.display()))
+            .and_then(|()| super::cni::load(&full, &spec.image_plugins));
+        match loaded {
+            Ok(o) => Some(o),
+            Err(e) => {
+                self.err(
+                    child(&at, "dir"),
+                    format!("{e:#}"),
+                    Some("conf/ holds .conf/.conflist files, bin/ the plugins they name"),
+                );
+                None
+            }
+        }
     }
 
     /// The node's `#cloud-config` fragment, read and parsed here, once.

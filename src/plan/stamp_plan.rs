@@ -140,6 +140,10 @@ pub struct StampPlan {
     /// For rootfs profiles: everything else the root gets.
     #[serde(skip)]
     pub rootfs: Option<RootfsPlan>,
+    /// Files the base image's root must already have (plugins a CNI folder's confs use without
+    /// shipping them); the build refuses an image without them.
+    #[serde(skip)]
+    pub root_must_have: Vec<String>,
     /// For profiles whose details depend on the image (rootfs): what the build will do.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
@@ -182,10 +186,26 @@ pub fn plan(cluster: &Cluster, node: &NodeConfig) -> Result<StampPlan> {
     cloud_init_plan(cluster, node, profile, overlays)
 }
 
-/// The overlays' files as files of the root.
-fn root_files(overlays: &[Overlay]) -> Vec<RootFile> {
-    overlays
+/// The image's own CNI plugins the node's confs rely on, as paths in the root (those the folder
+/// ships itself are written by the build, so they need not be there).
+fn image_plugins(node: &NodeConfig) -> Vec<String> {
+    node.cni_image_plugins
         .iter()
+        .map(|p| format!("{}/{p}", crate::plan::cni::BIN_DIR))
+        .filter(|path| {
+            !node
+                .cni
+                .iter()
+                .flat_map(|o| &o.files)
+                .any(|f| &f.target == path)
+        })
+        .collect()
+}
+
+/// The overlays' files as files of the root.
+fn root_files<'a>(overlays: impl IntoIterator<Item = &'a Overlay>) -> Vec<RootFile> {
+    overlays
+        .into_iter()
         .flat_map(|o| {
             o.files.iter().map(|f| RootFile {
                 path: f.target.clone(),
@@ -264,8 +284,9 @@ fn rootfs_plan(
         meta_data: String::new(),
         network_config: String::new(),
         network_data: None,
-        root_files: root_files(overlays),
+        root_files: root_files(overlays.iter().chain(&node.cni)),
         rootfs: Some(rootfs),
+        root_must_have: image_plugins(node),
         note: Some(rootfs_note(node)),
     })
 }
@@ -347,6 +368,7 @@ fn cloud_init_plan(
     let into_root = profile.provision.overlays_into == OverlayTarget::Root;
     let mut inputs: Vec<InputFile> = overlays
         .iter()
+        .chain(&node.cni)
         .flat_map(|o| std::iter::once(&o.manifest_file).chain(o.files.iter().map(|f| &f.content)))
         .cloned()
         .collect();
@@ -396,12 +418,11 @@ fn cloud_init_plan(
         meta_data: docs.meta_data,
         network_config: docs.network_config,
         network_data,
-        root_files: if into_root {
-            root_files(overlays)
-        } else {
-            Vec::new()
-        },
+        // A CNI folder always goes into the root: its plugins are megabytes each, too big for
+        // cloud-init's user-data on the boot FAT (and YAML-parsed on a Pi at first boot).
+        root_files: root_files(overlays.iter().filter(|_| into_root).chain(&node.cni)),
         rootfs: None,
+        root_must_have: image_plugins(node),
         note: None,
     })
 }
@@ -692,6 +713,24 @@ pub fn describe(plan: &StampPlan) -> String {
             f.why
         );
     }
+    if !plan.root_files.is_empty() {
+        let _ = writeln!(s, "\n  written into the root now:");
+        for f in &plan.root_files {
+            let _ = writeln!(
+                s,
+                "    {:04o} {:<10} {:<48} {:>7} bytes  ({})",
+                f.mode,
+                format!("{}:{}", f.owner, f.group),
+                f.path,
+                f.bytes.len(),
+                if f.overlay == "cni" {
+                    "CNI folder".to_string()
+                } else {
+                    format!("overlay {}", f.overlay)
+                }
+            );
+        }
+    }
     if !plan.first_boot_files.is_empty() {
         let _ = writeln!(s, "\n  written by cloud-init on first boot:");
         for f in &plan.first_boot_files {
@@ -743,6 +782,71 @@ mod tests {
 
     fn plan_of(c: &Cluster, node: &str) -> StampPlan {
         plan(c, c.node(node).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_cni_folder_goes_into_the_root_not_into_user_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let cni = dir.path().join("cni");
+        std::fs::create_dir_all(cni.join("conf")).unwrap();
+        std::fs::create_dir_all(cni.join("bin")).unwrap();
+        std::fs::write(
+            cni.join("conf/99-lo.conf"),
+            r#"{"cniVersion":"1.0.0","name":"lo","type":"loopback"}"#,
+        )
+        .unwrap();
+        std::fs::write(cni.join("bin/loopback"), b"\x7fELF").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            cni.join("bin/loopback"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let text = "[cluster]\nname = \"lab\"\n[defaults]\nimage = \"hypriot-rpi\"\n\
+                    cni = { dir = \"cni\" }\n[[node]]\nname = \"one\"\n";
+        let c = crate::plan::resolve::parse(&dir.path().join("cluster.toml"), text.into()).unwrap();
+        let p = plan_of(&c, "one");
+        let root: Vec<_> = p
+            .root_files
+            .iter()
+            .map(|f| (f.path.as_str(), f.mode))
+            .collect();
+        assert_eq!(
+            root,
+            [
+                ("/opt/cni/bin/loopback", 0o755),
+                ("/etc/cni/net.d/99-lo.conf", 0o644)
+            ]
+        );
+        assert!(!p.user_data.contains("/etc/cni"), "{}", p.user_data);
+        assert!(
+            describe(&p).contains("0755 root:root  /opt/cni/bin/loopback"),
+            "{}",
+            describe(&p)
+        );
+        assert!(p.inputs.iter().any(|i| i.path.ends_with("99-lo.conf")));
+        assert!(p.root_must_have.is_empty());
+        // The image's own plugins must be there, except those the folder ships.
+        let with = text.replace(
+            "dir = \"cni\"",
+            "dir = \"cni\", image_plugins = [\"loopback\", \"portmap\"]",
+        );
+        let c = crate::plan::resolve::parse(&dir.path().join("cluster.toml"), with).unwrap();
+        assert_eq!(plan_of(&c, "one").root_must_have, ["/opt/cni/bin/portmap"]);
+
+        // Outside the cluster file's directory, or broken: refused with the file named.
+        std::fs::write(cni.join("bin/loopback"), b"").unwrap();
+        std::fs::set_permissions(
+            cni.join("bin/loopback"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let e =
+            crate::plan::resolve::parse(&dir.path().join("cluster.toml"), text.into()).unwrap_err();
+        assert!(format!("{e:#}").contains("bin/loopback"), "{e:#}");
+        let outside = text.replace("dir = \"cni\"", "dir = \"/etc\"");
+        let e = crate::plan::resolve::parse(&dir.path().join("cluster.toml"), outside).unwrap_err();
+        assert!(format!("{e:#}").contains("outside"), "{e:#}");
     }
 
     #[test]

@@ -15,7 +15,6 @@ use crate::oci::layer::{self, LayerFile};
 use crate::oci::manifest::{Descriptor, MediaType, descriptor, oci_manifest, to_bytes};
 use crate::oci::reference::ImageRef;
 use crate::oci::{layout, registry};
-use crate::plan::overlay;
 
 pub struct AppendOptions {
     pub from: String,
@@ -96,7 +95,7 @@ fn overlay_files(
     let mut files: BTreeMap<String, LayerFile> = BTreeMap::new();
     let mut owners: Owners = BTreeMap::new();
     for name in &opts.overlays {
-        let o = overlay::load(name, &opts.overlay_dirs)?;
+        let o = crate::plan::cni::overlay_or_folder(name, &opts.overlay_dirs)?;
         for f in &o.files {
             let path = f.target.trim_start_matches('/').to_string();
             let uid = id_in(&passwd, &f.owner)
