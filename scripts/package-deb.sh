@@ -8,9 +8,10 @@
 # `--test-build` (scripts/test.sh) packages the dev binary the tests have just built instead of a
 # release build: what the package is judged on here (its layout, lintian, apt's dependency
 # resolution, the binary running in a clean system) does not depend on the optimisation level, and
-# a release build plus cargo-deb's own build would add about ten minutes to CI. cargo-deb refuses
-# `target/debug` as an asset on purpose (it makes releases), so the binary is copied to the
-# `deb-test` profile's directory and packaged from there, stripped as a release one is.
+# a release build would add most of ten minutes to CI. cargo-deb refuses `target/debug` as an
+# asset on purpose (it makes releases; `--profile dev` is deprecated there), so the binary is
+# copied to the directory of a `deb-test` profile (named only here, never built) and packaged
+# from there with `--no-build`, stripped as a release one is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 profile=release
@@ -40,8 +41,8 @@ else
     mkdir -p target/deb-test
     cp target/debug/kiln target/deb-test/kiln
     bin=target/deb-test/kiln
-    # cargo-deb strips only what it knows to carry symbols; say so, and compress fast: the
-    # package is installed once and thrown away.
+    # Stripped (24 MB of its 50) and compressed fast: the package is installed once and
+    # thrown away.
     deb_flags=(--profile deb-test --strip --fast)
 fi
 assets=target/deb-assets
