@@ -4,21 +4,54 @@
 # report no error, and it is installed with apt into a clean debootstrap chroot (minbase
 # bookworm) where `kiln --version` and `kiln check` on an installed example must work.
 # Needs root (chroot), cargo-deb, lintian and debootstrap (scripts/setup.sh installs them).
+#
+# `--test-build` (scripts/test.sh) packages the dev binary the tests have just built instead of a
+# release build: what the package is judged on here (its layout, lintian, apt's dependency
+# resolution, the binary running in a clean system) does not depend on the optimisation level, and
+# a release build would add most of ten minutes to CI. cargo-deb refuses `target/debug` as an
+# asset on purpose (it makes releases; `--profile dev` is deprecated there), so the binary is
+# copied to the directory of a `deb-test` profile (named only here, never built) and packaged
+# from there with `--no-build`, stripped as a release one is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+profile=release
+if [ "${1:-}" = --test-build ]; then
+    profile=deb-test
+elif [ $# -gt 0 ]; then
+    echo "usage: scripts/package-deb.sh [--test-build]" >&2
+    exit 2
+fi
+if [ "$(id -u)" != 0 ]; then
+    [ "${KILN_REQUIRE_TOOLS:-}" = 1 ] && { echo "deb package: the install check needs root (chroot)" >&2; exit 1; }
+    echo "SKIPPED: Debian package (its install check chroots: run as root)"
+    exit 0
+fi
 if ! cargo deb --version >/dev/null 2>&1 || ! command -v lintian >/dev/null || ! command -v debootstrap >/dev/null; then
     [ "${KILN_REQUIRE_TOOLS:-}" = 1 ] && { echo "deb package: cargo-deb, lintian or debootstrap is missing" >&2; exit 1; }
     echo "SKIPPED: Debian package (run scripts/setup.sh)"
     exit 0
 fi
-cargo build --quiet --release --locked
+if [ "$profile" = release ]; then
+    cargo build --quiet --release --locked
+    bin=target/release/kiln
+    deb_flags=()
+else
+    # Up to date after the tests, so this only checks; it builds when run on its own.
+    cargo build --quiet --locked --bin kiln
+    mkdir -p target/deb-test
+    cp target/debug/kiln target/deb-test/kiln
+    bin=target/deb-test/kiln
+    # Stripped (24 MB of its 50) and compressed fast: the package is installed once and
+    # thrown away.
+    deb_flags=(--profile deb-test --strip --fast)
+fi
 assets=target/deb-assets
 mkdir -p "$assets"
-target/release/kiln manpage | gzip -9n > "$assets/kiln.1.gz"
-target/release/kiln completions bash > "$assets/kiln.bash"
-target/release/kiln completions zsh > "$assets/_kiln"
-target/release/kiln completions fish > "$assets/kiln.fish"
-deb=$(cargo deb --no-build --quiet | tail -1)
+"$bin" manpage | gzip -9n > "$assets/kiln.1.gz"
+"$bin" completions bash > "$assets/kiln.bash"
+"$bin" completions zsh > "$assets/_kiln"
+"$bin" completions fish > "$assets/kiln.fish"
+deb=$(cargo deb --no-build --quiet "${deb_flags[@]}" | tail -1)
 [ -f "$deb" ] || deb=$(ls -t target/debian/kiln_*.deb | head -1)
 echo "deb package: $deb ($(stat -c %s "$deb") bytes)"
 lintian --fail-on error --tag-display-limit 0 "$deb"

@@ -8,7 +8,7 @@ qv=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
 apt-get install -y -q --allow-downgrades --no-install-recommends \
     "qemu-utils=$qv" "qemu-block-extra=$qv" qemu-system-x86 qemu-system-arm ovmf qemu-efi-aarch64 systemd-boot-efi cpio \
     e2fsprogs dosfstools mtools fdisk gdisk bmap-tools android-sdk-libsparse-utils \
-    debootstrap cloud-init xz-utils zstd unzip hyperfine containernetworking-plugins iproute2 \
+    debootstrap lintian cloud-init xz-utils zstd unzip hyperfine containernetworking-plugins iproute2 \
     mosquitto mosquitto-clients openssh-server openssh-client python3-paho-mqtt python3-pytest python3-venv \
     python3-yaml python3-jsonschema \
     curl wget nginx-light fastboot network-manager openssl docker-registry skopeo util-linux \
@@ -68,3 +68,10 @@ if ! command -v cargo-fuzz >/dev/null; then
     cargo install -q --locked cargo-fuzz
 fi
 echo "setup: cargo-fuzz ready"
+
+# The Debian package (scripts/package-deb.sh, run by scripts/test.sh): cargo-deb builds it; Debian
+# has no package of it, so it is compiled, pinned (lintian and debootstrap come from apt above).
+if ! cargo deb --version >/dev/null 2>&1; then
+    cargo install -q --locked cargo-deb@3.8.0
+fi
+echo "setup: cargo-deb ready"

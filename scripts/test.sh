@@ -18,6 +18,9 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --no-fail-fast || status=$?
 fi
+# The Debian package of the kiln the tests just built: lintian, then apt-installed into a clean
+# bookworm chroot where it runs (the dev binary, not a release build: package-deb.sh says why).
+bash scripts/package-deb.sh --test-build || status=$?
 # A short fuzzing smoke of every target in tests/fuzz, the same inputs every run (longer,
 # exploring runs: scripts/fuzz.sh 600). Its
 # target directory goes afterwards in CI: disk is what CI machines run short of.

@@ -847,3 +847,67 @@ fn hostile_bmaps_are_refused_before_writing() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_mapped_equal(&img, &img.with_extension("img.bmap"), &lo.dev);
 }
+
+/// Every file under `dir` (and `dir` itself) with an owner other than `uid`.
+fn not_owned_by(dir: &Path, uid: u32) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut wrong = Vec::new();
+    let meta = std::fs::symlink_metadata(dir).unwrap();
+    if meta.uid() != uid {
+        wrong.push(format!("{} (uid {})", dir.display(), meta.uid()));
+    }
+    if meta.is_dir() {
+        for e in std::fs::read_dir(dir).unwrap() {
+            wrong.extend(not_owned_by(&e.unwrap().path(), uid));
+        }
+    }
+    wrong
+}
+
+#[test]
+fn under_sudo_flash_by_node_builds_as_the_invoking_user() {
+    // `sudo kiln flash --node`: root writes the card, but out/ and the cache entries the build
+    // makes belong to the user behind sudo (here nobody, 65534), as without sudo.
+    if !is_root() {
+        skip("the sudo test runs kiln as root");
+        return;
+    }
+    if !have_tools(&["chown", "mke2fs", "debugfs"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = example_cluster("ceil", dir.path());
+    // The user's own checkout: theirs, as their cluster file and secrets would be.
+    run(Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(dir.path()));
+    let (out, cache) = (dir.path().join("out"), dir.path().join("cache"));
+    let card = dir.path().join("card.img");
+    let o = kiln(&cache)
+        .args([
+            "flash",
+            "--node",
+            "ceil-one",
+            "--base",
+            "sample",
+            "--yes",
+            "--cluster",
+        ])
+        .arg(&cluster)
+        .arg("--out")
+        .arg(&out)
+        .arg(&card)
+        .env("SUDO_UID", "65534")
+        .env("SUDO_GID", "65534")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = out.join("ceil-one.img");
+    assert!(img.is_file() && out.join("ceil-one.img.bmap").is_file());
+    assert_eq!(not_owned_by(&out, 65534), Vec::<String>::new());
+    assert!(std::fs::read_dir(&cache).unwrap().count() > 0);
+    assert_eq!(not_owned_by(&cache, 65534), Vec::<String>::new());
+    // The write itself was root's, and it is the image that was built.
+    assert_mapped_equal(&img, &img.with_extension("img.bmap"), &card);
+}

@@ -2,8 +2,8 @@
 //! as Linux's sysfs, so the safety rules are the same. The parsing is plain functions over the
 //! plist text (tested on every platform); running diskutil, `/dev/rdiskN` and eject are macOS-only.
 //!
-//! What diskutil cannot say: serial numbers (pinned serials cannot be checked on macOS) and swap
-//! (macOS swaps to files).
+//! What diskutil cannot say: serial numbers (`system_profiler.rs` finds them, `read_device` adds
+//! them) and swap (macOS swaps to files).
 
 use anyhow::{Context, Result, bail};
 use plist::{Dictionary, Value};
@@ -280,9 +280,10 @@ pub fn unmount_plan(mounted: &[(String, String)]) -> Vec<String> {
 pub fn open_refusal(raw: &str, errno: i32) -> Option<String> {
     use nix::libc::{EACCES, EBUSY, EPERM};
     match errno {
-        // rdiskN is crw-r----- root:operator: only root may write it.
+        // rdiskN is crw-r----- root:operator: only root may write it. authopen (the
+        // administrator dialog) hands kiln an open descriptor, so the build stays the user's.
         EACCES => Some(format!(
-            "{raw} may only be written by root: run kiln with sudo (nothing was unmounted or written)"
+            "{raw} may only be written by root: add --authopen to approve this one disk in macOS's administrator dialog, or run kiln with sudo (nothing was unmounted or written)"
         )),
         // The privacy controls (TCC) answer EPERM, even to root, until the terminal is allowed.
         EPERM => Some(format!(
@@ -353,11 +354,15 @@ fn root() -> Result<&'static RootDisks> {
 
 #[cfg(target_os = "macos")]
 pub fn read_device(name: &str) -> Result<BlockDevice> {
-    device_from(
+    let mut dev = device_from(
         &diskutil(&["info", "-plist", name])?,
         &diskutil(&["list", "-plist", name])?,
         root()?,
-    )
+    )?;
+    if let Ok(serials) = super::system_profiler::current() {
+        dev.serial = serials.get(&dev.name).cloned();
+    }
+    Ok(dev)
 }
 
 /// Physical disks (internal ones too, so `kiln devices` shows why they are refused).
@@ -566,7 +571,10 @@ mod tests {
     #[test]
     fn open_refusals_say_what_to_do_on_a_mac() {
         let eacces = open_refusal("/dev/rdisk4", nix::libc::EACCES).unwrap();
-        assert!(eacces.contains("run kiln with sudo"), "{eacces}");
+        assert!(
+            eacces.contains("--authopen") && eacces.contains("run kiln with sudo"),
+            "{eacces}"
+        );
         let eperm = open_refusal("/dev/rdisk4", nix::libc::EPERM).unwrap();
         assert!(eperm.contains("Removable Volumes") && eperm.contains("Full Disk Access"));
         let ebusy = open_refusal("/dev/rdisk4", nix::libc::EBUSY).unwrap();

@@ -2,7 +2,8 @@
 //! disk may be overwritten, and the few ioctls a writer needs.
 //!
 //! Discovery is plain data (`BlockDevice`): on Linux from `/sys/block`, `/proc/self/mountinfo`,
-//! `/proc/swaps` and udev's database (`sysfs`), on macOS from `diskutil -plist` (`diskutil`), so
+//! `/proc/swaps` and udev's database (`sysfs`), on macOS from `diskutil -plist` (`diskutil`) and
+//! serial numbers from `system_profiler -xml` (`system_profiler`), so
 //! the safety rules (`refusals`) are the same everywhere and testable without hardware.
 
 pub mod authopen;
@@ -11,6 +12,7 @@ pub mod eject;
 pub mod ioctl;
 #[cfg(target_os = "linux")]
 pub mod sysfs;
+pub mod system_profiler;
 pub mod volumes;
 
 #[cfg(target_os = "macos")]

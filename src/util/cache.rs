@@ -29,11 +29,15 @@ impl Cache {
         Ok(Cache { root })
     }
 
-    /// Where the cache is (or would be), without creating it.
+    /// Where the cache is (or would be), without creating it. While a build runs as the user
+    /// behind sudo (`util::sudo`), their cache, not root's.
     pub fn location() -> Option<PathBuf> {
         match std::env::var_os("KILN_CACHE_DIR") {
             Some(d) => Some(PathBuf::from(d)),
-            None => dirs::cache_dir().map(|d| d.join("kiln")),
+            None => match crate::util::sudo::switched_home() {
+                Some(home) => Some(user_cache_dir(&home).join("kiln")),
+                None => dirs::cache_dir().map(|d| d.join("kiln")),
+            },
         }
     }
 
@@ -78,6 +82,15 @@ impl Cache {
         memo.insert(key, digest.clone());
         crate::util::fsutil::write_atomic(&memo_path, &serde_json::to_vec_pretty(&memo)?)?;
         Ok(digest)
+    }
+}
+
+/// The platform's cache directory in `home`, as `dirs::cache_dir` finds it from `$HOME`.
+fn user_cache_dir(home: &Path) -> PathBuf {
+    if cfg!(target_os = "macos") {
+        home.join("Library/Caches")
+    } else {
+        home.join(".cache")
     }
 }
 

@@ -15,11 +15,15 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A kiln command with its own cache directory.
+/// A kiln command with its own cache directory. Without sudo's variables even when the suite
+/// runs under sudo: as root with them, `flash --node` builds as that user (util/sudo.rs), who may
+/// not write the tests' root-owned temporary directories.
 pub fn kiln(cache: &Path) -> Command {
     let mut c = Command::new(kiln_bin());
     c.env("KILN_CACHE_DIR", cache)
-        .env_remove("SOURCE_DATE_EPOCH");
+        .env_remove("SOURCE_DATE_EPOCH")
+        .env_remove("SUDO_UID")
+        .env_remove("SUDO_GID");
     c
 }
 

@@ -16,6 +16,7 @@ use crate::io::progress::{Events, ProgressMode};
 use crate::plan::Cluster;
 use crate::plan::profile::DeliverMethod;
 use crate::stamp::customize;
+use crate::util::sudo::as_invoking_user;
 
 /// One image going to one or more targets.
 struct Job {
@@ -110,8 +111,9 @@ fn plan_jobs(req: &Request, cluster: Option<&Cluster>) -> Result<Vec<Job>> {
     for (node, dev) in req.nodes.iter().zip(&req.positional) {
         let n = cluster.node(node)?;
         let target = blockdev::resolve(dev)?;
-        let artifact =
-            build_node(cluster, n, &opts).with_context(|| format!("building node {node}"))?;
+        // Under sudo, built as the user who typed the command: root is for the disk only.
+        let artifact = as_invoking_user(|| build_node(cluster, n, &opts))
+            .with_context(|| format!("building node {node}"))?;
         eprintln!(
             "built {} ({})",
             artifact.image.display(),

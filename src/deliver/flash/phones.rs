@@ -147,12 +147,21 @@ fn node_jobs(req: &Request, cluster: &Cluster) -> Result<Vec<PhoneJob>> {
     for (i, node) in req.nodes.iter().enumerate() {
         let n = cluster.node(node)?;
         let (profile, _) = cluster.profile_of(n);
-        let artifact =
-            build_node(cluster, n, &opts).with_context(|| format!("building node {node}"))?;
-        let bmap = crate::artifact::bmap::Bmap::parse(&std::fs::read_to_string(&artifact.bmap)?)?;
         let simg = req.out.join(format!("{node}.simg"));
-        let files =
-            crate::artifact::android_sparse::convert(&artifact.image, Some(&bmap), &simg, None)?;
+        // Under sudo, built as the user who typed the command (util/sudo.rs says why).
+        let (artifact, files) = crate::util::sudo::as_invoking_user(|| {
+            let artifact =
+                build_node(cluster, n, &opts).with_context(|| format!("building node {node}"))?;
+            let bmap = std::fs::read_to_string(&artifact.bmap)?;
+            let bmap = crate::artifact::bmap::Bmap::parse(&bmap)?;
+            let files = crate::artifact::android_sparse::convert(
+                &artifact.image,
+                Some(&bmap),
+                &simg,
+                None,
+            )?;
+            Ok((artifact, files))
+        })?;
         eprintln!(
             "built {} ({}) and {}",
             artifact.image.display(),
