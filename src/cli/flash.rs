@@ -20,9 +20,10 @@ pub struct Args {
     node: Vec<String>,
     #[command(flatten)]
     cluster: ClusterArg,
-    /// Where --node builds go.
-    #[arg(long, short = 'o', default_value = "out")]
-    out: PathBuf,
+    /// Also build --node images into this directory and flash those files (default: stream each
+    /// node from its cached base, writing no image file; phones' builds go to `out`).
+    #[arg(long, short = 'o')]
+    out: Option<PathBuf>,
     /// Base image for --node builds (path, URL or `sample`).
     #[arg(long)]
     base: Option<String>,

@@ -12,17 +12,36 @@ use super::image::FlashImage;
 use super::request::Request;
 use super::{FlashOptions, OpenTarget, Outcome};
 use crate::blockdev::{self, BlockDevice, Target};
-use crate::build::build_node;
+use crate::build::{BuildOptions, StreamedNode, build_node, stream_node};
 use crate::io::progress::Events;
 use crate::plan::Cluster;
+use crate::plan::node::NodeConfig;
 use crate::plan::profile::DeliverMethod;
 use crate::stamp::customize;
 
 /// One image going to one or more targets.
 struct Job {
-    image: PathBuf,
+    image: JobImage,
     /// Each target with the serial its node is pinned to.
     targets: Vec<(Target, Option<String>)>,
+}
+
+/// Where a job's bytes come from.
+enum JobImage {
+    /// An image file: given, or built into `--out` for a node.
+    File(PathBuf),
+    /// A node streamed from its cached base, with no image file written.
+    Streamed(StreamedNode),
+}
+
+impl JobImage {
+    /// How the question and the notes name it.
+    fn describe(&self) -> String {
+        match self {
+            JobImage::File(p) => p.display().to_string(),
+            JobImage::Streamed(n) => format!("{} (from {})", n.node, n.source.display()),
+        }
+    }
 }
 
 /// Carries out a flash request, disks or phones.
@@ -44,7 +63,7 @@ pub fn run(req: &Request) -> Result<()> {
     let jobs = plan_jobs(req, cluster.as_ref())?;
     let images = jobs
         .iter()
-        .map(|job| open_image(req, &job.image))
+        .map(|job| open_image(req, job))
         .collect::<Result<Vec<_>>>()?;
     check_refusals(req, &jobs, &images)?;
     if req.authopen && !cfg!(target_os = "macos") {
@@ -109,7 +128,7 @@ fn plan_jobs(req: &Request, cluster: Option<&Cluster>) -> Result<Vec<Job>> {
             .map(|d| Ok((blockdev::resolve(d)?, None)))
             .collect::<Result<_>>()?;
         return Ok(vec![Job {
-            image: image.clone(),
+            image: JobImage::File(image.clone()),
             targets,
         }]);
     };
@@ -125,23 +144,55 @@ fn plan_jobs(req: &Request, cluster: Option<&Cluster>) -> Result<Vec<Job>> {
     for (node, dev) in req.nodes.iter().zip(&req.positional) {
         let n = cluster.node(node)?;
         let target = blockdev::resolve(dev)?;
-        let artifact =
-            build_node(cluster, n, &opts).with_context(|| format!("building node {node}"))?;
-        eprintln!(
-            "built {} ({})",
-            artifact.image.display(),
-            &artifact.sha256[..16]
-        );
         jobs.push(Job {
-            image: artifact.image,
+            image: node_image(req, cluster, n, &opts)?,
             targets: vec![(target, n.serial.clone())],
         });
     }
     Ok(jobs)
 }
 
+/// A node's bytes: streamed from its base, or built into `--out` first when that was asked for.
+fn node_image(
+    req: &Request,
+    cluster: &Cluster,
+    node: &NodeConfig,
+    opts: &BuildOptions,
+) -> Result<JobImage> {
+    let name = &node.name;
+    if req.out.is_none() {
+        let streamed =
+            stream_node(cluster, node, opts).with_context(|| format!("stamping node {name}"))?;
+        eprintln!(
+            "stamped {name}: {} of patches over {}",
+            blockdev::human_size(streamed.patches.iter().map(|p| p.bytes.len() as u64).sum()),
+            streamed.source.display()
+        );
+        return Ok(JobImage::Streamed(streamed));
+    }
+    let artifact =
+        build_node(cluster, node, opts).with_context(|| format!("building node {name}"))?;
+    eprintln!(
+        "built {} ({})",
+        artifact.image.display(),
+        &artifact.sha256[..16]
+    );
+    Ok(JobImage::File(artifact.image))
+}
+
 /// Opens a job's image with its bmap, and the boot edits as patches on the way to the disk.
-fn open_image(req: &Request, image: &Path) -> Result<FlashImage> {
+fn open_image(req: &Request, job: &Job) -> Result<FlashImage> {
+    let image = match &job.image {
+        JobImage::File(p) => p.as_path(),
+        JobImage::Streamed(n) => {
+            return Ok(FlashImage::streamed(
+                &n.source,
+                n.size,
+                n.bmap.clone(),
+                n.patches.clone(),
+            ));
+        }
+    };
     let bmap = if req.nodes.is_empty() {
         req.bmap.as_deref()
     } else {
@@ -192,11 +243,11 @@ fn describe(jobs: &[Job]) -> (Vec<String>, Vec<(String, String)>) {
         for (t, _) in &job.targets {
             match t {
                 Target::Device(d) => {
-                    lines.push(format!("  {} → {}", job.image.display(), d.describe()));
+                    lines.push(format!("  {} → {}", job.image.describe(), d.describe()));
                     mounted.extend(d.all_mountpoints());
                 }
                 Target::File(p) => {
-                    lines.push(format!("  {} → file {}", job.image.display(), p.display()))
+                    lines.push(format!("  {} → file {}", job.image.describe(), p.display()))
                 }
             }
         }

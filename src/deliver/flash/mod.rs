@@ -322,9 +322,11 @@ impl<'a> StreamChecks<'a> {
     fn new(img: &FlashImage, segments: &'a [Segment], hash_segments: bool, whole: bool) -> Self {
         StreamChecks {
             whole: whole.then(Sha256::new),
+            // A map without checksums (a streamed node's) has nothing to check the stream against.
             bmap: img
                 .bmap
                 .as_ref()
+                .filter(|b| b.ranges.iter().any(|r| r.sha256.is_some()))
                 .map(|b| (b.clone(), RangeHasher::new(b, &Default::default()))),
             segments,
             hash_segments,

@@ -110,7 +110,7 @@ fn node_jobs(req: &Request, cluster: &Cluster) -> Result<Vec<PhoneJob>> {
         let artifact =
             build_node(cluster, n, &opts).with_context(|| format!("building node {node}"))?;
         let bmap = crate::artifact::bmap::Bmap::parse(&std::fs::read_to_string(&artifact.bmap)?)?;
-        let simg = req.out.join(format!("{node}.simg"));
+        let simg = opts.out_dir.join(format!("{node}.simg"));
         let files =
             crate::artifact::android_sparse::convert(&artifact.image, Some(&bmap), &simg, None)?;
         eprintln!(

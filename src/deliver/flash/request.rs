@@ -14,7 +14,9 @@ pub struct Request {
     pub positional: Vec<PathBuf>,
     pub nodes: Vec<String>,
     pub cluster: PathBuf,
-    pub out: PathBuf,
+    /// Where `--node` builds go, when asked for: without it, nodes are streamed from their base
+    /// and no image file is written.
+    pub out: Option<PathBuf>,
     pub base: Option<String>,
     pub yes: bool,
     pub verify: bool,
@@ -33,10 +35,15 @@ pub struct Request {
 }
 
 impl Request {
+    /// The output directory: `--out`, else `out` (phones' builds, a streamed node's working copy).
+    pub(super) fn out_dir(&self) -> PathBuf {
+        self.out.clone().unwrap_or_else(|| PathBuf::from("out"))
+    }
+
     /// How `--node` builds are made.
     pub(super) fn build_options(&self) -> BuildOptions {
         BuildOptions {
-            out_dir: self.out.clone(),
+            out_dir: self.out_dir(),
             base: BaseRef::parse(self.base.as_deref()),
             base_sha256: None,
             format: Default::default(),
