@@ -81,7 +81,7 @@ pub fn run(req: &Request) -> Result<()> {
     confirm(req.yes, &lines, &mounted, "disks")?;
     let opened = reopen(&jobs, req.authopen)?;
     // Every descriptor is closed when this returns: only then may a card be ejected.
-    let outcomes = flash_fleet(req, &images, opened);
+    let outcomes = flash_fleet(req, &jobs, &images, opened);
     let events = Events::new(req.progress, None);
     if !req.no_eject {
         eject_written(&jobs, &outcomes, &events);
@@ -305,19 +305,51 @@ fn same_disk(a: &BlockDevice, b: &BlockDevice) -> bool {
     a.devno == b.devno && a.size == b.size && a.serial == b.serial && a.model == b.model
 }
 
-/// Every job in its own thread; each decodes its image once for all its targets.
-fn flash_fleet(req: &Request, images: &[FlashImage], opened: Vec<Vec<OpenTarget>>) -> Vec<Outcome> {
+/// Every stream in its own thread, decoded once for all its targets: an image file for the
+/// targets of its job, a cached base for every node streamed from it. Outcomes come back in the
+/// order of the jobs and their targets.
+fn flash_fleet(
+    req: &Request,
+    jobs: &[Job],
+    images: &[FlashImage],
+    opened: Vec<Vec<OpenTarget>>,
+) -> Vec<Outcome> {
     let opts = FlashOptions { verify: req.verify };
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = images
+    // Jobs that stream from the same base file share a group; any other job is a group of one.
+    let mut groups: Vec<(Option<&Path>, Vec<usize>)> = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        let source = match &job.image {
+            JobImage::Streamed(n) => Some(n.source.as_path()),
+            JobImage::File(_) => None,
+        };
+        match groups
+            .iter_mut()
+            .find(|(s, _)| source.is_some() && *s == source)
+        {
+            Some((_, members)) => members.push(i),
+            None => groups.push((source, vec![i])),
+        }
+    }
+    // Each target, tagged with its job and its place in the job, under its group.
+    let mut opened: Vec<Option<Vec<OpenTarget>>> = opened.into_iter().map(Some).collect();
+    let mut outcomes: Vec<((usize, usize), Outcome)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = groups
             .iter()
-            .zip(opened)
-            .map(|(img, targets)| {
-                let opts = &opts;
-                let progress = req.progress;
+            .map(|(_, members)| {
+                let shared: Vec<&FlashImage> = members.iter().map(|&j| &images[j]).collect();
+                let mut tags = Vec::new();
+                let mut targets = Vec::new();
+                for (v, &j) in members.iter().enumerate() {
+                    for (k, t) in opened[j].take().unwrap_or_default().into_iter().enumerate() {
+                        tags.push((j, k));
+                        targets.push((v, t));
+                    }
+                }
+                let (opts, progress) = (&opts, req.progress);
                 scope.spawn(move || {
-                    let events = Events::new(progress, img.size);
-                    super::flash(img, targets, opts, &events)
+                    let events = Events::new(progress, shared[0].size);
+                    let out = super::flash_shared(&shared, targets, opts, &events);
+                    tags.into_iter().zip(out).collect::<Vec<_>>()
                 })
             })
             .collect();
@@ -325,5 +357,7 @@ fn flash_fleet(req: &Request, images: &[FlashImage], opened: Vec<Vec<OpenTarget>
             .into_iter()
             .flat_map(|h| h.join().expect("flash thread panicked"))
             .collect()
-    })
+    });
+    outcomes.sort_by_key(|(tag, _)| *tag);
+    outcomes.into_iter().map(|(_, o)| o).collect()
 }
