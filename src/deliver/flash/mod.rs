@@ -173,7 +173,13 @@ pub fn flash_shared<T: FlashTarget>(
     events: &Events,
 ) -> Vec<Outcome> {
     let started = Instant::now();
-    let img = images[0];
+    let Some(img) = shared_stream(images) else {
+        let e = anyhow!("images flashed together must share one file (a kiln bug)");
+        return targets
+            .iter()
+            .map(|(_, t)| TargetState::Writing(t).stopped_by(&e))
+            .collect();
+    };
     // 1. Zero the head (and the tail of devices, where a stale backup GPT would live).
     let mut states: Vec<(usize, TargetState<T>)> = targets
         .into_iter()
@@ -234,6 +240,15 @@ pub fn flash_shared<T: FlashTarget>(
             })
             .collect()
     })
+}
+
+/// The stream `images` share: the first, when every one is of its file and size.
+fn shared_stream<'a>(images: &[&'a FlashImage]) -> Option<&'a FlashImage> {
+    let first = *images.first()?;
+    images
+        .iter()
+        .all(|i| i.path == first.path && i.size == first.size)
+        .then_some(first)
 }
 
 fn zero_head_and_tail(t: &impl FlashTarget, image_size: Option<u64>) -> Result<()> {
