@@ -1,7 +1,9 @@
 //! `kiln flash` as the library carries it out: the request (images or nodes, disks or phones)
 //! becomes jobs, every refusal is checked for every target, one question is asked, and only then
-//! is anything written. The binary parses flags into a `Request` (`request.rs`) and calls `run`;
-//! phones go on in `phones.rs`.
+//! is anything written. A `--node` is stamped and streamed from its cached base (no image file)
+//! unless `--out` asks for the build; nodes streamed from the same base share one read of it.
+//! The binary parses flags into a `Request` (`request.rs`) and calls `run`; phones go on in
+//! `phones.rs`.
 
 use std::path::{Path, PathBuf};
 

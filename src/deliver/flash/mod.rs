@@ -1,4 +1,4 @@
-//! The write pipeline: one image, decoded once, written to one or more targets, commit last.
+//! The write pipeline: one stream, decoded once, written to one or more targets, commit last.
 //!
 //! Order of work on every target (coreos-installer's rule): zero the first MiB and the last MiB
 //! (stale backup GPTs), write every mapped block but the first MiB, flush, verify by reading the
@@ -7,9 +7,13 @@
 //! with no partition table, never one that boots half an image.
 //!
 //! Blocks are skipped only where a bmap says they are unused; without a bmap every block is
-//! written. The decoder thread hashes the stream (the whole image against its `.sha256sum`, each
-//! bmap range against the bmap) and fans chunks out to one writer thread per target; a failing
-//! target does not stop the others.
+//! written. The decoder thread reads the stream once and fans chunks out: to a hash thread that
+//! checks the file as it is (the whole image against its `.sha256sum`, each bmap range against
+//! the bmap), to one writer thread per target, and to one hash thread per variant. A variant is
+//! what a target makes of the stream — its patches and its map: several nodes streamed from one
+//! cached base (`flash_shared`) are one stream and one variant each; a plain image is one of each.
+//! Patches are laid over a copy of only the chunks they touch. A failing target does not stop the
+//! others.
 //!
 //! The loop is generic over `target::FlashTarget` (a device or file in `device.rs`, memory with
 //! injected faults in tests). What a `kiln flash` asks for — jobs, refusals, the one question —
