@@ -911,3 +911,87 @@ fn under_sudo_flash_by_node_builds_as_the_invoking_user() {
     // The write itself was root's, and it is the image that was built.
     assert_mapped_equal(&img, &img.with_extension("img.bmap"), &card);
 }
+
+/// A loop device over `mib` MiB of a non-zero pattern, as a used card holds: a block that one
+/// flash writes and another skips then shows.
+fn junk_loop(dir: &Path, name: &str, mib: usize) -> Loop {
+    let file = dir.join(name);
+    let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 253) as u8 | 0x40).collect();
+    let mut f = std::fs::File::create(&file).unwrap();
+    for _ in 0..mib {
+        f.write_all(&chunk).unwrap();
+    }
+    drop(f);
+    let out = stdout(Command::new("losetup").args(["-f", "--show"]).arg(&file));
+    Loop {
+        dev: PathBuf::from(out.trim()),
+        _file: file,
+    }
+}
+
+#[test]
+fn flash_by_node_streams_the_bytes_kiln_build_makes_and_writes_no_image() {
+    if !can_loop() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let base = hypriot_fixture(dir.path());
+    let cluster = example_cluster("ceil", dir.path());
+    // The judge: the images `kiln build` makes, each flashed from its file with its bmap.
+    let built = dir.path().join("built");
+    let nodes = ["ceil-one", "ceil-two"];
+    let mut prebuilt = Vec::new();
+    for node in nodes {
+        build(&cache, &cluster, node, base.as_os_str(), &built);
+        let lo = junk_loop(dir.path(), &format!("{node}-prebuilt.img"), 160);
+        let img = built.join(format!("{node}.img"));
+        let o = flash(&cache, &[&img, &lo.dev, &"--yes", &"--allow-non-removable"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        prebuilt.push(lo);
+    }
+    // Streamed: both nodes in one run, from a directory where `out/` would appear.
+    let cwd = dir.path().join("cwd");
+    std::fs::create_dir_all(&cwd).unwrap();
+    let streamed: Vec<Loop> = nodes
+        .iter()
+        .map(|n| junk_loop(dir.path(), &format!("{n}-streamed.img"), 160))
+        .collect();
+    let o = kiln(&cache)
+        .current_dir(&cwd)
+        .args(["flash", "--node", nodes[0], "--node", nodes[1], "--cluster"])
+        .arg(&cluster)
+        .arg("--base")
+        .arg(&base)
+        .arg(&streamed[0].dev)
+        .arg(&streamed[1].dev)
+        .args(["--yes", "--allow-non-removable", "--progress", "none"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("stamped ceil-one"), "{err}");
+    assert!(err.contains("verified"), "{err}");
+    // Nothing was written where a build would have put its image, nor beside the cluster file.
+    assert!(
+        !cwd.join("out").exists(),
+        "flash --node made {}/out",
+        cwd.display()
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&cwd).unwrap().collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // Byte for byte the same card as the pre-built image makes, junk left where both skip.
+    for (node, (s, p)) in nodes.iter().zip(streamed.iter().zip(&prebuilt)) {
+        let (a, b) = (
+            read_range(&s.dev, 0, 160 << 20),
+            read_range(&p.dev, 0, 160 << 20),
+        );
+        let first = a.iter().zip(&b).position(|(x, y)| x != y);
+        assert!(first.is_none(), "{node}: cards differ at byte {first:?}");
+        let img = built.join(format!("{node}.img"));
+        assert_mapped_equal(&img, &img.with_extension("img.bmap"), &s.dev);
+    }
+    let ud = String::from_utf8(mtype(&streamed[1].dev, 1 << 20, "user-data")).unwrap();
+    assert!(ud.contains("hostname: ceil-two"));
+}

@@ -12,10 +12,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
+use crate::artifact::bmap::Bmap;
 use crate::artifact::manifest::{Entry, Manifest, sha256sum_line};
 use crate::artifact::writer;
 use crate::base::cache::Cache;
 use crate::base::{self, BaseImage, BaseRef};
+use crate::disk::patch::Patch;
 use crate::fs::ext4_write;
 use crate::plan::Cluster;
 use crate::plan::node::NodeConfig;
@@ -141,6 +143,7 @@ pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> 
         plan: &plan,
     };
     let base = prepare_base(&what, opts)?;
+    prepare_out_dir(&opts.out_dir)?;
     let paths = OutputPaths::new(opts, &what);
     let mut guard = TempGuard::default();
     let stamped = stamp_node(&what, &base, &opts.out_dir, &mut guard)?;
@@ -176,10 +179,91 @@ fn prepare_base(what: &NodeBuild, opts: &BuildOptions) -> Result<BaseImage> {
     .with_context(|| format!("preparing the base image for node {}", what.node.name))?;
     // Refuse a base that is not what the profile promises before copying anything.
     apply::check_layout(&base.raw, what.profile)?;
-    std::fs::create_dir_all(&opts.out_dir)
-        .with_context(|| format!("creating {}", opts.out_dir.display()))?;
-    crate::util::fsutil::sweep_stale_temporaries(&opts.out_dir);
     Ok(base)
+}
+
+/// The output directory, made, with what killed builds left in it swept away.
+fn prepare_out_dir(out_dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    crate::util::fsutil::sweep_stale_temporaries(out_dir);
+    Ok(())
+}
+
+/// A node ready to be streamed to a disk without an image file: the file its bytes are read from
+/// (the cached base, or a working copy when its root was edited), the patches laid over it on the
+/// way, and the map of the blocks that hold data — the same bytes and the same map `build_node`
+/// would write to `out/`.
+pub struct StreamedNode {
+    pub node: String,
+    pub source: PathBuf,
+    pub size: u64,
+    pub patches: Vec<Patch>,
+    pub bmap: Bmap,
+    /// Removes the working copy (if any) when the node is dropped, after the flash.
+    _work: TempGuard,
+}
+
+/// Plans and stamps `node` for streaming (`kiln flash --node` without `--out`): nothing is
+/// written to `opts.out_dir` unless the node's root must be edited in a working copy there.
+pub fn stream_node(
+    cluster: &Cluster,
+    node: &NodeConfig,
+    opts: &BuildOptions,
+) -> Result<StreamedNode> {
+    let (profile, origin) = cluster.profile_of(node);
+    let plan = plan::plan(cluster, node).with_context(|| format!("planning node {}", node.name))?;
+    let what = NodeBuild {
+        cluster,
+        node,
+        profile,
+        origin,
+        plan: &plan,
+    };
+    let base = prepare_base(&what, opts)?;
+    let mut work = TempGuard::default();
+    if edits_root(&what) {
+        prepare_out_dir(&opts.out_dir)?;
+    }
+    let stamped = stamp_node(&what, &base, &opts.out_dir, &mut work)?;
+    if let Some(why) = &stamped.stamped.report.kept_signature_because {
+        eprintln!("note: {}: {why}", node.name);
+    }
+    let size = std::fs::metadata(&stamped.source)
+        .with_context(|| format!("reading the size of {}", stamped.source.display()))?
+        .len();
+    let bmap = Bmap::from_byte_ranges_split(
+        size,
+        &stamped.stamped.used,
+        &partition_boundaries(&stamped.stamped.report),
+    );
+    Ok(StreamedNode {
+        node: node.name.clone(),
+        source: stamped.source,
+        size,
+        patches: stamped.stamped.patches,
+        bmap,
+        _work: work,
+    })
+}
+
+/// Whether the node's root filesystem is edited (in a working copy of the base, by e2fsprogs)
+/// rather than only its boot partition in memory: a rootfs plan, or overlays that a cloud-init
+/// profile writes into the root.
+fn edits_root(what: &NodeBuild) -> bool {
+    // Overlays into the root of a cloud-init image (and a CNI folder, which always goes there)
+    // are root files of the plan.
+    what.plan.rootfs.is_some() || !what.plan.root_files.is_empty()
+}
+
+/// Partition starts and ends: bmap ranges never span them, so an untouched partition maps the
+/// same ranges in every build on a base (`write_image` reuses their checksums).
+fn partition_boundaries(report: &apply::StampReport) -> Vec<u64> {
+    report
+        .layout_before
+        .partitions
+        .iter()
+        .flat_map(|p| [p.start, p.end()])
+        .collect()
 }
 
 fn digest(s: &str) -> String {
@@ -202,10 +286,7 @@ fn stamp_node(
         ..
     } = *what;
     let rootfs = plan.rootfs.is_some();
-    // Overlays into the root of a cloud-init image (and a CNI folder, which always goes there):
-    // the root is edited in a working copy too.
-    let overlays_into_root = !rootfs && !plan.root_files.is_empty();
-    if !(rootfs || overlays_into_root) {
+    if !edits_root(what) {
         let stamped = apply::stamp(&base.raw, profile, plan)
             .with_context(|| format!("stamping node {}", node.name))?;
         return Ok(StampedNode {
@@ -269,13 +350,7 @@ fn write_image(
     } else {
         load_sums(&sums_path)
     };
-    let boundaries: Vec<u64> = stamped
-        .report
-        .layout_before
-        .partitions
-        .iter()
-        .flat_map(|p| [p.start, p.end()])
-        .collect();
+    let boundaries = partition_boundaries(&stamped.report);
     let (bmap, sha256) = writer::write_image(
         &node.source,
         &stamped.patches,

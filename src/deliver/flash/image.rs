@@ -1,5 +1,6 @@
 //! The image to flash: a raw or compressed file, its size when it can be known before writing,
-//! its bmap (given, or found beside it), and the sha256 its checksum file promises.
+//! its bmap (given, or found beside it), and the sha256 its checksum file promises — or a node's
+//! cached base with the node's patches and map, streamed without an image file.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -101,6 +102,21 @@ impl FlashImage {
             sha256,
             patches: Vec::new(),
         })
+    }
+
+    /// A node streamed from its base (`build::stream_node`): the raw file read as it is, the node's
+    /// patches laid over it on the way and the node's map. There is no checksum file to hold it
+    /// to: the read-back is compared with digests of the patched stream itself.
+    pub fn streamed(path: &Path, size: u64, bmap: Bmap, patches: Vec<Patch>) -> FlashImage {
+        FlashImage {
+            path: path.to_path_buf(),
+            compression: Compression::None,
+            size: Some(size),
+            bmap: Some(bmap),
+            bmap_path: None,
+            sha256: None,
+            patches,
+        }
     }
 
     /// Adds patches and the ranges they make used: the bmap gains those ranges, and ranges a patch

@@ -1,6 +1,10 @@
 //! `kiln flash` as the library carries it out: the request (images or nodes, disks or phones)
-//! becomes deliveries — here, one image to its disks; phones in `phones.rs` — which
+//! becomes deliveries — here, one stream to its disks; phones in `phones.rs` — which
 //! `delivery::carry_out` takes through refusals, the one question and the writes.
+//!
+//! A `--node` is stamped and streamed from its cached base (no image file) unless `--out` asks
+//! for the build; nodes streamed from the same base are one delivery, so the base is read once
+//! for all their cards.
 
 use std::path::{Path, PathBuf};
 
@@ -11,18 +15,45 @@ use super::image::FlashImage;
 use super::request::Request;
 use super::{FlashOptions, OpenTarget, Outcome};
 use crate::blockdev::{self, BlockDevice, Target};
-use crate::build::build_node;
+use crate::build::{BuildOptions, StreamedNode, build_node, stream_node};
 use crate::io::progress::{Events, ProgressMode};
 use crate::plan::Cluster;
+use crate::plan::node::NodeConfig;
 use crate::plan::profile::DeliverMethod;
 use crate::stamp::customize;
 use crate::util::sudo::as_invoking_user;
 
 /// One image going to one or more targets.
 struct Job {
-    image: PathBuf,
+    image: JobImage,
     /// Each target with the serial its node is pinned to.
     targets: Vec<(Target, Option<String>)>,
+}
+
+/// Where a job's bytes come from.
+enum JobImage {
+    /// An image file: given, or built into `--out` for a node.
+    File(PathBuf),
+    /// A node streamed from its cached base, with no image file written.
+    Streamed(StreamedNode),
+}
+
+impl JobImage {
+    /// How the question and the notes name it.
+    fn describe(&self) -> String {
+        match self {
+            JobImage::File(p) => p.display().to_string(),
+            JobImage::Streamed(n) => format!("{} (from {})", n.node, n.source.display()),
+        }
+    }
+
+    /// The file a streamed node reads: jobs sharing it are flashed as one stream.
+    fn stream_source(&self) -> Option<&Path> {
+        match self {
+            JobImage::Streamed(n) => Some(&n.source),
+            JobImage::File(_) => None,
+        }
+    }
 }
 
 /// Carries out a flash request, disks or phones.
@@ -47,19 +78,31 @@ pub fn run(req: &Request) -> Result<()> {
     if req.authopen && !cfg!(target_os = "macos") {
         bail!("--authopen is macOS's administrator dialog; here, run kiln with sudo");
     }
-    let mut disks: Vec<Box<dyn Delivery>> = Vec::new();
+    let mut disks: Vec<DiskDelivery> = Vec::new();
     for job in plan_jobs(req, cluster.as_ref())? {
-        let image = open_image(req, &job.image)?;
-        disks.push(Box::new(DiskDelivery {
-            job,
-            image,
-            opened: Vec::new(),
-            allow_non_removable: req.allow_non_removable,
-            authopen: req.authopen,
-            verify: req.verifies(),
-            eject: !req.no_eject,
-        }));
+        let image = open_image(req, &job)?;
+        // Nodes streamed from the same base join one delivery; anything else is one of its own.
+        let shared = job.image.stream_source().and_then(|source| {
+            disks
+                .iter_mut()
+                .find(|d| d.jobs[0].0.image.stream_source() == Some(source))
+        });
+        match shared {
+            Some(d) => d.jobs.push((job, image)),
+            None => disks.push(DiskDelivery {
+                jobs: vec![(job, image)],
+                opened: Vec::new(),
+                allow_non_removable: req.allow_non_removable,
+                authopen: req.authopen,
+                verify: req.verifies(),
+                eject: !req.no_eject,
+            }),
+        }
     }
+    let disks = disks
+        .into_iter()
+        .map(|d| Box::new(d) as Box<dyn Delivery>)
+        .collect();
     carry_out(disks, req.yes, "disks", req.progress)
 }
 
@@ -95,7 +138,7 @@ fn plan_jobs(req: &Request, cluster: Option<&Cluster>) -> Result<Vec<Job>> {
             .map(|d| Ok((blockdev::resolve(d)?, None)))
             .collect::<Result<_>>()?;
         return Ok(vec![Job {
-            image: image.clone(),
+            image: JobImage::File(image.clone()),
             targets,
         }]);
     };
@@ -111,24 +154,56 @@ fn plan_jobs(req: &Request, cluster: Option<&Cluster>) -> Result<Vec<Job>> {
     for (node, dev) in req.nodes.iter().zip(&req.positional) {
         let n = cluster.node(node)?;
         let target = blockdev::resolve(dev)?;
-        // Under sudo, built as the user who typed the command: root is for the disk only.
-        let artifact = as_invoking_user(|| build_node(cluster, n, &opts))
-            .with_context(|| format!("building node {node}"))?;
-        eprintln!(
-            "built {} ({})",
-            artifact.image.display(),
-            &artifact.sha256[..16]
-        );
         jobs.push(Job {
-            image: artifact.image,
+            image: node_image(req, cluster, n, &opts)?,
             targets: vec![(target, n.serial.clone())],
         });
     }
     Ok(jobs)
 }
 
+/// A node's bytes: streamed from its base, or built into `--out` first when that was asked for.
+/// Under sudo, either is made as the user who typed the command: root is for the disk only.
+fn node_image(
+    req: &Request,
+    cluster: &Cluster,
+    node: &NodeConfig,
+    opts: &BuildOptions,
+) -> Result<JobImage> {
+    let name = &node.name;
+    if req.out.is_none() {
+        let streamed = as_invoking_user(|| stream_node(cluster, node, opts))
+            .with_context(|| format!("stamping node {name}"))?;
+        eprintln!(
+            "stamped {name}: {} of patches over {}",
+            blockdev::human_size(streamed.patches.iter().map(|p| p.bytes.len() as u64).sum()),
+            streamed.source.display()
+        );
+        return Ok(JobImage::Streamed(streamed));
+    }
+    let artifact = as_invoking_user(|| build_node(cluster, node, opts))
+        .with_context(|| format!("building node {name}"))?;
+    eprintln!(
+        "built {} ({})",
+        artifact.image.display(),
+        &artifact.sha256[..16]
+    );
+    Ok(JobImage::File(artifact.image))
+}
+
 /// Opens a job's image with its bmap, and the boot edits as patches on the way to the disk.
-fn open_image(req: &Request, image: &Path) -> Result<FlashImage> {
+fn open_image(req: &Request, job: &Job) -> Result<FlashImage> {
+    let image = match &job.image {
+        JobImage::File(p) => p.as_path(),
+        JobImage::Streamed(n) => {
+            return Ok(FlashImage::streamed(
+                &n.source,
+                n.size,
+                n.bmap.clone(),
+                n.patches.clone(),
+            ));
+        }
+    };
     let bmap = if req.nodes.is_empty() {
         req.bmap.as_deref()
     } else {
@@ -152,12 +227,13 @@ fn open_image(req: &Request, image: &Path) -> Result<FlashImage> {
     Ok(img)
 }
 
-/// One image to its disks and files, through the commit-last write loop.
+/// One stream to its disks and files, through the commit-last write loop: an image file to its
+/// targets, or every node streamed from one base to its card (each with its own patches).
 struct DiskDelivery {
-    job: Job,
-    image: FlashImage,
-    /// Filled by `open`, after the question.
-    opened: Vec<OpenTarget>,
+    /// The jobs sharing the stream, each with its image (the same file, its own patches).
+    jobs: Vec<(Job, FlashImage)>,
+    /// Filled by `open`, after the question: each target with the index of its job.
+    opened: Vec<(usize, OpenTarget)>,
     allow_non_removable: bool,
     authopen: bool,
     verify: bool,
@@ -165,16 +241,18 @@ struct DiskDelivery {
 }
 
 impl DiskDelivery {
-    fn devices(&self) -> impl Iterator<Item = (&BlockDevice, Option<&str>)> {
-        self.job.targets.iter().filter_map(|(t, pinned)| match t {
-            Target::Device(d) => Some((&**d, pinned.as_deref())),
-            Target::File(_) => None,
+    /// Every target, with its job's image and its pinned serial, in the order of the jobs.
+    fn targets(&self) -> impl Iterator<Item = (&JobImage, &FlashImage, &Target, Option<&str>)> {
+        self.jobs.iter().flat_map(|(job, img)| {
+            job.targets
+                .iter()
+                .map(move |(t, pinned)| (&job.image, img, t, pinned.as_deref()))
         })
     }
 
     /// Ejects every card written without error, now that its descriptors are closed.
     fn eject_written(&self, outcomes: &[Outcome], events: &Events) {
-        for ((t, _), o) in self.job.targets.iter().zip(outcomes) {
+        for ((_, _, t, _), o) in self.targets().zip(outcomes) {
             if let (Target::Device(d), Ok(_)) = (t, &o.result)
                 && blockdev::eject::wanted(d, false)
             {
@@ -187,8 +265,9 @@ impl DiskDelivery {
 impl Delivery for DiskDelivery {
     fn refusals(&mut self) -> Vec<String> {
         let mut problems = Vec::new();
-        for (d, pinned) in self.devices() {
-            for r in blockdev::refusals(d, self.image.size, self.allow_non_removable, pinned) {
+        for (_, img, t, pinned) in self.targets() {
+            let Target::Device(d) = t else { continue };
+            for r in blockdev::refusals(d, img.size, self.allow_non_removable, pinned) {
                 problems.push(format!("refusing {}: {r}", d.describe()));
             }
             // Permission is asked before the question, so a user without it loses nothing (no
@@ -201,62 +280,65 @@ impl Delivery for DiskDelivery {
     }
 
     fn describe(&self) -> Vec<String> {
-        let image = self.job.image.display();
-        self.job
-            .targets
-            .iter()
-            .map(|(t, _)| match t {
-                Target::Device(d) => format!("  {image} → {}", d.describe()),
-                Target::File(p) => format!("  {image} → file {}", p.display()),
+        self.targets()
+            .map(|(image, _, t, _)| match t {
+                Target::Device(d) => format!("  {} → {}", image.describe(), d.describe()),
+                Target::File(p) => format!("  {} → file {}", image.describe(), p.display()),
             })
             .collect()
     }
 
     fn mounted(&self) -> Vec<(String, String)> {
-        self.devices()
-            .flat_map(|(d, _)| d.all_mountpoints())
+        self.targets()
+            .flat_map(|(_, _, t, _)| match t {
+                Target::Device(d) => d.all_mountpoints(),
+                Target::File(_) => Vec::new(),
+            })
             .collect()
     }
 
     /// Opens every target, re-checking each device first: the disk confirmed must be the disk
     /// written.
     fn open(&mut self) -> Result<()> {
-        for (t, _) in &self.job.targets {
-            let t = match t {
-                Target::Device(before) => {
-                    let now = blockdev::resolve(Path::new(&before.path))?;
-                    match &now {
-                        Target::Device(d) if same_disk(before, d) => {}
-                        _ => bail!(
-                            "{} changed since it was confirmed (unplugged or replaced?); nothing was written",
-                            before.path
-                        ),
+        for (j, (job, _)) in self.jobs.iter().enumerate() {
+            for (t, _) in &job.targets {
+                let t = match t {
+                    Target::Device(before) => {
+                        let now = blockdev::resolve(Path::new(&before.path))?;
+                        match &now {
+                            Target::Device(d) if same_disk(before, d) => {}
+                            _ => bail!(
+                                "{} changed since it was confirmed (unplugged or replaced?); nothing was written",
+                                before.path
+                            ),
+                        }
+                        // Spotlight, Finder or a re-mount may have taken a volume back since
+                        // the question: nothing of the disk may be mounted when it is opened.
+                        #[cfg(target_os = "macos")]
+                        blockdev::volumes::unmount_until_clear(
+                            &blockdev::diskutil::Diskutil,
+                            &before.path,
+                        )?;
+                        now
                     }
-                    // Spotlight, Finder or a re-mount may have taken a volume back since the
-                    // question: nothing of the disk may be mounted when it is opened.
-                    #[cfg(target_os = "macos")]
-                    blockdev::volumes::unmount_until_clear(
-                        &blockdev::diskutil::Diskutil,
-                        &before.path,
-                    )?;
-                    now
-                }
-                f => f.clone(),
-            };
-            self.opened.push(OpenTarget::open(t, self.authopen)?);
+                    f => f.clone(),
+                };
+                self.opened.push((j, OpenTarget::open(t, self.authopen)?));
+            }
         }
         Ok(())
     }
 
-    /// Decodes the image once for all its targets; ejects the cards once their descriptors are
-    /// closed (the write loop owns and drops them).
+    /// Reads the stream once for all its targets; ejects the cards once their descriptors are
+    /// closed (the write loop owns and drops them). Outcomes come in the order of `targets`.
     fn deliver(mut self: Box<Self>, progress: ProgressMode) -> Vec<Outcome> {
-        let events = Events::new(progress, self.image.size);
+        let images: Vec<&FlashImage> = self.jobs.iter().map(|(_, img)| img).collect();
+        let events = Events::new(progress, images[0].size);
         let opts = FlashOptions {
             verify: self.verify,
         };
         let targets = std::mem::take(&mut self.opened);
-        let outcomes = super::flash(&self.image, targets, &opts, &events);
+        let outcomes = super::flash_shared(&images, targets, &opts, &events);
         if self.eject {
             self.eject_written(&outcomes, &events);
         }

@@ -1,4 +1,4 @@
-//! The write pipeline: one image, decoded once, written to one or more targets, commit last.
+//! The write pipeline: one stream, decoded once, written to one or more targets, commit last.
 //!
 //! Order of work on every target (coreos-installer's rule): zero the first MiB and the last MiB
 //! (stale backup GPTs), write every mapped block but the first MiB, flush, verify by reading the
@@ -7,9 +7,13 @@
 //! with no partition table, never one that boots half an image.
 //!
 //! Blocks are skipped only where a bmap says they are unused; without a bmap every block is
-//! written. The decoder thread hashes the stream (the whole image against its `.sha256sum`, each
-//! bmap range against the bmap) and fans chunks out to one writer thread per target; a failing
-//! target does not stop the others.
+//! written. The decoder thread reads the stream once and fans chunks out: to a hash thread that
+//! checks the file as it is (the whole image against its `.sha256sum`, each bmap range against
+//! the bmap), to one writer thread per target, and to one hash thread per variant. A variant is
+//! what a target makes of the stream — its patches and its map: several nodes streamed from one
+//! cached base (`flash_shared`) are one stream and one variant each; a plain image is one of each.
+//! Patches are laid over a copy of only the chunks they touch. A failing target does not stop the
+//! others.
 //!
 //! The loop is generic over `target::FlashTarget` (a device or file in `device.rs`, memory with
 //! injected faults in tests). A `kiln flash` as a whole — refusals, the one question, the writes —
@@ -40,6 +44,7 @@ use sha2::{Digest, Sha256};
 use crate::artifact::bmap::{Bmap, RangeHasher};
 use crate::artifact::hash_pipeline::{self, Feed};
 use crate::blockdev;
+use crate::disk::patch::Patch;
 use crate::io::progress::{Events, Stage};
 use buffer::AlignedBuf;
 pub use device::OpenTarget;
@@ -93,6 +98,35 @@ fn body_segments(img: &FlashImage, size: Option<u64>) -> Vec<Segment> {
         .collect()
 }
 
+/// What one target makes of the shared stream: the patches laid over it and the segments it
+/// writes (several nodes streamed from one base differ only in these).
+struct Variant<'a> {
+    patches: &'a [Patch],
+    segments: Vec<Segment>,
+}
+
+/// `data` (at stream offset `pos`) with `patches` laid over it: the shared buffer itself when no
+/// patch touches it, else a copy in `scratch` (aligned, as O_DIRECT writes need).
+fn patched<'a>(
+    data: &'a [u8],
+    pos: u64,
+    patches: &[Patch],
+    scratch: &'a mut Option<AlignedBuf>,
+) -> &'a [u8] {
+    let end = pos + data.len() as u64;
+    if !patches
+        .iter()
+        .any(|p| p.offset < end && p.offset + p.bytes.len() as u64 > pos)
+    {
+        return data;
+    }
+    let buf = scratch.get_or_insert_with(|| AlignedBuf::new(CHUNK));
+    let copy = buf.slice_mut(data.len());
+    copy.copy_from_slice(data);
+    crate::artifact::writer::apply_patches(copy, pos, patches);
+    copy
+}
+
 /// Where one target stands while the image is written.
 enum TargetState<T> {
     /// Nothing has gone wrong so far.
@@ -131,34 +165,61 @@ pub fn flash<T: FlashTarget>(
     opts: &FlashOptions,
     events: &Events,
 ) -> Vec<Outcome> {
+    let targets = targets.into_iter().map(|t| (0, t)).collect();
+    flash_shared(&[img], targets, opts, events)
+}
+
+/// Writes images that share one stream — nodes streamed from one base file, which is read once —
+/// each to its own targets: a target `(i, t)` gets `images[i]`, with that image's patches and
+/// map. `images[0]` says how the stream is read and checked (its file, size, checksum file and
+/// bmap checksums); every image must be of the same file. One outcome per target, in order.
+pub fn flash_shared<T: FlashTarget>(
+    images: &[&FlashImage],
+    targets: Vec<(usize, T)>,
+    opts: &FlashOptions,
+    events: &Events,
+) -> Vec<Outcome> {
     let started = Instant::now();
+    let Some(img) = shared_stream(images) else {
+        let e = anyhow!("images flashed together must share one file (a kiln bug)");
+        return targets
+            .iter()
+            .map(|(_, t)| TargetState::Writing(t).stopped_by(&e))
+            .collect();
+    };
     // 1. Zero the head (and the tail of devices, where a stale backup GPT would live).
-    let mut states: Vec<TargetState<T>> = targets
+    let mut states: Vec<(usize, TargetState<T>)> = targets
         .into_iter()
-        .map(|t| {
+        .map(|(v, t)| {
             events.emit(Stage::Prepare, t.path(), 0, None);
             match zero_head_and_tail(&t, img.size) {
-                Ok(()) => TargetState::Writing(t),
-                Err(e) => TargetState::failed(&t, &e),
+                Ok(()) => (v, TargetState::Writing(t)),
+                Err(e) => (v, TargetState::failed(&t, &e)),
             }
         })
         .collect();
 
     // 2. Decode once, write the body everywhere.
-    let segments = body_segments(img, img.size);
-    let (head, digests, total) = match fan_out(img, &segments, opts.verify, &mut states, events) {
+    let variants: Vec<Variant> = images
+        .iter()
+        .map(|i| Variant {
+            patches: &i.patches,
+            segments: body_segments(i, img.size),
+        })
+        .collect();
+    let (ends, total) = match fan_out(img, &variants, opts.verify, &mut states, events) {
         Ok(v) => v,
         // The image itself failed (truncated, checksum): every target still writing fails.
-        Err(e) => return states.iter().map(|s| s.stopped_by(&e)).collect(),
+        Err(e) => return states.iter().map(|(_, s)| s.stopped_by(&e)).collect(),
     };
 
     // 3. Verify, 4. commit the head — per target, in parallel.
     std::thread::scope(|scope| {
         let pending: Vec<_> = states
             .iter()
-            .map(|s| match s {
+            .map(|(v, s)| match s {
                 TargetState::Writing(t) => {
-                    let (head, digests) = (&head, &digests);
+                    let (head, digests) = &ends[*v];
                     Ok((
                         t.path(),
                         scope.spawn(move || {
@@ -188,6 +249,15 @@ pub fn flash<T: FlashTarget>(
     })
 }
 
+/// The stream `images` share: the first, when every one is of its file and size.
+fn shared_stream<'a>(images: &[&'a FlashImage]) -> Option<&'a FlashImage> {
+    let first = *images.first()?;
+    images
+        .iter()
+        .all(|i| i.path == first.path && i.size == first.size)
+        .then_some(first)
+}
+
 fn zero_head_and_tail(t: &impl FlashTarget, image_size: Option<u64>) -> Result<()> {
     let mut zeros = AlignedBuf::new(HEAD as usize);
     let z = zeros.slice_mut(HEAD as usize);
@@ -202,34 +272,39 @@ fn zero_head_and_tail(t: &impl FlashTarget, image_size: Option<u64>) -> Result<(
     flush(t)
 }
 
-/// A decoded chunk on its way to the writers and the hash thread.
+/// A decoded chunk on its way to the writers and the hash threads.
 type Chunk = hash_pipeline::Chunk<AlignedBuf>;
 
 /// Per-segment sha256 of the bytes written (computed from the stream), for verification.
 type Digests = Vec<(Segment, String)>;
 
+/// Each variant's first MiB (written last) and segment digests, by variant.
+type VariantEnds = Vec<(Vec<u8>, Digests)>;
+
 /// Writes the body to every live target while `decode` streams the image; a target whose write
-/// fails is marked failed and the others go on.
+/// fails is marked failed and the others go on. Returns what each variant needs to finish, and
+/// the stream's length.
 fn fan_out<T: FlashTarget>(
     img: &FlashImage,
-    segments: &[Segment],
+    variants: &[Variant],
     hash_segments: bool,
-    states: &mut [TargetState<T>],
+    states: &mut [(usize, TargetState<T>)],
     events: &Events,
-) -> Result<(Vec<u8>, Digests, u64)> {
+) -> Result<(VariantEnds, u64)> {
     let (decoded, failures) = std::thread::scope(|scope| {
         let mut senders = Vec::new();
         let mut writers = Vec::new();
-        for (i, state) in states.iter().enumerate() {
+        for (i, (v, state)) in states.iter().enumerate() {
             // A target that already failed gets no writer; its sender finds no receiver.
             let (tx, rx) = sync_channel::<Chunk>(hash_pipeline::DEPTH);
             senders.push(tx);
             if let TargetState::Writing(t) = state {
-                writers.push((i, scope.spawn(move || write_body(t, rx, segments, events))));
+                let variant = &variants[*v];
+                writers.push((i, scope.spawn(move || write_body(t, rx, variant, events))));
             }
         }
         // The decoder runs here, on this thread.
-        let decoded = decode(img, segments, hash_segments, &senders, events);
+        let decoded = decode(img, variants, hash_segments, &senders, events);
         drop(senders);
         let mut failures = Vec::new();
         for (i, w) in writers {
@@ -240,29 +315,31 @@ fn fan_out<T: FlashTarget>(
         (decoded, failures)
     });
     for (i, e) in failures {
-        if let TargetState::Writing(t) = &states[i] {
-            states[i] = TargetState::failed(t, &e);
+        if let TargetState::Writing(t) = &states[i].1 {
+            states[i].1 = TargetState::failed(t, &e);
         }
     }
     decoded
 }
 
-/// One target's writer thread: writes the segments of every chunk it receives, flushing every
-/// `SYNC_EVERY` bytes and at the end; returns the bytes written.
+/// One target's writer thread: writes the segments of every chunk it receives, its variant's
+/// patches laid over, flushing every `SYNC_EVERY` bytes and at the end; returns the bytes written.
 fn write_body(
     t: &impl FlashTarget,
     rx: Receiver<Chunk>,
-    segments: &[Segment],
+    variant: &Variant,
     events: &Events,
 ) -> Result<u64> {
     let mut failed: Option<anyhow::Error> = None;
     let mut written = 0u64;
     let mut since_sync = 0u64;
+    let mut scratch = None;
     for chunk in rx {
         if failed.is_some() {
             continue; // keep draining so the decoder never blocks on us
         }
-        let r = write_segments(t, chunk.pos, chunk.data(), segments).and_then(|w| {
+        let data = patched(chunk.data(), chunk.pos, variant.patches, &mut scratch);
+        let r = write_segments(t, chunk.pos, data, &variant.segments).and_then(|w| {
             written += w;
             since_sync += w;
             events.emit(Stage::Write, t.path(), written, None);
@@ -308,37 +385,77 @@ fn write_segments(
     Ok(written)
 }
 
-/// What the hash thread learns from the stream: the whole image's sha256 (for the checksum
-/// file), the bmap's range digests (to check the bmap) and each segment's digest (for the
-/// read-back).
-struct StreamChecks<'a> {
+/// What the stream's hash thread learns from the bytes as they are read: the whole image's
+/// sha256 (for the checksum file) and the bmap's range digests (to check the bmap).
+struct StreamChecks {
     whole: Option<Sha256>,
     bmap: Option<(Bmap, RangeHasher)>,
+}
+
+impl StreamChecks {
+    /// The whole-image digest costs a full pass of SHA-256: only when a checksum file is there to
+    /// compare with. Both are of the file as it is, before any patch.
+    fn new(img: &FlashImage) -> Self {
+        StreamChecks {
+            whole: img.sha256.is_some().then(Sha256::new),
+            // A map without checksums (a streamed node's) has nothing to check the stream against.
+            bmap: img
+                .bmap
+                .as_ref()
+                .filter(|b| b.ranges.iter().any(|r| r.sha256.is_some()))
+                .map(|b| (b.clone(), RangeHasher::new(b, &Default::default()))),
+        }
+    }
+
+    /// The whole image's sha256 (if taken) and the bmap as the stream hashes it.
+    fn finish(self) -> (Option<String>, Option<Bmap>) {
+        let checked = self.bmap.map(|(mut b, rh)| {
+            rh.finish(&mut b);
+            b
+        });
+        (self.whole.map(|w| hex::encode(w.finalize())), checked)
+    }
+}
+
+impl Feed for StreamChecks {
+    fn feed(&mut self, pos: u64, data: &[u8]) {
+        if let Some(w) = self.whole.as_mut() {
+            w.update(data);
+        }
+        if let Some((_, rh)) = self.bmap.as_mut() {
+            rh.feed(pos, data);
+        }
+    }
+}
+
+/// What a variant's hash thread learns from the patched stream: the first MiB, written last, and
+/// each segment's digest for the read-back.
+struct VariantChecks<'a> {
+    patches: &'a [Patch],
     segments: &'a [Segment],
     /// A full SHA-256 pass over the written data: skipped when nothing reads back.
     hash_segments: bool,
     per_segment: Vec<Option<Sha256>>,
+    head: Vec<u8>,
+    scratch: Option<AlignedBuf>,
     end: u64,
 }
 
-impl<'a> StreamChecks<'a> {
-    fn new(img: &FlashImage, segments: &'a [Segment], hash_segments: bool, whole: bool) -> Self {
-        StreamChecks {
-            whole: whole.then(Sha256::new),
-            bmap: img
-                .bmap
-                .as_ref()
-                .map(|b| (b.clone(), RangeHasher::new(b, &Default::default()))),
-            segments,
+impl<'a> VariantChecks<'a> {
+    fn new(variant: &'a Variant, hash_segments: bool) -> Self {
+        VariantChecks {
+            patches: variant.patches,
+            segments: &variant.segments,
             hash_segments,
-            per_segment: vec![None; segments.len()],
+            per_segment: vec![None; variant.segments.len()],
+            head: Vec::with_capacity(HEAD as usize),
+            scratch: None,
             end: 0,
         }
     }
 
-    /// The whole image's sha256 (if taken), each segment's digest, and the bmap as the stream
-    /// hashes it.
-    fn finish(self) -> (Option<String>, Digests, Option<Bmap>) {
+    /// The head and each segment's digest (only its extent without the read-back).
+    fn finish(self) -> (Vec<u8>, Digests) {
         let mut digests: Digests = Vec::new();
         for (i, h) in self.per_segment.into_iter().enumerate() {
             let (a, b) = self.segments[i];
@@ -348,25 +465,16 @@ impl<'a> StreamChecks<'a> {
                 digests.push(((a, b), digest));
             }
         }
-        let checked = self.bmap.map(|(mut b, rh)| {
-            rh.finish(&mut b);
-            b
-        });
-        (
-            self.whole.map(|w| hex::encode(w.finalize())),
-            digests,
-            checked,
-        )
+        (self.head, digests)
     }
 }
 
-impl Feed for StreamChecks<'_> {
+impl Feed for VariantChecks<'_> {
     fn feed(&mut self, pos: u64, data: &[u8]) {
-        if let Some(w) = self.whole.as_mut() {
-            w.update(data);
-        }
-        if let Some((_, rh)) = self.bmap.as_mut() {
-            rh.feed(pos, data);
+        let data = patched(data, pos, self.patches, &mut self.scratch);
+        if pos < HEAD {
+            let take = ((HEAD - pos) as usize).min(data.len());
+            self.head.extend_from_slice(&data[..take]);
         }
         let end = pos + data.len() as u64;
         if self.hash_segments {
@@ -383,27 +491,23 @@ impl Feed for StreamChecks<'_> {
     }
 }
 
-/// Streams the decompressed image: checks it against its sha256 and bmap, keeps the head,
-/// digests every segment (for the read-back; only its extent without one), and sends each chunk
-/// to every writer.
+/// Streams the decompressed image once: checks it against its sha256 and bmap on one hash
+/// thread, gives each variant's hash thread the chunks to patch, keep the head of and digest, and
+/// sends each chunk to every writer.
 fn decode(
     img: &FlashImage,
-    segments: &[Segment],
+    variants: &[Variant],
     hash_segments: bool,
     senders: &[SyncSender<Chunk>],
     events: &Events,
-) -> Result<(Vec<u8>, Digests, u64)> {
-    let mut head = Vec::with_capacity(HEAD as usize);
+) -> Result<(VariantEnds, u64)> {
     let mut pos = 0u64;
-    // The whole-image digest costs a full pass of SHA-256: only when a checksum file is there to
-    // compare with. It is of the file as it is, so patched images are hashed before patching.
-    let check_whole = img.sha256.is_some();
-    let patched = !img.patches.is_empty();
-    // Unpatched: the hash thread takes the whole-image digest. Patched: this thread does, first.
-    let checks = StreamChecks::new(img, segments, hash_segments, check_whole && !patched);
-    let mut whole = (check_whole && patched).then(Sha256::new);
-    let (whole_sha, digests, checked) = std::thread::scope(|scope| -> Result<_> {
-        let (hash_tx, hasher) = hash_pipeline::spawn(scope, checks, None);
+    std::thread::scope(|scope| -> Result<_> {
+        let (hash_tx, hasher) = hash_pipeline::spawn(scope, StreamChecks::new(img), None);
+        let (variant_txs, variant_threads): (Vec<_>, Vec<_>) = variants
+            .iter()
+            .map(|v| hash_pipeline::spawn(scope, VariantChecks::new(v, hash_segments), None))
+            .unzip();
         let decoded = img.with_reader(|r: &mut dyn Read| {
             loop {
                 let mut buf = AlignedBuf::new(CHUNK);
@@ -411,36 +515,35 @@ fn decode(
                 if n == 0 {
                     break;
                 }
-                if patched {
-                    if let Some(w) = whole.as_mut() {
-                        w.update(&buf.as_slice()[..n]);
-                    }
-                    crate::artifact::writer::apply_patches(buf.slice_mut(n), pos, &img.patches);
-                }
-                if pos < HEAD {
-                    let take = ((HEAD - pos) as usize).min(n);
-                    head.extend_from_slice(&buf.as_slice()[..take]);
-                }
                 let buf = Arc::new(buf);
-                let chunk = |buf| Chunk { pos, buf, len: n };
-                for tx in senders {
+                let to_all = senders
+                    .iter()
+                    .chain(&variant_txs)
+                    .chain(std::iter::once(&hash_tx));
+                for tx in to_all {
                     // A writer that failed early has dropped its receiver; the others carry on.
-                    let _ = tx.send(chunk(buf.clone()));
+                    let _ = tx.send(Chunk {
+                        pos,
+                        buf: buf.clone(),
+                        len: n,
+                    });
                 }
-                let _ = hash_tx.send(chunk(buf));
                 pos += n as u64;
                 events.emit(Stage::Decode, Path::new("-"), pos, img.size);
             }
             Ok(())
         });
         drop(hash_tx);
-        let (whole_sha, digests, checked) = hasher.join().expect("hash thread panicked").finish();
+        drop(variant_txs);
+        let (whole_sha, checked) = hasher.join().expect("hash thread panicked").finish();
+        let ends = variant_threads
+            .into_iter()
+            .map(|h| h.join().expect("hash thread panicked").finish())
+            .collect();
         decoded?;
-        let whole_sha = whole_sha.or_else(|| whole.take().map(|w| hex::encode(w.finalize())));
-        Ok((whole_sha, digests, checked))
-    })?;
-    check_stream(img, pos, whole_sha.as_deref(), checked.as_ref())?;
-    Ok((head, digests, pos))
+        check_stream(img, pos, whole_sha.as_deref(), checked.as_ref())?;
+        Ok((ends, pos))
+    })
 }
 
 /// Refuses a stream that is not the image it claims to be: short, another checksum, or ranges
@@ -800,6 +903,58 @@ mod tests {
             error(&out[1])
         );
         assert!(head_is_zeroed(&disks[1]));
+    }
+
+    #[test]
+    fn variants_of_one_stream_each_get_their_patches_and_map() {
+        // Two nodes over one base: each patches the head and the body, and maps its own ranges.
+        let dir = tempfile::tempdir().unwrap();
+        let (base, data) = image(dir.path());
+        let size = data.len() as u64;
+        let variant = |byte: u8, extra: u64| {
+            let patches = vec![
+                Patch {
+                    offset: 440,
+                    bytes: vec![byte; 4],
+                },
+                Patch {
+                    offset: 2 * MIB + 10,
+                    bytes: vec![byte; 5000],
+                },
+            ];
+            let bmap = Bmap::from_byte_ranges(size, &[(0, 2 * MIB + 8192), (extra, 4096)]);
+            FlashImage::streamed(&base.path, size, bmap, patches)
+        };
+        let (one, two) = (variant(0xA1, 3 * MIB), variant(0xB2, 2 * MIB + 65536));
+        let disks = [
+            MemoryTarget::new("one", 8 * MIB, Faults::default()),
+            MemoryTarget::new("two-a", 8 * MIB, Faults::default()),
+            MemoryTarget::new("two-b", 8 * MIB, Faults::default()),
+        ];
+        let targets = vec![(0, &disks[0]), (1, &disks[1]), (1, &disks[2])];
+        let events = Events::new(ProgressMode::None, None);
+        let opts = FlashOptions { verify: true };
+        let out = flash_shared(&[&one, &two], targets, &opts, &events);
+        for o in &out {
+            assert!(o.result.is_ok(), "{}", error(o));
+        }
+        for (disk, img) in [(&disks[0], &one), (&disks[1], &two), (&disks[2], &two)] {
+            // What a never-written block of the memory disk holds; head and tail are zeroed.
+            let mut want = vec![0xEEu8; 8 * MIB as usize];
+            want[7 * MIB as usize..].fill(0);
+            for r in &img.bmap.as_ref().unwrap().ranges {
+                let (a, b) = r.byte_span(4096, size);
+                want[a as usize..b as usize].copy_from_slice(&data[a as usize..b as usize]);
+            }
+            crate::artifact::writer::apply_patches(&mut want[..size as usize], 0, &img.patches);
+            let got = disk.contents();
+            let first = got.iter().zip(&want).position(|(a, b)| a != b);
+            assert!(
+                first.is_none(),
+                "{} differs at {first:?}",
+                disk.path().display()
+            );
+        }
     }
 
     /// Flashes an image of `len` bytes to a simulated Mac raw node of 8 MiB.

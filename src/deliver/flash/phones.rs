@@ -147,7 +147,7 @@ fn node_jobs(req: &Request, cluster: &Cluster) -> Result<Vec<PhoneJob>> {
     for (i, node) in req.nodes.iter().enumerate() {
         let n = cluster.node(node)?;
         let (profile, _) = cluster.profile_of(n);
-        let simg = req.out.join(format!("{node}.simg"));
+        let simg = opts.out_dir.join(format!("{node}.simg"));
         // Under sudo, built as the user who typed the command (util/sudo.rs says why).
         let (artifact, files) = crate::util::sudo::as_invoking_user(|| {
             let artifact =

@@ -21,9 +21,10 @@ pub struct Request {
     pub nodes: Vec<String>,
     #[command(flatten)]
     pub cluster: ClusterArg,
-    /// Where --node builds go.
-    #[arg(long, short = 'o', default_value = "out")]
-    pub out: PathBuf,
+    /// Also build --node images into this directory and flash those files (default: stream each
+    /// node from its cached base, writing no image file; phones' builds go to `out`).
+    #[arg(long, short = 'o')]
+    pub out: Option<PathBuf>,
     /// Base image for --node builds (path, URL or `sample`).
     #[arg(long)]
     pub base: Option<String>,
@@ -77,10 +78,15 @@ impl Request {
         &self.cluster.cluster
     }
 
+    /// The output directory: `--out`, else `out` (phones' builds, a streamed node's working copy).
+    pub(super) fn out_dir(&self) -> PathBuf {
+        self.out.clone().unwrap_or_else(|| PathBuf::from("out"))
+    }
+
     /// How `--node` builds are made.
     pub(super) fn build_options(&self) -> BuildOptions {
         BuildOptions {
-            out_dir: self.out.clone(),
+            out_dir: self.out_dir(),
             base: BaseRef::parse(self.base.as_deref()),
             base_sha256: None,
             format: Default::default(),
