@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use serde_yaml_ng::{Mapping, Value};
 
-use crate::plan::node::{Interface, NodeConfig};
+use crate::plan::node::{Interface, NodeConfig, RpiSpec};
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct CloudConfig {
@@ -28,6 +28,9 @@ pub struct CloudConfig {
     pub write_files: Vec<WriteFile>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub runcmd: Vec<Vec<String>>,
+    /// cloud-init's Raspberry Pi module (Raspberry Pi OS): `rpi: {interfaces, enable_usb_gadget}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rpi: Option<RpiSpec>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -355,6 +358,7 @@ mod tests {
             users: vec![],
             write_files: vec![],
             runcmd: vec![vec!["echo".into(), "a: b # 'quoted' \"x\"".into()]],
+            rpi: None,
         }
     }
 

@@ -104,6 +104,7 @@ mod tests {
                 "root",
             )],
             runcmd: vec![vec!["echo".into(), "once".into()]],
+            rpi: None,
         };
         let frag = parse_fragment(b"bootcmd: [[echo, every]]\nchpasswd: {list: 'pi:FRAGSECRET'}\n")
             .unwrap();

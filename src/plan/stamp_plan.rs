@@ -602,6 +602,7 @@ fn cloud_config(
         users,
         write_files: write_files.iter().map(|(w, _)| w.clone()).collect(),
         runcmd: runcmd.to_vec(),
+        rpi: node.rpi.clone(),
     }
 }
 
@@ -906,6 +907,64 @@ mod tests {
         let cmds: Vec<String> = p.first_boot_commands.iter().map(|c| c.join(" ")).collect();
         assert!(cmds.contains(&"nmcli connection reload".to_string()));
         assert!(!cmds.iter().any(|c| c.contains("wpa_supplicant")));
+    }
+
+    #[test]
+    fn rpi_keys_become_cloud_init_rpi_module_settings() {
+        let (_dir, c) = cluster(
+            "raspios-arm64",
+            "[defaults.rpi]\ninterfaces = { i2c = true, spi = false }\n\n\
+             [[node]]\nname = \"one\"\n\n\
+             [[node]]\nname = \"two\"\n\
+             rpi = { enable_usb_gadget = true, interfaces = { serial = { console = true }, onewire = true } }\n",
+        );
+        let ud = |node: &str| -> serde_yaml_ng::Value {
+            serde_yaml_ng::from_str(&plan_of(&c, node).user_data).unwrap()
+        };
+        let one = ud("one");
+        assert_eq!(one["rpi"]["interfaces"]["i2c"].as_bool(), Some(true));
+        assert_eq!(one["rpi"]["interfaces"]["spi"].as_bool(), Some(false));
+        assert!(one["rpi"]["interfaces"].get("serial").is_none());
+        assert!(one["rpi"].get("enable_usb_gadget").is_none());
+        // A node's own rpi table replaces the defaults' whole, as every other key does.
+        let two = ud("two");
+        assert_eq!(two["rpi"]["enable_usb_gadget"].as_bool(), Some(true));
+        let serial = &two["rpi"]["interfaces"]["serial"];
+        assert_eq!(
+            (serial["console"].as_bool(), serial["hardware"].as_bool()),
+            (Some(true), Some(false))
+        );
+        assert_eq!(two["rpi"]["interfaces"]["onewire"].as_bool(), Some(true));
+        assert!(two["rpi"]["interfaces"].get("i2c").is_none());
+    }
+
+    #[test]
+    fn rpi_keys_are_refused_where_cloud_init_lacks_the_module_or_unknown() {
+        for (image, body, want) in [
+            (
+                "hypriot-rpi",
+                "[[node]]\nname = \"one\"\nrpi = { interfaces = { spi = true } }\n",
+                "which hypriot-rpi does not have",
+            ),
+            (
+                "raspios-arm64",
+                "[[node]]\nname = \"one\"\nrpi = { interfaces = { uart = true } }\n",
+                "unknown field `uart`",
+            ),
+            (
+                "raspios-arm64",
+                "[[node]]\nname = \"one\"\nrpi = { usb_gadget = true }\n",
+                "unknown field `usb_gadget`",
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let text =
+                format!("[cluster]\nname = \"lab\"\n\n[defaults]\nimage = \"{image}\"\n\n{body}");
+            let e = crate::plan::resolve::parse(&dir.path().join("cluster.toml"), text)
+                .map(|_| ())
+                .unwrap_err();
+            assert!(format!("{e:#}").contains(want), "{e:#}");
+        }
     }
 
     #[test]
