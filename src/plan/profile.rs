@@ -193,6 +193,10 @@ pub struct ProvisionSpec {
     pub method: ProvisionMethod,
     /// The partition role that carries the seed (NoCloud only).
     pub seed_partition: Option<PartitionRole>,
+    /// Where the running system mounts the seed partition (`/boot` on HypriotOS,
+    /// `/boot/firmware` on Raspberry Pi OS and Ubuntu): the first-boot scrub finds the seed there.
+    #[serde(default = "default_seed_dir")]
+    pub seed_dir: String,
     /// network-config version written to the seed.
     #[serde(default = "default_network_config")]
     pub network_config: u8,
@@ -257,6 +261,10 @@ impl std::fmt::Display for PartitionRole {
             PartitionRole::Other => "other",
         })
     }
+}
+
+fn default_seed_dir() -> String {
+    "/boot".into()
 }
 
 fn default_network_config() -> u8 {

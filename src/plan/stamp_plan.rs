@@ -371,7 +371,7 @@ fn cloud_init_plan(
     });
     if scrub_seed {
         let clean = seed_scrub::clean_user_data(&config, fragment.as_ref())?;
-        for w in seed_scrub::first_boot_files(&clean) {
+        for w in seed_scrub::first_boot_files(&clean, &profile.provision.seed_dir) {
             config.write_files.push(w.clone());
             write_files.push((w, "seed scrub (no secrets left on the boot FAT)".into()));
         }
@@ -875,6 +875,10 @@ mod tests {
         assert_eq!(plan_of(&c, "two").instance_id, p.instance_id);
         assert_ne!(plan_of(&c, "one").instance_id, p.instance_id);
         assert!(describe(&p).contains("written by cloud-init on first boot"));
+        assert!(
+            !p.user_data.contains("Environment=KILN_SEED_USER_DATA"),
+            "HypriotOS: /boot"
+        );
     }
 
     #[test]
@@ -906,6 +910,11 @@ mod tests {
         assert!(!p.user_data.contains("correct horse battery"));
         let cmds: Vec<String> = p.first_boot_commands.iter().map(|c| c.join(" ")).collect();
         assert!(cmds.contains(&"nmcli connection reload".to_string()));
+        // The seed scrub finds the seed where Raspberry Pi OS mounts bootfs.
+        assert!(
+            p.user_data
+                .contains("Environment=KILN_SEED_USER_DATA=/boot/firmware/user-data")
+        );
         assert!(!cmds.iter().any(|c| c.contains("wpa_supplicant")));
     }
 
