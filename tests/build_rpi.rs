@@ -65,8 +65,9 @@ fn fat_label(img: &Path, offset: u64) -> String {
         .to_string()
 }
 
-/// Checks a built node: its seed on the boot FAT and both filesystems clean by their own checkers.
-fn check_node(img: &Path, boot_label: &str, node: &str, work: &Path) -> String {
+/// Checks a built node: its seed on the boot FAT and, with `fsck`, both filesystems clean by
+/// their own checkers (once per profile is enough: every node of it is stamped alike).
+fn check_node(img: &Path, boot_label: &str, node: &str, work: &Path, fsck: bool) -> String {
     let parts = partitions(img);
     assert_eq!(parts.len(), 2, "{parts:?}");
     assert_eq!((parts[0].2.as_str(), parts[1].2.as_str()), ("c", "83"));
@@ -93,6 +94,9 @@ fn check_node(img: &Path, boot_label: &str, node: &str, work: &Path) -> String {
     assert!(user_data.starts_with("#cloud-config\n"));
     assert!(user_data.contains(&format!("hostname: {node}\n")));
 
+    if !fsck {
+        return id;
+    }
     let boot = work.join(format!("{node}.fat"));
     extract(img, boot_start, boot_size, &boot);
     assert_fsck_clean("fsck.vfat", &boot);
@@ -123,7 +127,13 @@ fn every_rpi_profile_builds_from_its_sample() {
             let parts = partitions(&img);
             assert_eq!(parts[0].0, first_sector, "{profile}");
             assert_eq!(parts[0].1, 512 * 2048, "{profile}: a 512 MiB boot FAT");
-            ids.push(check_node(&img, boot_label, node, dir.path()));
+            ids.push(check_node(
+                &img,
+                boot_label,
+                node,
+                dir.path(),
+                node == "ceil-one",
+            ));
         }
         assert_ne!(ids[0], ids[1], "{profile}: each node its own instance-id");
         let net = String::from_utf8(mtype(
@@ -182,7 +192,7 @@ fn independent_fixtures_are_accepted_and_mismatches_refused() {
         build(&cache, &cluster, "ceil-one", base.as_os_str(), &out);
         let img = out.join("ceil-one.img");
         assert_eq!(partitions(&img), partitions(base), "the layout is kept");
-        check_node(&img, label, "ceil-one", &sub);
+        check_node(&img, label, "ceil-one", &sub, true);
         let sig = sfdisk_json(&img)["partitiontable"]["id"].clone();
         if profile == "raspios-arm64" {
             // Its fstab and cmdline.txt name partitions by PARTUUID: the signature stays.
