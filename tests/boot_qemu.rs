@@ -6,6 +6,11 @@
 //!
 //! The Debian image is made by tests/fixtures/make-debian-hypriot-layout.sh (debootstrap; needs
 //! root and the Debian package mirror) and kept in target/kiln-test-cache between runs.
+//!
+//! The same proof for Raspberry Pi OS (trixie): a Debian trixie twin with its card layout, its
+//! cloud-init (25.1, seed from /boot/firmware as pi-gen sets it) and its network stack
+//! (NetworkManager), made by tests/fixtures/make-debian-raspios-layout.sh, is stamped with the
+//! `raspios-arm64` profile and booted the same way.
 
 mod common;
 
@@ -44,15 +49,20 @@ fn prerequisites() -> bool {
 
 /// The Debian HypriotOS-layout image, built once per target directory.
 fn debian_image() -> PathBuf {
+    cached_image("debian-hypriot-layout", "make-debian-hypriot-layout.sh")
+}
+
+/// The image `script` makes, built once per target directory as `name.img`.
+fn cached_image(name: &str, script: &str) -> PathBuf {
     let cache = repo().join("target/kiln-test-cache");
     std::fs::create_dir_all(&cache).unwrap();
-    let img = cache.join("debian-hypriot-layout.img");
+    let img = cache.join(format!("{name}.img"));
     if !img.exists() {
-        let tmp = cache.join("debian-hypriot-layout.img.partial");
+        let tmp = cache.join(format!("{name}.img.partial"));
         run(Command::new("bash")
-            .arg(repo().join("tests/fixtures/make-debian-hypriot-layout.sh"))
+            .arg(repo().join("tests/fixtures").join(script))
             .arg(&tmp)
-            .arg(cache.join("debian-work")));
+            .arg(cache.join(format!("{name}-work"))));
         std::fs::rename(&tmp, &img).unwrap();
     }
     img
@@ -221,5 +231,79 @@ fn stamped_hypriot_layout_boots_with_cloud_init_and_leaves_no_secret_on_the_fat(
         String::from_utf8(mtype(&image, BOOT_OFFSET, "user-data")).unwrap(),
         after,
         "the second boot changed the seed"
+    );
+}
+
+/// Raspberry Pi OS's bootfs starts at sector 16384 (tests/fixtures/make-debian-raspios-layout.sh).
+const BOOTFS_OFFSET: u64 = 16384 * 512;
+
+/// Issue 18's proof for Raspberry Pi OS, on its trixie twin: one boot applies the hostname, the
+/// static address (through cloud-init's NetworkManager renderer), the user and key, the wifi
+/// keyfile, docker and the swarm unit, and leaves no join token on bootfs.
+#[test]
+fn stamped_raspios_twin_boots_with_cloud_init_and_networkmanager() {
+    if !prerequisites() || !have_tools(&["mtype"]) {
+        return;
+    }
+    let base = cached_image("debian-raspios-layout", "make-debian-raspios-layout.sh");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let cache = dir.path().join("cache");
+    run(kiln(&cache)
+        .args(["build", "--node", "pi-probe", "--cluster"])
+        .arg(repo().join("tests/boot/raspios-cluster.toml"))
+        .arg("--base")
+        .arg(&base)
+        .arg("--out")
+        .arg(&out));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("pi-probe.manifest.json")).unwrap())
+            .unwrap();
+    let instance_id = manifest["instance_id"].as_str().unwrap().to_string();
+    let image = out.join("pi-probe.img");
+    let meta = String::from_utf8(mtype(&image, BOOTFS_OFFSET, "meta-data")).unwrap();
+    assert!(
+        meta.contains(&format!("instance-id: {instance_id}")),
+        "{meta}"
+    );
+
+    let log = boot_until_report(&cache, &image, &dir.path().join("serial.log"));
+    let tail = last_lines(&log, 60);
+    let line = |key: &str| console_value(&log, "KILN-REPORT", key);
+    assert_eq!(line("hostname"), "pi-probe");
+    assert!(line("user").starts_with("ops:x:"), "{}", line("user"));
+    assert_eq!(
+        line("key"),
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKilnBootTestKeyBootTestKeyBootTest0 kiln-boot-test"
+    );
+    assert_eq!(line("addr").trim(), "10.77.0.31/24", "{tail}");
+    assert!(line("route").contains("via 10.77.0.1"), "{tail}");
+    // eth0 is cloud-init's NetworkManager connection, rendered from network-config v2.
+    assert_eq!(line("nm-eth0").trim(), "cloud-init eth0", "{tail}");
+    assert_eq!(line("wifi-file"), "600 root:root", "{tail}");
+    assert!(
+        line("wifi-connection").contains("kiln-boot-test:802-11-wireless"),
+        "{tail}"
+    );
+    assert_eq!(line("instance"), instance_id);
+    assert!(line("datasource").contains("nocloud"), "{tail}");
+    // cloud-init 25 lists its errors (`errors: []` when there are none).
+    let status = line("status");
+    assert!(
+        status.contains("status: done") && status.contains("errors: [] recoverable_errors: {}"),
+        "cloud-init status: {status}\n{tail}"
+    );
+    assert_eq!(line("docker"), "enabled active", "{tail}");
+    assert_eq!(line("swarm-unit"), "enabled", "{tail}");
+    assert!(line("swarm-env").contains("ROLE=join"), "{tail}");
+    assert_eq!(
+        line("token-in").trim(),
+        "",
+        "the join token stayed on bootfs"
+    );
+    let after = String::from_utf8(mtype(&image, BOOTFS_OFFSET, "user-data")).unwrap();
+    assert!(
+        after.contains("Written by kiln after first boot"),
+        "the seed scrub did not reach /boot/firmware/user-data:\n{after}"
     );
 }

@@ -116,11 +116,15 @@ pub fn prepare(
                         .unwrap_or_default()
                 );
             };
-            from_url(
-                &cache,
-                url,
-                profile.source.sha256.as_deref().or(expected_sha256),
-            )
+            let expected = profile.source.sha256.as_deref().or(expected_sha256);
+            if expected.is_none() {
+                // A profile may know where an image is but not its published digest.
+                eprintln!(
+                    "warning: profile {} records no sha256 for {url}; give --base-sha256 to verify it",
+                    profile.name
+                );
+            }
+            from_url(&cache, url, expected)
         }
         // Taken by `oci_image` above; kept so the match needs no panic.
         BaseRef::Oci(r) => oci_base::prepare(r, profile, insecure),

@@ -3,8 +3,12 @@
 //!
 //! For `hypriot-rpi` that is HypriotOS 1.12.3's layout: an MBR, a FAT16 boot partition labelled
 //! `HypriotOS` at sector 2048 (64 MiB, type 0x0C) holding config.txt, cmdline.txt and the
-//! release's stock user-data and meta-data, and an ext4 root after it with a tiny tree. The
-//! sample is reproducible: the same kiln makes the same bytes.
+//! release's stock user-data and meta-data, and an ext4 root after it with a tiny tree. For the
+//! Raspberry Pi OS profiles it is a FAT32 `bootfs` of 512 MiB at sector 16384 and an ext4
+//! `rootfs`; for `ubuntu-rpi` a FAT32 `system-boot` of 512 MiB at sector 2048 and an ext4
+//! `writable` — each boot partition with a stock seed of the kind its release ships. Which of
+//! them a profile gets follows its boot partition's label. The sample is reproducible: the same
+//! kiln makes the same bytes.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
@@ -28,6 +32,142 @@ const CMDLINE_TXT: &str = "dwc_otg.lpm_enable=0 console=serial0,115200 console=t
 const STOCK_USER_DATA: &str = "#cloud-config\n# vim: syntax=yaml\n#\n\n# Set your hostname here, the manage_etc_hosts will update the hosts file entries as well\nhostname: black-pearl\nmanage_etc_hosts: true\n\n# You could modify this for your own user information\nusers:\n  - name: pirate\n    gecos: \"Hypriot Pirate\"\n    sudo: ALL=(ALL) NOPASSWD:ALL\n    shell: /bin/bash\n    groups: users,docker,video\n    plain_text_passwd: hypriot\n    lock_passwd: false\n    ssh_pwauth: true\n    chpasswd: { expire: false }\n\npackage_upgrade: false\n";
 const STOCK_META_DATA: &str = "instance-id: pirate001\n";
 
+/// Raspberry Pi OS's stock seed, in substance (pi-gen stage2/04-cloud-init/files): meta-data
+/// with the misspelt `instance_id` cloud-init ignores, and network-config v2 with DHCP on eth0.
+const RASPIOS_META_DATA: &str = "dsmode: local\ninstance_id: rpios-image\n";
+const RASPIOS_USER_DATA: &str = "#cloud-config\n# See https://cloudinit.readthedocs.io/\n";
+const V2_DHCP_NETWORK_CONFIG: &str =
+    "network:\n  version: 2\n  ethernets:\n    eth0:\n      dhcp4: true\n      optional: true\n";
+/// The disk signature every sample has (below), as Raspberry Pi OS's cmdline.txt names its root.
+const RASPIOS_CMDLINE_TXT: &str = "console=serial0,115200 console=tty1 root=PARTUUID=2d6f3a5e-02 rootfstype=ext4 fsck.repair=yes rootwait quiet\n";
+const RPI_CONFIG_TXT: &str = "dtparam=audio=on\ncamera_auto_detect=1\ndisplay_auto_detect=1\nauto_initramfs=1\narm_boost=1\n";
+/// Ubuntu's stock seed, in substance: the `ubuntu` user with the password `ubuntu`, to be changed
+/// at the first login.
+const UBUNTU_USER_DATA: &str = "#cloud-config\nchpasswd:\n  expire: true\n  users:\n  - name: ubuntu\n    password: ubuntu\n    type: text\nssh_pwauth: true\n";
+const UBUNTU_META_DATA: &str = "dsmode: local\ninstance_id: cloud-image\n";
+const UBUNTU_CMDLINE_TXT: &str = "console=serial0,115200 multipath=off dwc_otg.lpm_enable=0 console=tty1 root=LABEL=writable rootfstype=ext4 rootwait fixrtc\n";
+
+/// The facts of one family's sample: where the boot FAT starts, its size and type, what it
+/// holds, and the root's tree.
+struct Family {
+    first_sector: u64,
+    boot_size: u64,
+    fat: fatfs::FatType,
+    volume_id: u32,
+    boot_files: &'static [(&'static str, &'static str)],
+    root_files: &'static [(&'static str, &'static str)],
+}
+
+const HYPRIOT: Family = Family {
+    first_sector: FIRST_SECTOR,
+    boot_size: BOOT_SIZE,
+    fat: fatfs::FatType::Fat16,
+    volume_id: 0x5e3a_6f2d,
+    boot_files: &[
+        ("config.txt", CONFIG_TXT),
+        ("cmdline.txt", CMDLINE_TXT),
+        ("user-data", STOCK_USER_DATA),
+        ("meta-data", STOCK_META_DATA),
+    ],
+    root_files: HYPRIOT_ROOT,
+};
+
+const RASPIOS: Family = Family {
+    first_sector: 16384,
+    boot_size: 512 << 20,
+    fat: fatfs::FatType::Fat32,
+    volume_id: 0x4b1d_0c2e,
+    boot_files: &[
+        ("config.txt", RPI_CONFIG_TXT),
+        ("cmdline.txt", RASPIOS_CMDLINE_TXT),
+        ("user-data", RASPIOS_USER_DATA),
+        ("meta-data", RASPIOS_META_DATA),
+        ("network-config", V2_DHCP_NETWORK_CONFIG),
+    ],
+    root_files: &[
+        ("etc/hostname", "raspberrypi\n"),
+        (
+            "etc/hosts",
+            "127.0.0.1\tlocalhost\n127.0.1.1\traspberrypi\n",
+        ),
+        (
+            "etc/os-release",
+            "PRETTY_NAME=\"Debian GNU/Linux 13 (trixie)\"\nNAME=\"Debian GNU/Linux\"\nVERSION_ID=\"13\"\nVERSION_CODENAME=trixie\nID=debian\n",
+        ),
+        (
+            "etc/fstab",
+            "proc /proc proc defaults 0 0\nPARTUUID=2d6f3a5e-01 /boot/firmware vfat defaults 0 2\nPARTUUID=2d6f3a5e-02 / ext4 defaults,noatime 0 1\n",
+        ),
+        (
+            "etc/kiln-sample",
+            "This root filesystem is a kiln sample, not a bootable Raspberry Pi OS.\n",
+        ),
+    ],
+};
+
+const UBUNTU: Family = Family {
+    first_sector: FIRST_SECTOR,
+    boot_size: 512 << 20,
+    fat: fatfs::FatType::Fat32,
+    volume_id: 0x0c2e_4b1d,
+    boot_files: &[
+        ("config.txt", RPI_CONFIG_TXT),
+        ("cmdline.txt", UBUNTU_CMDLINE_TXT),
+        ("user-data", UBUNTU_USER_DATA),
+        ("meta-data", UBUNTU_META_DATA),
+        ("network-config", V2_DHCP_NETWORK_CONFIG),
+    ],
+    root_files: &[
+        ("etc/hostname", "ubuntu\n"),
+        ("etc/hosts", "127.0.0.1\tlocalhost\n"),
+        (
+            "etc/os-release",
+            "PRETTY_NAME=\"Ubuntu 24.04.3 LTS\"\nNAME=\"Ubuntu\"\nVERSION_ID=\"24.04\"\nVERSION_CODENAME=noble\nID=ubuntu\nID_LIKE=debian\n",
+        ),
+        (
+            "etc/fstab",
+            "LABEL=writable\t/\text4\tdiscard,errors=remount-ro\t0 1\nLABEL=system-boot\t/boot/firmware\tvfat\tdefaults\t0 1\n",
+        ),
+        (
+            "etc/kiln-sample",
+            "This root filesystem is a kiln sample, not a bootable Ubuntu.\n",
+        ),
+    ],
+};
+
+/// The family a profile's sample belongs to, by its boot partition's label.
+fn family(profile: &Profile) -> &'static Family {
+    match profile
+        .partition(crate::plan::profile::PartitionRole::Boot)
+        .and_then(|p| p.label.as_deref())
+    {
+        Some("bootfs") => &RASPIOS,
+        Some("system-boot") => &UBUNTU,
+        _ => &HYPRIOT,
+    }
+}
+
+/// The root tree of the HypriotOS sample (and the GPT one).
+const HYPRIOT_ROOT: &[(&str, &str)] = &[
+    ("etc/hostname", "black-pearl\n"),
+    (
+        "etc/hosts",
+        "127.0.0.1\tlocalhost\n127.0.1.1\tblack-pearl\n",
+    ),
+    (
+        "etc/os-release",
+        "PRETTY_NAME=\"Raspbian GNU/Linux 10 (buster)\"\nNAME=\"Raspbian GNU/Linux\"\nVERSION_ID=\"10\"\nID=raspbian\nID_LIKE=debian\nHYPRIOT_OS=\"HypriotOS/armhf\"\nHYPRIOT_OS_VERSION=\"v1.12.3\"\n",
+    ),
+    (
+        "etc/fstab",
+        "proc /proc proc defaults 0 0\n/dev/mmcblk0p1 /boot vfat defaults 0 2\n/dev/mmcblk0p2 / ext4 defaults,noatime 0 1\n",
+    ),
+    (
+        "etc/kiln-sample",
+        "This root filesystem is a kiln sample, not a bootable HypriotOS.\n",
+    ),
+];
+
 /// Writes the sample base for `profile` to `dest`.
 pub fn make(profile: &Profile, dest: &Path) -> Result<()> {
     if profile.disk.sector_size != 512 {
@@ -39,13 +179,14 @@ pub fn make(profile: &Profile, dest: &Path) -> Result<()> {
     if profile.disk.table == TableKind::Gpt {
         return make_gpt(dest);
     }
+    let family = family(profile);
     let mut parts = profile.partitions.clone();
     parts.sort_by_key(|p| p.index);
     let mut layout = Vec::new();
-    let mut next = FIRST_SECTOR * 512;
+    let mut next = family.first_sector * 512;
     for p in &parts {
         let size = match p.fs {
-            FsKind::Vfat => BOOT_SIZE,
+            FsKind::Vfat => family.boot_size,
             FsKind::Ext4 => ROOT_SIZE,
         };
         layout.push((p.clone(), next, size));
@@ -81,17 +222,18 @@ pub fn make(profile: &Profile, dest: &Path) -> Result<()> {
         match p.fs {
             FsKind::Vfat => make_boot(
                 dest,
+                (*start, *size),
+                p.label.as_deref().unwrap_or("BOOT"),
+                (family.fat, family.volume_id),
+                family.boot_files,
+            )?,
+            FsKind::Ext4 => make_root(
+                dest,
                 *start,
                 *size,
-                p.label.as_deref().unwrap_or("BOOT"),
-                &[
-                    ("config.txt", CONFIG_TXT),
-                    ("cmdline.txt", CMDLINE_TXT),
-                    ("user-data", STOCK_USER_DATA),
-                    ("meta-data", STOCK_META_DATA),
-                ],
+                p.label.as_deref().unwrap_or("root"),
+                family.root_files,
             )?,
-            FsKind::Ext4 => make_root(dest, *start, *size, p.label.as_deref().unwrap_or("root"))?,
         }
     }
     Ok(())
@@ -140,22 +282,23 @@ fn make_gpt(dest: &Path) -> Result<()> {
     drop(f);
     make_boot(
         dest,
-        esp_start,
-        BOOT_SIZE,
+        (esp_start, BOOT_SIZE),
         "ESP",
+        (fatfs::FatType::Fat16, HYPRIOT.volume_id),
         &[(
             "kiln-sample.txt",
             "This ESP is a kiln sample; it holds no boot loader.\n",
         )],
     )?;
-    make_root(dest, root_start, ROOT_SIZE, "root")
+    make_root(dest, root_start, ROOT_SIZE, "root", HYPRIOT_ROOT)
 }
 
+/// Formats the FAT at `(start, size)` with `(type, volume id)` and writes `files` into its root.
 fn make_boot(
     dest: &Path,
-    start: u64,
-    size: u64,
+    (start, size): (u64, u64),
     label: &str,
+    (fat_type, volume_id): (fatfs::FatType, u32),
     files: &[(&str, &str)],
 ) -> Result<()> {
     let f = OpenOptions::new().read(true).write(true).open(dest)?;
@@ -168,9 +311,9 @@ fn make_boot(
         fatfs::format_volume(
             &mut slice,
             fatfs::FormatVolumeOptions::new()
-                .fat_type(fatfs::FatType::Fat16)
+                .fat_type(fat_type)
                 .volume_label(label11)
-                .volume_id(0x5e3a_6f2d),
+                .volume_id(volume_id),
         )
         .context("formatting the sample boot partition")?;
     }
@@ -189,28 +332,15 @@ fn make_boot(
     vol.close()
 }
 
-fn make_root(dest: &Path, start: u64, size: u64, label: &str) -> Result<()> {
+fn make_root(
+    dest: &Path,
+    start: u64,
+    size: u64,
+    label: &str,
+    files: &[(&str, &str)],
+) -> Result<()> {
     let tree = tempfile::tempdir()?;
     let t = tree.path();
-    let files: &[(&str, &str)] = &[
-        ("etc/hostname", "black-pearl\n"),
-        (
-            "etc/hosts",
-            "127.0.0.1\tlocalhost\n127.0.1.1\tblack-pearl\n",
-        ),
-        (
-            "etc/os-release",
-            "PRETTY_NAME=\"Raspbian GNU/Linux 10 (buster)\"\nNAME=\"Raspbian GNU/Linux\"\nVERSION_ID=\"10\"\nID=raspbian\nID_LIKE=debian\nHYPRIOT_OS=\"HypriotOS/armhf\"\nHYPRIOT_OS_VERSION=\"v1.12.3\"\n",
-        ),
-        (
-            "etc/fstab",
-            "proc /proc proc defaults 0 0\n/dev/mmcblk0p1 /boot vfat defaults 0 2\n/dev/mmcblk0p2 / ext4 defaults,noatime 0 1\n",
-        ),
-        (
-            "etc/kiln-sample",
-            "This root filesystem is a kiln sample, not a bootable HypriotOS.\n",
-        ),
-    ];
     for (path, content) in files {
         let p = t.join(path);
         std::fs::create_dir_all(p.parent().expect("has parent"))?;

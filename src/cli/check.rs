@@ -91,7 +91,34 @@ pub fn run(cluster_path: &Path, json: bool) -> Result<()> {
             }
         }
     }
+    print_base_images(&cluster);
     Ok(())
+}
+
+/// Where each profile's base image comes from and the digest it must have, so a user can fetch
+/// and verify it by hand or see that no digest is known.
+fn print_base_images(cluster: &kiln::plan::Cluster) {
+    println!("base images:");
+    for (name, (profile, origin)) in &cluster.profiles {
+        let src = &profile.source;
+        let from = match (&src.url, &src.oci) {
+            (Some(url), _) => url.clone(),
+            (None, Some(oci)) => oci.clone(),
+            (None, None) => src
+                .obtain
+                .clone()
+                .unwrap_or_else(|| "given with --base".to_string()),
+        };
+        println!("  {name:<14} {from}  ({} profile)", origin.describe());
+        match (&src.sha256, &src.url) {
+            (Some(sha), _) => println!("  {:<14} sha256 {sha}", ""),
+            (None, Some(_)) => println!(
+                "  {:<14} sha256 not published in the profile: give --base-sha256 HEX to verify the download",
+                ""
+            ),
+            (None, None) => {}
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]

@@ -1,15 +1,18 @@
-//! cloud-init NoCloud documents — `user-data`, `meta-data`, `network-config` (v1) — rendered from
-//! typed structures, so a value with a colon, a quote or a newline cannot break the YAML.
+//! cloud-init NoCloud documents — `user-data`, `meta-data`, `network-config` (v1, or v2 for the
+//! images whose cloud-init renders NetworkManager or netplan) — rendered from typed structures, so
+//! a value with a colon, a quote or a newline cannot break the YAML.
 //!
 //! The shapes follow cloud-init's documented modules as of 18.3 (HypriotOS 1.12) and later:
 //! `users`, `write_files`, `runcmd` (argv lists, which cloud-init quotes itself), `timezone`,
 //! `manage_etc_hosts`. A user's extra fragment is merged in last (lists appended, maps merged).
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use serde_yaml_ng::{Mapping, Value};
 
-use crate::plan::node::{Interface, NodeConfig};
+use crate::plan::node::{Interface, NodeConfig, RpiSpec};
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct CloudConfig {
@@ -25,6 +28,9 @@ pub struct CloudConfig {
     pub write_files: Vec<WriteFile>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub runcmd: Vec<Vec<String>>,
+    /// cloud-init's Raspberry Pi module (Raspberry Pi OS): `rpi: {interfaces, enable_usb_gadget}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rpi: Option<RpiSpec>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -175,6 +181,128 @@ impl NetworkConfigV1 {
     }
 }
 
+/// network-config version 2 (netplan's format, `network:` at the top as Raspberry Pi OS and
+/// Ubuntu ship it): what cloud-init 25 renders to NetworkManager connections on Raspberry Pi OS
+/// and hands to netplan on Ubuntu.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct NetworkConfigV2Document {
+    pub network: NetworkConfigV2,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct NetworkConfigV2 {
+    pub version: u8,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub ethernets: BTreeMap<String, V2Interface>,
+    /// netplan only: cloud-init's other renderers drop `wifis` with a warning.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub wifis: BTreeMap<String, V2Interface>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+pub struct V2Interface {
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dhcp4: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    /// A default route rather than the deprecated `gateway4`/`gateway6`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<V2Route>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nameservers: Option<V2Nameservers>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    #[serde(rename = "regulatory-domain", skip_serializing_if = "Option::is_none")]
+    pub regulatory_domain: Option<String>,
+    #[serde(rename = "access-points", skip_serializing_if = "BTreeMap::is_empty")]
+    pub access_points: BTreeMap<String, V2AccessPoint>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct V2Route {
+    pub to: String,
+    pub via: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct V2Nameservers {
+    pub addresses: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct V2AccessPoint {
+    /// 64 hex digits: netplan writes it to wpa_supplicant as the raw PSK, not a passphrase.
+    pub password: String,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub hidden: bool,
+}
+
+impl V2Interface {
+    fn for_interface(iface: &Interface, mtu: Option<u32>) -> Self {
+        let mut v = V2Interface {
+            mtu,
+            ..Default::default()
+        };
+        match iface {
+            Interface::Dhcp => v.dhcp4 = true,
+            Interface::Static {
+                address,
+                gateway,
+                dns,
+            } => {
+                v.addresses.push(address.to_string());
+                // cloud-init 25.1's v2 parser refuses netplan's `to: default`; the network
+                // itself is what both cloud-init and netplan read.
+                if let Some(gw) = gateway {
+                    v.routes.push(V2Route {
+                        to: if gw.is_ipv6() { "::/0" } else { "0.0.0.0/0" }.into(),
+                        via: gw.to_string(),
+                    });
+                }
+                if !dns.is_empty() {
+                    v.nameservers = Some(V2Nameservers {
+                        addresses: dns.iter().map(ToString::to_string).collect(),
+                    });
+                }
+            }
+        }
+        v
+    }
+}
+
+impl NetworkConfigV2Document {
+    /// The node's interfaces; wlan0 with its access point under `wifis` when `wifis` (netplan),
+    /// else left out (a NetworkManager keyfile configures it).
+    pub fn for_node(node: &NodeConfig, wifis: bool) -> Self {
+        let mut network = NetworkConfigV2 {
+            version: 2,
+            ethernets: BTreeMap::new(),
+            wifis: BTreeMap::new(),
+        };
+        for (name, iface) in &node.network {
+            let mut v = V2Interface::for_interface(iface, node.mtus.get(name).copied());
+            match node.wifi.as_ref().filter(|_| name == "wlan0") {
+                Some(w) if wifis => {
+                    v.regulatory_domain = Some(w.country.clone());
+                    v.access_points.insert(
+                        w.ssid.clone(),
+                        V2AccessPoint {
+                            password: crate::plan::wifi::psk_hex(&w.ssid, w.psk.expose()),
+                            hidden: w.hidden,
+                        },
+                    );
+                    network.wifis.insert(name.clone(), v);
+                }
+                Some(_) => {}
+                None => {
+                    network.ethernets.insert(name.clone(), v);
+                }
+            }
+        }
+        NetworkConfigV2Document { network }
+    }
+}
+
 /// Parses a user's `#cloud-config` fragment; it must be a YAML mapping.
 pub fn parse_fragment(bytes: &[u8]) -> Result<Mapping> {
     let text = std::str::from_utf8(bytes).context("the fragment is not UTF-8 text")?;
@@ -230,6 +358,7 @@ mod tests {
             users: vec![],
             write_files: vec![],
             runcmd: vec![vec!["echo".into(), "a: b # 'quoted' \"x\"".into()]],
+            rpi: None,
         }
     }
 

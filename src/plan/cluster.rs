@@ -93,6 +93,8 @@ pub struct NodeSettings {
     pub root_device_hints: Option<RootDeviceHints>,
     /// Whether Metal3 keeps the machine powered on (default: yes).
     pub online: Option<bool>,
+    /// Raspberry Pi OS only: interfaces and USB gadget mode, set by cloud-init's `rpi` module.
+    pub rpi: Option<RpiSpec>,
     /// A bootc container image (`registry/repo:tag`, e.g. after `kiln oci append`) that Ironic
     /// (35+) installs itself with `bootc install` in its deploy ramdisk, instead of a disk image
     /// kiln builds.
@@ -120,6 +122,49 @@ pub struct CniSpec {
     /// without shipping them.
     #[serde(default)]
     pub image_plugins: Vec<String>,
+}
+
+/// cloud-init's Raspberry Pi module (`cc_raspberry_pi`, the `rpi:` key of user-data, on Raspberry
+/// Pi OS), key for key: each interface on (`true`) or off (`false`) through raspi-config, and USB
+/// gadget mode through `rpi-usb-gadget`. Keys left out are left as the image has them.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RpiSpec {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interfaces: Option<RpiInterfaces>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enable_usb_gadget: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RpiInterfaces {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spi: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub i2c: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serial: Option<RpiSerial>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub onewire: Option<bool>,
+}
+
+/// `serial = true` turns on the serial console (and, before the Pi 5, the UART with it);
+/// `serial = { console, hardware }` sets each, which only the Pi 5's two UARTs can tell apart.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum RpiSerial {
+    Console(bool),
+    Each(RpiSerialEach),
+}
+
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RpiSerialEach {
+    #[serde(default)]
+    pub console: bool,
+    #[serde(default)]
+    pub hardware: bool,
 }
 
 /// A BMC as Ironic addresses it, e.g. a sushy-tools emulator in front of plugs and AMT.

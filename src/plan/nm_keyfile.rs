@@ -1,5 +1,6 @@
 //! NetworkManager keyfiles: the connections a rootfs node (postmarketOS) gets, rendered as data
 //! for the plan; `stamp::rootfs` writes them root-owned 0600, the only way NetworkManager reads them.
+//! A Raspberry Pi OS node gets its wifi connection the same way, written by cloud-init.
 
 use std::fmt::Write as _;
 
@@ -12,6 +13,36 @@ pub fn keyfile(
     node: &NodeConfig,
     ifname: &str,
     iface: &Interface,
+) -> (String, String) {
+    render(
+        cluster,
+        node,
+        ifname,
+        iface,
+        node.wifi.as_ref().map(|w| w.psk.expose().to_string()),
+    )
+}
+
+/// The wlan0 connection of a node with wifi, its PSK the 256-bit key derived from the passphrase
+/// (as wpa_supplicant's files carry it), for keyfiles that travel on the boot FAT inside a seed.
+pub fn wifi_keyfile_with_derived_psk(
+    cluster: &Cluster,
+    node: &NodeConfig,
+    iface: &Interface,
+) -> String {
+    let psk = node
+        .wifi
+        .as_ref()
+        .map(|w| crate::plan::wifi::psk_hex(&w.ssid, w.psk.expose()));
+    render(cluster, node, "wlan0", iface, psk).1
+}
+
+fn render(
+    cluster: &Cluster,
+    node: &NodeConfig,
+    ifname: &str,
+    iface: &Interface,
+    psk: Option<String>,
 ) -> (String, String) {
     let uuid = ids::uuid(
         &cluster.seed,
@@ -46,7 +77,7 @@ pub fn keyfile(
         let _ = writeln!(
             t,
             "\n[wifi-security]\nkey-mgmt=wpa-psk\npsk={}\n",
-            w.psk.expose()
+            psk.as_deref().unwrap_or_default()
         );
     } else {
         let _ = writeln!(t, "[ethernet]");

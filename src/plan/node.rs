@@ -10,7 +10,7 @@ use serde::{Serialize, Serializer};
 use serde_yaml_ng::Mapping;
 use sha2::{Digest, Sha256};
 
-pub use super::cluster::RootDeviceHints;
+pub use super::cluster::{RootDeviceHints, RpiSpec};
 pub use super::input_file::InputFile;
 use super::overlay::Overlay;
 
@@ -83,6 +83,9 @@ pub struct NodeConfig {
     /// MTUs the cluster file gives for interfaces, by interface name.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub mtus: BTreeMap<String, u32>,
+    /// Settings for cloud-init's Raspberry Pi module (Raspberry Pi OS profiles).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rpi: Option<RpiSpec>,
     /// What Metal3 needs to manage the machine, for bare-metal nodes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bare_metal: Option<BareMetal>,

@@ -168,6 +168,9 @@ pub struct PartitionSpec {
     pub label: Option<String>,
     /// GPT partition name, where the table is GPT.
     pub name: Option<String>,
+    /// The sector the partition starts at, where every release of the image agrees on it
+    /// (checked before stamping; left out where the image's own table is the only authority).
+    pub first_sector: Option<u64>,
 }
 
 /// How a node is configured on its first boot.
@@ -190,6 +193,10 @@ pub struct ProvisionSpec {
     pub method: ProvisionMethod,
     /// The partition role that carries the seed (NoCloud only).
     pub seed_partition: Option<PartitionRole>,
+    /// Where the running system mounts the seed partition (`/boot` on HypriotOS,
+    /// `/boot/firmware` on Raspberry Pi OS and Ubuntu): the first-boot scrub finds the seed there.
+    #[serde(default = "default_seed_dir")]
+    pub seed_dir: String,
     /// network-config version written to the seed.
     #[serde(default = "default_network_config")]
     pub network_config: u8,
@@ -205,6 +212,28 @@ pub struct ProvisionSpec {
     /// cloud-init profiles) or into the ext4 root at build time (`root`; always for `rootfs`).
     #[serde(default)]
     pub overlays_into: OverlayTarget,
+    /// Which network stack of the image joins the node's wifi (cloud-init profiles).
+    #[serde(default)]
+    pub wifi: WifiMethod,
+    /// Whether the image's cloud-init has the Raspberry Pi module (`rpi:` in user-data), so the
+    /// cluster file's `rpi` keys may be used.
+    #[serde(default)]
+    pub rpi_module: bool,
+}
+
+/// How a cloud-init node's wifi is configured: each image family's own way.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum WifiMethod {
+    /// `/etc/wpa_supplicant/wpa_supplicant-wlan0.conf` and `wpa_supplicant@wlan0` (HypriotOS,
+    /// Debian with ifupdown).
+    #[default]
+    WpaSupplicant,
+    /// A NetworkManager keyfile written on first boot (Raspberry Pi OS trixie: cloud-init's
+    /// NetworkManager renderer drops the `wifis` of network-config v2).
+    Networkmanager,
+    /// `wifis` in network-config v2, which cloud-init hands to netplan (Ubuntu).
+    Netplan,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
@@ -232,6 +261,10 @@ impl std::fmt::Display for PartitionRole {
             PartitionRole::Other => "other",
         })
     }
+}
+
+fn default_seed_dir() -> String {
+    "/boot".into()
 }
 
 fn default_network_config() -> u8 {
@@ -292,6 +325,7 @@ impl Profile {
                 )
                 .into());
         }
+        self.validate_network(source)?;
         let seed_path = [
             Seg::Key("provision".into()),
             Seg::Key("seed_partition".into()),
@@ -337,6 +371,35 @@ impl Profile {
         }
         Ok(())
     }
+
+    /// The network-config version exists, and the wifi method can be written in it.
+    fn validate_network(&self, source: &SourceText) -> Result<()> {
+        if !matches!(self.provision.network_config, 1 | 2) {
+            return Err(source
+                .error_at(
+                    &[
+                        Seg::Key("provision".into()),
+                        Seg::Key("network_config".into()),
+                    ],
+                    format!(
+                        "network-config version {} does not exist (1 or 2)",
+                        self.provision.network_config
+                    ),
+                    None,
+                )
+                .into());
+        }
+        if self.provision.wifi == WifiMethod::Netplan && self.provision.network_config != 2 {
+            return Err(source
+                .error_at(
+                    &[Seg::Key("provision".into()), Seg::Key("wifi".into())],
+                    "wifi = \"netplan\" needs network_config = 2 (netplan reads `wifis` from v2)",
+                    None,
+                )
+                .into());
+        }
+        Ok(())
+    }
 }
 
 /// The profiles compiled into kiln, so an installed binary works without the source tree.
@@ -350,6 +413,15 @@ const BUILTIN: &[(&str, &str)] = &[
         include_str!("../../images/bootc-uefi-x86.toml"),
     ),
     ("hypriot-rpi", include_str!("../../images/hypriot-rpi.toml")),
+    (
+        "raspios-arm64",
+        include_str!("../../images/raspios-arm64.toml"),
+    ),
+    (
+        "raspios-armhf",
+        include_str!("../../images/raspios-armhf.toml"),
+    ),
+    ("ubuntu-rpi", include_str!("../../images/ubuntu-rpi.toml")),
     (
         "metal3-uefi-x86",
         include_str!("../../images/metal3-uefi-x86.toml"),
@@ -443,6 +515,48 @@ mod tests {
             (1, FsKind::Vfat, Some("HypriotOS"))
         );
         assert_eq!(p.partition(PartitionRole::Root).unwrap().index, 2);
+    }
+
+    #[test]
+    fn raspberry_pi_profiles_have_their_layouts() {
+        for (name, boot, root, first) in [
+            ("raspios-arm64", "bootfs", "rootfs", Some(16384)),
+            ("raspios-armhf", "bootfs", "rootfs", Some(16384)),
+            ("ubuntu-rpi", "system-boot", "writable", None),
+        ] {
+            let (p, _) = load(name, &[]).unwrap();
+            assert_eq!(p.disk.table, TableKind::Mbr);
+            let b = p.partition(PartitionRole::Boot).unwrap();
+            assert_eq!((b.label.as_deref(), b.first_sector), (Some(boot), first));
+            let r = p.partition(PartitionRole::Root).unwrap();
+            assert_eq!(r.label.as_deref(), Some(root));
+            assert_eq!(p.provision.network_config, 2, "{name}");
+        }
+        let (p, _) = load("raspios-arm64", &[]).unwrap();
+        assert_eq!(p.provision.wifi, WifiMethod::Networkmanager);
+        assert_eq!(p.disk.disk_identity, DiskIdentity::Keep);
+        let (p, _) = load("ubuntu-rpi", &[]).unwrap();
+        assert_eq!(p.provision.wifi, WifiMethod::Netplan);
+        assert!(p.source.sha256.is_some());
+        let (p, _) = load("raspios-armhf", &[]).unwrap();
+        assert!(p.source.sha256.is_none(), "no published digest was found");
+    }
+
+    #[test]
+    fn netplan_wifi_needs_network_config_v2() {
+        let (p, _) = load("ubuntu-rpi", &[]).unwrap();
+        let text = toml::to_string(&p)
+            .unwrap()
+            .replace("network_config = 2", "network_config = 1");
+        let err = Profile::parse(Path::new("images/u.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs network_config = 2"), "{err}");
+        let text = text.replace("network_config = 1", "network_config = 3");
+        let err = Profile::parse(Path::new("images/u.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("version 3 does not exist"), "{err}");
     }
 
     #[test]

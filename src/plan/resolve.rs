@@ -15,7 +15,7 @@ use super::cluster::{ClusterFile, InterfaceSpec, NodeSettings, SecretRef, SwarmS
 use super::diag::{KeyPath, SourceText, SpecError, SpecErrors};
 use super::ids;
 use super::node::{
-    BareMetal, InputFile, Interface, NodeConfig, Secret, SwarmRole, User, UserData, Wifi,
+    BareMetal, InputFile, Interface, NodeConfig, RpiSpec, Secret, SwarmRole, User, UserData, Wifi,
 };
 use super::overlay::{self, Overlay};
 use super::profile::{self, Profile, ProfileOrigin};
@@ -560,6 +560,7 @@ impl Resolver<'_> {
         let boot_files = self.boot_files(l);
         let (macs, mtus) = self.links(&specs);
         let bare_metal = self.bare_metal(l, name);
+        let rpi = self.rpi(l, &profile);
         let docker = l
             .get("docker", |s| &s.docker)
             .0
@@ -589,8 +590,25 @@ impl Resolver<'_> {
             serial: n.serial.clone(),
             macs,
             mtus,
+            rpi,
             bare_metal,
         })
+    }
+
+    /// The `rpi` settings, for profiles whose cloud-init has the Raspberry Pi module.
+    fn rpi(&mut self, l: Layered, profile: &Profile) -> Option<RpiSpec> {
+        let (rpi, at) = l.get("rpi", |s| &s.rpi);
+        if rpi.is_some() && !profile.provision.rpi_module {
+            self.err(
+                at,
+                format!(
+                    "rpi settings need cloud-init's Raspberry Pi module, which {} does not have",
+                    profile.name
+                ),
+                Some("use a Raspberry Pi OS profile (raspios-arm64, raspios-armhf), or remove rpi"),
+            );
+        }
+        rpi.cloned()
     }
 
     /// The node's host name: its own, else its name.

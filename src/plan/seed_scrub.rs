@@ -47,8 +47,22 @@ pub fn clean_user_data(config: &CloudConfig, fragment: Option<&Mapping>) -> Resu
     ))
 }
 
+/// The scrub unit for a seed mounted at `seed_dir`: the shipped unit as it is for HypriotOS's
+/// `/boot` (the script's default), else with the seed's path in its environment (Raspberry Pi OS
+/// and Ubuntu mount the boot FAT at `/boot/firmware`).
+fn scrub_unit(seed_dir: &str) -> String {
+    if seed_dir == "/boot" {
+        return SCRUB_UNIT.to_string();
+    }
+    SCRUB_UNIT.replacen(
+        "[Service]\n",
+        &format!("[Service]\nEnvironment=KILN_SEED_USER_DATA={seed_dir}/user-data\n"),
+        1,
+    )
+}
+
 /// The files cloud-init writes for the scrub step: the clean document, the script, its unit.
-pub fn first_boot_files(clean_user_data: &str) -> Vec<WriteFile> {
+pub fn first_boot_files(clean_user_data: &str, seed_dir: &str) -> Vec<WriteFile> {
     vec![
         WriteFile::new(
             CLEAN_USER_DATA,
@@ -66,7 +80,7 @@ pub fn first_boot_files(clean_user_data: &str) -> Vec<WriteFile> {
         ),
         WriteFile::new(
             &format!("/etc/systemd/system/{SCRUB_UNIT_NAME}"),
-            SCRUB_UNIT.as_bytes(),
+            scrub_unit(seed_dir).as_bytes(),
             0o644,
             "root",
             "root",
@@ -78,6 +92,16 @@ pub fn first_boot_files(clean_user_data: &str) -> Vec<WriteFile> {
 mod tests {
     use super::*;
     use crate::plan::cloud_init::{CloudUser, parse_fragment};
+
+    #[test]
+    fn the_unit_names_a_seed_outside_boot() {
+        assert_eq!(scrub_unit("/boot"), SCRUB_UNIT);
+        let unit = scrub_unit("/boot/firmware");
+        assert!(
+            unit.contains("[Service]\nEnvironment=KILN_SEED_USER_DATA=/boot/firmware/user-data\n"),
+            "{unit}"
+        );
+    }
 
     #[test]
     fn the_clean_document_keeps_identity_and_drops_secrets() {
@@ -104,6 +128,7 @@ mod tests {
                 "root",
             )],
             runcmd: vec![vec!["echo".into(), "once".into()]],
+            rpi: None,
         };
         let frag = parse_fragment(b"bootcmd: [[echo, every]]\nchpasswd: {list: 'pi:FRAGSECRET'}\n")
             .unwrap();

@@ -11,10 +11,14 @@ use anyhow::{Result, bail};
 use serde::Serialize;
 use serde_yaml_ng::Mapping;
 
-use crate::plan::cloud_init::{self, CloudConfig, CloudUser, MetaData, NetworkConfigV1, WriteFile};
-use crate::plan::node::{InputFile, NodeConfig, SwarmRole, User};
+use crate::plan::cloud_init::{
+    self, CloudConfig, CloudUser, MetaData, NetworkConfigV1, NetworkConfigV2Document, WriteFile,
+};
+use crate::plan::node::{InputFile, Interface, NodeConfig, SwarmRole, User};
 use crate::plan::overlay::Overlay;
-use crate::plan::profile::{DiskIdentity, OverlayTarget, PartitionRole, Profile, ProvisionMethod};
+use crate::plan::profile::{
+    DiskIdentity, OverlayTarget, PartitionRole, Profile, ProvisionMethod, WifiMethod,
+};
 use crate::plan::{Cluster, ids};
 use crate::plan::{network_data, nm_keyfile, seed_scrub, wifi};
 
@@ -375,7 +379,7 @@ fn cloud_init_plan(
     // Overlays into the root are written at build time; their services still start through
     // cloud-init below.
     let overlay_writes = if into_root { &[][..] } else { overlays };
-    let mut write_files = first_boot_writes(node, overlay_writes);
+    let mut write_files = first_boot_writes(cluster, node, profile, overlay_writes);
     let units_written = scrub_seed
         || node.swarm.is_some()
         || write_files.iter().any(|(w, _)| {
@@ -389,12 +393,12 @@ fn cloud_init_plan(
     });
     if scrub_seed {
         let clean = seed_scrub::clean_user_data(&config, fragment.as_ref())?;
-        for w in seed_scrub::first_boot_files(&clean) {
+        for w in seed_scrub::first_boot_files(&clean, &profile.provision.seed_dir) {
             config.write_files.push(w.clone());
             write_files.push((w, "seed scrub (no secrets left on the boot FAT)".into()));
         }
     }
-    let docs = documents(cluster, node, &config, fragment)?;
+    let docs = documents(cluster, node, profile, &config, fragment)?;
     let (mut partition_files, network_data) = seed_files(node, profile, &docs)?;
     for (name, f) in &node.boot_files {
         inputs.push(f.clone());
@@ -427,20 +431,40 @@ fn cloud_init_plan(
     })
 }
 
+/// Where NetworkManager reads kiln's wifi connection; it ignores a keyfile that is not root's
+/// with mode 0600.
+pub const NM_WIFI_KEYFILE: &str = "/etc/NetworkManager/system-connections/kiln-wlan0.nmconnection";
+
 /// The files cloud-init writes on first boot (before the seed scrub's), each with why.
-fn first_boot_writes(node: &NodeConfig, overlays: &[Overlay]) -> Vec<(WriteFile, String)> {
+fn first_boot_writes(
+    cluster: &Cluster,
+    node: &NodeConfig,
+    profile: &Profile,
+    overlays: &[Overlay],
+) -> Vec<(WriteFile, String)> {
     let root_file =
         |path: &str, bytes: &[u8], mode: u32| WriteFile::new(path, bytes, mode, "root", "root");
     let mut out = Vec::new();
-    if let Some(w) = &node.wifi {
-        out.push((
+    let wlan0 = node.network.get("wlan0").unwrap_or(&Interface::Dhcp);
+    match (&node.wifi, profile.provision.wifi) {
+        (Some(w), WifiMethod::WpaSupplicant) => out.push((
             root_file(
                 "/etc/wpa_supplicant/wpa_supplicant-wlan0.conf",
                 wifi::wpa_supplicant_conf(&node.name, w).as_bytes(),
                 0o600,
             ),
             "wifi".into(),
-        ));
+        )),
+        (Some(_), WifiMethod::Networkmanager) => out.push((
+            root_file(
+                NM_WIFI_KEYFILE,
+                nm_keyfile::wifi_keyfile_with_derived_psk(cluster, node, wlan0).as_bytes(),
+                0o600,
+            ),
+            "wifi (NetworkManager connection)".into(),
+        )),
+        // In network-config v2's `wifis`.
+        (Some(_), WifiMethod::Netplan) | (None, _) => {}
     }
     for o in overlays {
         for f in &o.files {
@@ -496,15 +520,8 @@ fn first_boot_commands(
             "docker.socket",
         ]));
     }
-    if node.wifi.is_some() {
-        // wpa_supplicant@wlan0 associates; ifup then gets the address network-config asked for.
-        runcmd.push(argv(&[
-            "systemctl",
-            "enable",
-            "--now",
-            "wpa_supplicant@wlan0.service",
-        ]));
-        runcmd.push(argv(&["ifup", "wlan0"]));
+    if let Some(w) = &node.wifi {
+        runcmd.extend(wifi_commands(profile.provision.wifi, &w.country));
     }
     for o in overlays {
         if let Some(v) = &o.manifest.venv {
@@ -547,6 +564,37 @@ fn first_boot_commands(
     runcmd
 }
 
+/// What brings the wifi up once its configuration is written.
+fn wifi_commands(method: WifiMethod, country: &str) -> Vec<Vec<String>> {
+    match method {
+        // wpa_supplicant@wlan0 associates; ifup then gets the address network-config asked for.
+        WifiMethod::WpaSupplicant => vec![
+            argv(&[
+                "systemctl",
+                "enable",
+                "--now",
+                "wpa_supplicant@wlan0.service",
+            ]),
+            argv(&["ifup", "wlan0"]),
+        ],
+        // Raspberry Pi OS keeps the radio rfkill-blocked until a country is set, which its
+        // raspi-config does (and sets the regulatory domain); NetworkManager then reads the
+        // keyfile written after it started.
+        WifiMethod::Networkmanager => vec![
+            vec![
+                "sh".into(),
+                "-c".into(),
+                format!(
+                    "if command -v raspi-config >/dev/null; then raspi-config nonint do_wifi_country {country}; fi"
+                ),
+            ],
+            argv(&["nmcli", "connection", "reload"]),
+        ],
+        // netplan brings it up from network-config, regulatory domain included.
+        WifiMethod::Netplan => Vec::new(),
+    }
+}
+
 /// The cloud-config kiln writes for `node` (before a user fragment is merged in).
 fn cloud_config(
     node: &NodeConfig,
@@ -575,6 +623,7 @@ fn cloud_config(
         users,
         write_files: write_files.iter().map(|(w, _)| w.clone()).collect(),
         runcmd: runcmd.to_vec(),
+        rpi: node.rpi.clone(),
     }
 }
 
@@ -583,11 +632,18 @@ fn cloud_config(
 fn documents(
     cluster: &Cluster,
     node: &NodeConfig,
+    profile: &Profile,
     config: &CloudConfig,
     fragment: Option<Mapping>,
 ) -> Result<Documents> {
     let user_data = cloud_init::render_user_data(config, fragment)?;
-    let network_config = cloud_init::render_yaml(&NetworkConfigV1::for_node(node))?;
+    let network_config = match profile.provision.network_config {
+        2 => cloud_init::render_yaml(&NetworkConfigV2Document::for_node(
+            node,
+            profile.provision.wifi == WifiMethod::Netplan,
+        ))?,
+        _ => cloud_init::render_yaml(&NetworkConfigV1::for_node(node))?,
+    };
     let mut digest_input = node.digest().to_vec();
     digest_input.extend_from_slice(user_data.as_bytes());
     digest_input.extend_from_slice(network_config.as_bytes());
@@ -630,7 +686,10 @@ fn seed_files(
                     seed,
                     "network-config",
                     docs.network_config.clone().into_bytes(),
-                    "cloud-init network-config v1",
+                    &format!(
+                        "cloud-init network-config v{}",
+                        profile.provision.network_config
+                    ),
                 ),
             ],
             None,
@@ -920,6 +979,124 @@ mod tests {
         assert_eq!(plan_of(&c, "two").instance_id, p.instance_id);
         assert_ne!(plan_of(&c, "one").instance_id, p.instance_id);
         assert!(describe(&p).contains("written by cloud-init on first boot"));
+        assert!(
+            !p.user_data.contains("Environment=KILN_SEED_USER_DATA"),
+            "HypriotOS: /boot"
+        );
+    }
+
+    #[test]
+    fn a_raspios_node_gets_network_config_v2_and_a_networkmanager_wifi() {
+        let (_dir, c) = cluster("raspios-arm64", SWARM_AND_WIFI);
+        let p = plan_of(&c, "two");
+        let net: serde_yaml_ng::Value = serde_yaml_ng::from_str(&p.network_config).unwrap();
+        let eth0 = &net["network"]["ethernets"]["eth0"];
+        assert_eq!(net["network"]["version"].as_u64(), Some(2));
+        assert_eq!(eth0["addresses"][0].as_str(), Some("10.0.0.2/24"));
+        assert_eq!(eth0["routes"][0]["to"].as_str(), Some("0.0.0.0/0"));
+        assert_eq!(eth0["routes"][0]["via"].as_str(), Some("10.0.0.254"));
+        // cloud-init's NetworkManager renderer drops `wifis`: the wifi is a keyfile instead.
+        assert!(net["network"].get("wifis").is_none());
+        assert!(net["network"]["ethernets"].get("wlan0").is_none());
+        assert!(p.disk_signature.is_none(), "raspios keeps its PARTUUIDs");
+        let keyfile = p
+            .first_boot_files
+            .iter()
+            .find(|f| f.path == NM_WIFI_KEYFILE)
+            .expect("a wifi keyfile");
+        assert_eq!(
+            (keyfile.mode.as_str(), keyfile.owner.as_str()),
+            ("0600", "root:root")
+        );
+        // The derived key, not the passphrase, travels in the seed.
+        let psk = wifi::psk_hex("lab", "correct horse battery");
+        assert!(p.user_data.contains(&format!("psk={psk}")));
+        assert!(!p.user_data.contains("correct horse battery"));
+        let cmds: Vec<String> = p.first_boot_commands.iter().map(|c| c.join(" ")).collect();
+        assert!(cmds.contains(&"nmcli connection reload".to_string()));
+        // The seed scrub finds the seed where Raspberry Pi OS mounts bootfs.
+        assert!(
+            p.user_data
+                .contains("Environment=KILN_SEED_USER_DATA=/boot/firmware/user-data")
+        );
+        assert!(!cmds.iter().any(|c| c.contains("wpa_supplicant")));
+    }
+
+    #[test]
+    fn rpi_keys_become_cloud_init_rpi_module_settings() {
+        let (_dir, c) = cluster(
+            "raspios-arm64",
+            "[defaults.rpi]\ninterfaces = { i2c = true, spi = false }\n\n\
+             [[node]]\nname = \"one\"\n\n\
+             [[node]]\nname = \"two\"\n\
+             rpi = { enable_usb_gadget = true, interfaces = { serial = { console = true }, onewire = true } }\n",
+        );
+        let ud = |node: &str| -> serde_yaml_ng::Value {
+            serde_yaml_ng::from_str(&plan_of(&c, node).user_data).unwrap()
+        };
+        let one = ud("one");
+        assert_eq!(one["rpi"]["interfaces"]["i2c"].as_bool(), Some(true));
+        assert_eq!(one["rpi"]["interfaces"]["spi"].as_bool(), Some(false));
+        assert!(one["rpi"]["interfaces"].get("serial").is_none());
+        assert!(one["rpi"].get("enable_usb_gadget").is_none());
+        // A node's own rpi table replaces the defaults' whole, as every other key does.
+        let two = ud("two");
+        assert_eq!(two["rpi"]["enable_usb_gadget"].as_bool(), Some(true));
+        let serial = &two["rpi"]["interfaces"]["serial"];
+        assert_eq!(
+            (serial["console"].as_bool(), serial["hardware"].as_bool()),
+            (Some(true), Some(false))
+        );
+        assert_eq!(two["rpi"]["interfaces"]["onewire"].as_bool(), Some(true));
+        assert!(two["rpi"]["interfaces"].get("i2c").is_none());
+    }
+
+    #[test]
+    fn rpi_keys_are_refused_where_cloud_init_lacks_the_module_or_unknown() {
+        for (image, body, want) in [
+            (
+                "hypriot-rpi",
+                "[[node]]\nname = \"one\"\nrpi = { interfaces = { spi = true } }\n",
+                "which hypriot-rpi does not have",
+            ),
+            (
+                "raspios-arm64",
+                "[[node]]\nname = \"one\"\nrpi = { interfaces = { uart = true } }\n",
+                "unknown field `uart`",
+            ),
+            (
+                "raspios-arm64",
+                "[[node]]\nname = \"one\"\nrpi = { usb_gadget = true }\n",
+                "unknown field `usb_gadget`",
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let text =
+                format!("[cluster]\nname = \"lab\"\n\n[defaults]\nimage = \"{image}\"\n\n{body}");
+            let e = crate::plan::resolve::parse(&dir.path().join("cluster.toml"), text)
+                .map(|_| ())
+                .unwrap_err();
+            assert!(format!("{e:#}").contains(want), "{e:#}");
+        }
+    }
+
+    #[test]
+    fn an_ubuntu_node_gets_its_wifi_in_netplan_wifis() {
+        let (_dir, c) = cluster("ubuntu-rpi", SWARM_AND_WIFI);
+        let p = plan_of(&c, "one");
+        let net: serde_yaml_ng::Value = serde_yaml_ng::from_str(&p.network_config).unwrap();
+        let wlan0 = &net["network"]["wifis"]["wlan0"];
+        assert_eq!(wlan0["dhcp4"].as_bool(), Some(true));
+        assert_eq!(wlan0["regulatory-domain"].as_str(), Some("DE"));
+        assert_eq!(
+            wlan0["access-points"]["lab"]["password"].as_str(),
+            Some(wifi::psk_hex("lab", "correct horse battery").as_str())
+        );
+        assert!(
+            p.disk_signature.is_some(),
+            "ubuntu finds its partitions by label"
+        );
+        assert!(!p.first_boot_files.iter().any(|f| f.why.starts_with("wifi")));
     }
 
     #[test]

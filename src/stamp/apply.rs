@@ -15,7 +15,9 @@ use anyhow::{Context, Result, bail};
 use crate::disk::patch::Patch;
 use crate::disk::{self, CowDevice, DiskLayout, PartitionSlice};
 use crate::fs::{self, ext4, fat};
-use crate::plan::profile::{PartitionRole, Profile, ProvisionMethod, TableKind};
+use crate::plan::profile::{
+    FsKind, PartitionRole, PartitionSpec, Profile, ProvisionMethod, TableKind,
+};
 use crate::plan::stamp_plan::StampPlan;
 
 /// Checks that the image at `path` has what `profile` promises; returns its layout.
@@ -54,20 +56,68 @@ pub fn check_layout(path: &Path, profile: &Profile) -> Result<DiskLayout> {
     }
     for spec in &profile.partitions {
         let part = layout.partition(spec.index).expect("checked above");
-        let found = fs::detect(&mut f, part)?;
-        if found != Some(spec.fs) {
+        check_partition(path, profile, &layout, &mut f, spec, part)?;
+    }
+    Ok(layout)
+}
+
+/// One partition against its profile entry: where it starts, its filesystem, an ext4 label.
+fn check_partition(
+    path: &Path,
+    profile: &Profile,
+    layout: &DiskLayout,
+    f: &mut File,
+    spec: &PartitionSpec,
+    part: &disk::Partition,
+) -> Result<()> {
+    let sector = part.start / profile.disk.sector_size;
+    if let Some(want) = spec.first_sector
+        && sector != want
+    {
+        bail!(
+            "{} does not look like a {} image: partition {} starts at sector {sector}, the \
+             profile expects sector {want} (found {})",
+            path.display(),
+            profile.name,
+            spec.index,
+            layout.describe()
+        );
+    }
+    let found = fs::detect(f, part)?;
+    if found != Some(spec.fs) {
+        bail!(
+            "{} does not look like a {} image: partition {} should hold {} but holds {}",
+            path.display(),
+            profile.name,
+            spec.index,
+            spec.fs,
+            found.map_or("no filesystem kiln recognises".to_string(), |k| k
+                .to_string())
+        );
+    }
+    if let (FsKind::Ext4, Some(want)) = (spec.fs, &spec.label) {
+        let label = ext4_label(f, part.start)?;
+        if &label != want {
             bail!(
-                "{} does not look like a {} image: partition {} should hold {} but holds {}",
+                "{} does not look like a {} image: partition {} is labelled {label:?}, expected {want:?}",
                 path.display(),
                 profile.name,
-                spec.index,
-                spec.fs,
-                found.map_or("no filesystem kiln recognises".to_string(), |k| k
-                    .to_string())
+                spec.index
             );
         }
     }
-    Ok(layout)
+    Ok(())
+}
+
+/// An ext4 volume name: the superblock (1024 bytes into the partition) holds it at 0x78, 16
+/// bytes padded with NULs.
+fn ext4_label(f: &mut File, start: u64) -> Result<String> {
+    let mut name = [0u8; 16];
+    f.seek(SeekFrom::Start(start + 1024 + 0x78))?;
+    f.read_exact(&mut name)
+        .context("reading the ext4 superblock's volume name")?;
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    Ok(String::from_utf8_lossy(&name[..end]).into_owned())
 }
 
 /// What stamping did, for the manifest and the user.
