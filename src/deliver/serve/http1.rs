@@ -88,7 +88,8 @@ pub struct Driver {
 /// A request head read from the connection.
 enum Head {
     Request {
-        req: Request<Body>,
+        // Boxed: a request is some 240 bytes, a refusal two.
+        req: Box<Request<Body>>,
         keep_alive: bool,
     },
     /// Not a request kiln can answer; answered with this status, then the connection closes.
@@ -113,7 +114,7 @@ pub async fn serve_connection<P: Place>(
         // Timed out, closed by the client, or a broken connection.
         let Ok(Ok(Some(head))) = head else { break };
         let (req, keep_alive) = match head {
-            Head::Request { req, keep_alive } => (req, keep_alive),
+            Head::Request { req, keep_alive } => (*req, keep_alive),
             Head::Refused(status) => {
                 let _ = stream.write_all(&refusal(status)).await;
                 break;
@@ -187,7 +188,10 @@ fn to_request(parsed: &httparse::Request<'_, '_>) -> Head {
         return Head::Refused(StatusCode::BAD_REQUEST);
     };
     let keep_alive = persistent(version, req.headers()) && !has_body(req.headers());
-    Head::Request { req, keep_alive }
+    Head::Request {
+        req: Box::new(req),
+        keep_alive,
+    }
 }
 
 /// Whether the client asks to keep the connection (RFC 9112 §9.3).
