@@ -168,11 +168,10 @@ impl http1::Place for Connection {
 #[cfg(not(target_os = "linux"))]
 use hyper_connections::Server;
 
-/// Elsewhere (a Mac serving a lab), hyper's HTTP/1 connections, which copy a file's bytes through
-/// a 1 MiB buffer.
 #[cfg(not(target_os = "linux"))]
 mod hyper_connections {
-    //! hyper's HTTP/1 connections with the header timeout and graceful stop hyper-util provides.
+    //! Elsewhere than Linux (a Mac serving a lab): hyper's HTTP/1 connections, with the header
+    //! timeout and graceful stop hyper-util provides; a file's bytes go through a 1 MiB buffer.
 
     use super::*;
     use axum::body::{Body, Bytes};
