@@ -6,8 +6,10 @@
 //! regular files inside DIR are served: traversal in any encoding, symlinks leading out or to
 //! hidden or partial files, hidden and partial files themselves, FIFOs and devices are 404. A
 //! response streams from the file it opened, so replacing an image by rename does not disturb
-//! downloads in flight. `/` lists the images: JSON for programs (as `/index.json`), an HTML table
-//! for a browser (see [`index_page`]).
+//! downloads in flight; on Linux the connection sends it with sendfile(2) (see `http1`), elsewhere
+//! it is read in 1 MiB chunks. `/` lists the images: JSON for programs (as `/index.json`), an HTML
+//! table for a browser (see [`index_page`]). The access log (one line per request) counts the bytes
+//! actually sent, also when the client goes away mid-download.
 
 pub mod check;
 pub mod checksum;
