@@ -254,9 +254,16 @@ async fn exchange(
     };
     let mut out = response_head(parts.status, &mut parts.headers, version, keep_alive);
     out.extend_from_slice(&bytes);
+    let file = file.filter(|_| !bodiless);
+    if file.is_some() {
+        // Not worth failing the answer for: without the cork the bytes go out all the same.
+        let _ = set_cork(stream, true);
+    }
     stream.write_all(&out).await?;
-    if let (Some(file), false) = (&file, bodiless) {
+    if let Some(file) = &file {
         send_file(stream, file).await?;
+        // Uncorking sends the last, partial segment.
+        let _ = set_cork(stream, false);
     }
     drop(body);
     Ok(keep_alive)
@@ -294,6 +301,28 @@ fn response_head(
     }
     out.extend_from_slice(b"\r\n");
     out
+}
+
+/// TCP_CORK, nginx's `tcp_nopush`: while a file goes out, only full segments are sent, and the
+/// head rides in the first one with the body's first bytes. (nix 0.31 has no sockopt for it.)
+fn set_cork(stream: &TcpStream, on: bool) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::from(on);
+    // SAFETY: a socket descriptor kept open by `stream`, and a c_int of the length passed.
+    let done = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CORK,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// The whole answer to a request kiln refuses to read.
