@@ -238,8 +238,8 @@ async fn exchange(
         || parts.status == StatusCode::NO_CONTENT
         || parts.status == StatusCode::NOT_MODIFIED;
     // Small answers (index, checksum files, errors) are collected, so they go out with their
-    // length; a file's length is set by `serve_file`. The body (and with it the access log line)
-    // is dropped only when the bytes are sent.
+    // length; a file's length is set by `serve_file`, and its (empty) body, which holds the
+    // access log line, is kept until the file is sent or the client is gone.
     let (bytes, body) = match (&file, bodiless) {
         (None, false) => {
             let bytes = axum::body::to_bytes(body, usize::MAX)
