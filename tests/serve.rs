@@ -1244,3 +1244,187 @@ fn a_browser_sees_an_html_index_whose_links_resolve() {
         std::fs::copy(&png, keep).unwrap();
     }
 }
+
+/// `kiln serve dir` with its access log (stderr) going to `log`.
+fn kiln_serve_logged(dir: &Path, cache: &Path, log: &Path) -> Server {
+    let p = free_port();
+    let child = kiln(cache)
+        .arg("serve")
+        .arg(dir)
+        .args(["--listen", &format!("127.0.0.1:{p}")])
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_port(p);
+    Server {
+        child,
+        base: format!("http://127.0.0.1:{p}"),
+    }
+}
+
+/// The access log's byte counts for `request` (`GET /big.raw 206`), once `n` such lines are
+/// written (the line is written when the answer is done, which may be after the client has it).
+fn logged_bytes(log: &Path, request: &str, n: usize) -> Vec<u64> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        // `<ip> <method> <path> <status> <bytes> <seconds>s`
+        let counts: Vec<u64> = text
+            .lines()
+            .filter_map(|l| l.split_once(' ').map(|(_, rest)| rest))
+            .filter_map(|rest| rest.strip_prefix(request)?.split_whitespace().next())
+            .map(|n| n.parse().unwrap())
+            .collect();
+        if counts.len() >= n {
+            return counts;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n} lines of {request} not logged:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn files_and_ranges_arrive_byte_exact_and_are_logged_with_their_size() {
+    if !have_tools(&["curl"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let srv = image_dir(dir.path(), 8);
+    let data = std::fs::read(srv.join("big.raw")).unwrap();
+    let log = dir.path().join("log");
+    let s = kiln_serve_logged(&srv, &dir.path().join("cache"), &log);
+    let url = format!("{}/big.raw", s.base);
+    let (code, headers, body) = curl(&["-r", "1000-5000000", &url]);
+    assert_eq!(code, 206);
+    assert!(headers.contains("content-range: bytes 1000-5000000/8388608"));
+    assert!(body == data[1000..=5000000], "the range differs");
+    let (code, _, body) = curl(&["-r", "-4097", &url]);
+    assert_eq!(code, 206);
+    assert!(
+        body == data[data.len() - 4097..],
+        "the suffix range differs"
+    );
+    assert_eq!(
+        download_sha256(&url, &dir.path().join("dl"), &[]),
+        sha256_hex(&data)
+    );
+    // (That a HEAD answer has no body, the pipelining test sees: its next answer follows the head.)
+    let (code, headers, _) = curl(&["-I", &url]);
+    assert_eq!(code, 200);
+    assert!(headers.contains("content-length: 8388608"), "{headers}");
+    assert_eq!(
+        logged_bytes(&log, "GET /big.raw 206 ", 2),
+        [5000000 - 1000 + 1, 4097]
+    );
+    assert_eq!(logged_bytes(&log, "GET /big.raw 200 ", 1), [8 << 20]);
+    assert_eq!(logged_bytes(&log, "HEAD /big.raw 200 ", 1), [0]);
+}
+
+#[test]
+fn a_client_gone_mid_download_is_logged_with_what_was_sent() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let srv = image_dir(dir.path(), 64);
+    let log = dir.path().join("log");
+    let s = kiln_serve_logged(&srv, &dir.path().join("cache"), &log);
+    let sock: std::net::SocketAddr = s.base.trim_start_matches("http://").parse().unwrap();
+    let mut c = std::net::TcpStream::connect(sock).unwrap();
+    c.write_all(b"GET /big.raw HTTP/1.1\r\nHost: kiln\r\n\r\n")
+        .unwrap();
+    let mut first = vec![0u8; 1 << 20];
+    c.read_exact(&mut first).unwrap();
+    drop(c);
+    // What the kernel took before the reset: at least what arrived, less than the whole file
+    // (socket buffers hold a few MiB, not 64).
+    let sent = logged_bytes(&log, "GET /big.raw 200 ", 1)[0];
+    assert!(
+        ((1 << 20) - 200..64 << 20).contains(&sent),
+        "logged {sent} bytes"
+    );
+    // The server goes on serving.
+    let (code, _, body) = curl(&["-r", "0-9", &format!("{}/big.raw", s.base)]);
+    assert_eq!((code, body.len()), (206, 10));
+}
+
+/// Splits what a server sent on one connection into (status line, headers, body) answers, by
+/// Content-Length; `heads` says which answers (to HEAD) have no body.
+fn split_answers(mut raw: &[u8], heads: &[bool]) -> Vec<(String, String, Vec<u8>)> {
+    let mut answers = Vec::new();
+    for &head in heads {
+        let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let text = String::from_utf8(raw[..end].to_vec())
+            .unwrap()
+            .to_ascii_lowercase();
+        let (status, headers) = text.split_once("\r\n").unwrap();
+        let len: usize = headers
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        let len = if head { 0 } else { len };
+        answers.push((
+            status.to_string(),
+            headers.to_string(),
+            raw[end..end + len].to_vec(),
+        ));
+        raw = &raw[end + len..];
+    }
+    assert!(raw.is_empty(), "{} bytes after the last answer", raw.len());
+    answers
+}
+
+#[test]
+fn keep_alive_and_pipelined_requests_share_one_connection() {
+    use std::io::{Read, Write};
+    if !have_tools(&["curl"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let srv = image_dir(dir.path(), 4);
+    let data = std::fs::read(srv.join("big.raw")).unwrap();
+    let s = kiln_serve(&srv, &dir.path().join("cache"));
+    let url = format!("{}/big.raw", s.base);
+    // curl reuses the connection for its second URL (no new connect) and gets both intact.
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let out = stdout(
+        Command::new("curl")
+            .args(["-sf", "-w", "%{num_connects}\\n", "-r", "0-99999", "-o"])
+            .arg(&a)
+            .arg(&url)
+            .arg("-o")
+            .arg(&b)
+            .arg(format!("{}/index.json", s.base)),
+    );
+    assert_eq!(out, "1\n0\n");
+    assert!(std::fs::read(&a).unwrap() == data[..100000]);
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(&b).unwrap()).unwrap();
+    assert_eq!(index[0]["name"], "big.raw");
+    // Three requests in one write; the answers come in order, the last closes the connection.
+    let sock: std::net::SocketAddr = s.base.trim_start_matches("http://").parse().unwrap();
+    let mut c = std::net::TcpStream::connect(sock).unwrap();
+    c.write_all(
+        b"GET /big.raw HTTP/1.1\r\nHost: kiln\r\nRange: bytes=10-19\r\n\r\n\
+          HEAD /big.raw HTTP/1.1\r\nHost: kiln\r\n\r\n\
+          GET /big.raw HTTP/1.1\r\nHost: kiln\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut raw = Vec::new();
+    c.read_to_end(&mut raw).unwrap();
+    let answers = split_answers(&raw, &[false, true, false]);
+    assert_eq!(answers[0].0, "http/1.1 206 partial content");
+    assert!(answers[0].2 == data[10..20]);
+    assert_eq!(answers[1].0, "http/1.1 200 ok");
+    assert!(answers[1].1.contains("content-length: 4194304"));
+    assert!(answers[2].1.contains("connection: close"));
+    assert!(answers[2].2 == data, "the whole file differs");
+    // A malformed head is answered 400 and the connection closed.
+    let mut c = std::net::TcpStream::connect(sock).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nno colon here\r\n\r\n")
+        .unwrap();
+    let mut raw = Vec::new();
+    c.read_to_end(&mut raw).unwrap();
+    assert!(raw.starts_with(b"HTTP/1.1 400 "), "{raw:?}");
+}

@@ -3,13 +3,14 @@
 //!
 //! `axum::serve` has neither a header-read timeout nor a connection limit, and a hostile tester
 //! showed what that costs: silent connections are held forever, and with 1100 of them the
-//! process runs out of descriptors and answers nobody. So kiln drives hyper's HTTP/1 connections
-//! itself, as axum's `serve-with-hyper` example does:
+//! process runs out of descriptors and answers nobody. So kiln drives its HTTP/1 connections
+//! itself: on Linux its own (see [`http1`]: files go out with sendfile), elsewhere hyper's, as
+//! axum's `serve-with-hyper` example does:
 //!
-//! - **Header timeout.** hyper's `header_read_timeout` (with hyper-util's `TokioTimer`) closes a
-//!   connection that has not sent a complete request head within the timeout. hyper starts that
-//!   clock whenever it waits for a head: on a new connection, and on a keep-alive connection
-//!   after its response, so it also bounds idle keep-alive.
+//! - **Header timeout.** A connection that has not sent a complete request head within the
+//!   timeout is closed (`http1`; hyper's `header_read_timeout` elsewhere). The clock starts
+//!   whenever a head is awaited: on a new connection, and on a keep-alive connection after its
+//!   response, so it also bounds idle keep-alive.
 //! - **Stall timeout.** The kernel's TCP_USER_TIMEOUT drops a connection whose client has
 //!   acknowledged nothing for the stall timeout: sent data left unacknowledged (a node powered
 //!   off mid-download), or a receive window kept shut (a client that stopped reading: Linux
@@ -26,28 +27,23 @@
 //!   and a download is never cut for them. The slots are kiln's own: a tokio `Semaphore` around
 //!   accept would make newcomers wait behind silent connections, and tower's `ConcurrencyLimit`
 //!   counts requests, not connections; neither can close an idle connection to make room.
-//! - **Graceful stop** (SIGINT/SIGTERM): no new connections; requests in flight finish
-//!   (hyper-util's `GracefulShutdown`).
+//! - **Graceful stop** (SIGINT/SIGTERM): no new connections; idle ones close, requests in
+//!   flight finish (a stop signal every connection watches; hyper-util's `GracefulShutdown`
+//!   elsewhere).
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use axum::body::{Body, Bytes};
-use axum::extract::ConnectInfo;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tower::ServiceExt;
+
+#[cfg(target_os = "linux")]
+use super::http1;
 
 /// How long a client may take to send a request head (and how long a keep-alive connection may
 /// stay idle). IPA and Ironic send their request as soon as they are connected.
@@ -105,10 +101,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let slots = Arc::new(Slots::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout);
+    let server = Server::new(router, limits);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -116,26 +109,169 @@ pub async fn serve(
             accepted = accept(&listener, &slots) => accepted,
         };
         let (stream, peer, conn) = accepted;
-        let service = hyper::service::service_fn({
-            let (router, conn) = (router.clone(), conn.clone());
-            move |req| handle(router.clone(), peer, conn.clone(), req)
-        });
         if let Err(e) = set_stall_timeout(&stream, limits.stall_timeout) {
             eprintln!("{peer}: setting TCP_USER_TIMEOUT: {e}; a stalled download keeps its place");
         }
-        let http_conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = http_conn => {}
-                // Only a connection without a request in progress is told to close. A request
-                // arriving in the instant between is cut, as in any keep-alive close race;
-                // clients retry such requests.
-                () = conn.close.notified() => {}
-            }
-            drop(conn);
-        });
+        server.spawn(stream, peer, conn);
     }
-    graceful.shutdown().await;
+    server.shutdown().await;
+}
+
+/// On Linux, kiln's own HTTP/1.1 connections, which send files with sendfile (see [`http1`]).
+#[cfg(target_os = "linux")]
+struct Server {
+    driver: http1::Driver,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+#[cfg(target_os = "linux")]
+impl Server {
+    fn new(router: axum::Router, limits: Limits) -> Server {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        Server {
+            driver: http1::Driver {
+                router,
+                header_timeout: limits.header_timeout,
+                stop: stopped,
+            },
+            stop,
+        }
+    }
+
+    fn spawn(&self, stream: tokio::net::TcpStream, peer: SocketAddr, conn: Arc<Connection>) {
+        let driver = self.driver.clone();
+        tokio::spawn(http1::serve_connection(stream, peer, conn, driver));
+    }
+
+    /// Tells every connection to stop (idle ones at once, busy ones after their answer) and
+    /// waits until all have ended: each holds a receiver of `stop`.
+    async fn shutdown(self) {
+        self.stop.send_replace(true);
+        drop(self.driver);
+        self.stop.closed().await;
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl http1::Place for Connection {
+    type Busy = InRequest;
+
+    fn begin_request(self: &Arc<Self>) -> InRequest {
+        Connection::begin_request(self)
+    }
+
+    fn close_signal(&self) -> &Notify {
+        &self.close
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+use hyper_connections::Server;
+
+#[cfg(not(target_os = "linux"))]
+mod hyper_connections {
+    //! Elsewhere than Linux (a Mac serving a lab): hyper's HTTP/1 connections, with the header
+    //! timeout and graceful stop hyper-util provides; a file's bytes go through a 1 MiB buffer.
+
+    use super::*;
+    use axum::body::{Body, Bytes};
+    use axum::extract::ConnectInfo;
+    use hyper::body::Incoming;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::server::graceful::GracefulShutdown;
+    use std::convert::Infallible;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use tower::ServiceExt;
+
+    pub(super) struct Server {
+        router: axum::Router,
+        http: hyper::server::conn::http1::Builder,
+        graceful: GracefulShutdown,
+    }
+
+    impl Server {
+        pub(super) fn new(router: axum::Router, limits: Limits) -> Server {
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout);
+            Server {
+                router,
+                http,
+                graceful: GracefulShutdown::new(),
+            }
+        }
+
+        pub(super) fn spawn(
+            &self,
+            stream: tokio::net::TcpStream,
+            peer: SocketAddr,
+            conn: Arc<Connection>,
+        ) {
+            let service = hyper::service::service_fn({
+                let (router, conn) = (self.router.clone(), conn.clone());
+                move |req| handle(router.clone(), peer, conn.clone(), req)
+            });
+            let http_conn = self
+                .graceful
+                .watch(self.http.serve_connection(TokioIo::new(stream), service));
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = http_conn => {}
+                    // Only a connection without a request in progress is told to close. A request
+                    // arriving in the instant between is cut, as in any keep-alive close race;
+                    // clients retry such requests.
+                    () = conn.close.notified() => {}
+                }
+                drop(conn);
+            });
+        }
+
+        pub(super) async fn shutdown(self) {
+            self.graceful.shutdown().await;
+        }
+    }
+
+    /// One request through the router, with the client's address for the access log; the connection
+    /// counts as busy until the response body is dropped (sent, or the client gone).
+    async fn handle(
+        router: axum::Router,
+        peer: SocketAddr,
+        conn: Arc<Connection>,
+        mut req: hyper::Request<Incoming>,
+    ) -> Result<hyper::Response<BusyBody>, Infallible> {
+        let busy = conn.begin_request();
+        req.extensions_mut().insert(ConnectInfo(peer));
+        let resp = router.oneshot(req.map(Body::new)).await?;
+        Ok(resp.map(|body| BusyBody { body, _busy: busy }))
+    }
+
+    /// A response body that keeps its connection busy (not to be closed for a newcomer) until it is
+    /// dropped.
+    struct BusyBody {
+        body: Body,
+        _busy: InRequest,
+    }
+
+    impl http_body::Body for BusyBody {
+        type Data = Bytes;
+        type Error = axum::Error;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+            Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.body.is_end_stream()
+        }
+
+        fn size_hint(&self) -> http_body::SizeHint {
+            self.body.size_hint()
+        }
+    }
 }
 
 /// Lets the kernel drop the connection when its client acknowledges nothing for `timeout`.
@@ -178,47 +314,6 @@ fn is_resource_error(e: &std::io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
-}
-
-/// One request through the router, with the client's address for the access log; the connection
-/// counts as busy until the response body is dropped (sent, or the client gone).
-async fn handle(
-    router: axum::Router,
-    peer: SocketAddr,
-    conn: Arc<Connection>,
-    mut req: hyper::Request<Incoming>,
-) -> Result<hyper::Response<BusyBody>, Infallible> {
-    let busy = conn.begin_request();
-    req.extensions_mut().insert(ConnectInfo(peer));
-    let resp = router.oneshot(req.map(Body::new)).await?;
-    Ok(resp.map(|body| BusyBody { body, _busy: busy }))
-}
-
-/// A response body that keeps its connection busy (not to be closed for a newcomer) until it is
-/// dropped.
-struct BusyBody {
-    body: Body,
-    _busy: InRequest,
-}
-
-impl http_body::Body for BusyBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
 }
 
 /// The open connections, and which of them have no request in progress.
