@@ -132,28 +132,41 @@ struct NodeBuild<'a> {
     plan: &'a StampPlan,
 }
 
-pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> Result<Artifact> {
+/// Plans `node` and hands what its build reads to `f`: the one start of a build and a stream.
+fn planned<T>(
+    cluster: &Cluster,
+    node: &NodeConfig,
+    f: impl FnOnce(&NodeBuild) -> Result<T>,
+) -> Result<T> {
     let (profile, origin) = cluster.profile_of(node);
     let plan = plan::plan(cluster, node).with_context(|| format!("planning node {}", node.name))?;
-    let what = NodeBuild {
+    f(&NodeBuild {
         cluster,
         node,
         profile,
         origin,
         plan: &plan,
-    };
-    let base = prepare_base(&what, opts)?;
+    })
+}
+
+pub fn build_node(cluster: &Cluster, node: &NodeConfig, opts: &BuildOptions) -> Result<Artifact> {
+    planned(cluster, node, |what| build_planned(what, opts))
+}
+
+fn build_planned(what: &NodeBuild, opts: &BuildOptions) -> Result<Artifact> {
+    let node = what.node;
+    let base = prepare_base(what, opts)?;
     prepare_out_dir(&opts.out_dir)?;
-    let paths = OutputPaths::new(opts, &what);
+    let paths = OutputPaths::new(opts, what);
     let mut guard = TempGuard::default();
-    let stamped = stamp_node(&what, &base, &opts.out_dir, &mut guard)?;
+    let stamped = stamp_node(what, &base, &opts.out_dir, &mut guard)?;
     let report = &stamped.stamped.report;
     if let Some(why) = &report.kept_signature_because {
         eprintln!("note: {}: {why}", node.name);
     }
     let written = write_image(&stamped, &base, &paths, opts.format, &mut guard)?;
     let sum_line = sha256sum_line(&written.sha256, &file_name(&paths.image));
-    let manifest = manifest(&what, &base, report, &paths, &written, &sum_line)?;
+    let manifest = manifest(what, &base, report, &paths, &written, &sum_line)?;
     publish(&paths, &written, &sum_line, &manifest, guard)?;
     Ok(Artifact {
         node: node.name.clone(),
@@ -210,21 +223,17 @@ pub fn stream_node(
     node: &NodeConfig,
     opts: &BuildOptions,
 ) -> Result<StreamedNode> {
-    let (profile, origin) = cluster.profile_of(node);
-    let plan = plan::plan(cluster, node).with_context(|| format!("planning node {}", node.name))?;
-    let what = NodeBuild {
-        cluster,
-        node,
-        profile,
-        origin,
-        plan: &plan,
-    };
-    let base = prepare_base(&what, opts)?;
+    planned(cluster, node, |what| stream_planned(what, opts))
+}
+
+fn stream_planned(what: &NodeBuild, opts: &BuildOptions) -> Result<StreamedNode> {
+    let node = what.node;
+    let base = prepare_base(what, opts)?;
     let mut work = TempGuard::default();
-    if edits_root(&what) {
+    if edits_root(what) {
         prepare_out_dir(&opts.out_dir)?;
     }
-    let stamped = stamp_node(&what, &base, &opts.out_dir, &mut work)?;
+    let stamped = stamp_node(what, &base, &opts.out_dir, &mut work)?;
     if let Some(why) = &stamped.stamped.report.kept_signature_because {
         eprintln!("note: {}: {why}", node.name);
     }
