@@ -52,18 +52,7 @@ fn prerequisites() -> bool {
 
 /// The Debian HypriotOS-layout image the single-node boot test uses, built once per cache.
 fn debian_image() -> PathBuf {
-    let cache = repo().join("target/kiln-test-cache");
-    std::fs::create_dir_all(&cache).unwrap();
-    let img = cache.join("debian-hypriot-layout.img");
-    if !img.exists() {
-        let tmp = cache.join("debian-hypriot-layout.img.partial");
-        run(Command::new("bash")
-            .arg(repo().join("tests/fixtures/make-debian-hypriot-layout.sh"))
-            .arg(&tmp)
-            .arg(cache.join("debian-work")));
-        std::fs::rename(&tmp, &img).unwrap();
-    }
-    img
+    cached_image("debian-hypriot-layout", "make-debian-hypriot-layout.sh")
 }
 
 /// The `CNI-DEV-REPORT` lines of a console (a line may start after getty's prompt).

@@ -52,22 +52,6 @@ fn debian_image() -> PathBuf {
     cached_image("debian-hypriot-layout", "make-debian-hypriot-layout.sh")
 }
 
-/// The image `script` makes, built once per target directory as `name.img`.
-fn cached_image(name: &str, script: &str) -> PathBuf {
-    let cache = repo().join("target/kiln-test-cache");
-    std::fs::create_dir_all(&cache).unwrap();
-    let img = cache.join(format!("{name}.img"));
-    if !img.exists() {
-        let tmp = cache.join(format!("{name}.img.partial"));
-        run(Command::new("bash")
-            .arg(repo().join("tests/fixtures").join(script))
-            .arg(&tmp)
-            .arg(cache.join(format!("{name}-work"))));
-        std::fs::rename(&tmp, &img).unwrap();
-    }
-    img
-}
-
 /// The boot FAT starts at sector 2048 (tests/fixtures/make-debian-hypriot-layout.sh).
 const BOOT_OFFSET: u64 = 2048 * 512;
 const BOOT_LEN: u64 = 256 << 20;

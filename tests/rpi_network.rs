@@ -24,16 +24,24 @@ fn judge_root() -> Option<PathBuf> {
         skip("the trixie judge root needs root to debootstrap (and to chroot)");
         return None;
     }
-    if !have_tools(&["debootstrap", "chroot"]) {
+    if !have_tools(&["debootstrap", "chroot", "flock"]) {
         return None;
     }
     std::fs::create_dir_all(&cache).unwrap();
-    let tmp = cache.join("trixie-netjudge.partial");
-    run(Command::new("bash")
-        .arg(repo().join("tests/fixtures/make-trixie-netjudge.sh"))
-        .arg(&tmp));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::rename(&tmp, &root).unwrap();
+    // Both tests of this file want the root and run in parallel: one makes it, under a lock,
+    // while the other waits (two debootstraps into one directory break each other).
+    let script = format!(
+        "[ -x {root}/usr/bin/nmcli ] && [ -x {root}/usr/sbin/netplan ] && exit 0; \
+         rm -rf {tmp} {root} && bash {make} {tmp} && mv {tmp} {root}",
+        root = root.display(),
+        tmp = cache.join("trixie-netjudge.partial").display(),
+        make = repo()
+            .join("tests/fixtures/make-trixie-netjudge.sh")
+            .display(),
+    );
+    run(Command::new("flock")
+        .arg(cache.join("trixie-netjudge.lock"))
+        .args(["bash", "-c", &script]));
     Some(root)
 }
 

@@ -418,3 +418,19 @@ impl Drop for Registry {
         }
     }
 }
+
+/// The image `script` makes, built once per target directory as `name.img`.
+pub fn cached_image(name: &str, script: &str) -> PathBuf {
+    let cache = repo().join("target/kiln-test-cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let img = cache.join(format!("{name}.img"));
+    if !img.exists() {
+        let tmp = cache.join(format!("{name}.img.partial"));
+        run(std::process::Command::new("bash")
+            .arg(repo().join("tests/fixtures").join(script))
+            .arg(&tmp)
+            .arg(cache.join(format!("{name}-work"))));
+        std::fs::rename(&tmp, &img).unwrap();
+    }
+    img
+}
