@@ -13,16 +13,6 @@ use std::time::Instant;
 
 use common::*;
 
-const TOOLS: &[&str] = &[
-    "debootstrap",
-    "qemu-system-x86_64",
-    "sfdisk",
-    "mkfs.vfat",
-    "mcopy",
-    "mkfs.ext4",
-    "dumpe2fs",
-    "debugfs",
-];
 const FILES: &[&str] = &[
     "/usr/share/OVMF/OVMF_CODE_4M.fd",
     "/usr/share/OVMF/OVMF_VARS_4M.fd",
@@ -37,7 +27,7 @@ const NODES: &[(&str, &str)] = &[
 
 fn prerequisites() -> bool {
     let missing: Vec<&&str> = FILES.iter().filter(|f| !Path::new(f).exists()).collect();
-    if !have_tools(TOOLS) {
+    if !have_tools(BOOT_TOOLS) {
         return false;
     }
     if !missing.is_empty() || !is_root() {

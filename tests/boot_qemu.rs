@@ -19,16 +19,6 @@ use std::process::Command;
 
 use common::*;
 
-const TOOLS: &[&str] = &[
-    "debootstrap",
-    "qemu-system-x86_64",
-    "sfdisk",
-    "mkfs.vfat",
-    "mcopy",
-    "mkfs.ext4",
-    "dumpe2fs",
-    "debugfs",
-];
 // What `kiln run` boots with (it looks for them itself; the test checks they are there).
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
@@ -39,7 +29,7 @@ fn prerequisites() -> bool {
         .iter()
         .all(|f| Path::new(f).exists());
     let root = is_root();
-    if have_tools(TOOLS) && files_ok && root {
+    if have_tools(BOOT_TOOLS) && files_ok && root {
         return true;
     }
     skip(&format!(

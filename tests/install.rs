@@ -410,20 +410,7 @@ fn a_cni_folder_installs_by_its_path() {
     let Some(sshd) = start_sshd(dir.path()) else {
         return;
     };
-    let cni = dir.path().join("cni");
-    std::fs::create_dir_all(cni.join("conf")).unwrap();
-    std::fs::create_dir_all(cni.join("bin")).unwrap();
-    std::fs::write(
-        cni.join("conf/99-loopback.conf"),
-        r#"{"cniVersion":"1.0.0","name":"lo","type":"loopback"}"#,
-    )
-    .unwrap();
-    std::fs::write(cni.join("bin/loopback"), "#!/bin/sh\nexit 0\n").unwrap();
-    std::fs::set_permissions(
-        cni.join("bin/loopback"),
-        std::fs::Permissions::from_mode(0o700),
-    )
-    .unwrap();
+    let cni = loopback_cni_folder(dir.path());
     let stage = dir.path().join("live-root");
     let args = [
         cni.to_str().unwrap().to_string(),

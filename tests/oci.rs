@@ -519,20 +519,7 @@ fn oci_append_takes_a_cni_folder_by_its_path() {
     let dir = tempfile::tempdir().unwrap();
     let reg = Registry::start(dir.path());
     let base = reg.push_layout(&layout, "base", "edge/node:base");
-    let cni = dir.path().join("cni");
-    std::fs::create_dir_all(cni.join("conf")).unwrap();
-    std::fs::create_dir_all(cni.join("bin")).unwrap();
-    std::fs::write(
-        cni.join("conf/99-loopback.conf"),
-        r#"{"cniVersion":"1.0.0","name":"lo","type":"loopback"}"#,
-    )
-    .unwrap();
-    std::fs::write(cni.join("bin/loopback"), "#!/bin/sh\nexit 0\n").unwrap();
-    std::fs::set_permissions(
-        cni.join("bin/loopback"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o700),
-    )
-    .unwrap();
+    loopback_cni_folder(dir.path());
     run(kiln(&dir.path().join("cache"))
         .current_dir(dir.path())
         .args(["oci", "append", "--insecure", "--from", &base])

@@ -434,3 +434,35 @@ pub fn cached_image(name: &str, script: &str) -> PathBuf {
     }
     img
 }
+
+/// The tools every QEMU boot test needs to build its Debian fixture and boot it.
+pub const BOOT_TOOLS: &[&str] = &[
+    "debootstrap",
+    "qemu-system-x86_64",
+    "sfdisk",
+    "mkfs.vfat",
+    "mcopy",
+    "mkfs.ext4",
+    "dumpe2fs",
+    "debugfs",
+];
+
+/// `dir/cni`: the smallest CNI folder — a loopback conf and an executable `loopback` in bin/.
+pub fn loopback_cni_folder(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let cni = dir.join("cni");
+    std::fs::create_dir_all(cni.join("conf")).unwrap();
+    std::fs::create_dir_all(cni.join("bin")).unwrap();
+    std::fs::write(
+        cni.join("conf/99-loopback.conf"),
+        r#"{"cniVersion":"1.0.0","name":"lo","type":"loopback"}"#,
+    )
+    .unwrap();
+    std::fs::write(cni.join("bin/loopback"), "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(
+        cni.join("bin/loopback"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
+    cni
+}
